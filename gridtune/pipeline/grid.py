@@ -1,0 +1,274 @@
+"""The grid: a prompt template with {variables}, each with a list of values.
+
+Parsing and checking a spec, rendering prompts, and expanding the cartesian
+product. Cells are identified by their variable values (``cell_key``), never by
+position, so an edited grid keeps every completion whose cell still exists.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import string
+import tomllib
+from dataclasses import dataclass, field, asdict
+from pathlib import Path
+from typing import Any, Iterator
+
+DEFAULT_MAX_CELLS = 100_000
+
+Value = str | int | float
+
+
+class GridError(ValueError):
+    """A spec problem, with a one-line message that names the culprit."""
+
+
+@dataclass
+class GenerationSettings:
+    model: str | None = None  # None: the backend's default model
+    temperature: float = 1.0
+    max_tokens: int = 600
+    samples: int = 1
+    top_p: float | None = None
+    seed: int | None = None
+
+
+@dataclass
+class GridSpec:
+    name: str
+    generation: str
+    variables: dict[str, list[Value]]
+    training: str | None = None  # None: same as generation
+    system: str | None = None
+    settings: GenerationSettings = field(default_factory=GenerationSettings)
+    max_cells: int = DEFAULT_MAX_CELLS
+
+    # -- templates -------------------------------------------------------
+    @property
+    def training_template(self) -> str:
+        return self.training if self.training else self.generation
+
+    def templates(self) -> dict[str, str]:
+        out = {"generation": self.generation, "training": self.training_template}
+        if self.system:
+            out["system"] = self.system
+        return out
+
+    @property
+    def cell_count(self) -> int:
+        return math.prod(len(v) for v in self.variables.values()) if self.variables else 1
+
+    def check(self) -> None:
+        """Raise GridError naming the first problem, or return None."""
+        if not self.name or not str(self.name).strip():
+            raise GridError("spec: name is empty")
+        if not self.generation or not self.generation.strip():
+            raise GridError("spec: [prompt] generation template is empty")
+        used: set[str] = set()
+        for which, template in self.templates().items():
+            for name in placeholders(template, which):
+                if name not in self.variables:
+                    raise GridError(
+                        f"{which} template: placeholder {{{name}}} has no variable "
+                        f"(variables: {', '.join(self.variables) or 'none'})"
+                    )
+                used.add(name)
+        for var, values in self.variables.items():
+            if not var.isidentifier():
+                raise GridError(f"variable {var!r}: name must be an identifier")
+            if var not in used:
+                raise GridError(f"variable {var!r} is used by no template")
+            if not isinstance(values, list):
+                raise GridError(f"variable {var!r}: values must be a list")
+            if not values:
+                raise GridError(f"variable {var!r} has an empty value list")
+            seen: dict[str, Value] = {}
+            for value in values:
+                if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+                    raise GridError(
+                        f"variable {var!r}: value {value!r} must be a string or a number"
+                    )
+                text = render_value(value)
+                if text in seen:
+                    raise GridError(f"variable {var!r}: duplicate value {value!r}")
+                seen[text] = value
+        s = self.settings
+        if s.samples < 1:
+            raise GridError(f"[generation] samples must be at least 1, not {s.samples}")
+        if s.max_tokens < 1:
+            raise GridError(f"[generation] max_tokens must be at least 1, not {s.max_tokens}")
+        if not 0 <= s.temperature <= 2:
+            raise GridError(f"[generation] temperature must be within 0..2, not {s.temperature}")
+        if self.cell_count > self.max_cells:
+            raise GridError(
+                f"grid has {self.cell_count:,} cells, over the limit of {self.max_cells:,} "
+                f"(set max_cells in the spec to raise it)"
+            )
+
+    # -- cells -------------------------------------------------------------
+    def cells(self) -> Iterator[dict[str, Value]]:
+        names = list(self.variables)
+        for combo in itertools.product(*(self.variables[n] for n in names)):
+            yield dict(zip(names, combo))
+
+    def render(self, values: dict[str, Value]) -> "RenderedPrompt":
+        return RenderedPrompt(
+            system=render(self.system, values) if self.system else None,
+            generation=render(self.generation, values),
+            training=render(self.training_template, values),
+        )
+
+    # -- (de)serialisation -------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), ensure_ascii=False)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "GridSpec":
+        data = dict(data)
+        settings = GenerationSettings(**data.pop("settings", {}))
+        return cls(settings=settings, **data)
+
+    @classmethod
+    def from_json(cls, text: str) -> "GridSpec":
+        return cls.from_dict(json.loads(text))
+
+
+@dataclass(frozen=True)
+class RenderedPrompt:
+    system: str | None
+    generation: str
+    training: str
+
+    def generation_messages(self) -> list[dict[str, str]]:
+        msgs = [{"role": "system", "content": self.system}] if self.system else []
+        msgs.append({"role": "user", "content": self.generation})
+        return msgs
+
+
+def render_value(value: Value) -> str:
+    return value if isinstance(value, str) else str(value)
+
+
+def placeholders(template: str, which: str = "template") -> list[str]:
+    """The variable names a template uses, in order; GridError on bad syntax."""
+    names: list[str] = []
+    try:
+        parsed = list(string.Formatter().parse(template))
+    except ValueError as exc:  # "Single '}' encountered in format string", ...
+        raise GridError(f"{which} template: unbalanced braces ({exc}); write {{{{ or }}}} for a literal brace") from None
+    for _literal, name, spec, conversion in parsed:
+        if name is None:
+            continue
+        if name == "":
+            raise GridError(f"{which} template: empty placeholder {{}}; name a variable")
+        if not name.isidentifier():
+            raise GridError(f"{which} template: placeholder {{{name}}} is not a variable name")
+        if spec or conversion:
+            raise GridError(f"{which} template: placeholder {{{name}}} may not have a format or conversion")
+        names.append(name)
+    return names
+
+
+def render(template: str, values: dict[str, Value]) -> str:
+    # str.format never re-reads substituted text, so braces inside values survive.
+    return template.format_map({k: render_value(v) for k, v in values.items()})
+
+
+def cell_key(values: dict[str, Value]) -> str:
+    """The identity of a cell: its variable values, canonical JSON."""
+    return json.dumps(values, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+
+
+_SPEC_KEYS = {"name", "prompt", "variables", "generation", "max_cells"}
+_PROMPT_KEYS = {"system", "generation", "training"}
+_GEN_KEYS = {"model", "temperature", "max_tokens", "samples", "top_p", "seed"}
+
+
+def parse_spec(text: str, source: str = "spec") -> GridSpec:
+    """Parse and check a TOML grid spec; GridError with a one-line message."""
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise GridError(f"{source}: not valid TOML: {exc}") from None
+    unknown = set(data) - _SPEC_KEYS
+    if unknown:
+        raise GridError(f"{source}: unknown key(s) {', '.join(sorted(unknown))}")
+    prompt = data.get("prompt")
+    if not isinstance(prompt, dict) or not prompt.get("generation"):
+        raise GridError(f"{source}: [prompt] needs a generation template")
+    unknown = set(prompt) - _PROMPT_KEYS
+    if unknown:
+        raise GridError(f"{source}: unknown key(s) in [prompt]: {', '.join(sorted(unknown))}")
+    for key in _PROMPT_KEYS & set(prompt):
+        if not isinstance(prompt[key], str):
+            raise GridError(f"{source}: [prompt] {key} must be a string")
+    variables = data.get("variables")
+    if not isinstance(variables, dict) or not variables:
+        raise GridError(f"{source}: [variables] needs at least one variable")
+    gen = data.get("generation", {})
+    if not isinstance(gen, dict):
+        raise GridError(f"{source}: [generation] must be a table")
+    unknown = set(gen) - _GEN_KEYS
+    if unknown:
+        raise GridError(f"{source}: unknown key(s) in [generation]: {', '.join(sorted(unknown))}")
+    try:
+        settings = GenerationSettings(
+            model=gen.get("model"),
+            temperature=float(gen.get("temperature", 1.0)),
+            max_tokens=int(gen.get("max_tokens", 600)),
+            samples=int(gen.get("samples", 1)),
+            top_p=float(gen["top_p"]) if "top_p" in gen else None,
+            seed=int(gen["seed"]) if "seed" in gen else None,
+        )
+    except (TypeError, ValueError) as exc:
+        raise GridError(f"{source}: [generation] has a bad value: {exc}") from None
+    max_cells = data.get("max_cells", DEFAULT_MAX_CELLS)
+    if not isinstance(max_cells, int) or max_cells < 1:
+        raise GridError(f"{source}: max_cells must be a positive integer")
+    spec = GridSpec(
+        name=str(data.get("name") or Path(source).stem),
+        system=prompt.get("system") or None,
+        generation=prompt["generation"],
+        training=prompt.get("training") or None,
+        variables={str(k): v for k, v in variables.items()},
+        settings=settings,
+        max_cells=max_cells,
+    )
+    spec.check()
+    return spec
+
+
+def load_spec(path: str | Path) -> GridSpec:
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise GridError(f"{path}: no such spec file") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise GridError(f"{path}: cannot read spec: {exc}") from None
+    return parse_spec(text, str(path))
+
+
+def demo_spec() -> GridSpec:
+    """The recipe's 4x4x4x4 AGI-scenario grid, used for the demo project."""
+    return GridSpec(
+        name="agi-scenarios",
+        system="You are a careful futurist.",
+        generation=(
+            "Write a detailed scenario about artificial general intelligence being reached "
+            "in {place} in {year}, and how it affects {parameter_one} and {parameter_two}."
+        ),
+        training="AGI scenario. Place: {place}. Year: {year}. Parameters: {parameter_one}, {parameter_two}.",
+        variables={
+            "place": ["Tokyo", "Lagos", "Oslo", "Lima"],
+            "year": [2030, 2035, 2040, 2050],
+            "parameter_one": ["healthcare", "education", "energy", "finance"],
+            "parameter_two": ["employment", "privacy", "art", "warfare"],
+        },
+        settings=GenerationSettings(temperature=1.0, max_tokens=600, samples=1),
+    )

@@ -1,0 +1,668 @@
+"""The project file: one SQLite database per project.
+
+WAL mode so the TUI and the command line can use one file at the same time;
+every write is its own short transaction, so a killed process loses nothing
+that was committed and never leaves a half-written row.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import threading
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator, Sequence
+
+from .records import (
+    ACTIVE_RUN_STATES,
+    CompletionRecord,
+    ExportRecord,
+    GradeRecord,
+    JobRecord,
+    RunRecord,
+    StatusCounts,
+    WorkItem,
+)
+from .schema import MIGRATIONS, SCHEMA_VERSION
+
+
+class StoreError(Exception):
+    """A problem with the project file, with a one-line message."""
+
+
+class RunConflict(StoreError):
+    """Another generation run is active on this project."""
+
+    def __init__(self, run: RunRecord):
+        self.run = run
+        where = f"pid {run.pid} on {run.host}" if run.pid else "another process"
+        super().__init__(
+            f"run #{run.id} is already {run.state} on this project ({where}, "
+            f"started {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(run.started_at))}); "
+            f"stop it with `gridtune stop` or wait for it"
+        )
+
+
+_CURRENT_GRADE_SQL = """
+UPDATE completions SET (grade, grade_source) = (
+    SELECT g.grade, g.source FROM grades g
+    WHERE g.completion_id = completions.id AND g.undone = 0
+    ORDER BY (g.source = 'person') DESC, g.id DESC LIMIT 1)
+WHERE id = ?
+"""
+
+_ACTIVE = "cell_id IN (SELECT id FROM cells WHERE active = 1)"
+
+
+class Store:
+    """A handle on one project file. Safe to share between threads."""
+
+    def __init__(self, path: Path, conn: sqlite3.Connection):
+        self.path = path
+        self._conn = conn
+        self._lock = threading.RLock()
+
+    # -- opening -----------------------------------------------------------
+    @classmethod
+    def open(cls, path: str | os.PathLike[str], *, create: bool = False) -> "Store":
+        path = Path(path)
+        if not create and not path.exists():
+            raise StoreError(f"{path}: no such project (create one with `gridtune new {path} --spec SPEC.toml`)")
+        if create and path.exists():
+            raise StoreError(f"{path}: already exists; not overwriting it")
+        if create:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            conn = sqlite3.connect(path, timeout=30, isolation_level=None, check_same_thread=False)
+            conn.row_factory = sqlite3.Row
+            conn.execute("PRAGMA busy_timeout = 30000")
+            conn.execute("PRAGMA journal_mode = WAL")
+            # NORMAL in WAL: a commit survives the process being killed (it is in the
+            # WAL file), without an fsync per completion.
+            conn.execute("PRAGMA synchronous = NORMAL")
+            conn.execute("PRAGMA foreign_keys = ON")
+            version = conn.execute("PRAGMA user_version").fetchone()[0]
+        except sqlite3.DatabaseError as exc:
+            raise StoreError(f"{path}: not a gridtune project ({exc})") from None
+        if version == 0 and not create:
+            tables = conn.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]
+            conn.close()
+            raise StoreError(f"{path}: not a gridtune project" + (" (empty file)" if not tables else ""))
+        if version > SCHEMA_VERSION:
+            conn.close()
+            raise StoreError(
+                f"{path}: made by a newer gridtune (schema {version}, this one knows {SCHEMA_VERSION}); upgrade gridtune"
+            )
+        store = cls(path, conn)
+        store._migrate(version)
+        return store
+
+    def _migrate(self, version: int) -> None:
+        for target in range(version + 1, SCHEMA_VERSION + 1):
+            with self.transaction() as c:
+                for statement in _split_sql(MIGRATIONS[target - 1]):
+                    c.execute(statement)
+                c.execute(f"PRAGMA user_version = {target}")
+
+    def close(self) -> None:
+        with self._lock:
+            self._conn.close()
+
+    def __enter__(self) -> "Store":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        """BEGIN IMMEDIATE ... COMMIT: a write lock up front, so no deadlock on upgrade."""
+        with self._lock:
+            self._conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._conn
+            except BaseException:
+                self._conn.execute("ROLLBACK")
+                raise
+            else:
+                self._conn.execute("COMMIT")
+
+    def _query(self, sql: str, params: Sequence[Any] = ()) -> list[sqlite3.Row]:
+        with self._lock:
+            return self._conn.execute(sql, params).fetchall()
+
+    def _one(self, sql: str, params: Sequence[Any] = ()) -> sqlite3.Row | None:
+        with self._lock:
+            return self._conn.execute(sql, params).fetchone()
+
+    @property
+    def schema_version(self) -> int:
+        return self._one("PRAGMA user_version")[0]
+
+    # -- spec and cells ----------------------------------------------------
+    def spec_json(self) -> str | None:
+        row = self._one("SELECT json FROM spec WHERE id = 1")
+        return row["json"] if row else None
+
+    def sync_grid(self, spec_json: str, cells: Iterable[tuple[str, str]], samples: int) -> dict[str, int]:
+        """Store the spec and make the cells exactly ``cells`` (key, values_json).
+
+        Cells that left the grid are deactivated, not deleted: their completions
+        come back if the cell does. Each active cell gets ``samples`` completions.
+        """
+        now = time.time()
+        with self.transaction() as c:
+            before = {r[0] for r in c.execute("SELECT key FROM cells WHERE active = 1")}
+            c.execute(
+                "INSERT INTO spec (id, json, updated_at) VALUES (1, ?, ?) "
+                "ON CONFLICT(id) DO UPDATE SET json = excluded.json, updated_at = excluded.updated_at",
+                (spec_json, now),
+            )
+            c.execute("UPDATE cells SET active = 0")
+            keys: list[str] = []
+
+            def rows() -> Iterator[tuple[str, str, int]]:
+                for ordinal, (key, values_json) in enumerate(cells):
+                    keys.append(key)
+                    yield key, values_json, ordinal
+
+            c.executemany(
+                "INSERT INTO cells (key, values_json, ordinal, active) VALUES (?, ?, ?, 1) "
+                "ON CONFLICT(key) DO UPDATE SET ordinal = excluded.ordinal, active = 1, "
+                "values_json = excluded.values_json",
+                rows(),
+            )
+            # Unfinished samples beyond the new count are dropped; finished ones are data.
+            c.execute("DELETE FROM completions WHERE sample >= ? AND status != 'done'", (samples,))
+            c.execute(
+                """
+                WITH RECURSIVE s(n) AS (SELECT 0 UNION ALL SELECT n + 1 FROM s WHERE n + 1 < ?)
+                INSERT INTO completions (cell_id, sample, status, created_at, updated_at)
+                SELECT cells.id, s.n, 'pending', ?, ? FROM cells, s WHERE cells.active = 1
+                ON CONFLICT (cell_id, sample) DO NOTHING
+                """,
+                (samples, now, now),
+            )
+        after = set(keys)
+        return {
+            "cells": len(after),
+            "added": len(after - before),
+            "kept": len(after & before),
+            "removed": len(before - after),
+        }
+
+    def cell_count(self) -> int:
+        return self._one("SELECT count(*) FROM cells WHERE active = 1")[0]
+
+    def cells(self) -> list[tuple[int, dict[str, Any]]]:
+        rows = self._query("SELECT id, values_json FROM cells WHERE active = 1 ORDER BY ordinal")
+        return [(r["id"], json.loads(r["values_json"])) for r in rows]
+
+    # -- generation work ---------------------------------------------------
+    def pending_work(self, limit: int | None = None) -> list[WorkItem]:
+        """Completions still to generate (pending or failed), in grid order."""
+        sql = (
+            "SELECT c.id, c.cell_id, c.sample, c.attempts, cells.values_json FROM completions c "
+            "JOIN cells ON cells.id = c.cell_id "
+            "WHERE cells.active = 1 AND c.status IN ('pending', 'failed', 'running') "
+            "ORDER BY cells.ordinal, c.sample"
+        )
+        params: tuple[Any, ...] = ()
+        if limit is not None:
+            sql += " LIMIT ?"
+            params = (limit,)
+        return [
+            WorkItem(r["id"], r["cell_id"], r["sample"], json.loads(r["values_json"]), r["attempts"])
+            for r in self._query(sql, params)
+        ]
+
+    def save_done(
+        self,
+        completion_id: int,
+        *,
+        text: str,
+        model: str | None,
+        params: dict[str, Any] | None,
+        prompt_tokens: int | None,
+        completion_tokens: int | None,
+        latency_s: float | None,
+        finish_reason: str | None,
+        attempts: int,
+        run_id: int | None = None,
+    ) -> None:
+        now = time.time()
+        with self.transaction() as c:
+            c.execute(
+                "UPDATE completions SET status = 'done', text = ?, original_text = NULL, length = ?, "
+                "model = ?, params_json = ?, prompt_tokens = ?, completion_tokens = ?, latency_s = ?, "
+                "finish_reason = ?, attempts = ?, error = NULL, error_kind = NULL, run_id = ?, "
+                "updated_at = ? WHERE id = ? AND status != 'done'",
+                (
+                    text, len(text), model, _dumps(params), prompt_tokens, completion_tokens,
+                    latency_s, finish_reason, attempts, run_id, now, completion_id,
+                ),
+            )
+
+    def save_failed(
+        self,
+        completion_id: int,
+        *,
+        error: str,
+        error_kind: str,
+        attempts: int,
+        model: str | None = None,
+        params: dict[str, Any] | None = None,
+        run_id: int | None = None,
+    ) -> None:
+        with self.transaction() as c:
+            c.execute(
+                "UPDATE completions SET status = 'failed', error = ?, error_kind = ?, attempts = ?, "
+                "model = COALESCE(?, model), params_json = COALESCE(?, params_json), run_id = ?, "
+                "updated_at = ? WHERE id = ? AND status != 'done'",
+                (error, error_kind, attempts, model, _dumps(params), run_id, time.time(), completion_id),
+            )
+
+    def reset_running(self) -> int:
+        """Return completions left 'running' by a dead process to pending."""
+        with self.transaction() as c:
+            return c.execute("UPDATE completions SET status = 'pending' WHERE status = 'running'").rowcount
+
+    # -- runs ----------------------------------------------------------------
+    def start_run(
+        self,
+        *,
+        pid: int,
+        host: str,
+        model: str | None,
+        params: dict[str, Any] | None,
+        is_alive: Callable[[RunRecord], bool],
+        state: str = "running",
+    ) -> int:
+        """Record a new run, refusing if another live run holds the project.
+
+        A run recorded as active whose process is gone is marked 'died' and its
+        work returned to pending, so the new run picks it up.
+        """
+        now = time.time()
+        with self.transaction() as c:
+            for row in c.execute(
+                f"SELECT * FROM runs WHERE state IN ({','.join('?' * len(ACTIVE_RUN_STATES))})",
+                ACTIVE_RUN_STATES,
+            ).fetchall():
+                run = RunRecord.from_row(row)
+                if is_alive(run):
+                    raise RunConflict(run)
+                c.execute(
+                    "UPDATE runs SET state = 'died', ended_at = ?, error = COALESCE(error, ?) WHERE id = ?",
+                    (now, "its process ended without finishing", run.id),
+                )
+            c.execute("UPDATE completions SET status = 'pending' WHERE status = 'running'")
+            cur = c.execute(
+                "INSERT INTO runs (pid, host, started_at, heartbeat_at, state, model, params_json) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (pid, host, now, now, state, model, _dumps(params)),
+            )
+            return int(cur.lastrowid)
+
+    def update_run(self, run_id: int, **fields: Any) -> None:
+        allowed = {"pid", "host", "state", "model", "error", "ended_at", "heartbeat_at"}
+        sets, values = [], []
+        for key, value in fields.items():
+            if key == "progress":
+                sets.append("progress_json = ?")
+                values.append(_dumps(value))
+            elif key == "params":
+                sets.append("params_json = ?")
+                values.append(_dumps(value))
+            elif key in allowed:
+                sets.append(f"{key} = ?")
+                values.append(value)
+            else:
+                raise ValueError(f"unknown run field {key!r}")
+        if not sets:
+            return
+        with self.transaction() as c:
+            c.execute(f"UPDATE runs SET {', '.join(sets)} WHERE id = ?", (*values, run_id))
+
+    def heartbeat(self, run_id: int, progress: dict[str, Any]) -> bool:
+        """Save the latest progress; returns whether a stop was requested."""
+        with self.transaction() as c:
+            c.execute(
+                "UPDATE runs SET heartbeat_at = ?, progress_json = ? WHERE id = ?",
+                (time.time(), _dumps(progress), run_id),
+            )
+            row = c.execute("SELECT stop_requested FROM runs WHERE id = ?", (run_id,)).fetchone()
+        return bool(row and row[0])
+
+    def finish_run(self, run_id: int, state: str, error: str | None = None,
+                   progress: dict[str, Any] | None = None) -> None:
+        with self.transaction() as c:
+            c.execute("UPDATE completions SET status = 'pending' WHERE status = 'running' AND run_id = ?", (run_id,))
+            c.execute(
+                "UPDATE runs SET state = ?, ended_at = ?, error = ?, "
+                "progress_json = COALESCE(?, progress_json) WHERE id = ?",
+                (state, time.time(), error, _dumps(progress), run_id),
+            )
+
+    def request_stop(self, run_id: int) -> None:
+        with self.transaction() as c:
+            c.execute(
+                "UPDATE runs SET stop_requested = 1, "
+                "state = CASE WHEN state IN ('starting', 'running') THEN 'stopping' ELSE state END "
+                "WHERE id = ?",
+                (run_id,),
+            )
+
+    def get_run(self, run_id: int) -> RunRecord | None:
+        row = self._one("SELECT * FROM runs WHERE id = ?", (run_id,))
+        return RunRecord.from_row(row) if row else None
+
+    def active_run(self) -> RunRecord | None:
+        row = self._one(
+            f"SELECT * FROM runs WHERE state IN ({','.join('?' * len(ACTIVE_RUN_STATES))}) "
+            "ORDER BY id DESC LIMIT 1",
+            ACTIVE_RUN_STATES,
+        )
+        return RunRecord.from_row(row) if row else None
+
+    def latest_run(self) -> RunRecord | None:
+        row = self._one("SELECT * FROM runs ORDER BY id DESC LIMIT 1")
+        return RunRecord.from_row(row) if row else None
+
+    # -- completions ---------------------------------------------------------
+    def get_completion(self, completion_id: int) -> CompletionRecord | None:
+        row = self._one(
+            "SELECT c.*, cells.values_json FROM completions c JOIN cells ON cells.id = c.cell_id WHERE c.id = ?",
+            (completion_id,),
+        )
+        return _completion(row) if row else None
+
+    def completions(self, status: str | None = None, limit: int | None = None,
+                    newest_first: bool = False) -> list[CompletionRecord]:
+        sql = ("SELECT c.*, cells.values_json FROM completions c JOIN cells ON cells.id = c.cell_id "
+               "WHERE cells.active = 1")
+        params: list[Any] = []
+        if status:
+            sql += " AND c.status = ?"
+            params.append(status)
+        sql += " ORDER BY c.updated_at DESC, c.id DESC" if newest_first else " ORDER BY cells.ordinal, c.sample"
+        if limit is not None:
+            sql += " LIMIT ?"
+            params.append(limit)
+        return [_completion(r) for r in self._query(sql, params)]
+
+    def review_rows(
+        self,
+        *,
+        where: str = "all",
+        min_grade: int | None = None,
+        search: str | None = None,
+        sort: str = "length",
+        descending: bool = False,
+    ) -> list[tuple[int, int, int | None, str]]:
+        """Light rows for the review list: (id, length, grade, status).
+
+        ``where``: all | done | ungraded | failed | graded. Cheap enough at
+        100,000 rows that the list can be rebuilt on every filter change.
+        """
+        clauses = ["cells.active = 1"]
+        params: list[Any] = []
+        if where == "done":
+            clauses.append("c.status = 'done'")
+        elif where == "ungraded":
+            clauses.append("c.status = 'done' AND c.grade IS NULL")
+        elif where == "graded":
+            clauses.append("c.grade IS NOT NULL")
+        elif where == "failed":
+            clauses.append("c.status = 'failed'")
+        elif where != "all":
+            raise ValueError(f"unknown filter {where!r}")
+        if min_grade is not None:
+            clauses.append("c.grade >= ?")
+            params.append(min_grade)
+        if search:
+            clauses.append("(c.text LIKE ? ESCAPE '\\' OR cells.values_json LIKE ? ESCAPE '\\')")
+            pattern = "%" + search.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
+            params += [pattern, pattern]
+        order = {
+            "length": "COALESCE(c.length, -1)",
+            "grade": "COALESCE(c.grade, -1)",
+            "grid": "cells.ordinal",
+            "time": "c.updated_at",
+        }[sort]
+        direction = "DESC" if descending else "ASC"
+        sql = (
+            "SELECT c.id, COALESCE(c.length, 0), c.grade, c.status FROM completions c "
+            f"JOIN cells ON cells.id = c.cell_id WHERE {' AND '.join(clauses)} "
+            f"ORDER BY {order} {direction}, cells.ordinal, c.sample"
+        )
+        with self._lock:
+            return [tuple(r) for r in self._conn.execute(sql, params)]  # type: ignore[misc]
+
+    def edit_text(self, completion_id: int, text: str) -> None:
+        """A person's edit; the model's own text is kept in original_text."""
+        with self.transaction() as c:
+            c.execute(
+                "UPDATE completions SET original_text = COALESCE(original_text, text), text = ?, "
+                "length = ?, updated_at = ? WHERE id = ? AND status = 'done'",
+                (text, len(text), time.time(), completion_id),
+            )
+
+    # -- grades ----------------------------------------------------------------
+    def set_grade(self, completion_id: int, grade: int, source: str = "person") -> int | None:
+        """Record a grade; returns the completion's current grade afterwards."""
+        return self.set_grades([(completion_id, grade)], source)[0]
+
+    def set_grades(self, pairs: Sequence[tuple[int, int]], source: str) -> list[int | None]:
+        for _, grade in pairs:
+            if not 0 <= grade <= 5:
+                raise ValueError(f"grade must be 0..5, not {grade}")
+        now = time.time()
+        with self.transaction() as c:
+            c.executemany(
+                "INSERT INTO grades (completion_id, grade, source, created_at) VALUES (?, ?, ?, ?)",
+                [(cid, g, source, now) for cid, g in pairs],
+            )
+            c.executemany(_CURRENT_GRADE_SQL, [(cid,) for cid, _ in pairs])
+            if len(pairs) > 50:
+                return []
+            return [
+                c.execute("SELECT grade FROM completions WHERE id = ?", (cid,)).fetchone()[0]
+                for cid, _ in pairs
+            ]
+
+    def undo_grade(self, completion_id: int) -> int | None:
+        """Withdraw the newest grade of a completion; returns its grade afterwards."""
+        return self.undo_grades([completion_id])[0]
+
+    def undo_grades(self, completion_ids: Sequence[int]) -> list[int | None]:
+        with self.transaction() as c:
+            for cid in completion_ids:
+                c.execute(
+                    "UPDATE grades SET undone = 1 WHERE id = (SELECT max(id) FROM grades "
+                    "WHERE completion_id = ? AND undone = 0)",
+                    (cid,),
+                )
+                c.execute(_CURRENT_GRADE_SQL, (cid,))
+            return [
+                c.execute("SELECT grade FROM completions WHERE id = ?", (cid,)).fetchone()[0]
+                for cid in completion_ids
+            ]
+
+    def grade_history(self, completion_id: int) -> list[GradeRecord]:
+        rows = self._query("SELECT * FROM grades WHERE completion_id = ? ORDER BY id", (completion_id,))
+        return [
+            GradeRecord(r["id"], r["completion_id"], r["grade"], r["source"], r["created_at"], bool(r["undone"]))
+            for r in rows
+        ]
+
+    def gradable(self, *, include_auto: bool = True) -> list[tuple[int, int]]:
+        """(id, length) of finished completions that no person has graded."""
+        sql = (
+            "SELECT c.id, c.length FROM completions c JOIN cells ON cells.id = c.cell_id "
+            "WHERE cells.active = 1 AND c.status = 'done' AND "
+            + ("(c.grade_source IS NULL OR c.grade_source != 'person')" if include_auto else "c.grade IS NULL")
+        )
+        return [(r[0], r[1]) for r in self._query(sql)]
+
+    def done_lengths(self) -> list[int]:
+        return [r[0] for r in self._query(
+            f"SELECT length FROM completions WHERE status = 'done' AND {_ACTIVE} ORDER BY length"
+        )]
+
+    def ids_at_or_below(self, grade: int) -> list[int]:
+        return [r[0] for r in self._query(
+            f"SELECT id FROM completions WHERE grade IS NOT NULL AND grade BETWEEN 1 AND ? AND {_ACTIVE}",
+            (grade,),
+        )]
+
+    # -- counts ----------------------------------------------------------------
+    def status_counts(self) -> StatusCounts:
+        row = self._one(
+            f"""
+            SELECT count(*) AS completions,
+                   coalesce(sum(status = 'done'), 0) AS done,
+                   coalesce(sum(status = 'failed'), 0) AS failed,
+                   coalesce(sum(status = 'pending'), 0) AS pending,
+                   coalesce(sum(status = 'running'), 0) AS running,
+                   coalesce(sum(grade IS NOT NULL), 0) AS graded,
+                   coalesce(sum(grade = 0), 0) AS rejected
+            FROM completions WHERE {_ACTIVE}
+            """
+        )
+        grades = {str(g): 0 for g in range(1, 6)}
+        for r in self._query(
+            f"SELECT grade, count(*) FROM completions WHERE grade BETWEEN 1 AND 5 AND {_ACTIVE} GROUP BY grade"
+        ):
+            grades[str(r[0])] = r[1]
+        return StatusCounts(
+            cells=self.cell_count(), completions=row["completions"], done=row["done"],
+            failed=row["failed"], pending=row["pending"], running=row["running"],
+            graded=row["graded"], rejected=row["rejected"], grades=grades,
+        )
+
+    def usage_totals(self) -> dict[str, int]:
+        row = self._one(
+            "SELECT coalesce(sum(prompt_tokens), 0), coalesce(sum(completion_tokens), 0) "
+            "FROM completions WHERE status = 'done'"
+        )
+        return {"prompt_tokens": row[0], "completion_tokens": row[1]}
+
+    # -- export rows ----------------------------------------------------------
+    def iter_export_rows(self, min_grade: int | None, batch: int = 1000) -> Iterator[tuple[int, dict[str, Any], str, int | None]]:
+        """(id, values, text, grade) of finished completions to export, in grid order.
+
+        Rejected completions (grade 0) are never exported; ``min_grade`` keeps
+        only completions graded at least that (ungraded ones are then left out).
+        Streams in batches so memory stays flat on large projects.
+        """
+        sql = (
+            "SELECT c.id, cells.values_json, c.text, c.grade FROM completions c "
+            "JOIN cells ON cells.id = c.cell_id WHERE cells.active = 1 AND c.status = 'done' "
+            "AND c.text IS NOT NULL AND (c.grade IS NULL OR c.grade > 0)"
+        )
+        params: tuple[Any, ...] = ()
+        if min_grade is not None and min_grade > 0:
+            sql += " AND c.grade >= ?"
+            params = (min_grade,)
+        sql += " ORDER BY cells.ordinal, c.sample"
+        # A separate connection: the read runs while the caller may write elsewhere.
+        conn = sqlite3.connect(self.path, timeout=30)
+        try:
+            cur = conn.execute(sql, params)
+            while rows := cur.fetchmany(batch):
+                for cid, values_json, text, grade in rows:
+                    yield cid, json.loads(values_json), text, grade
+        finally:
+            conn.close()
+
+    # -- exports and jobs -----------------------------------------------------
+    def record_export(self, *, path: str, valid_path: str | None, format: str, min_grade: int | None,
+                      separator: str | None, stop: str | None, validation_fraction: float,
+                      n_train: int, n_valid: int, report: dict[str, Any] | None) -> int:
+        with self.transaction() as c:
+            cur = c.execute(
+                "INSERT INTO exports (path, valid_path, format, min_grade, separator, stop, "
+                "validation_fraction, n_train, n_valid, report_json, created_at) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+                (path, valid_path, format, min_grade, separator, stop, validation_fraction,
+                 n_train, n_valid, _dumps(report), time.time()),
+            )
+            return int(cur.lastrowid)
+
+    def exports(self) -> list[ExportRecord]:
+        return [
+            ExportRecord(
+                r["id"], r["path"], r["valid_path"], r["format"], r["min_grade"], r["separator"],
+                r["stop"], r["validation_fraction"], r["n_train"], r["n_valid"],
+                json.loads(r["report_json"]) if r["report_json"] else None, r["created_at"],
+            )
+            for r in self._query("SELECT * FROM exports ORDER BY id")
+        ]
+
+    def latest_export(self) -> ExportRecord | None:
+        exports = self.exports()
+        return exports[-1] if exports else None
+
+    def record_job(self, *, id: str, base_url: str | None, model: str, training_file: str | None,
+                   validation_file: str | None, export_id: int | None, status: str) -> None:
+        now = time.time()
+        with self.transaction() as c:
+            c.execute(
+                "INSERT INTO jobs (id, base_url, model, training_file, validation_file, export_id, status, "
+                "created_at, updated_at) VALUES (?,?,?,?,?,?,?,?,?) ON CONFLICT(id) DO UPDATE SET "
+                "status = excluded.status, updated_at = excluded.updated_at",
+                (id, base_url, model, training_file, validation_file, export_id, status, now, now),
+            )
+
+    def update_job(self, job_id: str, *, status: str, fine_tuned_model: str | None = None,
+                   error: str | None = None) -> None:
+        with self.transaction() as c:
+            c.execute(
+                "UPDATE jobs SET status = ?, fine_tuned_model = COALESCE(?, fine_tuned_model), "
+                "error = COALESCE(?, error), updated_at = ? WHERE id = ?",
+                (status, fine_tuned_model, error, time.time(), job_id),
+            )
+
+    def jobs(self) -> list[JobRecord]:
+        return [
+            JobRecord(
+                r["id"], r["base_url"], r["model"], r["training_file"], r["validation_file"],
+                r["export_id"], r["status"], r["fine_tuned_model"], r["error"], r["created_at"], r["updated_at"],
+            )
+            for r in self._query("SELECT * FROM jobs ORDER BY created_at")
+        ]
+
+
+def _completion(row: sqlite3.Row) -> CompletionRecord:
+    return CompletionRecord(
+        id=row["id"], cell_id=row["cell_id"], sample=row["sample"],
+        values=json.loads(row["values_json"]), status=row["status"], text=row["text"],
+        original_text=row["original_text"], length=row["length"], model=row["model"],
+        params=json.loads(row["params_json"]) if row["params_json"] else None,
+        prompt_tokens=row["prompt_tokens"], completion_tokens=row["completion_tokens"],
+        latency_s=row["latency_s"], finish_reason=row["finish_reason"], attempts=row["attempts"],
+        error=row["error"], error_kind=row["error_kind"], grade=row["grade"],
+        grade_source=row["grade_source"], updated_at=row["updated_at"],
+    )
+
+
+def _dumps(value: Any) -> str | None:
+    return None if value is None else json.dumps(value, ensure_ascii=False)
+
+
+def _split_sql(script: str) -> list[str]:
+    """Split a migration script into statements (sqlite3's executescript commits)."""
+    statements, buf = [], []
+    for line in script.splitlines():
+        buf.append(line)
+        joined = "\n".join(buf)
+        if line.rstrip().endswith(";") and sqlite3.complete_statement(joined):
+            statements.append(joined.strip())
+            buf = []
+    tail = "\n".join(buf).strip()
+    if tail:
+        statements.append(tail)
+    return [s for s in statements if s and not all(l.strip().startswith("--") or not l.strip() for l in s.splitlines())]

@@ -1,0 +1,71 @@
+"""What every `gridtune` command shares: opening projects and turning problems
+into one-line messages with the exit codes DESIGN.md gives.
+
+0 success; 1 the work ran but something failed; 2 bad usage or bad input.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from pathlib import Path
+from typing import Any, Callable, NoReturn, TypeVar
+
+import click
+
+from ..pipeline.backend import BackendError
+from ..pipeline.grid import GridError
+from ..store import RunConflict, Store, StoreError
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+
+class Problem(Exception):
+    """Bad usage or bad input: exit 2 with this message."""
+
+    code = EXIT_USAGE
+
+
+class Failed(Exception):
+    """The work ran but something failed: exit 1 with this message."""
+
+    code = EXIT_FAILED
+
+
+def fail(message: str, code: int = EXIT_USAGE) -> NoReturn:
+    click.echo(f"gridtune: error: {message}", err=True)
+    sys.exit(code)
+
+
+def handle_errors(func: F) -> F:
+    """Map known problems to a one-line message and an exit code, never a traceback."""
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return func(*args, **kwargs)
+        except (GridError, StoreError, Problem) as exc:
+            fail(str(exc), EXIT_USAGE)
+        except RunConflict as exc:  # pragma: no cover - subclass of StoreError, kept explicit
+            fail(str(exc), EXIT_USAGE)
+        except BackendError as exc:
+            fail(str(exc), EXIT_USAGE)
+        except Failed as exc:
+            fail(str(exc), EXIT_FAILED)
+        except KeyboardInterrupt:
+            click.echo("gridtune: interrupted", err=True)
+            sys.exit(130)
+
+    return wrapper  # type: ignore[return-value]
+
+
+def open_store(path: str | Path) -> Store:
+    return Store.open(path)
+
+
+def emit_json(obj: dict[str, Any]) -> None:
+    """Every --json output is one JSON object on stdout."""
+    click.echo(json.dumps(obj, ensure_ascii=False, sort_keys=True))

@@ -1,0 +1,1 @@
+"""placeholder registered by cli.py; commands are added by their owners."""
