@@ -81,3 +81,6 @@ def _register() -> None:
 
 
 _register()
+
+if __name__ == "__main__":  # `python -m gridtune.tui.cli`, used by tests and detached runs
+    main()

@@ -1,0 +1,29 @@
+"""Shared test setup: every test runs with its own gridtune home, offline.
+
+Area-specific fixtures live in their own modules and are re-exported here.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+# Nothing in the suite may reach a model hub.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+@pytest.fixture(autouse=True)
+def _isolated_home(tmp_path_factory, monkeypatch):
+    """Each test gets a fresh GRIDTUNE_HOME and no OpenAI settings from the caller's shell.
+
+    The model cache (GRIDTUNE_CACHE) is left alone when the caller set it, so the
+    real default model is fetched once, not once per test.
+    """
+    home = tmp_path_factory.mktemp("gridtune-home")
+    monkeypatch.setenv("GRIDTUNE_HOME", str(home))
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    monkeypatch.delenv("OPENAI_BASE_URL", raising=False)
+    monkeypatch.delenv("GRIDTUNE_LOCAL_MODEL", raising=False)
+    yield home

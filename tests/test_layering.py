@@ -1,0 +1,50 @@
+"""The layering DESIGN.md asks for: pipeline/ and store/ never load Textual,
+and the server imports nothing of the app but the validator."""
+
+from __future__ import annotations
+
+import pkgutil
+import subprocess
+import sys
+
+import gridtune.pipeline
+import gridtune.store
+
+
+def _modules(package) -> list[str]:
+    return [f"{package.__name__}.{m.name}" for m in pkgutil.iter_modules(package.__path__)]
+
+
+def test_pipeline_and_store_never_import_textual():
+    modules = _modules(gridtune.pipeline) + _modules(gridtune.store)
+    code = (
+        "import importlib, sys\n"
+        f"for m in {modules!r}: importlib.import_module(m)\n"
+        "bad = sorted(m for m in sys.modules if m == 'textual' or m.startswith('textual.'))\n"
+        "print(','.join(bad))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == ""
+
+
+def test_server_imports_only_the_validator_of_the_app():
+    import gridtune.server
+
+    allowed = ("gridtune.server", "gridtune.locations", "gridtune.pipeline.validate",
+               "gridtune.pipeline.tokens", "gridtune.pipeline.cost", "gridtune.pipeline")
+    modules = _modules(gridtune.server)
+    code = (
+        "import importlib, sys\n"
+        f"for m in {modules!r}:\n"
+        "    try: importlib.import_module(m)\n"
+        "    except ImportError as e:\n"
+        "        if 'torch' in str(e) or 'transformers' in str(e) or 'peft' in str(e): continue\n"
+        "        raise\n"
+        "print('\\n'.join(sorted(m for m in sys.modules if m.startswith('gridtune'))))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    loaded = [m for m in out.stdout.split() if m and m != "gridtune"]
+    bad = [m for m in loaded if not m.startswith(allowed)]
+    assert bad == []
