@@ -1,0 +1,299 @@
+"""Export graded completions as a fine-tuning JSONL file.
+
+Chat format: {"messages": [system?, user = training prompt, assistant = text]}.
+Legacy completion format: {"prompt": training prompt + separator,
+"completion": " " + text + stop}, the separator and stop chosen, as OpenAI's
+old prepare_data tool chose them, among strings that appear nowhere in the data.
+
+Rows stream from the store and lines stream to disk (aiofiles) into temporary
+files renamed into place at the end, so memory stays flat and a failure never
+leaves half a file. The written file is validated and the export recorded in
+the project.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import itertools
+import json
+import os
+from contextlib import aclosing
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, AsyncIterator, Iterator
+
+import aiofiles
+import aiofiles.os
+
+from ..store import Store
+from .grid import GridSpec, cell_key
+from .project import load_project_spec
+from .validate import ValidationReport, show, validate_file
+
+FORMATS = ("chat", "completion")
+# prepare_data's candidates, minus " ->" / "\n" / "." which long prose easily
+# contains or needs; the first that appears nowhere in the data wins.
+SEPARATORS = ("\n\n###\n\n", "\n\n===\n\n", "\n\n---\n\n", "\n\n===>\n\n", "\n\n--->\n\n", "\n\n### =>\n\n")
+STOPS = (" END", " STOP", " [END]", "***", "+++", "&&&", "$$$", "@@@", "%%%")
+_BATCH = 500  # rows per read from the store and lines per write
+
+
+class ExportError(ValueError):
+    """Bad input for an export (exit 2); nothing was written."""
+
+
+@dataclass
+class ExportResult:
+    path: Path
+    valid_path: Path | None
+    format: str
+    n_train: int
+    n_valid: int
+    n_skipped: int
+    separator: str | None
+    stop: str | None
+    report: ValidationReport
+    valid_report: ValidationReport | None
+    export_id: int
+    min_grade: int | None = None
+    validation_fraction: float = 0.0
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return self.report.ok and (self.valid_report is None or self.valid_report.ok)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "ok": self.ok,
+            "export_id": self.export_id,
+            "path": str(self.path),
+            "valid_path": str(self.valid_path) if self.valid_path else None,
+            "format": self.format,
+            "min_grade": self.min_grade,
+            "validation_fraction": self.validation_fraction,
+            "train": self.n_train,
+            "valid": self.n_valid,
+            "skipped": self.n_skipped,
+            "separator": self.separator,
+            "stop": self.stop,
+            "warnings": list(self.warnings),
+            "report": self.report.to_dict(),
+            "valid_report": self.valid_report.to_dict() if self.valid_report else None,
+        }
+
+    def summary(self) -> str:
+        where = f" and {self.n_valid:,} to {self.valid_path}" if self.valid_path else ""
+        lines = [f"exported {self.n_train:,} example(s) to {self.path}{where} "
+                 f"({self.format} format, {self.n_skipped:,} finished completion(s) left out)"]
+        if self.format == "completion":
+            lines.append(f"separator `{show(self.separator or '')}`, stop `{show(self.stop or '')}`: "
+                         f"end prompts with the separator and pass the stop when you call the model")
+        lines += [f"warning: {w}" for w in self.warnings]
+        lines.append(self.report.render_text())
+        if self.valid_report:
+            lines.append(self.valid_report.render_text())
+        return "\n".join(lines)
+
+
+def valid_path_for(out_path: str | Path) -> Path:
+    """`<FILE stem>.valid.jsonl` beside FILE."""
+    out = Path(out_path)
+    return out.with_name(f"{out.stem}.valid.jsonl")
+
+
+def in_validation(values: dict[str, Any], completion_id: int, fraction: float) -> bool:
+    """Deterministic split: a stable hash of the cell and completion, not random."""
+    if fraction <= 0:
+        return False
+    digest = hashlib.sha256(f"{cell_key(values)}\x00{completion_id}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64 < fraction
+
+
+def chat_example(spec: GridSpec, values: dict[str, Any], text: str) -> dict[str, Any]:
+    prompt = spec.render(values)
+    messages = [{"role": "system", "content": prompt.system}] if prompt.system else []
+    messages.append({"role": "user", "content": prompt.training})
+    messages.append({"role": "assistant", "content": text})
+    return {"messages": messages}
+
+
+def completion_example(spec: GridSpec, values: dict[str, Any], text: str, separator: str, stop: str) -> dict[str, Any]:
+    prompt = spec.render(values).training
+    # A leading space tokenizes better (prepare_data); don't double one already there.
+    completion = text if text.startswith(" ") else " " + text
+    return {"prompt": prompt + separator, "completion": completion + stop}
+
+
+def _check_args(format: str, min_grade: int | None, fraction: float, separator: str | None,
+                stop: str | None, out_path: Path) -> None:
+    if format not in FORMATS:
+        raise ExportError(f"--format must be one of {', '.join(FORMATS)}, not {format!r}")
+    if min_grade is not None and not 0 <= min_grade <= 5:
+        raise ExportError(f"--min-grade must be within 0..5, not {min_grade}")
+    if not (isinstance(fraction, (int, float)) and 0 <= fraction < 1):
+        raise ExportError(f"--validation-fraction must be in [0, 1), not {fraction}")
+    if format == "chat" and (separator is not None or stop is not None):
+        raise ExportError("--separator and --stop apply to --format completion only")
+    if out_path.is_dir():
+        raise ExportError(f"{out_path}: is a directory; give a .jsonl file name")
+    if not out_path.parent.is_dir():
+        raise ExportError(f"{out_path.parent}: no such directory")
+    if out_path.suffix == "" or out_path.name.endswith(".valid.jsonl"):
+        raise ExportError(f"{out_path}: give a file name ending in .jsonl (not .valid.jsonl)")
+
+
+async def _rows(store: Store, min_grade: int | None) -> AsyncIterator[list[tuple[int, dict[str, Any], str, int | None]]]:
+    """The store's export rows in batches, read on one worker thread (sqlite
+    connections stay on the thread that made them) so the event loop never blocks."""
+    loop = asyncio.get_running_loop()
+    gen: Iterator[Any] = store.iter_export_rows(min_grade, batch=_BATCH)
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="gridtune-export") as pool:
+        try:
+            while batch := await loop.run_in_executor(pool, lambda: list(itertools.islice(gen, _BATCH))):
+                yield batch
+        finally:
+            await loop.run_in_executor(pool, gen.close)
+
+
+async def _choose_markers(store: Store, spec: GridSpec, min_grade: int | None,
+                          separator: str | None, stop: str | None) -> tuple[str, str, list[str]]:
+    """First pass: pick the first separator and stop that occur nowhere in the
+    prompts or completions; report given ones that do occur."""
+    seps = {s: False for s in (SEPARATORS if separator is None else (separator,))}
+    stops = {s: False for s in (STOPS if stop is None else (stop,))}
+    async with aclosing(_rows(store, min_grade)) as batches:
+        async for batch in batches:
+            for _cid, values, text, _grade in batch:
+                prompt = spec.render(values).training
+                for table in (seps, stops):
+                    for marker, seen in table.items():
+                        if not seen and marker and (marker in prompt or marker in text):
+                            table[marker] = True
+    warnings = []
+    if separator is None:
+        separator = next((s for s in SEPARATORS if not seps[s]), None)
+        if separator is None:
+            raise ExportError("every default separator occurs in the data; choose one with --separator")
+    elif seps[separator]:
+        warnings.append(f"the separator `{show(separator)}` occurs inside the data")
+    if stop is None:
+        stop = next((s for s in STOPS if not stops[s]), None)
+        if stop is None:
+            raise ExportError("every default stop sequence occurs in the data; choose one with --stop")
+    elif stops[stop]:
+        warnings.append(f"the stop `{show(stop)}` occurs inside the data; generation may end early")
+    return separator, stop, warnings
+
+
+def _temp_for(path: Path) -> Path:
+    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
+
+
+async def _write(store: Store, spec: GridSpec, tmp_train: Path, tmp_valid: Path | None, *, format: str,
+                 min_grade: int | None, separator: str | None, stop: str | None,
+                 fraction: float) -> tuple[int, int, int]:
+    """Stream the examples into the temporary files; (n_train, n_valid, n_blank)."""
+    n_train = n_valid = n_blank = 0
+    async with aiofiles.open(tmp_train, "w", encoding="utf-8", newline="\n") as ftrain:
+        fvalid = await aiofiles.open(tmp_valid, "w", encoding="utf-8", newline="\n") if tmp_valid else None
+        try:
+            async with aclosing(_rows(store, min_grade)) as batches:
+                async for batch in batches:
+                    train_lines, valid_lines = [], []
+                    for cid, values, text, _grade in batch:
+                        if not text.strip():
+                            n_blank += 1  # an empty answer is no training example
+                            continue
+                        if format == "chat":
+                            example = chat_example(spec, values, text)
+                        else:
+                            example = completion_example(spec, values, text, separator, stop)  # type: ignore[arg-type]
+                        line = json.dumps(example, ensure_ascii=False) + "\n"
+                        if fvalid is not None and in_validation(values, cid, fraction):
+                            valid_lines.append(line)
+                        else:
+                            train_lines.append(line)
+                    n_train += len(train_lines)
+                    n_valid += len(valid_lines)
+                    await ftrain.write("".join(train_lines))
+                    if fvalid is not None and valid_lines:
+                        await fvalid.write("".join(valid_lines))
+        finally:
+            if fvalid is not None:
+                await fvalid.close()
+    return n_train, n_valid, n_blank
+
+
+async def export_project_async(
+    store: Store,
+    out_path: str | Path,
+    *,
+    format: str = "chat",
+    min_grade: int | None = None,
+    separator: str | None = None,
+    stop: str | None = None,
+    validation_fraction: float = 0.0,
+    model: str | None = None,
+) -> ExportResult:
+    out = Path(out_path)
+    _check_args(format, min_grade, validation_fraction, separator, stop, out)
+    try:
+        spec = load_project_spec(store)
+    except ValueError as exc:
+        raise ExportError(str(exc)) from None
+    warnings: list[str] = []
+    if format == "completion":
+        separator, stop, warnings = await _choose_markers(store, spec, min_grade, separator, stop)
+    valid_out = valid_path_for(out) if validation_fraction > 0 else None
+    tmp_train = _temp_for(out)
+    tmp_valid = _temp_for(valid_out) if valid_out else None
+    try:
+        n_train, n_valid, n_blank = await _write(
+            store, spec, tmp_train, tmp_valid, format=format, min_grade=min_grade,
+            separator=separator, stop=stop, fraction=validation_fraction,
+        )
+        if n_train == 0:
+            what = "no finished completion" + (f" graded {min_grade} or more" if min_grade else "")
+            if n_valid:
+                raise ExportError(f"all {n_valid} example(s) fell into the validation split; lower --validation-fraction")
+            raise ExportError(f"nothing to export: {what} (rejected ones are never exported)")
+        report = await asyncio.to_thread(validate_file, tmp_train, model)
+        report.path = str(out)
+        valid_report = None
+        if tmp_valid is not None and n_valid:
+            valid_report = await asyncio.to_thread(validate_file, tmp_valid, model)
+            valid_report.path = str(valid_out)
+        await aiofiles.os.replace(tmp_train, out)
+        if tmp_valid is not None and n_valid:
+            await aiofiles.os.replace(tmp_valid, valid_out)  # type: ignore[arg-type]
+        elif valid_out is not None:
+            warnings.append(f"no example fell into the validation split; {valid_out} not written")
+            valid_out = None
+    finally:
+        for tmp in (tmp_train, tmp_valid):
+            if tmp is not None and tmp.exists():
+                tmp.unlink()
+    if n_blank:
+        warnings.append(f"{n_blank:,} empty completion(s) left out")
+    done = store.status_counts().done
+    record = report.to_dict()
+    record["valid"] = valid_report.to_dict() if valid_report else None
+    export_id = store.record_export(
+        path=str(out.resolve()), valid_path=str(valid_out.resolve()) if valid_out else None,
+        format=format, min_grade=min_grade, separator=separator, stop=stop,
+        validation_fraction=float(validation_fraction), n_train=n_train, n_valid=n_valid, report=record,
+    )
+    return ExportResult(
+        path=out, valid_path=valid_out, format=format, n_train=n_train, n_valid=n_valid,
+        n_skipped=max(0, done - n_train - n_valid), separator=separator, stop=stop,
+        report=report, valid_report=valid_report, export_id=export_id, min_grade=min_grade,
+        validation_fraction=float(validation_fraction), warnings=warnings,
+    )
+
+
+def export_project(store: Store, out_path: str | Path, **kwargs: Any) -> ExportResult:
+    """Synchronous wrapper for the command line and tests."""
+    return asyncio.run(export_project_async(store, out_path, **kwargs))
