@@ -5,7 +5,12 @@ Area-specific fixtures live in their own modules and are re-exported here.
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
+import signal
+import time
+from pathlib import Path
 
 import pytest
 
@@ -27,3 +32,26 @@ def _isolated_home(tmp_path_factory, monkeypatch):
     monkeypatch.delenv("OPENAI_BASE_URL", raising=False)
     monkeypatch.delenv("GRIDTUNE_LOCAL_MODEL", raising=False)
     yield home
+    _stop_servers_under(home)
+
+
+def _stop_servers_under(home: Path) -> None:
+    """A test that auto-started a local server must not leave it running:
+    kill any server whose state file lies in this test's home."""
+    for state in home.rglob("server.json"):
+        try:
+            pid = int(json.loads(state.read_text())["pid"])
+            os.kill(pid, signal.SIGTERM)
+        except (OSError, ValueError, KeyError):
+            continue
+        for _ in range(50):
+            try:
+                os.kill(pid, 0)
+            except OSError:
+                break
+            time.sleep(0.1)
+        else:
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+
+from tests.fakeserver import fake_openai, fake_openai_server  # noqa: E402,F401  (the OpenAI fake)

@@ -265,6 +265,31 @@ class Store:
                 (error, error_kind, attempts, model, _dumps(params), run_id, time.time(), completion_id),
             )
 
+    def mark_running(self, completion_id: int, run_id: int) -> None:
+        """A request for this completion is in flight (finish_run puts it back to pending)."""
+        with self.transaction() as c:
+            c.execute(
+                "UPDATE completions SET status = 'running', run_id = ?, updated_at = ? "
+                "WHERE id = ? AND status != 'done'",
+                (run_id, time.time(), completion_id),
+            )
+
+    def release_running(self, completion_id: int) -> None:
+        """An in-flight request was cancelled: its completion is pending again."""
+        with self.transaction() as c:
+            c.execute("UPDATE completions SET status = 'pending' WHERE id = ? AND status = 'running'",
+                      (completion_id,))
+
+    def failure_reasons(self, run_id: int | None = None, limit: int = 5) -> list[tuple[str, int]]:
+        """The commonest errors of failed completions (of one run, or all): (error, count)."""
+        sql = f"SELECT coalesce(error, 'unknown error'), count(*) FROM completions WHERE status = 'failed' AND {_ACTIVE}"
+        params: tuple[Any, ...] = ()
+        if run_id is not None:
+            sql += " AND run_id = ?"
+            params = (run_id,)
+        sql += " GROUP BY 1 ORDER BY 2 DESC, 1 LIMIT ?"
+        return [(r[0], r[1]) for r in self._query(sql, (*params, limit))]
+
     def reset_running(self) -> int:
         """Return completions left 'running' by a dead process to pending."""
         with self.transaction() as c:
@@ -306,6 +331,19 @@ class Store:
                 (pid, host, now, now, state, model, _dumps(params)),
             )
             return int(cur.lastrowid)
+
+    def adopt_run(self, run_id: int, *, pid: int, host: str) -> bool:
+        """A detached process takes over a run recorded (state 'starting') by its
+        parent. False if the run is gone or already ended; a stop requested
+        meanwhile is kept (state stays 'stopping')."""
+        with self.transaction() as c:
+            cur = c.execute(
+                "UPDATE runs SET pid = ?, host = ?, heartbeat_at = ?, "
+                "state = CASE WHEN state = 'starting' THEN 'running' ELSE state END "
+                "WHERE id = ? AND state IN ('starting', 'stopping')",
+                (pid, host, time.time(), run_id),
+            )
+            return cur.rowcount == 1
 
     def update_run(self, run_id: int, **fields: Any) -> None:
         allowed = {"pid", "host", "state", "model", "error", "ended_at", "heartbeat_at"}
@@ -441,6 +479,29 @@ class Store:
         )
         with self._lock:
             return [tuple(r) for r in self._conn.execute(sql, params)]  # type: ignore[misc]
+
+    def review_previews(self, ids: Sequence[int], chars: int = 160) -> dict[int, tuple[dict[str, Any], str]]:
+        """Short previews for the review list's visible rows: id -> (values, text head).
+
+        Read-only; one query for a screenful of ids. A completion without text
+        previews as its error (failed) or an empty string (pending).
+        """
+        out: dict[int, tuple[dict[str, Any], str]] = {}
+        ids = list(ids)
+        for start in range(0, len(ids), 900):
+            chunk = ids[start:start + 900]
+            marks = ",".join("?" * len(chunk))
+            for r in self._query(
+                "SELECT c.id, cells.values_json, substr(COALESCE(c.text, c.error, ''), 1, ?) "
+                f"FROM completions c JOIN cells ON cells.id = c.cell_id WHERE c.id IN ({marks})",
+                (chars, *chunk),
+            ):
+                out[r[0]] = (json.loads(r[1]), r[2])
+        return out
+
+    def data_version(self) -> int:
+        """SQLite's data_version: changes when *another* connection commits to the file."""
+        return self._one("PRAGMA data_version")[0]
 
     def edit_text(self, completion_id: int, text: str) -> None:
         """A person's edit; the model's own text is kept in original_text."""

@@ -1,1 +1,263 @@
-"""placeholder registered by cli.py; commands are added by their owners."""
+"""`gridtune generate`, `stop` and `status`: runs that outlive the terminal.
+
+The work is in pipeline.generate (the runner) and pipeline.runs (detach, stop,
+watch); this module parses options, draws progress on stderr and maps outcomes
+to exit codes: 0 all done or a requested stop, 1 some completions failed,
+2 bad usage, 130 interrupted with Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import click
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, TextColumn
+from rich.progress import Progress as RichProgress
+
+from ..pipeline import runs
+from ..pipeline.generate import GenerateError, GenerateOptions, RunResult, run_generation
+from ..pipeline.progress import Progress, format_duration
+from ..store import RunRecord
+from .cli import main
+from .cli_common import Failed, Problem, emit_json, handle_errors, open_store
+
+EXIT_INTERRUPTED = 130
+PLAIN_EVERY_S = 5.0  # progress line interval when stderr is not a terminal (logs)
+
+
+class ProgressDisplay:
+    """A rich progress bar on stderr; plain lines every few seconds when stderr is a file."""
+
+    def __init__(self, console: Console | None = None):
+        self.console = console or Console(stderr=True)
+        self.live = self.console.is_terminal
+        self._last_plain = 0.0
+        self._bar: RichProgress | None = None
+        self._task: Any = None
+
+    def update(self, p: Progress) -> None:
+        if not self.live:
+            now = time.monotonic()
+            if now - self._last_plain >= PLAIN_EVERY_S or p.state not in ("running", "starting"):
+                self._last_plain = now
+                self.console.print(p.summary(), highlight=False, soft_wrap=True)
+            return
+        fields = {
+            "failed": p.failed, "rate": f"{p.requests_per_s:.1f}/s",
+            "eta": f"ETA {format_duration(p.eta_s)}" if p.eta_s is not None else "",
+            "cost": f"${p.cost_usd:.4f}" if p.cost_usd else "",
+        }
+        if self._bar is None:
+            self._bar = RichProgress(
+                TextColumn(f"run #{p.run_id}"), BarColumn(bar_width=20), MofNCompleteColumn(),
+                TextColumn("[red]{task.fields[failed]} failed"), TextColumn("{task.fields[rate]}"),
+                TextColumn("{task.fields[eta]}"), TextColumn("{task.fields[cost]}"),
+                console=self.console, transient=False,
+            )
+            self._bar.start()
+            self._task = self._bar.add_task("generate", total=p.total, **fields)
+        self._bar.update(self._task, total=p.total, completed=p.done + p.failed, **fields)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.stop()
+            self._bar = None
+
+
+def _options(concurrency: int, rpm: float | None, tpm: float | None, limit: int | None, model: str | None,
+             temperature: float | None, max_tokens: int | None, timeout: float, max_attempts: int) -> GenerateOptions:
+    options = GenerateOptions(concurrency=concurrency, rpm=rpm, tpm=tpm, limit=limit, model=model,
+                              temperature=temperature, max_tokens=max_tokens, timeout_s=timeout,
+                              max_attempts=max_attempts)
+    try:
+        options.check()
+    except GenerateError as exc:
+        raise Problem(str(exc)) from None
+    return options
+
+
+def _run_here(project: Path, options: GenerateOptions, *, run_id: int | None, detached: bool) -> tuple[RunResult, int | None]:
+    """Run in this process until done or stopped; returns the result and the signal that stopped it."""
+    display = ProgressDisplay()
+    got: list[int] = []
+
+    async def go() -> RunResult:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+
+        def on_signal(sig: int) -> None:
+            got.append(sig)
+            stop.set()
+
+        # SIGHUP: a detached run ignores it; a foreground run whose terminal went away stops cleanly.
+        for sig in (signal.SIGINT, signal.SIGTERM) + (() if detached else (signal.SIGHUP,)):
+            loop.add_signal_handler(sig, on_signal, sig)
+        return await run_generation(project, options, on_progress=display.update, stop_event=stop, run_id=run_id)
+
+    try:
+        result = asyncio.run(go())
+    except GenerateError as exc:
+        raise Problem(str(exc)) from None
+    finally:
+        display.close()
+    return result, got[0] if got else None
+
+
+def _report(project: Path, result: RunResult, stopped_by: int | None) -> int:
+    p = result.progress
+    line = (f"run #{result.run_id} {result.state}: {p.done:,} done, {p.failed:,} failed of {p.total:,} "
+            f"in {format_duration(p.elapsed_s)}")
+    if p.cost_usd:
+        line += f", ${p.cost_usd:.4f}"
+    with open_store(project) as store:
+        counts = store.status_counts()
+        failures = store.failure_reasons(run_id=result.run_id, limit=3)
+    click.echo(line + f"; project: {counts.done:,} done, {counts.failed:,} failed, "
+               f"{counts.pending + counts.running:,} pending")
+    for error, n in failures:
+        click.echo(f"  {n:,} x {error}", err=True)
+    if result.state == "stopped" and stopped_by == signal.SIGINT:
+        return EXIT_INTERRUPTED
+    return result.exit_code
+
+
+@main.command("generate")
+@click.argument("project", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--concurrency", type=int, default=8, show_default=True, help="requests in flight at once")
+@click.option("--rpm", type=float, default=None, help="at most N requests in any 60 seconds")
+@click.option("--tpm", type=float, default=None, help="at most N tokens (prompt + max_tokens) in any 60 seconds")
+@click.option("--limit", type=int, default=None, help="generate at most N completions")
+@click.option("--model", default=None, help="the teacher model (default: the spec's, else the backend's)")
+@click.option("--temperature", type=float, default=None, help="override the spec's temperature")
+@click.option("--max-tokens", type=int, default=None, help="override the spec's max_tokens")
+@click.option("--timeout", type=float, default=120.0, show_default=True, help="seconds per request")
+@click.option("--max-attempts", type=int, default=6, show_default=True, help="tries per completion on transient errors")
+@click.option("--detach", is_flag=True, help="run in the background, immune to the terminal closing")
+@handle_errors
+def generate_cmd(project: Path, concurrency: int, rpm: float | None, tpm: float | None, limit: int | None,
+                 model: str | None, temperature: float | None, max_tokens: int | None, timeout: float,
+                 max_attempts: int, detach: bool) -> None:
+    """Generate every pending or failed completion of PROJECT with the teacher model.
+
+    Each completion is saved the moment it arrives; run it again to resume.
+    Ctrl-C stops cleanly (exit 130). Exit 0 when all is done, 1 when some failed.
+    """
+    options = _options(concurrency, rpm, tpm, limit, model, temperature, max_tokens, timeout, max_attempts)
+    open_store(project).close()  # a missing or broken project is exit 2 before anything starts
+    if detach:
+        try:
+            run_id = runs.start_detached(project, options)
+        except GenerateError as exc:
+            raise Problem(str(exc)) from None
+        click.echo(f"run #{run_id} started in the background (log: {runs.log_path(project)})")
+        click.echo(f"follow it with `gridtune status {project} --watch`; stop it with `gridtune stop {project}`",
+                   err=True)
+        return
+    result, stopped_by = _run_here(project, options, run_id=None, detached=False)
+    sys.exit(_report(project, result, stopped_by))
+
+
+@main.command("_run", hidden=True)
+@click.argument("project", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--run-id", type=int, required=True)
+@click.option("--options", "options_json", required=True)
+@handle_errors
+def detached_run_cmd(project: Path, run_id: int, options_json: str) -> None:
+    """The process behind `generate --detach`: adopts the recorded run and runs it."""
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)  # the terminal that started us may close
+    options = GenerateOptions.from_json(options_json)
+    result, stopped_by = _run_here(project, options, run_id=run_id, detached=True)
+    sys.exit(_report(project, result, stopped_by))
+
+
+@main.command("stop")
+@click.argument("project", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--wait", "wait_s", type=float, default=30.0, show_default=True,
+              help="seconds to wait for the run to stop")
+@handle_errors
+def stop_cmd(project: Path, wait_s: float) -> None:
+    """Ask the generation running on PROJECT to stop cleanly, and wait for it."""
+    if wait_s < 0:
+        raise Problem(f"--wait must be 0 or more, not {wait_s}")
+    open_store(project).close()
+    run = runs.request_stop(project, wait_s=wait_s)
+    if run is None:
+        click.echo(f"no run in progress on {project}")
+    elif run.state == "died":
+        click.echo(f"run #{run.id} had died (pid {run.pid} on {run.host}); its cells are pending again")
+    elif run.active and wait_s == 0:
+        click.echo(f"asked run #{run.id} to stop (pid {run.pid} on {run.host})")
+    elif run.active:
+        raise Failed(f"run #{run.id} asked to stop but still {run.state} after {wait_s:g}s (pid {run.pid} on {run.host})")
+    else:
+        p = runs.progress_of(run)
+        counts = f": {p.done:,} done, {p.failed:,} failed" if run.progress else ""
+        click.echo(f"run #{run.id} {run.state}{counts}")
+
+
+def _run_dict(run: RunRecord | None) -> dict[str, Any] | None:
+    if run is None:
+        return None
+    return {"id": run.id, "state": run.state, "active": run.active, "pid": run.pid, "host": run.host,
+            "model": run.model, "started_at": run.started_at, "heartbeat_at": run.heartbeat_at,
+            "ended_at": run.ended_at, "error": run.error, "progress": run.progress}
+
+
+def _status_text(project: Path, counts: dict[str, Any], run: RunRecord | None) -> str:
+    grades = " ".join(f"{g}:{n}" for g, n in counts["grades"].items())
+    lines = [
+        f"{project}: {counts['cells']:,} cells, {counts['completions']:,} completions",
+        f"  done {counts['done']:,}  failed {counts['failed']:,}  pending {counts['pending']:,}"
+        f"  running {counts['running']:,}",
+        f"  graded {counts['graded']:,} ({grades})  rejected {counts['rejected']:,}",
+    ]
+    if run is not None:
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(run.started_at))
+        lines.append(f"  run #{run.id} {run.state} (pid {run.pid} on {run.host}, started {when})")
+        if run.progress:
+            lines.append("    " + runs.progress_of(run).summary())
+        if run.error:
+            lines.append(f"    error: {run.error}")
+    return "\n".join(lines)
+
+
+@main.command("status")
+@click.argument("project", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="print one JSON object")
+@click.option("--watch", is_flag=True, help="follow the run in progress until it ends (Ctrl-C detaches)")
+@handle_errors
+def status_cmd(project: Path, as_json: bool, watch: bool) -> None:
+    """Counts of PROJECT's cells, completions and grades, and its generation run."""
+    with open_store(project) as store:
+        active = runs.reconcile(store)  # a run whose process died is marked so here
+    if watch and active is not None and active.active:
+        _watch(project, active.id)
+    with open_store(project) as store:
+        counts = store.status_counts().to_dict()
+        run = store.active_run() or store.latest_run()
+    if as_json:
+        emit_json({**counts, "run": _run_dict(run)})
+    else:
+        click.echo(_status_text(project, counts, run))
+
+
+def _watch(project: Path, run_id: int) -> None:
+    display = ProgressDisplay()
+
+    async def follow() -> None:
+        async for _run, progress in runs.watch(project, run_id=run_id):
+            display.update(progress)
+
+    try:
+        asyncio.run(follow())
+    except KeyboardInterrupt:
+        display.close()
+        click.echo(f"detached from run #{run_id}; it goes on (stop it with `gridtune stop {project}`)", err=True)
+    finally:
+        display.close()

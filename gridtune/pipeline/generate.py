@@ -1,0 +1,510 @@
+"""The resumable generation runner: every pending completion of a project, through
+the OpenAI chat-completions API, with bounded concurrency, rpm/tpm limits and
+retries, each result committed the moment it arrives.
+
+Public API (the CLI and the TUI use only this and ``runs``):
+
+    options = GenerateOptions(concurrency=8, rpm=500)
+    result = await run_generation("p.gridtune", options, on_progress=cb, stop_event=ev)
+
+A run is resumable because nothing but the store holds state: a completion is
+'running' while its request is in flight, 'done' once saved (one transaction),
+'failed' with a reason, and back to 'pending' if the run stops or dies first.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import functools
+import json
+import logging
+import os
+import random
+import socket
+import sqlite3
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any, Callable
+
+import openai
+from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, wait_exponential_jitter
+
+from ..store import Store, WorkItem
+from .backend import Backend, resolve_backend
+from .grid import GridSpec
+from .progress import Progress, Tracker
+from .project import load_project_spec
+from .ratelimit import MINUTE, RateLimits
+
+ProgressCallback = Callable[[Progress], Any]
+log = logging.getLogger(__name__)
+
+PERMANENT_STATUS = {400, 401, 403, 404, 422}
+TRANSIENT_STATUS = {408, 409, 429}
+RETRY_AFTER_MAX_S = 120.0  # a server asking for longer is honoured only this far per attempt
+
+
+class GenerateError(ValueError):
+    """Bad options or a project that cannot be generated; a one-line message."""
+
+
+@dataclass
+class GenerateOptions:
+    """How to run a generation. ``None`` overrides mean: use the grid spec's setting."""
+
+    concurrency: int = 8
+    rpm: float | None = None
+    tpm: float | None = None
+    limit: int | None = None
+    model: str | None = None
+    temperature: float | None = None
+    max_tokens: int | None = None
+    timeout_s: float = 120.0
+    max_attempts: int = 6
+    backoff_initial_s: float = 1.0
+    backoff_max_s: float = 60.0
+    progress_interval_s: float = 0.5
+    rate_period_s: float = MINUTE  # the "minute" of rpm/tpm; only tests shrink it
+
+    def check(self) -> None:
+        def bad(name: str, value: Any, need: str) -> GenerateError:
+            return GenerateError(f"--{name.replace('_', '-')} must be {need}, not {value}")
+
+        if self.concurrency < 1:
+            raise bad("concurrency", self.concurrency, "at least 1")
+        for name in ("rpm", "tpm"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise bad(name, value, "positive")
+        if self.limit is not None and self.limit < 0:
+            raise bad("limit", self.limit, "0 or more")
+        if self.temperature is not None and not 0 <= self.temperature <= 2:
+            raise bad("temperature", self.temperature, "within 0..2")
+        if self.max_tokens is not None and self.max_tokens < 1:
+            raise bad("max_tokens", self.max_tokens, "at least 1")
+        if self.timeout_s <= 0:
+            raise bad("timeout", self.timeout_s, "positive")
+        if self.max_attempts < 1:
+            raise bad("max_attempts", self.max_attempts, "at least 1")
+        if self.rate_period_s <= 0 or self.progress_interval_s <= 0:
+            raise GenerateError("rate period and progress interval must be positive")
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str) -> "GenerateOptions":
+        data = json.loads(text)
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
+@dataclass
+class RunResult:
+    run_id: int
+    state: str  # finished | stopped | failed
+    progress: Progress
+    error: str | None = None
+    stop_requested: bool = False  # stopped through the store (`gridtune stop`), not stop_event
+
+    @property
+    def exit_code(self) -> int:
+        """0 all done (or a requested stop), 1 some completions failed."""
+        if self.state == "failed" or self.progress.failed:
+            return 1
+        return 0
+
+
+@dataclass
+class Plan:
+    """What a run will do, resolved before anything is recorded (so errors are exit 2)."""
+
+    spec: GridSpec
+    backend: Backend
+    model: str
+    params: dict[str, Any]  # request parameters as stored per completion; never the key
+
+
+def plan_run(store: Store, options: GenerateOptions, backend: Backend | None = None) -> Plan:
+    options.check()
+    try:
+        spec = load_project_spec(store)
+    except ValueError as exc:
+        raise GenerateError(str(exc)) from None
+    backend = backend or resolve_backend()
+    model = options.model or spec.settings.model or backend.default_model
+    if not model:
+        raise GenerateError(
+            f"no model to generate with: pass --model, or set [generation] model in the spec "
+            f"({backend.label} has no default model)"
+        )
+    s = spec.settings
+    params: dict[str, Any] = {
+        "temperature": s.temperature if options.temperature is None else options.temperature,
+        "max_tokens": s.max_tokens if options.max_tokens is None else options.max_tokens,
+    }
+    if s.top_p is not None:
+        params["top_p"] = s.top_p
+    if s.seed is not None:
+        params["seed"] = s.seed
+    return Plan(spec, backend, model, params)
+
+
+# -- errors: what is worth retrying -----------------------------------------------
+
+
+class MalformedResponse(Exception):
+    """The server answered 200 with something that is not a usable completion."""
+
+
+def is_transient(exc: BaseException) -> bool:
+    if isinstance(exc, openai.APIStatusError):
+        if exc.status_code == 429:
+            return not _insufficient_quota(exc)
+        return exc.status_code in TRANSIENT_STATUS or exc.status_code >= 500
+    # Timeouts are APIConnectionError too; a 200 with a broken body is MalformedResponse.
+    return isinstance(exc, (openai.APIConnectionError, openai.APIResponseValidationError, MalformedResponse))
+
+
+def _insufficient_quota(exc: openai.APIStatusError) -> bool:
+    body = exc.body if isinstance(exc.body, dict) else {}
+    return "insufficient_quota" in (exc.code, body.get("type"))
+
+
+def describe(exc: BaseException) -> str:
+    """A one-line reason to store with a failed completion."""
+    if isinstance(exc, openai.APIStatusError):
+        body = exc.body if isinstance(exc.body, dict) else {}
+        message = body.get("message") or (exc.body if isinstance(exc.body, str) else "") or exc.message
+        code = f" [{exc.code}]" if exc.code else ""
+        return f"HTTP {exc.status_code}{code}: {' '.join(str(message).split())[:300]}"
+    if isinstance(exc, openai.APITimeoutError):
+        return "request timed out"
+    if isinstance(exc, openai.APIConnectionError):
+        cause = exc.__cause__
+        return f"connection error: {cause or exc.message}"
+    if isinstance(exc, (openai.APIResponseValidationError, MalformedResponse)):
+        return f"malformed response: {exc}"
+    return f"{type(exc).__name__}: {exc}"
+
+
+def retry_after_s(exc: BaseException | None) -> float | None:
+    """The server's requested wait: retry-after-ms, else Retry-After (seconds or a date)."""
+    response = getattr(exc, "response", None)
+    if response is None:
+        return None
+    headers = response.headers
+    for name, scale in (("retry-after-ms", 1000.0), ("retry-after", 1.0)):
+        value = headers.get(name)
+        if value is None:
+            continue
+        try:
+            return max(float(value) / scale, 0.0)
+        except ValueError:
+            pass
+    date = headers.get("retry-after")
+    if date:
+        parsed = email.utils.parsedate_tz(date)
+        if parsed is not None:
+            return max(email.utils.mktime_tz(parsed) - time.time(), 0.0)
+    return None
+
+
+class _Wait:
+    """tenacity wait: the server's Retry-After when given (plus a little jitter so
+    waiters do not return in lockstep), else exponential backoff with jitter."""
+
+    def __init__(self, initial: float, maximum: float):
+        self._backoff = wait_exponential_jitter(multiplier=initial, max=maximum, jitter=initial)
+
+    def __call__(self, state: Any) -> float:
+        asked = retry_after_s(state.outcome.exception() if state.outcome else None)
+        if asked is not None:
+            return min(asked, RETRY_AFTER_MAX_S) * (1 + random.random() * 0.1)
+        return self._backoff(state)
+
+
+# -- the run ---------------------------------------------------------------------
+
+
+def _token_estimator(model: str) -> Callable[[list[dict[str, str]]], int]:
+    try:
+        from .tokens import count_message_tokens
+    except ImportError:  # the tokens module is optional here: estimate by characters
+        return lambda messages: sum(len(m["content"]) for m in messages) // 4 + 4
+
+    return lambda messages: count_message_tokens(messages, model)
+
+
+def _coster(model: str) -> Callable[[str | None, int, int], float | None]:
+    try:
+        from .cost import generation_cost
+    except ImportError:
+        return lambda *_: None
+
+    def cost(reported: str | None, prompt: int, completion: int) -> float | None:
+        value = generation_cost(reported or model, prompt, completion)
+        return value if value is not None or not reported else generation_cost(model, prompt, completion)
+
+    return cost
+
+
+class _Writer:
+    """Store writes on one thread, in submission order. A commit is usually ~50 us,
+    but SQLite's periodic WAL checkpoint fsyncs (10-30 ms on a busy disk); on the
+    event loop that would stall every request in flight."""
+
+    def __init__(self) -> None:
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gridtune-store")
+
+    def call(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> "asyncio.Future[Any]":
+        return asyncio.get_running_loop().run_in_executor(self._pool, functools.partial(fn, *args, **kwargs))
+
+    def later(self, fn: Callable[..., Any], *args: Any) -> None:
+        """Fire and forget (order is still kept); a failure is logged."""
+        self.call(fn, *args).add_done_callback(_log_failure)
+
+    async def must(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """A write that happens even if the caller is cancelled while waiting for it."""
+        return await asyncio.shield(self.call(fn, *args, **kwargs))
+
+    async def close(self) -> None:
+        await self.call(lambda: None)  # every write submitted so far is done
+        self._pool.shutdown(wait=False)
+
+
+def _log_failure(future: "asyncio.Future[Any]") -> None:
+    if not future.cancelled() and future.exception() is not None:
+        log.error("saving to the project failed: %s", future.exception())
+
+
+class _Runner:
+    def __init__(self, store: Store, plan: Plan, options: GenerateOptions, run_id: int,
+                 work: list[WorkItem], stop: asyncio.Event, on_progress: ProgressCallback | None):
+        self.store, self.plan, self.options, self.run_id = store, plan, options, run_id
+        self.writer = _Writer()
+        self.stop, self.on_progress = stop, on_progress
+        self.tracker = Tracker(len(work), run_id, plan.model)
+        self.queue: asyncio.Queue[WorkItem] = asyncio.Queue()
+        for item in work:
+            self.queue.put_nowait(item)
+        self.messages = lambda item: plan.spec.render(item.values).generation_messages()
+        self.estimates: dict[int, int] = {}
+        max_request = 0
+        if options.tpm:
+            estimate = _token_estimator(plan.model)
+            for item in work:
+                self.estimates[item.completion_id] = estimate(self.messages(item)) + plan.params["max_tokens"]
+            max_request = max(self.estimates.values(), default=0)
+        self.limits = RateLimits(options.rpm, options.tpm, max_request, options.rate_period_s)
+        self.cost = _coster(plan.model)
+        self.client = plan.backend.async_client(timeout=options.timeout_s)
+        self.stop_requested = False
+        self._progress_failed = False
+
+    async def run(self) -> str:
+        workers = [asyncio.create_task(self._worker()) for _ in range(min(self.options.concurrency,
+                                                                          self.queue.qsize()))]
+        everything = asyncio.gather(*workers)
+        stopping = asyncio.create_task(self.stop.wait())
+        beating = asyncio.create_task(self._heartbeat())
+        try:
+            await asyncio.wait({everything, stopping}, return_when=asyncio.FIRST_COMPLETED)
+            if everything.done():
+                everything.result()  # a worker's unexpected error ends the run as failed
+                return "finished"
+            # Stop: no new requests; in-flight ones are cancelled and go back to pending.
+            for task in workers:
+                task.cancel()
+            await asyncio.gather(*workers, return_exceptions=True)
+            return "stopped"
+        finally:
+            for task in (stopping, beating, *workers):
+                task.cancel()
+            await asyncio.gather(stopping, beating, *workers, everything, return_exceptions=True)
+            await self.writer.close()
+            await self.client.close()
+
+    async def _heartbeat(self) -> None:
+        """Save progress in the run row (other processes follow it there), pass it to
+        on_progress, and notice a stop requested through the store."""
+        while True:
+            snapshot = self.snapshot()
+            try:
+                if await self.writer.call(self.store.heartbeat, self.run_id, snapshot.to_dict()):
+                    self.stop_requested = True
+                    self.stop.set()
+            except sqlite3.Error as exc:  # a busy file must not end the run; try again next beat
+                log.warning("run #%s: could not save progress: %s", self.run_id, exc)
+            self.emit(snapshot)
+            await asyncio.sleep(self.options.progress_interval_s)
+
+    def snapshot(self, state: str | None = None) -> Progress:
+        if state is None:
+            state = "stopping" if self.stop.is_set() else "running"
+        return self.tracker.snapshot(state)
+
+    def emit(self, snapshot: Progress) -> None:
+        if self.on_progress is None:
+            return
+        try:
+            self.on_progress(snapshot)
+        except Exception:  # a display's bug must not stop the heartbeat (or the run)
+            if not self._progress_failed:
+                log.exception("run #%s: on_progress failed; progress is still saved in the project", self.run_id)
+            self._progress_failed = True
+
+    async def _worker(self) -> None:
+        while not self.stop.is_set():
+            try:
+                item = self.queue.get_nowait()
+            except asyncio.QueueEmpty:
+                return
+            await self._generate(item)
+
+    async def _generate(self, item: WorkItem) -> None:
+        plan, opts, tracker = self.plan, self.options, self.tracker
+        params = plan.params
+        if "seed" in params and item.sample:
+            # A fixed seed would make every sample of a cell the same text.
+            params = {**params, "seed": params["seed"] + item.sample}
+        body = {"model": plan.model, "messages": self.messages(item), **params}
+        estimate = self.estimates.get(item.completion_id, 0)
+        attempts = 0
+        self.writer.later(self.store.mark_running, item.completion_id, self.run_id)
+        tracker.started()
+        retrying = AsyncRetrying(
+            stop=stop_after_attempt(opts.max_attempts),
+            wait=_Wait(opts.backoff_initial_s, opts.backoff_max_s),
+            retry=retry_if_exception(is_transient),
+            before_sleep=lambda _state: tracker.retried(),
+            reraise=True,
+        )
+        try:
+            async for attempt in retrying:
+                with attempt:
+                    attempts += 1
+                    await self.limits.acquire(estimate)
+                    started = time.monotonic()
+                    # client.post, the openai client's documented raw-request method:
+                    # the same auth, timeout and error types as chat.completions.create,
+                    # without create()'s TypedDict transform of the request and pydantic
+                    # build of the reply, ~40% of the client's CPU per request here
+                    # (see bench/generate.py). parse_reply checks what we use.
+                    raw = await self.client.post("/chat/completions", body=body, cast_to=bytes)
+                    latency = time.monotonic() - started
+                    reply = parse_reply(raw)
+        except asyncio.CancelledError:
+            self.writer.later(self.store.release_running, item.completion_id)
+            tracker.ended()
+            raise
+        except Exception as exc:  # every failure is recorded, never raised out of the run
+            kind = "transient" if is_transient(exc) else "permanent"
+            error = describe(exc)
+            if kind == "transient":
+                error += f" (after {attempts} attempt{'s' if attempts != 1 else ''})"
+            tracker.failed(item.completion_id, error)
+            await self.writer.must(self.store.save_failed, item.completion_id, error=error, error_kind=kind,
+                                   attempts=item.attempts + attempts, model=plan.model,
+                                   params=params, run_id=self.run_id)
+            return
+        cost = None
+        if reply.prompt_tokens is not None and reply.completion_tokens is not None:
+            cost = self.cost(reply.model, reply.prompt_tokens, reply.completion_tokens)
+        tracker.done(item.completion_id, reply.text, reply.completion_tokens or 0, cost)
+        # One transaction, shielded: a stop arriving now still lets it commit whole
+        # (the writer is drained before the run is finished).
+        await self.writer.must(
+            self.store.save_done,
+            item.completion_id, text=reply.text, model=reply.model or plan.model, params=params,
+            prompt_tokens=reply.prompt_tokens, completion_tokens=reply.completion_tokens,
+            latency_s=round(latency, 4), finish_reason=reply.finish_reason,
+            attempts=item.attempts + attempts, run_id=self.run_id,
+        )
+
+
+@dataclass(frozen=True)
+class Reply:
+    """What a chat completion response gives us to store."""
+
+    text: str
+    finish_reason: str | None
+    model: str | None
+    prompt_tokens: int | None
+    completion_tokens: int | None
+
+
+def parse_reply(raw: bytes | str) -> Reply:
+    """The first choice of a chat.completion body; MalformedResponse if it has none."""
+    try:
+        data = json.loads(raw)
+    except ValueError as exc:
+        raise MalformedResponse(f"not JSON ({exc})") from None
+    choices = data.get("choices") if isinstance(data, dict) else None
+    if not choices or not isinstance(choices, list) or not isinstance(choices[0], dict):
+        raise MalformedResponse("no choices in the response")
+    message = choices[0].get("message")
+    text = message.get("content") if isinstance(message, dict) else None
+    if not isinstance(text, str):
+        raise MalformedResponse("the first choice has no message content")
+    usage = data.get("usage") if isinstance(data.get("usage"), dict) else {}
+    model = data.get("model")
+
+    def count(key: str) -> int | None:
+        value = usage.get(key)
+        return value if isinstance(value, int) else None
+
+    return Reply(text, choices[0].get("finish_reason"), model if isinstance(model, str) else None,
+                 count("prompt_tokens"), count("completion_tokens"))
+
+
+async def run_generation(
+    store_path: str | os.PathLike[str],
+    options: GenerateOptions | None = None,
+    on_progress: ProgressCallback | None = None,
+    stop_event: asyncio.Event | None = None,
+    *,
+    run_id: int | None = None,
+    backend: Backend | None = None,
+) -> RunResult:
+    """Generate every pending or failed completion of the project at ``store_path``.
+
+    ``on_progress`` gets a Progress snapshot about every ``progress_interval_s``
+    and once at the end; the same snapshot is saved in the run row so other
+    processes can follow (``runs.watch``). Setting ``stop_event`` (or
+    ``gridtune stop``) stops cleanly: in-flight requests are cancelled and their
+    completions stay pending. ``run_id`` adopts a run recorded by
+    ``runs.start_detached``. Raises GenerateError / BackendError / StoreError
+    (RunConflict when another run is active) before anything runs.
+    """
+    from .runs import is_alive
+
+    options = options or GenerateOptions()
+    stop_event = stop_event or asyncio.Event()
+    with Store.open(Path(store_path)) as store:
+        plan = plan_run(store, options, backend)
+        host, pid = socket.gethostname(), os.getpid()
+        if run_id is None:
+            run_id = store.start_run(pid=pid, host=host, model=plan.model, params=plan.params,
+                                     is_alive=is_alive)
+        elif not store.adopt_run(run_id, pid=pid, host=host):
+            raise GenerateError(f"run #{run_id} is not waiting to start (it ended or was never recorded)")
+        runner: _Runner | None = None
+        try:
+            work = store.pending_work(options.limit)
+            runner = _Runner(store, plan, options, run_id, work, stop_event, on_progress)
+            state = await runner.run()
+        except BaseException as exc:
+            # Cancelled (the TUI closing) or interrupted: a stop. Anything else: a failed run.
+            cancelled = isinstance(exc, (asyncio.CancelledError, KeyboardInterrupt))
+            state, error = ("stopped", None) if cancelled else ("failed", describe(exc)[:500])
+            progress = runner.snapshot(state) if runner else Progress(run_id=run_id, state=state)
+            store.finish_run(run_id, state, error=error, progress=progress.to_dict())
+            raise
+        final = runner.snapshot(state)
+        store.finish_run(run_id, state, progress=final.to_dict())
+        runner.emit(final)
+        return RunResult(run_id, state, final, stop_requested=runner.stop_requested)

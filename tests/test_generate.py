@@ -1,0 +1,326 @@
+"""The generation runner against a real HTTP server on 127.0.0.1 (tests/fakeserver.py)."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections import Counter, defaultdict
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from gridtune.pipeline import runs
+from gridtune.pipeline.generate import GenerateOptions, run_generation
+from gridtune.pipeline.grid import GenerationSettings, GridSpec
+from gridtune.pipeline.project import create_project
+from gridtune.pipeline.tokens import count_message_tokens
+from gridtune.store import RunConflict, Store
+from gridtune.tui.cli import main
+from tests.fakeserver import TEST_KEY, Fault, max_in_window, reply_text
+
+FAST = dict(backoff_initial_s=0.01, backoff_max_s=0.05, progress_interval_s=0.1)
+
+
+def make_project(tmp_path: Path, n_a: int = 4, n_b: int = 3, samples: int = 1,
+                 model: str | None = "gpt-4o-mini", name: str = "p.gridtune") -> Path:
+    spec = GridSpec(
+        name="test", system="You are terse.", generation="Write about {a} and {b}.",
+        variables={"a": list(range(1, n_a + 1)), "b": [chr(ord("p") + i) for i in range(n_b)]},
+        settings=GenerationSettings(model=model, temperature=0.7, max_tokens=50, samples=samples, seed=7),
+    )
+    path = tmp_path / name
+    create_project(path, spec).close()
+    return path
+
+
+def prompt(a: int, b: str) -> str:
+    return f"Write about {a} and {b}."
+
+
+def generate(path: Path, **kw) -> "asyncio.Future":
+    options = GenerateOptions(**{**FAST, **kw})
+    return asyncio.run(run_generation(path, options))
+
+
+def completions(path: Path, status: str | None = None):
+    with Store.open(path) as store:
+        return store.completions(status=status)
+
+
+def test_every_completion_is_generated_and_saved_whole(tmp_path, fake_openai):
+    path = make_project(tmp_path, samples=2)
+    result = generate(path, concurrency=4)
+    assert (result.state, result.exit_code, result.progress.done, result.progress.failed) == ("finished", 0, 24, 0)
+    rows = completions(path)
+    assert len(rows) == 24 and {r.status for r in rows} == {"done"}
+    for r in rows:
+        assert r.text == reply_text(prompt(r.values["a"], r.values["b"]))
+        assert r.model == "gpt-4o-mini"  # as the server reported it
+        assert r.params == {"temperature": 0.7, "max_tokens": 50, "seed": 7 + r.sample}  # samples differ
+        assert r.prompt_tokens == 5 and r.completion_tokens == len(r.text.split())
+        assert r.finish_reason == "stop" and r.attempts == 1 and r.latency_s > 0
+    sent = fake_openai.chat_requests()
+    assert len(sent) == 24
+    assert {r.headers["authorization"] for r in sent} == {f"Bearer {TEST_KEY}"}
+    body = sent[0].body
+    assert body["messages"][0] == {"role": "system", "content": "You are terse."}
+    assert (body["model"], body["temperature"], body["max_tokens"]) == ("gpt-4o-mini", 0.7, 50)
+    assert Counter(r.body["seed"] for r in sent) == {7: 12, 8: 12}
+    # The key never reaches the project file (database, WAL or log).
+    for f in tmp_path.iterdir():
+        assert TEST_KEY.encode() not in f.read_bytes(), f
+
+
+def test_rerun_resumes_only_what_is_left(tmp_path, fake_openai):
+    path = make_project(tmp_path)
+    first = generate(path, limit=5)
+    assert first.progress.total == 5 and first.progress.done == 5
+    second = generate(path, concurrency=3)
+    assert second.progress.total == 7 and second.exit_code == 0
+    prompts = [r.prompt for r in fake_openai.chat_requests()]
+    assert len(prompts) == 12 and len(set(prompts)) == 12  # no cell asked twice
+    assert generate(path).progress.total == 0  # nothing left: no request at all
+    assert len(fake_openai.chat_requests()) == 12
+
+
+def test_model_override_and_overrides_are_sent(tmp_path, fake_openai):
+    path = make_project(tmp_path, n_a=1, n_b=2)
+    generate(path, model="other-model", temperature=0.1, max_tokens=3)
+    sent = fake_openai.chat_requests()
+    assert {(r.body["model"], r.body["temperature"], r.body["max_tokens"]) for r in sent} == {("other-model", 0.1, 3)}
+    rows = completions(path)
+    assert {r.model for r in rows} == {"other-model"}
+    assert {r.finish_reason for r in rows} == {"length"}  # the fake cut the reply at max_tokens words
+
+
+def test_429_storm_still_ends_with_every_cell_done(tmp_path, fake_openai):
+    path = make_project(tmp_path, n_a=5, n_b=4)
+    fake_openai.set(faults=[Fault(status=429, prob=0.6, retry_after_ms="10", code="rate_limit_exceeded")])
+    result = generate(path, concurrency=8, max_attempts=30)
+    assert result.exit_code == 0 and result.progress.done == 20
+    statuses = Counter(r.status for r in fake_openai.chat_requests())
+    assert statuses[429] >= 10 and statuses[200] == 20
+    assert result.progress.retries == statuses[429]
+    assert max(r.attempts for r in completions(path)) > 1
+
+
+def test_retry_after_headers_are_honoured(tmp_path, fake_openai):
+    path = make_project(tmp_path, n_a=2, n_b=1)
+    fake_openai.set(faults=[
+        Fault(status=429, count=1, match=prompt(1, "p"), retry_after_ms="400"),
+        Fault(status=503, count=1, match=prompt(2, "p"), retry_after="1"),
+    ])
+    assert generate(path, concurrency=2).exit_code == 0  # backoff alone would wait ~0.01 s
+    times = defaultdict(list)
+    for r in fake_openai.chat_requests():
+        times[r.prompt].append(r.t)
+    gap_ms = times[prompt(1, "p")][1] - times[prompt(1, "p")][0]
+    gap_s = times[prompt(2, "p")][1] - times[prompt(2, "p")][0]
+    assert 0.4 <= gap_ms < 1.0 and 1.0 <= gap_s < 2.0
+
+
+@pytest.mark.parametrize("status, code", [
+    (400, None), (401, "invalid_api_key"), (403, None), (404, "model_not_found"), (422, None),
+    (429, "insufficient_quota"),
+])
+def test_permanent_errors_are_recorded_and_not_retried(tmp_path, fake_openai, status, code):
+    path = make_project(tmp_path, n_a=2, n_b=2)
+    bad = prompt(2, "q")
+    fake_openai.set(faults=[Fault(status=status, code=code, match=bad, message="you cannot do that")])
+    result = generate(path, max_attempts=5)
+    assert result.exit_code == 1 and (result.progress.done, result.progress.failed) == (3, 1)
+    [failed] = completions(path, "failed")
+    assert failed.values == {"a": 2, "b": "q"} and failed.error_kind == "permanent" and failed.attempts == 1
+    assert failed.error.startswith(f"HTTP {status}") and "you cannot do that" in failed.error
+    if code:
+        assert code in failed.error
+    assert [r.prompt for r in fake_openai.chat_requests()].count(bad) == 1
+
+
+def test_transient_failure_that_outlasts_its_retries_is_recorded(tmp_path, fake_openai):
+    path = make_project(tmp_path, n_a=1, n_b=2)
+    bad = prompt(1, "q")
+    fake_openai.set(faults=[Fault(status=500, match=bad)])
+    result = generate(path, max_attempts=3)
+    assert result.exit_code == 1
+    [failed] = completions(path, "failed")
+    assert (failed.error_kind, failed.attempts) == ("transient", 3) and "HTTP 500" in failed.error
+    assert [r.prompt for r in fake_openai.chat_requests()].count(bad) == 3
+    # A rerun tries the failed cell again, and only it; this time it works.
+    fake_openai.set(faults=[])
+    assert generate(path).exit_code == 0
+    assert [r.prompt for r in fake_openai.chat_requests()].count(bad) == 4
+    assert [r.prompt for r in fake_openai.chat_requests()].count(prompt(1, "p")) == 1
+    [row] = [r for r in completions(path) if r.values["b"] == "q"]
+    assert (row.status, row.error, row.attempts) == ("done", None, 4)
+
+
+def test_timeouts_and_malformed_replies_are_retried(tmp_path, fake_openai):
+    path = make_project(tmp_path, n_a=2, n_b=2)
+    fake_openai.set(faults=[Fault(kind="stall", count=1, stall_s=2.0), Fault(kind="malformed", count=2),
+                            Fault(kind="empty", count=1)])
+    result = generate(path, timeout_s=0.5)
+    assert result.exit_code == 0 and result.progress.done == 4
+    assert sum(r.attempts - 1 for r in completions(path)) == 4
+    assert Counter(r.fault for r in fake_openai.chat_requests())["stall"] == 1
+
+
+def test_rpm_limit_holds_over_every_window(tmp_path, fake_openai):
+    # The limiter's "minute" is scaled to 2 s so the test is short; the same
+    # leaky bucket is used with 60 s in real runs. 6 per window, 14 requests:
+    # a bucket sized naively (6 at once, then leaking 6 per window) puts 11 in the first.
+    path = make_project(tmp_path, n_a=7, n_b=2)
+    result = generate(path, concurrency=8, rpm=6, rate_period_s=2.0)
+    assert result.exit_code == 0
+    times = [r.t for r in fake_openai.chat_requests()]
+    assert len(times) == 14
+    assert max_in_window(times, 2.0) <= 6
+    assert max_in_window(times, 2.0) >= 5  # and the limit is used, not starved
+
+
+def test_tpm_limit_holds_over_every_window(tmp_path, fake_openai):
+    path = make_project(tmp_path, n_a=5, n_b=2)
+    result = generate(path, concurrency=8, tpm=400, rate_period_s=2.0)
+    assert result.exit_code == 0
+    sent = sorted(fake_openai.chat_requests(), key=lambda r: r.t)
+    cost = [count_message_tokens(r.body["messages"], "gpt-4o-mini") + r.body["max_tokens"] for r in sent]
+    assert 50 < cost[0] < 100
+    worst = max(sum(c for r, c in zip(sent, cost) if first.t <= r.t <= first.t + 2.0) for first in sent)
+    assert worst <= 400
+
+
+def test_stop_event_cancels_in_flight_work_and_leaves_no_half_written_row(tmp_path, fake_openai):
+    path = make_project(tmp_path, n_a=5, n_b=4)
+    fake_openai.set(latency=0.3)
+    seen = []
+
+    async def go():
+        stop = asyncio.Event()
+
+        def on_progress(p):
+            seen.append(p)
+            if p.done >= 4:
+                stop.set()
+
+        return await run_generation(path, GenerateOptions(concurrency=4, **FAST), on_progress, stop)
+
+    result = asyncio.run(go())
+    assert result.state == "stopped" and 4 <= result.progress.done < 20
+    assert seen[-1].state == "stopped" and seen[-1].in_flight == 0
+    rows = completions(path)
+    assert {r.status for r in rows} == {"done", "pending"}
+    for r in rows:
+        complete = (r.text, r.model, r.completion_tokens, r.finish_reason)
+        assert all(v is not None for v in complete) if r.status == "done" else r.text is None
+    with Store.open(path) as store:
+        assert store.latest_run().state == "stopped"
+    assert generate(path).progress.total == 20 - result.progress.done  # the rest, resumed
+
+
+def test_stop_requested_through_the_store_is_noticed(tmp_path, fake_openai):
+    path = make_project(tmp_path, n_a=5, n_b=4)
+    fake_openai.set(latency=0.3)
+    outcome = {}
+
+    def stopper():
+        import time
+        time.sleep(0.8)
+        outcome["run"] = runs.request_stop(path, wait_s=5)
+
+    thread = threading.Thread(target=stopper)
+    thread.start()
+    result = generate(path, concurrency=2, progress_interval_s=0.2)
+    thread.join()
+    assert result.state == "stopped" and result.exit_code == 0 and result.progress.done < 20
+    assert outcome["run"].state == "stopped" and not outcome["run"].active
+    assert all(r.status in ("done", "pending") for r in completions(path))
+
+
+def test_cancelling_the_task_stops_the_run_cleanly(tmp_path, fake_openai):
+    """What the TUI does when it closes mid-run: cancel the task running it."""
+    path = make_project(tmp_path, n_a=5, n_b=4)
+    fake_openai.set(latency=0.3)
+
+    def broken_display(p):
+        raise RuntimeError("a display bug")  # must not stop the heartbeat or the run
+
+    async def go():
+        task = asyncio.create_task(run_generation(path, GenerateOptions(concurrency=4, **FAST), broken_display))
+        while len(completions(path, "done")) < 4:
+            await asyncio.sleep(0.05)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(go())
+    assert {r.status for r in completions(path)} == {"done", "pending"}
+    with Store.open(path) as store:
+        run = store.latest_run()
+    assert run.state == "stopped" and run.progress["done"] >= 4 and run.progress["in_flight"] == 0
+
+
+def test_a_second_run_is_refused_naming_the_first(tmp_path, fake_openai):
+    path = make_project(tmp_path)
+    fake_openai.set(latency=0.3)
+
+    async def go():
+        first = asyncio.create_task(run_generation(path, GenerateOptions(concurrency=1, **FAST)))
+        await asyncio.sleep(0.5)
+        with pytest.raises(RunConflict, match=r"run #1 is already running"):
+            await run_generation(path, GenerateOptions(**FAST))
+        return await first
+
+    assert asyncio.run(go()).exit_code == 0  # the refusal did not disturb the first run
+
+
+# -- the command line --------------------------------------------------------------
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--concurrency", "0"], "--concurrency must be at least 1"),
+    (["--rpm", "-5"], "--rpm must be positive"),
+    (["--tpm", "0"], "--tpm must be positive"),
+    (["--limit", "-1"], "--limit must be 0 or more"),
+    (["--max-tokens", "0"], "--max-tokens must be at least 1"),
+    (["--temperature", "3"], "--temperature must be within 0..2"),
+    (["--timeout", "0"], "--timeout must be positive"),
+    (["--concurrency", "many"], "'many' is not a valid integer"),
+    (["--bogus"], "No such option"),
+])
+def test_bad_options_exit_2_and_send_nothing(tmp_path, fake_openai, args, message):
+    path = make_project(tmp_path)
+    result = CliRunner().invoke(main, ["generate", str(path), *args])
+    assert result.exit_code == 2, result.output
+    assert message in result.output
+    assert fake_openai.chat_requests() == []
+
+
+def test_no_model_and_no_project_exit_2(tmp_path, fake_openai):
+    path = make_project(tmp_path, model=None)
+    result = CliRunner().invoke(main, ["generate", str(path)])
+    assert result.exit_code == 2 and "no model to generate with: pass --model" in result.output
+    result = CliRunner().invoke(main, ["generate", str(tmp_path / "missing.gridtune")])
+    assert result.exit_code == 2 and "no such project" in result.output
+    assert fake_openai.chat_requests() == []
+
+
+def test_cli_exit_codes_and_status_json(tmp_path, fake_openai):
+    import json
+
+    path = make_project(tmp_path, n_a=2, n_b=2)
+    fake_openai.set(faults=[Fault(status=401, match=prompt(1, "p"), message="bad key")])
+    result = CliRunner().invoke(main, ["generate", str(path), "--concurrency", "2"])
+    assert result.exit_code == 1, result.output
+    assert "3 done, 1 failed of 4" in result.output and "HTTP 401: bad key" in result.output
+    status = CliRunner().invoke(main, ["status", str(path), "--json"])
+    assert status.exit_code == 0
+    data = json.loads(status.stdout)
+    assert {k: data[k] for k in ("cells", "completions", "done", "failed", "pending", "graded")} == \
+        {"cells": 4, "completions": 4, "done": 3, "failed": 1, "pending": 0, "graded": 0}
+    assert data["grades"] == {str(g): 0 for g in range(1, 6)}
+    assert data["run"]["id"] == 1 and data["run"]["state"] == "finished"
+    assert data["run"]["progress"]["done"] == 3
+    fake_openai.set(faults=[])
+    result = CliRunner().invoke(main, ["generate", str(path)])
+    assert result.exit_code == 0 and "1 done, 0 failed of 1" in result.output
