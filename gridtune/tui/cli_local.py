@@ -1,1 +1,168 @@
-"""placeholder registered by cli.py; commands are added by their owners."""
+"""Commands for models and fine-tuning: serve, finetune, jobs, ask, export-model."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from .cli import main
+from .cli_common import Failed, Problem, emit_json, handle_errors, open_store
+
+
+@main.command("serve")
+@click.option("--host", default="127.0.0.1", show_default=True, help="address to listen on")
+@click.option("--port", default=8321, show_default=True, type=int, help="port (0: any free port)")
+@click.option("--model", "model", default=None, metavar="NAME|PATH",
+              help="model to serve: SmolLM2-135M-Instruct (default) or a local Hugging Face directory")
+@click.option("--api-key", default=None, envvar="GRIDTUNE_SERVER_API_KEY", show_envvar=True,
+              help="require 'Authorization: Bearer KEY' on every request (needed off loopback)")
+@click.option("--data-dir", default=None, type=click.Path(file_okay=False, path_type=Path),
+              help="files, jobs and models (default: GRIDTUNE_HOME/server)")
+@click.option("--idle-timeout", default=15.0, show_default=True, type=float, metavar="MIN",
+              help="exit after MIN idle minutes with no job queued or running (0: never)")
+@click.option("--max-upload-mb", default=512, show_default=True, type=int, help="largest file upload")
+@handle_errors
+def serve_cmd(host: str, port: int, model: str | None, api_key: str | None, data_dir: Path | None,
+              idle_timeout: float, max_upload_mb: int) -> None:
+    """Run the OpenAI-compatible local server in the foreground."""
+    from ..server.main import ServeError, serve
+
+    try:
+        serve(host=host, port=port, model=model, api_key=api_key, data_dir=data_dir, idle_timeout=idle_timeout,
+              max_upload_mb=max_upload_mb)
+    except ServeError as exc:
+        raise Problem(str(exc)) from None
+    except ImportError as exc:
+        raise Problem(f"the local server needs the local extra ({exc.name} is missing): "
+                      "pip install 'gridtune[local]'") from None
+
+
+def _backend():
+    from ..pipeline.backend import resolve_backend
+
+    return resolve_backend()
+
+
+@main.command("finetune")
+@click.argument("source", type=click.Path(dir_okay=False, path_type=Path), metavar="PROJECT|FILE.jsonl")
+@click.option("--model", "model", default=None, help="base model to fine-tune (default: the backend's model)")
+@click.option("--epochs", type=click.IntRange(1, 50), default=None, help="epochs (default: auto)")
+@click.option("--suffix", default=None, help="a name put into the fine-tuned model id")
+@click.option("--seed", type=int, default=None)
+@click.option("--validation-file", type=click.Path(dir_okay=False, exists=True, path_type=Path), default=None)
+@click.option("--wait", is_flag=True, help="follow the job to its end and print the fine-tuned model id")
+@click.option("--json", "as_json", is_flag=True, help="print the job as one JSON object")
+@handle_errors
+def finetune_cmd(source: Path, model: str | None, epochs: int | None, suffix: str | None, seed: int | None,
+                 validation_file: Path | None, wait: bool, as_json: bool) -> None:
+    """Upload a training file (or export PROJECT first) and start a fine-tuning job."""
+    from ..pipeline import finetune as ft
+
+    if not source.exists():
+        raise Problem(f"{source}: no such file")
+    backend = _backend()
+    base = model or backend.default_model
+    if not base:
+        raise Problem("give the base model with --model")
+    store = None
+    export_id = None
+    if source.suffix.lower() in (".jsonl", ".json"):
+        train_path = source
+    else:
+        store = open_store(source)
+        train_path, validation_file, export_id = ft.export_for_finetune(store, validation_file)
+    err = sys.stderr
+    try:
+        job = ft.start_finetune(backend, train_path, base, validation_path=validation_file, epochs=epochs,
+                                suffix=suffix, seed=seed, store=store, export_id=export_id,
+                                on_message=(None if as_json else lambda m: click.echo(m, err=True)))
+        if not as_json:
+            click.echo(f"job {job.id} {job.status} on {backend.label} (model {job.model})", err=True)
+        if wait:
+            job = ft.follow_with_progress(backend, job.id, store=store, quiet=as_json, file=err)
+    except ft.FinetuneRefused as exc:
+        raise Failed(str(exc)) from None
+    except ft.FinetuneError as exc:
+        raise Problem(str(exc)) from None
+    finally:
+        if store is not None:
+            store.close()
+    if as_json:
+        emit_json(job.model_dump(mode="json"))
+    elif wait and job.status == "succeeded":
+        click.echo(job.fine_tuned_model)
+    elif not wait:
+        click.echo(job.id)
+    if wait and job.status != "succeeded":
+        reason = job.error.message if job.error and job.error.message else job.status
+        raise Failed(f"job {job.id} {job.status}: {reason}")
+
+
+@main.command("jobs")
+@click.option("--json", "as_json", is_flag=True, help="print the jobs as one JSON object")
+@click.option("--limit", type=click.IntRange(1, 100), default=20, show_default=True)
+@handle_errors
+def jobs_cmd(as_json: bool, limit: int) -> None:
+    """List fine-tuning jobs on the current backend."""
+    from ..pipeline import finetune as ft
+
+    backend = _backend()
+    try:
+        jobs = ft.list_jobs(backend, limit=limit)
+    except ft.FinetuneError as exc:
+        raise Failed(str(exc)) from None
+    if as_json:
+        emit_json({"backend": backend.base_url, "jobs": [j.model_dump(mode="json") for j in jobs]})
+        return
+    if not jobs:
+        click.echo(f"no fine-tuning jobs on {backend.label}")
+        return
+    for j in jobs:
+        click.echo(f"{j.id}  {j.status:<16} {j.model}  {j.fine_tuned_model or ''}".rstrip())
+
+
+@main.command("ask")
+@click.argument("model")
+@click.argument("prompt")
+@click.option("--stop", "stops", multiple=True, help="stop sequence (repeatable, up to 4)")
+@click.option("--temperature", type=click.FloatRange(0, 2), default=None)
+@click.option("--max-tokens", type=click.IntRange(1), default=None)
+@click.option("--system", default=None, help="a system message (chat only)")
+@click.option("--legacy", is_flag=True, help="use the legacy completions endpoint (prompt/completion models)")
+@handle_errors
+def ask_cmd(model: str, prompt: str, stops: tuple[str, ...], temperature: float | None, max_tokens: int | None,
+            system: str | None, legacy: bool) -> None:
+    """Prompt MODEL ('-': the backend's default model) and print the reply as it streams."""
+    from ..pipeline import finetune as ft
+
+    backend = _backend()
+    if model == "-":
+        model = backend.default_model or model
+    try:
+        for piece in ft.ask(backend, model, prompt, stop=list(stops) or None, temperature=temperature,
+                            max_tokens=max_tokens, system=system, legacy=legacy, stream=True):
+            click.echo(piece, nl=False)
+    except ft.FinetuneError as exc:
+        raise Failed(str(exc)) from None
+    click.echo()
+
+
+@main.command("export-model")
+@click.argument("model_id")
+@click.option("-o", "--output", "output", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="directory for the merged Hugging Face model")
+@handle_errors
+def export_model_cmd(model_id: str, output: Path) -> None:
+    """Merge a local fine-tuned model into a Hugging Face directory (for vLLM, transformers, ...)."""
+    from ..pipeline import finetune as ft
+
+    if output.exists() and any(output.iterdir()):
+        raise Problem(f"{output}: exists and is not empty; not overwriting it")
+    backend = _backend()
+    try:
+        path = ft.export_model(backend, model_id, output)
+    except ft.FinetuneError as exc:
+        raise Failed(str(exc)) from None
+    click.echo(f"wrote {path}")

@@ -1,0 +1,130 @@
+"""`gridtune finetune`, `jobs`, `ask` and `export-model` against a real local server,
+found the way every gridtune process finds it (server.json in the data directory)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from gridtune.pipeline import finetune as ft
+from gridtune.pipeline.backend import Backend, resolve_backend
+from gridtune.tui.cli import main
+from tests.server_support import InProcessServer, chat_examples, write_jsonl
+from tests.tiny_model import tiny_model_dir  # noqa: F401 - fixture
+
+pytestmark = pytest.mark.local
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model_dir, tmp_path_factory):  # noqa: F811
+    with InProcessServer(tiny_model_dir, tmp_path_factory.mktemp("cli-srv")) as srv:
+        yield srv
+
+
+@pytest.fixture
+def local(server, _isolated_home):
+    server.write_state(_isolated_home / "server")
+    yield server
+    # the pid in it is this test process: conftest stops servers it finds in server.json
+    (_isolated_home / "server" / "server.json").unlink(missing_ok=True)
+
+
+def run(*args):
+    result = CliRunner().invoke(main, list(args), catch_exceptions=False)
+    return result
+
+
+def test_backend_discovery_finds_the_running_server(local):
+    backend = resolve_backend(start_local=False)
+    assert backend.kind == "local" and backend.base_url == local.base_url
+    assert backend.default_model == local.model
+
+
+def test_finetune_wait_jobs_ask_and_export(local, tmp_path):
+    train = write_jsonl(tmp_path / "train.jsonl", chat_examples(20))
+    r = run("finetune", str(train), "--model", local.model, "--epochs", "1", "--suffix", "cli", "--wait", "--json")
+    assert r.exit_code == 0, r.output
+    job = json.loads(r.stdout)
+    assert job["status"] == "succeeded" and job["fine_tuned_model"].startswith(f"ft:{local.model}:local:cli:")
+
+    r = run("jobs", "--json")
+    assert r.exit_code == 0
+    assert job["id"] in [j["id"] for j in json.loads(r.stdout)["jobs"]]
+
+    r = run("ask", job["fine_tuned_model"], "AGI scenario. Place: Oslo.", "--max-tokens", "5", "--temperature", "0")
+    assert r.exit_code == 0 and len(r.stdout) > 1  # the reply (the tiny model likes newlines) + newline
+
+    out = tmp_path / "merged"
+    r = run("export-model", job["fine_tuned_model"], "-o", str(out))
+    assert r.exit_code == 0, r.output
+    assert (out / "config.json").is_file() and list(out.glob("*.safetensors"))
+
+
+def test_finetune_human_output_with_progress(local, tmp_path):
+    train = write_jsonl(tmp_path / "train.jsonl", chat_examples(12))
+    r = run("finetune", str(train), "--model", local.model, "--epochs", "1", "--wait")
+    assert r.exit_code == 0, r.output
+    assert r.stdout.strip().splitlines()[-1].startswith(f"ft:{local.model}:local::ftjob-")
+    assert "Step" in r.stderr or "training" in r.stderr
+
+
+def test_ask_with_stop_cuts_the_reply(local):
+    backend = resolve_backend(start_local=False)
+    full = ft.ask(backend, local.model, "Count: one two", temperature=0, max_tokens=20)
+    assert isinstance(full, str)
+    pieces = list(ft.ask(backend, local.model, "Count: one two", temperature=0, max_tokens=20, stream=True))
+    assert "".join(pieces) == full
+
+    async def playground():
+        return [p async for p in ft.stream_chat(backend, local.model, "Count: one two", temperature=0,
+                                                max_tokens=20)]
+
+    assert "".join(asyncio.run(playground())) == full
+
+
+def test_invalid_file_is_a_usage_error_and_uploads_nothing(local, tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"messages": []}\n')
+    r = run("finetune", str(bad), "--model", local.model)
+    assert r.exit_code == 2 and "validation error" in r.stderr
+    with local.client() as c:
+        assert all(f.filename != "bad.jsonl" for f in c.files.list())
+
+
+def test_a_refused_job_is_one_clear_message(local, tmp_path):
+    train = write_jsonl(tmp_path / "train.jsonl", chat_examples(10))
+    r = run("finetune", str(train), "--model", "gpt-4o-mini")
+    assert r.exit_code == 1
+    lines = r.stderr.strip().splitlines()
+    assert lines[-1].startswith("gridtune: error:") and "refused the fine-tuning job" in lines[-1]
+    assert "Traceback" not in r.output
+
+
+def test_refusal_raises_finetune_refused(local, tmp_path):
+    backend = Backend("local", local.base_url, "x", local.model)
+    f = ft.upload_file(backend, write_jsonl(tmp_path / "t.jsonl", chat_examples(5)))
+    with pytest.raises(ft.FinetuneRefused, match="cannot be fine-tuned"):
+        ft.create_job(backend, f.id, "gpt-4o-mini")
+
+
+def test_follow_job_yields_events_in_order_and_records_the_job(local, tmp_path):
+    from gridtune.store import Store
+
+    backend = resolve_backend(start_local=False)
+    train = write_jsonl(tmp_path / "train.jsonl", chat_examples(8))
+    store = Store.open(tmp_path / "p.gridtune", create=True)
+    try:
+        job = ft.start_finetune(backend, train, local.model, epochs=1, store=store)
+        seen = []
+        final = ft.follow_job(backend, job.id, seen.append, poll_s=0.3)
+        store.update_job(final.id, status=final.status, fine_tuned_model=final.fine_tuned_model)
+        assert final.status == "succeeded"
+        assert [e.created_at for e in seen] == sorted(e.created_at for e in seen)
+        assert seen[0].message.startswith("Created") and "successfully" in seen[-1].message
+        rec = store.jobs()[0]
+        assert rec.id == job.id and rec.status == "succeeded" and rec.fine_tuned_model == final.fine_tuned_model
+    finally:
+        store.close()
