@@ -1,0 +1,508 @@
+"""Playground: prompt the tuned model (and another beside it) with held-out values.
+
+The prompt is the grid's training template filled with values typed per
+variable; the screen suggests values the grid never had and combinations that
+were not trained, and marks a combination that *was* in the training data.
+Replies stream in; a reply that ran to max tokens without a stop, or that
+repeats itself (the repeated n-grams highlighted), gets a warning.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from rich.text import Text
+from textual import on, work
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.containers import Grid, Horizontal, Vertical, VerticalScroll
+from textual.message import Message
+from textual.screen import ModalScreen, Screen
+from textual.suggester import SuggestFromList
+from textual.widgets import Footer, Input, Label, OptionList, Static
+from textual.worker import get_current_worker
+
+from ..tui.widgets import StatusLine
+from ..pipeline import playground as pg
+from ..pipeline.grid import render_value
+
+FLUSH_S = 0.05  # batch streamed pieces: at most ~20 repaints a second per pane
+PANES = ("a", "b")
+
+
+def _unescape(text: str) -> str:
+    return text.replace("\\n", "\n").replace("\\t", "\t")
+
+
+def _escape(text: str) -> str:
+    return text.replace("\n", "\\n").replace("\t", "\\t")
+
+
+def parse_stops(text: str) -> list[str]:
+    """Stop sequences as typed: separated by ' | ', with \\n for a newline."""
+    return [_unescape(s) for s in text.split(" | ") if s.strip(" ") != "" or s == " "] if text else []
+
+
+@dataclass
+class Loaded:
+    spec: Any
+    trained: set[str]
+    export: Any
+    jobs: list[Any]
+
+
+class StateLoaded(Message):
+    def __init__(self, loaded: Loaded) -> None:
+        super().__init__()
+        self.loaded = loaded
+
+
+class ModelsListed(Message):
+    def __init__(self, models: list[str], error: str | None) -> None:
+        super().__init__()
+        self.models = models
+        self.error = error
+
+
+class Streamed(Message):
+    """New text for a pane (batched), or its end."""
+
+    def __init__(self, pane: str, run: int, text: str, finish_reason: str | None = None,
+                 done: bool = False, error: str | None = None) -> None:
+        super().__init__()
+        self.pane = pane
+        self.run = run
+        self.text = text
+        self.finish_reason = finish_reason
+        self.done = done
+        self.error = error
+
+
+class ModelPicker(ModalScreen[str | None]):
+    """Pick a model from the backend's list (enter), or escape."""
+
+    BINDINGS = [Binding("escape", "dismiss(None)", "Cancel", id="playground.picker.cancel")]
+    DEFAULT_CSS = """
+    ModelPicker { align: center middle; }
+    ModelPicker > Vertical { width: 60; height: auto; max-height: 18; border: round $primary;
+                             background: $surface; padding: 0 1; }
+    ModelPicker OptionList { height: auto; max-height: 14; border: none; }
+    """
+
+    def __init__(self, title: str, models: list[str], current: str) -> None:
+        super().__init__()
+        self.title_text = title
+        self.models = models
+        self.current = current
+
+    def compose(self) -> ComposeResult:
+        with Vertical():
+            yield Label(self.title_text)
+            yield OptionList(*self.models)
+
+    def on_mount(self) -> None:
+        options = self.query_one(OptionList)
+        if self.current in self.models:
+            options.highlighted = self.models.index(self.current)
+        options.focus()
+
+    @on(OptionList.OptionSelected)
+    def _picked(self, event: OptionList.OptionSelected) -> None:
+        self.dismiss(self.models[event.option_index])
+
+
+class PlaygroundScreen(Screen):
+    """Try a model on held-out values, two models side by side."""
+
+    CSS_PATH = "playground.tcss"
+    AUTO_FOCUS = ""  # letters are commands; o (or tab) goes into the fields
+    BINDINGS = [
+        Binding("r", "run", "Run", id="playground.run"),
+        Binding("n", "held_out_values", "New values", id="playground.held_out_values"),
+        Binding("h", "held_out_combination", "Untrained", id="playground.held_out_combination"),
+        Binding("t", "trained_combination", "Trained", id="playground.trained_combination"),
+        Binding("m", "pick_model('a')", "Model A", id="playground.model_a"),
+        Binding("b", "pick_model('b')", "Model B", id="playground.model_b"),
+        Binding("f", "toggle_format", "Chat/legacy", show=False, id="playground.format"),
+        Binding("s", "stop_streams", "Stop", id="playground.stop"),
+        Binding("o", "edit", "Fields", show=False, id="playground.fields"),
+        Binding("escape", "leave_fields", "Done editing", show=False, id="playground.leave"),
+    ]
+
+    def __init__(self, ctx) -> None:
+        super().__init__()
+        self.ctx = ctx
+        self.spec = None
+        self.trained: set[str] = set()
+        self.export = None
+        self.jobs: list[Any] = []
+        self.models: list[str] = []
+        self.format = "chat"
+        self.separator: str | None = None
+        self._preset: dict[str, Any] | None = None
+        self._cycle = {"n": 0, "h": 0, "t": 0}
+        self._run = 0
+        self._streams: dict[str, dict[str, Any]] = {}
+        self._shown: dict[str, Any] = {}
+
+    # -- layout ---------------------------------------------------------------
+    def compose(self) -> ComposeResult:
+        yield StatusLine()
+        yield Static(id="pg-title")
+        with Horizontal(id="pg-models", classes="form-row"):
+            yield Label("A", classes="field-label")
+            yield Input(id="pg-model-a", placeholder="model (m: pick)", compact=True)
+            yield Label("B", classes="field-label")
+            yield Input(id="pg-model-b", placeholder="none (b: pick one to compare)", compact=True)
+        yield Grid(id="pg-vars")
+        with Horizontal(id="pg-params", classes="form-row"):
+            yield Label("stop", classes="field-label")
+            yield Input(id="pg-stop", placeholder="none", compact=True)
+            yield Label("temp", classes="field-label")
+            yield Input("0.7", id="pg-temperature", compact=True, classes="short")
+            yield Label("max tokens", classes="field-label")
+            yield Input("200", id="pg-max_tokens", compact=True, classes="short")
+        yield Static(id="pg-mark")
+        yield Static(id="pg-prompt")
+        with Horizontal(id="pg-outputs"):
+            for pane in PANES:
+                with Vertical(id=f"pg-pane-{pane}", classes="pane"):
+                    with VerticalScroll(classes="pane-scroll"):
+                        yield Static(id=f"pg-out-{pane}", classes="pane-text")
+                    yield Static(id=f"pg-warn-{pane}", classes="pane-warn")
+        yield Static(id="pg-error")
+        yield Footer(compact=True)
+
+    def on_mount(self) -> None:
+        for scroll in self.query(".pane-scroll"):
+            scroll.can_focus = False
+        self.query_one("#pg-pane-b").display = False
+        for pane in PANES:
+            self.query_one(f"#pg-pane-{pane}").border_title = f"{pane.upper()}"
+        self.load_state()
+        self.list_models()
+
+    # -- presets from other screens ------------------------------------------------
+    def preset(self, model: str | None = None, stop: list[str] | None = None) -> None:
+        """Called by ``app.open_playground``: the tuned model in A, its base in B, the export's stop."""
+        self._preset = {"model": model, "stop": stop}
+        if self.spec is not None:
+            self._apply_preset()
+
+    def _apply_preset(self) -> None:
+        preset, self._preset = self._preset, None
+        if not preset:
+            return
+        model = preset.get("model")
+        if model:
+            self.query_one("#pg-model-a", Input).value = model
+            base = next((j.model for j in reversed(self.jobs) if j.fine_tuned_model == model), None)
+            if base:
+                self.query_one("#pg-model-b", Input).value = base
+        if preset.get("stop") is not None:
+            self.query_one("#pg-stop", Input).value = " | ".join(_escape(s) for s in preset["stop"])
+        self._update_mark()
+
+    # -- loading (threads) ----------------------------------------------------------
+    @work(thread=True, exclusive=True, group="pg-load", exit_on_error=False)
+    def load_state(self) -> None:
+        store = self.ctx.store
+        try:
+            spec = self.ctx.spec()
+        except Exception as exc:  # noqa: BLE001
+            self.app.call_from_thread(self._show_error, f"cannot read the grid spec: {exc}")
+            return
+        loaded = Loaded(spec, pg.trained_keys(store), store.latest_export(), store.jobs())
+        self.post_message(StateLoaded(loaded))
+
+    @on(StateLoaded)
+    async def _state_loaded(self, message: StateLoaded) -> None:
+        loaded = message.loaded
+        first = self.spec is None
+        self.spec, self.trained, self.export, self.jobs = loaded.spec, loaded.trained, loaded.export, loaded.jobs
+        if first:
+            await self._build_vars()
+            if self.export is not None:
+                self.format = self.export.format
+                self.separator = self.export.separator
+                if self.export.stop:
+                    self.query_one("#pg-stop", Input).value = _escape(self.export.stop)
+            tuned = next((j for j in reversed(self.jobs) if j.fine_tuned_model), None)
+            if tuned is not None:
+                self.query_one("#pg-model-a", Input).value = tuned.fine_tuned_model
+                self.query_one("#pg-model-b", Input).value = tuned.model
+            elif self.spec.settings.model:
+                self.query_one("#pg-model-a", Input).value = self.spec.settings.model
+            self._fill(pg.held_out_values(self.spec, 0))
+        self._apply_preset()
+        self._render_title()
+        self._update_mark()
+
+    async def _build_vars(self) -> None:
+        grid = self.query_one("#pg-vars", Grid)
+        suggestions = pg.suggest_values(self.spec, n=3)
+        rows = []
+        for name in self.spec.variables:
+            hint = ", ".join(render_value(v) for v in suggestions.get(name, []))
+            rows.append(Horizontal(
+                Label(name, classes="var-label"),
+                Input(id=f"var-{name}", placeholder=f"e.g. {hint}" if hint else "", compact=True,
+                      suggester=SuggestFromList([render_value(v) for v in suggestions.get(name, [])]
+                                                + [render_value(v) for v in self.spec.variables[name]],
+                                                case_sensitive=False)),
+                classes="var-row",
+            ))
+        await grid.mount_all(rows)
+        width = max((len(n) for n in self.spec.variables), default=4)
+        for label in self.query(".var-label"):
+            label.styles.width = min(width + 1, 16)
+
+    @work(thread=True, exclusive=True, group="pg-models", exit_on_error=False)
+    def list_models(self) -> None:
+        from ..pipeline import finetune
+
+        try:
+            models = finetune.list_models(self.ctx.backend())
+        except Exception as exc:  # noqa: BLE001 - BackendError, FinetuneError: shown, not fatal
+            self.post_message(ModelsListed([], str(exc).splitlines()[0] if str(exc) else type(exc).__name__))
+        else:
+            self.post_message(ModelsListed(models, None))
+
+    @on(ModelsListed)
+    def _models_listed(self, message: ModelsListed) -> None:
+        self.models = message.models
+        if message.error:
+            self._show_error(f"models: {message.error}")
+        suggester = SuggestFromList(self.models, case_sensitive=False)
+        for pane in PANES:
+            self.query_one(f"#pg-model-{pane}", Input).suggester = suggester
+        model_a = self.query_one("#pg-model-a", Input)
+        if not model_a.value and self.models:
+            model_a.value = self.models[0]
+
+    # -- showing ----------------------------------------------------------------------
+    def _set(self, widget_id: str, value: Any) -> None:
+        if self._shown.get(widget_id) != value:
+            self._shown[widget_id] = value
+            self.query_one(f"#{widget_id}", Static).update(value)
+
+    def _show_error(self, message: str | None) -> None:
+        widget = self.query_one("#pg-error", Static)
+        widget.display = bool(message)
+        self._set("pg-error", Text(message or "", style="bold red"))
+
+    def _render_title(self) -> None:
+        name = self.spec.name if self.spec else self.ctx.path.stem
+        fmt = "chat" if self.format == "chat" else "legacy completion"
+        source = f"from export #{self.export.id}" if self.export else "no export yet"
+        self._set("pg-title", Text.assemble(("Playground", "bold"), f" · {name} · {fmt} ({source})"))
+
+    def values(self) -> dict[str, Any]:
+        raw = {name: self.query_one(f"#var-{name}", Input).value for name in self.spec.variables}
+        return pg.coerce_values(self.spec, raw)
+
+    def _fill(self, values: dict[str, Any]) -> None:
+        for name, value in values.items():
+            self.query_one(f"#var-{name}", Input).value = render_value(value)
+        self._update_mark()
+
+    def _update_mark(self) -> None:
+        if self.spec is None:
+            return
+        values = self.values()
+        kind, names = pg.classify(self.spec, values, self.trained)
+        style = {pg.TRAINED: "bold yellow", pg.GRID: "bold cyan", pg.HELD_OUT: "bold green",
+                 pg.INCOMPLETE: "dim"}[kind]
+        icon = {pg.TRAINED: "⚠ ", pg.GRID: "◇ ", pg.HELD_OUT: "◆ ", pg.INCOMPLETE: "· "}[kind]
+        self._set("pg-mark", Text.assemble((icon + pg.describe(kind, names), style)))
+        if kind == pg.INCOMPLETE:
+            self._set("pg-prompt", Text("", style="dim"))
+            return
+        prompt = pg.build_prompt(self.spec, values, self.format, self.separator)
+        self._set("pg-prompt", Text(_escape(prompt.text), style="dim", no_wrap=True, overflow="ellipsis"))
+
+    @on(Input.Changed)
+    def _changed(self, event: Input.Changed) -> None:
+        if event.input.id and event.input.id.startswith("var-"):
+            self._update_mark()
+        elif event.input.id == "pg-model-b":
+            self.query_one("#pg-pane-b").display = bool(event.value.strip())
+
+    @on(Input.Submitted)
+    def _submitted(self, event: Input.Submitted) -> None:
+        self.set_focus(None)
+        self.action_run()
+
+    # -- state -------------------------------------------------------------------------
+    def _streaming(self) -> bool:
+        return any(not s.get("done", True) for s in self._streams.values())
+
+    def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
+        if action == "stop_streams":
+            return self._streaming()
+        if action == "run":
+            return None if self._streaming() else True
+        if action in ("held_out_values", "held_out_combination", "trained_combination"):
+            if self.spec is None:
+                return None
+            if action == "trained_combination":
+                return True if self.trained else None
+        return True
+
+    # -- intents -------------------------------------------------------------------------
+    def action_held_out_values(self) -> None:
+        self._cycle["n"] += 1
+        self._fill(pg.held_out_values(self.spec, self._cycle["n"]))
+
+    def action_held_out_combination(self) -> None:
+        combos = pg.held_out_combinations(self.spec, self.trained, limit=8)
+        if not combos:
+            self.app.notify("every combination of grid values is in the training data", title="Playground")
+            return
+        self._fill(combos[self._cycle["h"] % len(combos)])
+        self._cycle["h"] += 1
+
+    def action_trained_combination(self) -> None:
+        import json
+
+        keys = sorted(self.trained)
+        if not keys:
+            return
+        self._fill(json.loads(keys[self._cycle["t"] % len(keys)]))
+        self._cycle["t"] += 1
+
+    def action_toggle_format(self) -> None:
+        self.format = "completion" if self.format == "chat" else "chat"
+        self._render_title()
+        self._update_mark()
+
+    def action_pick_model(self, pane: str) -> None:
+        if not self.models:
+            self.app.notify("the backend listed no models; type one", severity="warning")
+            self.call_after_refresh(self.query_one(f"#pg-model-{pane}", Input).focus)
+            return
+        field = self.query_one(f"#pg-model-{pane}", Input)
+        models = self.models if pane == "a" else ["(none)"] + self.models
+
+        def picked(model: str | None) -> None:
+            if model is not None:
+                field.value = "" if model == "(none)" else model
+
+        self.app.push_screen(ModelPicker(f"Model {pane.upper()}", models, field.value), picked)
+
+    def action_edit(self) -> None:
+        self.call_after_refresh(self.query_one("#pg-model-a", Input).focus)
+
+    def action_leave_fields(self) -> None:
+        self.set_focus(None)
+
+    def action_stop_streams(self) -> None:
+        self._run += 1  # late pieces of the old run are dropped
+        for pane, stream in self._streams.items():
+            if not stream.get("done", True):
+                stream["done"] = True
+                self._finish(pane, stream, None, stopped=True)
+        self.workers.cancel_group(self, "pg-stream")
+        self.refresh_bindings()
+
+    def action_run(self) -> None:
+        if self.spec is None:
+            return
+        values = self.values()
+        kind, names = pg.classify(self.spec, values, self.trained)
+        if kind == pg.INCOMPLETE:
+            self._show_error("fill in " + ", ".join(names) + " (n suggests held-out values)")
+            return
+        try:
+            temperature = float(self.query_one("#pg-temperature", Input).value or "0.7")
+            max_tokens = int(self.query_one("#pg-max_tokens", Input).value or "200")
+            if not 0 <= temperature <= 2 or max_tokens < 1:
+                raise ValueError
+        except ValueError:
+            self._show_error("temperature must be within 0..2 and max tokens a whole number ≥ 1")
+            return
+        models = {pane: self.query_one(f"#pg-model-{pane}", Input).value.strip() for pane in PANES}
+        if not models["a"]:
+            self._show_error("pick a model for A (m)")
+            return
+        self._show_error(None)
+        prompt = pg.build_prompt(self.spec, values, self.format, self.separator)
+        stops = parse_stops(self.query_one("#pg-stop", Input).value)
+        self._run += 1
+        self._streams = {}
+        for pane in PANES:
+            model = models[pane]
+            box = self.query_one(f"#pg-pane-{pane}")
+            box.display = bool(model)
+            if not model:
+                continue
+            box.border_title = f"{pane.upper()} · {model}"
+            box.border_subtitle = "streaming…"
+            self._streams[pane] = {"text": "", "done": False, "model": model, "max_tokens": max_tokens}
+            self._set(f"pg-out-{pane}", Text(""))
+            self._set(f"pg-warn-{pane}", Text(""))
+            self.stream(pane, self._run, model, prompt, stops, temperature, max_tokens)
+        self.refresh_bindings()
+
+    @work(thread=True, group="pg-stream", exit_on_error=False)
+    def stream(self, pane: str, run: int, model: str, prompt: pg.Prompt, stops: list[str],
+               temperature: float, max_tokens: int) -> None:
+        worker = get_current_worker()
+        buffer: list[str] = []
+        last = time.monotonic()
+        try:
+            backend = self.ctx.backend()
+            for piece in pg.stream_reply(backend, model, prompt, stop=stops or None, temperature=temperature,
+                                         max_tokens=max_tokens):
+                if worker.is_cancelled or run != self._run:
+                    return
+                if piece.done:
+                    self.post_message(Streamed(pane, run, "".join(buffer), piece.finish_reason, done=True))
+                    return
+                buffer.append(piece.text)
+                now = time.monotonic()
+                if now - last >= FLUSH_S:
+                    self.post_message(Streamed(pane, run, "".join(buffer)))
+                    buffer.clear()
+                    last = now
+        except Exception as exc:  # noqa: BLE001 - backend errors are shown in the pane
+            self.post_message(Streamed(pane, run, "".join(buffer), done=True,
+                                       error=str(exc).splitlines()[0] if str(exc) else type(exc).__name__))
+
+    @on(Streamed)
+    def _streamed(self, message: Streamed) -> None:
+        stream = self._streams.get(message.pane)
+        if message.run != self._run or stream is None or stream.get("done"):
+            return
+        stream["text"] += message.text
+        if message.done:
+            stream["done"] = True
+            self._finish(message.pane, stream, message.finish_reason, error=message.error)
+            self.refresh_bindings()
+        else:
+            self._set(f"pg-out-{message.pane}", Text(stream["text"]))
+
+    def _finish(self, pane: str, stream: dict[str, Any], finish_reason: str | None, *,
+                error: str | None = None, stopped: bool = False) -> None:
+        text = stream["text"]
+        rep = pg.find_repetition(text)
+        body = Text(text)
+        for a, b in rep.spans:
+            body.stylize("reverse yellow", a, b)
+        self._set(f"pg-out-{pane}", body)
+        warnings = Text()
+        if error:
+            warnings.append(f"✗ {error}", style="bold red")
+        if pg.ran_out(finish_reason):
+            warnings.append(("\n" if warnings else "") + f"⚠ ran to max tokens ({stream['max_tokens']}) without a stop",
+                            style="bold yellow")
+        if rep.found:
+            warnings.append(("\n" if warnings else "") + f"⚠ {rep.summary()}", style="bold yellow")
+        stream["repetition"] = rep
+        stream["finish_reason"] = finish_reason
+        self._set(f"pg-warn-{pane}", warnings)
+        box = self.query_one(f"#pg-pane-{pane}")
+        words = len(text.split())
+        box.border_subtitle = ("stopped" if stopped else f"{finish_reason or 'ended'} · {words} words")

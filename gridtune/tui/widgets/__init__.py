@@ -1,0 +1,6 @@
+"""Widgets shared by gridtune's screens."""
+
+from .histogram import LengthHistogram
+from .status import StatusLine
+
+__all__ = ["LengthHistogram", "StatusLine"]

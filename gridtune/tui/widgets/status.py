@@ -1,0 +1,65 @@
+"""The two-line status line every screen shows on top.
+
+Line 1: the sections and their keys (the current one highlighted), the project.
+Line 2: the project's counts and the backend. Values come from the app's
+reactives; the line repaints only when one of them changes.
+"""
+
+from __future__ import annotations
+
+from rich.text import Text
+from textual.widget import Widget
+
+
+class StatusLine(Widget):
+    DEFAULT_CSS = """
+    StatusLine { height: 2; dock: top; }
+    """
+    COMPONENT_CLASSES = {"status-line--tab", "status-line--current", "status-line--key", "status-line--dim"}
+
+    def on_mount(self) -> None:
+        app = self.app
+        for name in ("status_counts", "backend_label"):
+            if hasattr(app, name):
+                self.watch(app, name, self._changed, init=False)
+
+    def _changed(self, _value: object = None) -> None:
+        self.refresh()
+
+    def _my_mode(self) -> str | None:
+        sections = getattr(self.app, "sections", {})
+        for mode, section in sections.items():
+            if type(self.screen).__name__ == section.cls:
+                return mode
+        return None
+
+    def render(self) -> Text:
+        app = self.app
+        width = self.size.width
+        sections = getattr(app, "sections", {})
+        mine = self._my_mode()
+        key_style = self.get_component_rich_style("status-line--key")
+        tab_style = self.get_component_rich_style("status-line--tab")
+        cur_style = self.get_component_rich_style("status-line--current")
+        dim = self.get_component_rich_style("status-line--dim")
+        line1 = Text(no_wrap=True, overflow="ellipsis")
+        for mode, section in sections.items():
+            style = cur_style if mode == mine else tab_style
+            line1.append(f" {section.key.upper()}", key_style if mode != mine else cur_style)
+            line1.append(f" {section.title} ", style)
+        project = getattr(getattr(app, "ctx", None), "name", "")
+        room = width - line1.cell_len - 1
+        if project and room > 4:
+            name = project if len(project) <= room else project[: room - 1] + "…"
+            line1.append(" " * (room - len(name)) + name + " ", "bold")
+        counts = getattr(app, "status_counts", "") or "…"
+        backend = getattr(app, "backend_label", "")
+        line2 = Text(no_wrap=True, overflow="ellipsis")
+        line2.append(f" {counts}")
+        room = width - line2.cell_len - 3
+        if backend and room > 6:
+            label = backend if len(backend) <= room else backend[: room - 1] + "…"
+            line2.append(" " * (room - len(label) + 2) + label, dim)
+        line1.truncate(width)
+        line2.truncate(width)
+        return Text("\n").join([line1, line2])

@@ -1,0 +1,116 @@
+"""Snapshots of the generate, export & fine-tune and playground screens at 80x24.
+
+Update the baselines with ``pytest tests/test_snapshots_other.py --snapshot-update``
+after looking at the new rendering. Nothing time-dependent is on screen: the
+completions are fixed texts, the run's progress is a stored snapshot (its
+process is this test's, so it counts as alive), the backend label is fixed and
+the replies come from a deterministic streaming fake.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import pytest
+
+from gridtune.pipeline import runs
+from gridtune.pipeline.project import create_project
+from gridtune.screens.export import JobChanged, JobView
+from gridtune.store import Store
+from gridtune.tui.app import GridtuneApp
+from tests.test_tui_export import fill
+from tests.test_tui_generate import small_spec
+from tests.test_tui_playground import fake, streaming_server  # noqa: F401 - fixtures
+from tests.tui_helpers import settle
+
+SIZE = (80, 24)
+
+
+@pytest.fixture
+def project(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # export paths stay relative, so the report is stable
+    path = tmp_path / "tiny.gridtune"
+    create_project(path, small_spec()).close()
+    return path
+
+
+async def _steady(pilot) -> None:
+    await settle(pilot)
+    pilot.app.mark_changed()
+    pilot.app.refresh_status()
+    await settle(pilot)
+    pilot.app.backend_label = "backend: test"
+    await pilot.pause(0.1)
+    await settle(pilot)
+    pilot.app.clear_notifications()  # toasts time out: never in a baseline
+    await pilot.pause()
+
+
+def test_generate_screen_attached_to_a_running_run(snap_compare, project):
+    fill(project)
+    with Store.open(project) as store:
+        # one cell back to pending: a run is going on it
+        store._conn.execute("UPDATE completions SET status = 'pending', text = NULL, grade = NULL WHERE id = "
+                            "(SELECT max(id) FROM completions)")
+        run_id = store.start_run(pid=os.getpid(), host=socket.gethostname(), model="teacher-model",
+                                 params={}, is_alive=runs.is_alive)
+        store.heartbeat(run_id, {"run_id": run_id, "state": "running", "total": 4, "done": 3, "in_flight": 1,
+                                 "requests_per_s": 1.5, "tokens_per_s": 42.0, "cost_usd": 0.0012,
+                                 "eta_s": 2.0, "elapsed_s": 75.0})
+    assert snap_compare(GridtuneApp(project, start_mode="generate"), terminal_size=SIZE, run_before=_steady)
+
+
+def test_generate_screen_with_a_bad_setting(snap_compare, project):
+    async def before(pilot):
+        await _steady(pilot)
+        pilot.app.screen.query_one("#set-temperature").value = "9"
+        await pilot.press("s")
+        await settle(pilot)
+
+    assert snap_compare(GridtuneApp(project, start_mode="generate"), terminal_size=SIZE, run_before=before)
+
+
+def test_export_screen_after_export_with_a_job(snap_compare, project):
+    fill(project)
+
+    async def before(pilot):
+        await _steady(pilot)
+        screen = pilot.app.screen
+        screen.query_one("#opt-out_path").value = "train.jsonl"
+        await pilot.press("e")
+        for _ in range(100):
+            if screen.result is not None:
+                break
+            await pilot.pause(0.05)
+        view = JobView(id="ftjob-test", status="running", model="base-model",
+                       events=["Step 6/8: training loss=1.10"],
+                       steps=[1, 2, 3, 4, 5, 6], losses=[2.5, 2.1, 1.8, 1.5, 1.3, 1.1])
+        screen.post_message(JobChanged(view))
+        await settle(pilot)
+        pilot.app.clear_notifications()
+        await pilot.pause()
+
+    assert snap_compare(GridtuneApp(project, start_mode="export"), terminal_size=SIZE, run_before=before)
+
+
+def test_playground_screen_with_a_repeating_reply(snap_compare, project, fake):
+    fill(project)
+    fake.reply = "In 2050 Tokyo hums. The city grew. The city grew. The city grew. The city grew and grew."
+
+    async def before(pilot):
+        await _steady(pilot)
+        screen = pilot.app.screen
+        for _ in range(100):
+            if screen.spec is not None and screen.models:
+                break
+            await pilot.pause(0.05)
+        screen.query_one("#pg-max_tokens").value = "14"
+        await pilot.press("r")
+        for _ in range(100):
+            if screen._streams.get("a", {}).get("done"):
+                break
+            await pilot.pause(0.05)
+        await _steady(pilot)
+
+    assert snap_compare(GridtuneApp(project, start_mode="playground"), terminal_size=SIZE, run_before=before)

@@ -1,0 +1,196 @@
+"""The generate screen, driven by its keys against a real loopback fake server;
+checked in the project file."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import time
+
+import pytest
+
+from gridtune.pipeline.grid import GenerationSettings, GridSpec
+from gridtune.pipeline.project import create_project, load_project_spec
+from gridtune.pipeline import runs
+from gridtune.screens.generate import GenerateScreen, Settings
+from gridtune.store import Store
+from gridtune.tui.context import ProjectContext
+
+from textual.app import App
+
+
+class HostApp(App):
+    """Hosts one screen on a real project, with the app methods screens call."""
+
+    def __init__(self, path, screen_cls, **screen_kwargs):
+        super().__init__()
+        self.ctx = ProjectContext(path, Store.open(path))
+        self.screen_cls = screen_cls
+        self.playground_calls: list[dict] = []
+
+    def on_mount(self) -> None:
+        self.push_screen(self.screen_cls(self.ctx))
+
+    def on_unmount(self) -> None:
+        self.ctx.close()
+
+    def open_playground(self, model=None, stop=None) -> None:
+        self.playground_calls.append({"model": model, "stop": stop})
+
+    def mark_changed(self) -> None:
+        pass
+
+
+def GridtuneApp(path, start_mode="generate"):  # noqa: N802 - the one screen under test
+    return HostApp(path, GenerateScreen)
+
+
+def small_spec(samples: int = 1) -> GridSpec:
+    return GridSpec(
+        name="tiny",
+        generation="Write about {place} in {year}.",
+        training="Place: {place}. Year: {year}.",
+        variables={"place": ["Oslo", "Lima"], "year": [2030, 2040]},
+        settings=GenerationSettings(temperature=1.0, max_tokens=50, samples=samples),
+    )
+
+
+@pytest.fixture
+def project(tmp_path):
+    path = tmp_path / "tiny.gridtune"
+    create_project(path, small_spec()).close()
+    return path
+
+
+async def wait_for(pilot, predicate, timeout=30.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        await pilot.pause(0.1)
+    return predicate()
+
+
+def counts(path):
+    with Store.open(path) as store:
+        return store.status_counts()
+
+
+def test_settings_parse_errors_name_the_field():
+    good = {"model": "", "temperature": "0.7", "max_tokens": "100", "samples": "2",
+            "concurrency": "4", "rpm": "", "tpm": "none"}
+    parsed = Settings.parse(good)
+    assert parsed == {"model": None, "temperature": 0.7, "max_tokens": 100, "samples": 2,
+                      "concurrency": 4, "rpm": None, "tpm": None}
+    with pytest.raises(ValueError, match="temperature"):
+        Settings.parse(good | {"temperature": "3"})
+    with pytest.raises(ValueError, match="max tokens"):
+        Settings.parse(good | {"max_tokens": "lots"})
+
+
+async def test_start_from_keys_generates_every_cell(project, fake_openai):
+    app = GridtuneApp(project, start_mode="generate")
+    async with app.run_test(size=(80, 24)) as pilot:
+        await pilot.pause()
+        screen = app.screen
+        assert isinstance(screen, GenerateScreen)
+        await pilot.press("o")  # into the settings: type the model, then leave
+        await pilot.press(*"fake-model")
+        await pilot.press("escape")
+        await pilot.press("s")
+        assert await wait_for(pilot, lambda: counts(project).done == 4), counts(project)
+        # The screen attaches to the stored progress and shows the finished run.
+        assert await wait_for(pilot, lambda: screen.snap and screen.snap.run
+                              and screen.snap.run.state == "finished")
+        await pilot.pause(0.6)
+        assert "4/4" in str(screen.query_one("#gen-fraction").render())
+        assert "On: Write about" in str(screen.query_one("#gen-tail").render())
+    with Store.open(project) as store:
+        assert load_project_spec(store).settings.model == "fake-model"  # saved into the spec
+        done = store.completions(status="done")
+        assert len(done) == 4 and all(c.model == "fake-model" for c in done)
+
+
+async def test_pause_stops_the_detached_run_and_resume_finishes(project, fake_openai):
+    fake_openai.set(latency=0.5)
+    app = GridtuneApp(project, start_mode="generate")
+    async with app.run_test(size=(80, 24)) as pilot:
+        screen = app.screen
+        screen.query_one("#set-model").value = "fake-model"
+        screen.query_one("#set-concurrency").value = "1"
+        await pilot.press("s")
+        assert await wait_for(pilot, lambda: screen._active())
+        await pilot.press("p")
+        assert await wait_for(pilot, lambda: screen.snap.run.state == "stopped", timeout=20)
+        assert counts(project).done < 4
+        assert screen.check_action("resume", ()) and not screen.check_action("start", ())
+        fake_openai.set(latency=0.0)
+        await pilot.press("s")  # resume: the same key, now "Resume" in the footer
+        assert await wait_for(pilot, lambda: counts(project).done == 4)
+
+
+async def test_enter_saves_settings_into_the_spec(project):
+    app = GridtuneApp(project, start_mode="generate")
+    async with app.run_test(size=(80, 24)) as pilot:
+        screen = app.screen
+        await pilot.pause()
+        temp = screen.query_one("#set-temperature")
+        temp.focus()
+        temp.value = "0.3"
+        samples = screen.query_one("#set-samples")
+        samples.value = "2"
+        await pilot.press("enter")
+        await app.workers.wait_for_complete()
+        await pilot.pause()
+    with Store.open(project) as store:
+        spec = load_project_spec(store)
+        assert spec.settings.temperature == 0.3 and spec.settings.samples == 2
+        assert store.status_counts().completions == 8  # 4 cells x 2 samples
+
+
+async def test_bad_setting_is_shown_inline_and_nothing_starts(project):
+    app = GridtuneApp(project, start_mode="generate")
+    async with app.run_test(size=(80, 24)) as pilot:
+        screen = app.screen
+        await pilot.pause()
+        screen.query_one("#set-temperature").value = "9"
+        await pilot.press("s")
+        await pilot.pause()
+        error = screen.query_one("#gen-error")
+        assert error.display and "temperature" in str(error.render())
+    with Store.open(project) as store:
+        assert store.latest_run() is None
+
+
+async def test_backend_error_is_shown_inline(project, monkeypatch):
+    # A compatible server with nothing listening: the run cannot even pick a model.
+    monkeypatch.setenv("OPENAI_BASE_URL", "http://127.0.0.1:9/v1")
+    app = GridtuneApp(project, start_mode="generate")
+    async with app.run_test(size=(80, 24)) as pilot:
+        screen = app.screen
+        await pilot.pause()
+        await pilot.press("s")
+        assert await wait_for(pilot, lambda: screen.error is not None, timeout=10)
+        assert "model" in screen.error
+        assert screen.busy is None
+
+
+async def test_attaches_to_a_run_in_progress(project):
+    # A run recorded by another live process (this one) shows as running at once.
+    with Store.open(project) as store:
+        run_id = store.start_run(pid=os.getpid(), host=socket.gethostname(), model="teacher",
+                                 params={}, is_alive=runs.is_alive)
+        store.heartbeat(run_id, {"run_id": run_id, "state": "running", "total": 4, "done": 1,
+                                 "in_flight": 2, "requests_per_s": 1.5, "tokens_per_s": 42.0,
+                                 "cost_usd": 0.0012, "eta_s": 2.0, "elapsed_s": 3.0})
+    app = GridtuneApp(project, start_mode="generate")
+    async with app.run_test(size=(80, 24)) as pilot:
+        screen = app.screen
+        assert await wait_for(pilot, lambda: screen.snap is not None)
+        await pilot.pause()
+        assert screen._active()
+        assert "running" in str(screen.query_one("#gen-state").render())
+        assert "1.5" in str(screen.query_one("#gen-rates").render())
+        assert screen.check_action("pause", ()) and not screen.check_action("start", ())
+        assert screen.query_one("#set-model").disabled

@@ -1,0 +1,137 @@
+"""The grid screen, driven by its keys; every assertion reads the project file."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from gridtune.pipeline.project import load_project_spec
+from gridtune.store import Store
+from gridtune.tui.app import GridtuneApp
+
+from .bigproject import small_project
+from .tui_helpers import settle
+
+
+@pytest.fixture
+def project(tmp_path: Path) -> Path:
+    return small_project(tmp_path / "small.gridtune", done=4)
+
+
+def _spec(path: Path):
+    with Store.open(path) as store:
+        return load_project_spec(store), store.cell_count()
+
+
+def _screen(app):
+    return app.get_screen_stack("grid")[0]
+
+
+async def test_edit_template_and_save(project: Path):
+    app = GridtuneApp(project, start_mode="grid")
+    async with app.run_test(size=(80, 24)) as pilot:
+        await settle(pilot)
+        screen = _screen(app)
+        assert screen.focused.id == "grid-generation"
+        await pilot.press("end", *"!!", "space")
+        await pilot.press(*"Now")
+        await settle(pilot)
+        assert "unsaved" in str(screen.query_one("#grid-dirty").render())
+        await pilot.press("ctrl+s")
+        await settle(pilot)
+        assert "saved" == str(screen.query_one("#grid-dirty").render())
+    spec, cells = _spec(project)
+    assert spec.generation == "Write a scenario about AGI in {place} in {year}.!! Now"
+    assert cells == 16
+
+
+async def test_invalid_template_shows_the_culprit_and_saves_nothing(project: Path):
+    before, _ = _spec(project)
+    app = GridtuneApp(project, start_mode="grid")
+    async with app.run_test(size=(80, 24)) as pilot:
+        await settle(pilot)
+        screen = _screen(app)
+        await pilot.press("end", *"{nope}")
+        await settle(pilot)
+        error = str(screen.query_one("#grid-error").render())
+        assert "{nope}" in error and "generation" in error
+        assert screen.query_one("#grid-error").display
+        await pilot.press("ctrl+s")
+        await settle(pilot)
+    after, _ = _spec(project)
+    assert after == before
+
+
+async def test_add_a_variable_from_the_keyboard(project: Path):
+    app = GridtuneApp(project, start_mode="grid")
+    async with app.run_test(size=(80, 24)) as pilot:
+        await settle(pilot)
+        screen = _screen(app)
+        await pilot.press("ctrl+n")
+        await settle(pilot)
+        await pilot.press(*"season", "enter")
+        await settle(pilot)
+        assert screen.focused.id == "grid-values"
+        await pilot.press(*"winter", "enter", *"summer")
+        await settle(pilot)
+        assert "used by no template" in str(screen.query_one("#grid-error").render())
+        screen.query_one("#grid-generation").focus()
+        await pilot.press("end", "space", *"{season}")
+        await settle(pilot)
+        assert str(screen.query_one("#grid-count").render()) == "4 × 4 × 2 = 32 cells"
+        await pilot.press("ctrl+s")
+        await settle(pilot)
+    spec, cells = _spec(project)
+    assert spec.variables["season"] == ["winter", "summer"]
+    assert cells == 32
+    import sqlite3
+
+    conn = sqlite3.connect(project)  # every cell is new; the old ones (and their texts) are kept, inactive
+    try:
+        assert conn.execute("SELECT count(*) FROM completions WHERE status = 'done'").fetchone()[0] == 4
+    finally:
+        conn.close()
+
+
+async def test_edit_values_and_remove_a_variable(project: Path):
+    app = GridtuneApp(project, start_mode="grid")
+    async with app.run_test(size=(80, 24)) as pilot:
+        await settle(pilot)
+        screen = _screen(app)
+        screen.query_one("#grid-variables").focus()
+        await pilot.press("down")  # year
+        await settle(pilot)
+        assert screen.selected == "year"
+        await pilot.press("enter")
+        await pilot.press("pagedown", "end", "enter", *"2060")
+        await settle(pilot)
+        assert str(screen.query_one("#grid-count").render()) == "4 × 5 = 20 cells"
+        await pilot.press("ctrl+s")
+        await settle(pilot)
+        spec, cells = _spec(project)
+        assert spec.variables["year"] == [2030, 2035, 2040, 2050, 2060] and cells == 20
+        # remove "year": the templates still use it, so nothing is saved
+        await pilot.press("ctrl+r", "y")
+        await settle(pilot)
+        assert "{year}" in str(screen.query_one("#grid-error").render())
+        await pilot.press("ctrl+s")
+        await settle(pilot)
+    spec, cells = _spec(project)
+    assert "year" in spec.variables and cells == 20
+
+
+async def test_choose_the_preview_cell(project: Path):
+    app = GridtuneApp(project, start_mode="grid")
+    async with app.run_test(size=(80, 24)) as pilot:
+        await settle(pilot)
+        screen = _screen(app)
+        preview = lambda: str(screen.query_one("#grid-preview").render())  # noqa: E731
+        assert "in Tokyo in 2030" in preview()
+        await pilot.press("ctrl+down")
+        await settle(pilot)
+        assert "in Tokyo in 2035" in preview() and "Year: 2035" in preview()
+        await pilot.press("ctrl+up", "ctrl+up")
+        await settle(pilot)
+        assert "in Lima in 2050" in preview()
+        assert screen.query_one("#grid-preview-box").border_title == "preview: cell 16/16"

@@ -1,0 +1,46 @@
+"""Helpers for the TUI tests: wait for the screens' work without sleeping blindly."""
+
+from __future__ import annotations
+
+from textual.pilot import Pilot
+
+LONG_LIVED_GROUPS = {"review-writer"}
+
+
+async def settle(pilot: Pilot, rounds: int = 4) -> None:
+    """Let messages, workers and the review writer's queue run dry."""
+    app = pilot.app
+    for _ in range(rounds):
+        await pilot.pause()
+        busy = [w for w in app.workers if w.group not in LONG_LIVED_GROUPS and w.is_running]
+        if busy:
+            await app.workers.wait_for_complete(busy)
+        for mode in getattr(app, "sections", {}):
+            try:
+                stack = app.get_screen_stack(mode)
+            except KeyError:
+                continue
+            for screen in stack:
+                pending = getattr(screen, "pending_jobs", None)
+                while pending is not None and pending():
+                    await pilot.pause(0.01)
+        await pilot.pause()
+
+
+def review_screen(app):
+    return app.get_screen_stack("review")[0]
+
+
+async def wait_until(pilot: Pilot, predicate, timeout: float = 20.0, what: str = "condition") -> None:
+    """Poll ``predicate`` while the app runs; fail after ``timeout`` seconds.
+
+    For state that arrives on a timer (the status line's recount): a fixed pause
+    is flaky on a loaded machine, a deadline is not.
+    """
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+        await pilot.pause(0.05)
