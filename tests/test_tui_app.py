@@ -40,9 +40,17 @@ async def test_first_run_creates_the_demo_project():
     app = GridtuneApp(None)
     async with app.run_test(size=(80, 24)) as pilot:
         await settle(pilot)
-        assert app.current_mode == "review"
+        assert app.current_mode == "grid"  # nothing generated yet: the loop starts at the grid
     with Store.open(locations.demo_project()) as store:
         assert store.cell_count() == 256
+
+
+async def test_a_project_with_completions_opens_on_the_review(tmp_path: Path):
+    path = small_project(tmp_path / "p.gridtune", done=5)
+    app = GridtuneApp(path)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await settle(pilot)
+        assert app.current_mode == "review"
 
 
 async def test_function_keys_switch_sections_and_status_line_counts(tmp_path: Path):

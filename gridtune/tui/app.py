@@ -80,7 +80,7 @@ class GridtuneApp(App[int]):
     backend_label: reactive[str] = reactive("backend: …", init=False)
 
     def __init__(self, project_path: Path | None = None, *, ctx: ProjectContext | None = None,
-                 start_mode: str = "review"):
+                 start_mode: str | None = None):
         super().__init__()
         if ctx is None:
             if project_path is None:
@@ -107,7 +107,9 @@ class GridtuneApp(App[int]):
     # -- life cycle ----------------------------------------------------------
     def on_mount(self) -> None:
         self.title = f"gridtune · {self.ctx.name}"
-        mode = self.start_mode if self.start_mode in self.sections else next(iter(self.sections), None)
+        mode = self.start_mode or self._natural_start()
+        if mode not in self.sections:
+            mode = next(iter(self.sections), None)
         if mode:
             self.switch_mode(mode)
         self._load_backend_label()
@@ -117,6 +119,14 @@ class GridtuneApp(App[int]):
 
     def on_unmount(self) -> None:
         self.ctx.close()
+
+    def _natural_start(self) -> str:
+        """Open where the loop stands: a run in progress, else review once there is
+        something to grade, else the grid (a new project starts there)."""
+        store = self.ctx.store
+        if store.active_run() is not None:
+            return "generate"
+        return "review" if store.status_counts().done else "grid"
 
     # -- status line ---------------------------------------------------------
     def mark_changed(self) -> None:
