@@ -3,13 +3,13 @@ found the way every gridtune process finds it (server.json in the data directory
 
 from __future__ import annotations
 
-import asyncio
 import json
 
 import pytest
 from click.testing import CliRunner
 
 from gridtune.pipeline import finetune as ft
+from gridtune.pipeline.ask import ask, chat_messages, stream_pieces
 from gridtune.pipeline.backend import Backend, resolve_backend
 from gridtune.tui.cli import main
 from tests.server_support import InProcessServer, chat_examples, write_jsonl
@@ -73,16 +73,18 @@ def test_finetune_human_output_with_progress(local, tmp_path):
 
 def test_ask_with_stop_cuts_the_reply(local):
     backend = resolve_backend(start_local=False)
-    full = ft.ask(backend, local.model, "Count: one two", temperature=0, max_tokens=20)
-    assert isinstance(full, str)
-    pieces = list(ft.ask(backend, local.model, "Count: one two", temperature=0, max_tokens=20, stream=True))
+    full = ask(backend, local.model, "Count: one two", temperature=0, max_tokens=20)
+    assert isinstance(full, str) and full
+    pieces = list(ask(backend, local.model, "Count: one two", temperature=0, max_tokens=20, stream=True))
     assert "".join(pieces) == full
-
-    async def playground():
-        return [p async for p in ft.stream_chat(backend, local.model, "Count: one two", temperature=0,
-                                                max_tokens=20)]
-
-    assert "".join(asyncio.run(playground())) == full
+    final = list(stream_pieces(backend, local.model, messages=chat_messages("Count: one two"), temperature=0,
+                               max_tokens=20))
+    assert "".join(p.text for p in final) == full
+    assert final[-1].done and final[-1].finish_reason in ("stop", "length")
+    assert len(full) >= 6
+    stop = full[len(full) // 2:len(full) // 2 + 3]  # a piece from the middle of the greedy reply
+    cut = ask(backend, local.model, "Count: one two", temperature=0, max_tokens=20, stop=[stop])
+    assert stop not in cut and full.startswith(cut)
 
 
 def test_invalid_file_is_a_usage_error_and_uploads_nothing(local, tmp_path):

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any, AsyncIterator, Callable, Iterator, TextIO
+from typing import Any, Callable, TextIO
 
 import openai
 from openai.types import FileObject
@@ -257,85 +257,3 @@ def export_model(backend: Backend, model_id: str, out_dir: str | Path) -> Path:
 
 # -- prompting ----------------------------------------------------------------------------
 
-def _chat_messages(prompt: str, system: str | None) -> list[dict[str, str]]:
-    return ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
-
-
-def ask(backend: Backend, model: str, prompt: str, *, stop: list[str] | str | None = None,
-        temperature: float | None = None, max_tokens: int | None = None, stream: bool = False,
-        system: str | None = None, legacy: bool = False, seed: int | None = None) -> Any:
-    """Prompt ``model``: the reply text, or (``stream``) an iterator of text pieces.
-
-    Chat by default; ``legacy`` uses the completions endpoint (models tuned on
-    prompt/completion pairs, which expect the training separator at the end of the prompt).
-    """
-    kwargs: dict[str, Any] = {"model": model}
-    if stop:
-        kwargs["stop"] = stop
-    if temperature is not None:
-        kwargs["temperature"] = temperature
-    if max_tokens is not None:
-        kwargs["max_tokens"] = max_tokens
-    if seed is not None:
-        kwargs["seed"] = seed
-    if stream:
-        return _ask_stream(backend, prompt, system, legacy, kwargs)
-    try:
-        with backend.client() as client:
-            if legacy:
-                return client.completions.create(prompt=prompt, **kwargs).choices[0].text
-            resp = client.chat.completions.create(messages=_chat_messages(prompt, system), **kwargs)
-            return resp.choices[0].message.content or ""
-    except openai.OpenAIError as exc:
-        raise _wrap(f"asking {model}", exc) from None
-
-
-def _ask_stream(backend: Backend, prompt: str, system: str | None, legacy: bool,
-                kwargs: dict[str, Any]) -> Iterator[str]:
-    try:
-        with backend.client() as client:
-            if legacy:
-                for chunk in client.completions.create(prompt=prompt, stream=True, **kwargs):
-                    if chunk.choices and chunk.choices[0].text:
-                        yield chunk.choices[0].text
-            else:
-                for chunk in client.chat.completions.create(messages=_chat_messages(prompt, system), stream=True,
-                                                            **kwargs):
-                    if chunk.choices and chunk.choices[0].delta.content:
-                        yield chunk.choices[0].delta.content
-    except openai.OpenAIError as exc:
-        raise _wrap(f"asking {kwargs['model']}", exc) from None
-
-
-async def stream_chat(backend: Backend, model: str, messages: list[dict[str, str]] | str, *,
-                      stop: list[str] | str | None = None, temperature: float | None = None,
-                      max_tokens: int | None = None, seed: int | None = None, legacy: bool = False,
-                      system: str | None = None) -> AsyncIterator[str]:
-    """Text deltas of a reply, for the playground (async). ``messages`` may be a plain prompt."""
-    kwargs: dict[str, Any] = {"model": model}
-    if stop:
-        kwargs["stop"] = stop
-    if temperature is not None:
-        kwargs["temperature"] = temperature
-    if max_tokens is not None:
-        kwargs["max_tokens"] = max_tokens
-    if seed is not None:
-        kwargs["seed"] = seed
-    client = backend.async_client()
-    try:
-        if legacy:
-            prompt = messages if isinstance(messages, str) else messages[-1]["content"]
-            stream = await client.completions.create(prompt=prompt, stream=True, **kwargs)
-            async for chunk in stream:
-                if chunk.choices and chunk.choices[0].text:
-                    yield chunk.choices[0].text
-        else:
-            msgs = _chat_messages(messages, system) if isinstance(messages, str) else messages
-            stream = await client.chat.completions.create(messages=msgs, stream=True, **kwargs)
-            async for chunk in stream:
-                if chunk.choices and chunk.choices[0].delta.content:
-                    yield chunk.choices[0].delta.content
-    except openai.OpenAIError as exc:
-        raise _wrap(f"asking {model}", exc) from None
-    finally:
-        await client.close()

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import Iterable, Iterator
 
 from ..store import Store
+from .ask import Piece, stream_pieces
 from .backend import Backend
 from .grid import GridSpec, Value, cell_key, render_value
 
@@ -330,53 +331,12 @@ def build_prompt(spec: GridSpec, values: dict[str, Value], format: str = "chat",
     return Prompt("chat", messages, rendered.training)
 
 
-@dataclass
-class Piece:
-    """One streamed piece of a reply; the last one has ``finish_reason`` (and no text)."""
-
-    text: str = ""
-    finish_reason: str | None = None
-    done: bool = False
-
-
 def stream_reply(backend: Backend, model: str, prompt: Prompt, *, stop: list[str] | None = None,
                  temperature: float | None = None, max_tokens: int | None = None) -> Iterator[Piece]:
-    """Stream a reply (blocking; run it in a thread): text pieces, then a final
-    Piece with the finish reason ("stop", "length", ...), which the playground
-    needs to say the output ran to max tokens."""
-    import openai
-
-    from .finetune import FinetuneError, _wrap
-
-    kwargs: dict = {"model": model, "stream": True}
-    if stop:
-        kwargs["stop"] = stop
-    if temperature is not None:
-        kwargs["temperature"] = temperature
-    if max_tokens is not None:
-        kwargs["max_tokens"] = max_tokens
-    finish: str | None = None
-    try:
-        with backend.client() as client:
-            if prompt.format == "completion":
-                stream = client.completions.create(prompt=prompt.text, **kwargs)
-            else:
-                stream = client.chat.completions.create(messages=prompt.messages, **kwargs)
-            with stream:
-                for chunk in stream:
-                    if not chunk.choices:
-                        continue
-                    choice = chunk.choices[0]
-                    text = choice.text if prompt.format == "completion" else choice.delta.content
-                    if text:
-                        yield Piece(text)
-                    if choice.finish_reason:
-                        finish = choice.finish_reason
-    except openai.OpenAIError as exc:
-        raise _wrap(f"asking {model}", exc) from None
-    except FinetuneError:
-        raise
-    yield Piece(finish_reason=finish, done=True)
+    """Stream a reply to a playground prompt (blocking; run it in a thread): text
+    pieces, then a final Piece with the finish reason ("stop", "length", ...)."""
+    target = {"prompt": prompt.text} if prompt.format == "completion" else {"messages": prompt.messages}
+    return stream_pieces(backend, model, stop=stop, temperature=temperature, max_tokens=max_tokens, **target)
 
 
 def ran_out(finish_reason: str | None) -> bool:

@@ -136,12 +136,13 @@ def ask_cmd(model: str, prompt: str, stops: tuple[str, ...], temperature: float 
             system: str | None, legacy: bool) -> None:
     """Prompt MODEL ('-': the backend's default model) and print the reply as it streams."""
     from ..pipeline import finetune as ft
+    from ..pipeline.ask import ask
 
     backend = _backend()
     if model == "-":
         model = backend.default_model or model
     try:
-        for piece in ft.ask(backend, model, prompt, stop=list(stops) or None, temperature=temperature,
+        for piece in ask(backend, model, prompt, stop=list(stops) or None, temperature=temperature,
                             max_tokens=max_tokens, system=system, legacy=legacy, stream=True):
             click.echo(piece, nl=False)
     except ft.FinetuneError as exc:
