@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 import threading
 from collections import Counter, defaultdict
 from pathlib import Path
@@ -324,3 +325,28 @@ def test_cli_exit_codes_and_status_json(tmp_path, fake_openai):
     fake_openai.set(faults=[])
     result = CliRunner().invoke(main, ["generate", str(path)])
     assert result.exit_code == 0 and "1 done, 0 failed of 1" in result.output
+
+
+async def test_store_writer_group_commits_in_order_and_keeps_a_failure_from_the_others(tmp_path):
+    from gridtune.pipeline.generate import _Writer
+
+    path = make_project(tmp_path, n_a=2, n_b=2)
+    store = Store.open(path)
+    items = store.pending_work()
+    writer = _Writer(store)
+
+    def broken(*_args):
+        raise sqlite3.OperationalError("disk I/O error")
+
+    for n, item in enumerate(items):
+        if n == 1:
+            writer.later(broken)
+        writer.later(store.save_done, item.completion_id, text=f"reply {n}", model="m", params=None,
+                     prompt_tokens=1, completion_tokens=1, latency_s=0.0, finish_reason="stop", attempts=1)
+    assert await writer.call(store.status_counts) is not None  # a result comes back through the queue
+    await writer.close()
+    assert isinstance(writer.error, sqlite3.OperationalError)
+    with Store.open(path) as fresh:
+        assert fresh.status_counts().done == len(items)  # the failed write lost nothing else
+        assert [fresh.get_completion(i.completion_id).text for i in items] == [f"reply {n}" for n in range(len(items))]
+    store.close()

@@ -79,7 +79,7 @@ async def test_question_mark_shows_the_screens_keys(tmp_path: Path):
         await settle(pilot)
         assert isinstance(app.screen, HelpScreen)
         keys = dict((what, k) for k, what in app.screen.rows)
-        assert keys["auto-grade"] == "a" and keys["grade 4"] == "4" and "go to Grid" in keys
+        assert keys["auto-grade by length"] == "a" and keys["grade 4"] == "4" and "go to Grid" in keys
         await pilot.press("escape")
         await settle(pilot)
         assert not isinstance(app.screen, HelpScreen)

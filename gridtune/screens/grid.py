@@ -27,6 +27,12 @@ from ..tui.widgets.modals import AskModal, ConfirmModal
 _TEMPLATES = ("generation", "training", "system")
 
 
+class FieldArea(TextArea, inherit_bindings=False):
+    """A TextArea without its f6/f7 (select line / all) keys: those switch sections here."""
+
+    BINDINGS = [b for b in TextArea.BINDINGS if getattr(b, "key", None) not in ("f6", "f7")]
+
+
 class GridScreen(Screen):
     """Edit the grid; see its size, a rendered cell and any error at once."""
 
@@ -37,10 +43,10 @@ class GridScreen(Screen):
             "are edited one per line. Saving keeps every completion whose cell still exists.")
     BINDINGS = [
         Binding("ctrl+s", "save", "save", id="grid.save", priority=True),
-        Binding("ctrl+n", "add_variable", "add variable", id="grid.add_variable"),
-        Binding("ctrl+r", "remove_variable", "remove variable", id="grid.remove_variable"),
+        Binding("ctrl+n", "add_variable", "add var", tooltip="add a variable", id="grid.add_variable"),
+        Binding("ctrl+r", "remove_variable", "remove var", tooltip="remove the selected variable", id="grid.remove_variable"),
         Binding("ctrl+down,alt+down", "cell(1)", "next cell", key_display="^↓", id="grid.next_cell"),
-        Binding("ctrl+up,alt+up", "cell(-1)", "previous cell", key_display="^↑", id="grid.previous_cell"),
+        Binding("ctrl+up,alt+up", "cell(-1)", "previous cell", key_display="^↑", show=False, id="grid.previous_cell"),
     ]
 
     def __init__(self, ctx: ProjectContext):
@@ -66,10 +72,10 @@ class GridScreen(Screen):
         with Horizontal(id="grid-body"):
             with Vertical(id="grid-left"):
                 yield OptionList(id="grid-variables")
-                yield TextArea(id="grid-values", soft_wrap=False)
+                yield FieldArea(id="grid-values", soft_wrap=False)
             with Vertical(id="grid-right"):
                 for which in _TEMPLATES:
-                    yield TextArea(id=f"grid-{which}", soft_wrap=True)
+                    yield FieldArea(id=f"grid-{which}", soft_wrap=True)
                 with VerticalScroll(id="grid-preview-box"):
                     yield Static("", id="grid-preview")
         yield Footer(compact=True)

@@ -120,11 +120,11 @@ class PlaygroundScreen(Screen):
     AUTO_FOCUS = ""  # letters are commands; o (or tab) goes into the fields
     BINDINGS = [
         Binding("r", "run", "Run", id="playground.run"),
-        Binding("n", "held_out_values", "New values", id="playground.held_out_values"),
-        Binding("h", "held_out_combination", "Untrained", id="playground.held_out_combination"),
-        Binding("t", "trained_combination", "Trained", id="playground.trained_combination"),
-        Binding("m", "pick_model('a')", "Model A", id="playground.model_a"),
-        Binding("b", "pick_model('b')", "Model B", id="playground.model_b"),
+        Binding("n", "held_out_values", "new values", id="playground.held_out_values"),
+        Binding("h", "held_out_combination", "untrained", id="playground.held_out_combination"),
+        Binding("t", "trained_combination", "trained", id="playground.trained_combination"),
+        Binding("m", "pick_model('a')", "Model A", show=False, id="playground.model_a"),
+        Binding("b", "pick_model('b')", "Model B", show=False, id="playground.model_b"),
         Binding("f", "toggle_format", "Chat/legacy", show=False, id="playground.format"),
         Binding("s", "stop_streams", "Stop", id="playground.stop"),
         Binding("o", "edit", "Fields", show=False, id="playground.fields"),

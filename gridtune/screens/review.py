@@ -55,12 +55,14 @@ class ReviewScreen(Screen):
         Binding("0,d", "grade(0)", "reject", key_display="d", id="review.reject"),
         Binding("u", "undo", "undo", id="review.undo"),
         Binding("e", "edit", "edit", id="review.edit"),
-        Binding("a", "auto_grade", "auto-grade", id="review.auto"),
-        Binding("x", "drop", "drop ≤", id="review.drop"),
-        Binding("slash", "search", "search", key_display="/", id="review.search"),
-        Binding("f", "cycle_filter", "filter", id="review.filter"),
-        Binding("s", "cycle_sort", "sort", id="review.sort"),
-        Binding("r", "reverse", "reverse", id="review.reverse"),
+        Binding("a", "auto_grade", "auto", tooltip="auto-grade by length", id="review.auto"),
+        Binding("x", "drop", "drop", tooltip="drop everything at or below a grade", id="review.drop"),
+        # The view keys are named in the view bar above the list, so the footer has
+        # room for the section keys at 80 columns.
+        Binding("slash", "search", "search", key_display="/", show=False, id="review.search"),
+        Binding("f", "cycle_filter", "filter", show=False, id="review.filter"),
+        Binding("s", "cycle_sort", "sort", show=False, id="review.sort"),
+        Binding("r", "reverse", "reverse", show=False, id="review.reverse"),
         Binding("escape", "clear_search", "clear search", show=False, id="review.clear_search"),
     ]
 
@@ -191,11 +193,14 @@ class ReviewScreen(Screen):
     def _show_bar(self) -> None:
         arrow = "↓" if self.descending else "↑"
         sort = dict(review.SORTS)[self.sort]
-        view = f"{sort} {arrow} · {self.filter.label}"
-        if self.search:
-            view += f" · “{self.search}”"
-        view += f" · {len(self.list.rows):,} rows"
+        # Each part of the view is labelled with the key that changes it.
+        view = Text.assemble(("s", "bold"), f" {sort} ", ("r", "bold"), f" {arrow} · ",
+                             ("f", "bold"), f" {self.filter.label} · ", ("/", "bold"),
+                             f" “{self.search}”" if self.search else " search")
         self._set_text("#review-view", view)
+        rows = f"{len(self.list.rows):,} rows"
+        if self.list.border_title != rows:
+            self.list.border_title = rows
         self._set_text("#review-counts", self.counts.text())
 
     # -- the detail pane -------------------------------------------------------------

@@ -119,8 +119,16 @@ class Store:
 
     @contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:
-        """BEGIN IMMEDIATE ... COMMIT: a write lock up front, so no deadlock on upgrade."""
+        """BEGIN IMMEDIATE ... COMMIT: a write lock up front, so no deadlock on upgrade.
+
+        Nested use joins the open transaction (the generation runner's group
+        commit wraps many single writes in one); an error inside a nested block
+        is raised to the outer one, which decides.
+        """
         with self._lock:
+            if self._conn.in_transaction:
+                yield self._conn
+                return
             self._conn.execute("BEGIN IMMEDIATE")
             try:
                 yield self._conn

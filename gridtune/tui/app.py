@@ -67,7 +67,9 @@ class GridtuneApp(App[int]):
     COMMAND_PALETTE_DISPLAY = "^p"
     BINDINGS = [
         *(
-            Binding(s.key, f"section('{s.mode}')", s.title, id=f"section.{s.mode}", group=_SCREENS)
+            # priority: a focused TextArea binds f6 (select line); section keys must win.
+            Binding(s.key, f"section('{s.mode}')", s.title, id=f"section.{s.mode}", group=_SCREENS,
+                    priority=True)
             for s in SECTIONS
         ),
         Binding("question_mark", "help", "help", key_display="?", id="app.help"),

@@ -47,7 +47,7 @@ class GridtuneCommands(Provider):
             for binding in _palette_bindings(cls):
                 help_text = f"{app.get_key_display(binding)} in {section.title}"
                 yield (
-                    f"{section.title}: {binding.description}",
+                    f"{section.title}: {binding.tooltip or binding.description}",
                     partial(_run_in_section, app, mode, binding.action),
                     help_text,
                 )

@@ -28,7 +28,7 @@ def binding_rows(screen: Screen) -> list[tuple[str, str]]:
             continue
         if type(active.node).__module__.startswith("textual."):
             continue  # Textual's own defaults (scrolling, focus, copy): noise here
-        what = binding.description
+        what = binding.tooltip or binding.description  # the footer has the short words
         if binding.action == "section" or binding.action.startswith("section("):
             what = f"go to {binding.description}"
         display = app.get_key_display(binding)
