@@ -474,13 +474,15 @@ class ExportScreen(Screen):
         else:
             style = {"succeeded": "bold green", "failed": "bold red", "cancelled": "yellow",
                      "refused": "bold red"}.get(job.status, "bold")
-            status = Text.assemble(("job ", "dim"), (job.id or "–", ""), "  ", (job.status, style))
+            status = Text()
+            if job.fine_tuned_model:
+                # First, so it is never the line cut off: the id a person copies or tries (p).
+                status.append(f"{job.fine_tuned_model}\n", style="bold green")
+            status.append_text(Text.assemble(("job ", "dim"), (job.id or "–", ""), "  ", (job.status, style)))
             if job.model:
                 status.append(f" · {job.model}", style="dim")
             if job.losses:
                 status.append(f" · step {int(job.steps[-1])} loss {job.losses[-1]:.3f}")
-            if job.fine_tuned_model:
-                status.append(f"\n→ {job.fine_tuned_model}", style="bold green")
             if job.error:
                 status.append(f"\n{job.error}", style="red")
         self._set("exp-job-status", status)
