@@ -184,6 +184,10 @@ def test_export_is_recorded(project, tmp_path):
     ({"format": "csv"}, "format"),
     ({"separator": "##"}, "completion only"),
     ({"min_grade": 5, "out": "sub/none/o.jsonl"}, "no such directory"),
+    ({"format": "completion", "separator": ""}, "--separator must not be empty"),
+    ({"format": "completion", "stop": ""}, "--stop must not be empty"),
+    ({"out": "a" * 300 + ".jsonl"}, "too long"),
+    ({"out": "a" * 245 + ".jsonl"}, "cannot write"),  # its temporary file's name is too long
 ])
 def test_bad_input_writes_nothing(project, tmp_path, kwargs, message):
     out = tmp_path / kwargs.pop("out", "o.jsonl")
@@ -255,6 +259,14 @@ def test_cli_bad_input_exit_2(project, tmp_path, args, message):
     res = CliRunner().invoke(main, ["export", str(project), "-o", str(tmp_path / "o.jsonl"), *args])
     assert res.exit_code == 2 and message in res.output
     assert not (tmp_path / "o.jsonl").exists()
+
+
+@pytest.mark.parametrize("name", ["p.gridtune", "p.gridtune-wal", "p.gridtune.log"])
+def test_cli_export_never_overwrites_the_project(project, tmp_path, name):
+    before = grades(project)
+    res = CliRunner().invoke(main, ["export", str(project), "-o", str(tmp_path / name)])
+    assert res.exit_code == 2 and "is the project's own file" in res.stderr
+    assert grades(project) == before  # still a project, every completion in it
 
 
 def test_cli_no_project_exit_2(tmp_path):

@@ -286,6 +286,9 @@ def test_a_second_run_is_refused_naming_the_first(tmp_path, fake_openai):
     (["--max-tokens", "0"], "--max-tokens must be at least 1"),
     (["--temperature", "3"], "--temperature must be within 0..2"),
     (["--timeout", "0"], "--timeout must be positive"),
+    (["--timeout", "nan"], "--timeout must be positive"),
+    (["--rpm", "inf"], "--rpm must be positive"),
+    (["--tpm", "nan"], "--tpm must be positive"),
     (["--concurrency", "many"], "'many' is not a valid integer"),
     (["--bogus"], "No such option"),
 ])

@@ -66,6 +66,11 @@ def test_training_defaults_to_generation():
         (('year = [2030, 2035, 2040]', 'year = [true]'), "must be a string or a number"),
         (("samples = 2", "samples = 0"), "samples must be at least 1"),
         (("[generation]", "[generation]\nbogus = 1"), "unknown key(s) in [generation]: bogus"),
+        (("samples = 2", "samples = 1.5"), "[generation] samples must be a whole number, not 1.5"),
+        (("samples = 2", "samples = true"), "[generation] samples must be a whole number, not True"),
+        (("temperature = 1.0", "temperature = 'hot'"), "[generation] temperature must be a number, not 'hot'"),
+        (('model = "gpt-4o-mini"', "model = 5"), "[generation] model must be a model name (a string), not 5"),
+        (("[generation]", "[generation]\ntop_p = 5"), "[generation] top_p must be within 0..1, not 5.0"),
     ],
 )
 def test_each_spec_error_names_its_culprit(edit, message):

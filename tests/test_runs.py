@@ -16,6 +16,7 @@ import pytest
 
 from gridtune.pipeline import runs
 from gridtune.store import RunRecord, Store
+from tests.fakeserver import TEST_KEY, Fault
 from tests.test_generate import make_project
 
 GRIDTUNE = [sys.executable, "-c", "from gridtune.tui.cli import main; main()"]
@@ -145,6 +146,21 @@ def test_detached_run_outlives_the_process_that_started_it(tmp_path, fake_openai
     assert time.monotonic() - started > 2.0  # it ran on well after `generate --detach` returned
     assert statuses(path) == {"done"} and finished.progress["done"] == 20
     assert "run #1 finished" in runs.log_path(path).read_text()
+
+
+def test_a_key_the_server_echoes_reaches_neither_the_project_nor_the_log(tmp_path, fake_openai, detached_pids):
+    path = make_project(tmp_path, n_a=2, n_b=2)
+    fake_openai.set(faults=[Fault(status=401, code="invalid_api_key",
+                                  message=f"Incorrect API key provided: {TEST_KEY}.")])
+    assert gridtune("generate", str(path), "--detach").returncode == 0
+    detached_pids.append(latest(path).pid)
+    wait_for(lambda: not latest(path).active)
+    log = runs.log_path(path).read_text()
+    assert "4 x HTTP 401 [invalid_api_key]: Incorrect API key provided: sk-...89." in log
+    with Store.open(path) as store:
+        assert {c.status for c in store.completions()} == {"failed"}
+    for f in tmp_path.iterdir():  # the database, its WAL, the run's log
+        assert TEST_KEY.encode() not in f.read_bytes(), f
 
 
 def test_second_run_is_refused_naming_the_first_and_stop_ends_it(tmp_path, fake_openai, detached_pids):

@@ -52,6 +52,32 @@ def test_open_errors_are_one_line(tmp_path):
         Store.open(newer)
 
 
+def test_a_file_that_is_not_a_project_is_left_as_it_was(tmp_path):
+    other = tmp_path / "other.db"
+    c = sqlite3.connect(other)
+    c.execute("CREATE TABLE t (x)")
+    c.commit()
+    c.close()
+    before = other.read_bytes()
+    with pytest.raises(StoreError, match="not a gridtune project"):
+        Store.open(other)
+    assert other.read_bytes() == before  # not switched to WAL, not migrated
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["other.db"]
+    empty = tmp_path / "empty.gridtune"
+    empty.write_bytes(b"")
+    with pytest.raises(StoreError, match="empty file"):
+        Store.open(empty)
+    assert empty.read_bytes() == b""
+
+
+def test_unusable_paths_are_one_line_errors(tmp_path):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(StoreError, match="File exists|Not a directory"):
+        create_project(tmp_path / "file" / "p.gridtune", demo_spec())
+    with pytest.raises(StoreError, match="too long"):
+        Store.open(tmp_path / ("a" * 300 + ".gridtune"))
+
+
 def test_create_refuses_to_overwrite(store, tmp_path):
     with pytest.raises(StoreError, match="already exists"):
         create_project(tmp_path / "p.gridtune", demo_spec())

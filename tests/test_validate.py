@@ -159,6 +159,17 @@ def test_invalid_utf8_is_an_invalid_line(tmp_path):
     assert r.error_lines["invalid_json"] == [2]
 
 
+def test_nesting_too_deep_and_binary_junk_are_invalid_lines(tmp_path):
+    path = tmp_path / "f.jsonl"
+    junk = bytes(b for b in range(256) if b != ord("\n")) * 40
+    path.write_bytes(json.dumps(GOOD).encode() + b"\n" + b"[" * 100_000 + b"\n" + junk + b"\n")
+    r = validate_file(path)
+    assert r.error_lines["invalid_json"] == [2, 3] and r.n_examples == 1
+    res = CliRunner().invoke(main, ["validate", str(path)])
+    assert res.exit_code == 1 and isinstance(res.exception, SystemExit)  # exit 1, not a crash
+    assert "2 format error(s)" in res.stderr
+
+
 # -- legacy prompt/completion ---------------------------------------------------
 
 def legacy(n: int, sep: str = "\n\n###\n\n", stop: str = " END") -> list[dict]:

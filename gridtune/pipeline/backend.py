@@ -35,6 +35,27 @@ class Backend:
     def label(self) -> str:
         return {"openai": "OpenAI", "compatible": f"{self.base_url}", "local": f"local server {self.base_url}"}[self.kind]
 
+    @property
+    def public_url(self) -> str:
+        """The base URL without credentials or query (user:pass@host, ?api-key=...): what
+        may be written to the project file to say which backend ran a job."""
+        from urllib.parse import urlsplit, urlunsplit
+
+        parts = urlsplit(self.base_url)
+        host = parts.hostname or ""
+        netloc = f"[{host}]" if ":" in host else host
+        if parts.port:
+            netloc += f":{parts.port}"
+        return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
+
+    def redact(self, text: str) -> str:
+        """``text`` without the API key: some servers echo the key in their error
+        messages, and errors are saved in the project and printed to run logs."""
+        key = self.api_key
+        if len(key) < 8:  # a placeholder such as "x", not a secret worth mangling messages for
+            return text
+        return text.replace(key, f"{key[:3]}...{key[-2:]}")
+
     def async_client(self, **kwargs):
         from openai import AsyncOpenAI
 

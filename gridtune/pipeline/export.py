@@ -14,6 +14,7 @@ the project.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import itertools
 import json
@@ -137,6 +138,9 @@ def _check_args(format: str, min_grade: int | None, fraction: float, separator: 
         raise ExportError(f"--validation-fraction must be in [0, 1), not {fraction}")
     if format == "chat" and (separator is not None or stop is not None):
         raise ExportError("--separator and --stop apply to --format completion only")
+    for name, marker in (("separator", separator), ("stop", stop)):
+        if marker is not None and not marker:
+            raise ExportError(f"--{name} must not be empty")
     if out_path.is_dir():
         raise ExportError(f"{out_path}: is a directory; give a .jsonl file name")
     if not out_path.parent.is_dir():
@@ -186,6 +190,15 @@ async def _choose_markers(store: Store, spec: GridSpec, min_grade: int | None,
     elif stops[stop]:
         warnings.append(f"the stop `{show(stop)}` occurs inside the data; generation may end early")
     return separator, stop, warnings
+
+
+def _refuse_project_files(store: Store, *outs: Path | None) -> None:
+    """An export must never overwrite the project it comes from (or its WAL, or a run's log)."""
+    project = store.path.resolve()
+    taken = {project, *(project.with_name(project.name + s) for s in ("-wal", "-shm", "-journal", ".log"))}
+    for out in outs:
+        if out is not None and out.resolve() in taken:
+            raise ExportError(f"{out}: is the project's own file; give another .jsonl file name")
 
 
 def _temp_for(path: Path) -> Path:
@@ -239,7 +252,10 @@ async def export_project_async(
     model: str | None = None,
 ) -> ExportResult:
     out = Path(out_path)
-    _check_args(format, min_grade, validation_fraction, separator, stop, out)
+    try:
+        _check_args(format, min_grade, validation_fraction, separator, stop, out)
+    except OSError as exc:
+        raise ExportError(f"{out}: {exc.strerror or exc}") from None
     try:
         spec = load_project_spec(store)
     except ValueError as exc:
@@ -248,6 +264,7 @@ async def export_project_async(
     if format == "completion":
         separator, stop, warnings = await _choose_markers(store, spec, min_grade, separator, stop)
     valid_out = valid_path_for(out) if validation_fraction > 0 else None
+    _refuse_project_files(store, out, valid_out)
     tmp_train = _temp_for(out)
     tmp_valid = _temp_for(valid_out) if valid_out else None
     try:
@@ -272,10 +289,13 @@ async def export_project_async(
         elif valid_out is not None:
             warnings.append(f"no example fell into the validation split; {valid_out} not written")
             valid_out = None
+    except OSError as exc:  # an unwritable directory, a full disk, a name too long
+        raise ExportError(f"{out}: cannot write: {exc.strerror or exc}") from None
     finally:
         for tmp in (tmp_train, tmp_valid):
-            if tmp is not None and tmp.exists():
-                tmp.unlink()
+            if tmp is not None:
+                with contextlib.suppress(OSError):
+                    tmp.unlink(missing_ok=True)
     if n_blank:
         warnings.append(f"{n_blank:,} empty completion(s) left out")
     done = store.status_counts().done

@@ -201,7 +201,7 @@ def start_finetune(backend: Backend, train_path: str | Path, model: str, *, vali
     job = create_job(backend, train.id, model, validation_file_id=valid.id if valid else None, epochs=epochs,
                      suffix=suffix, seed=seed)
     if store is not None:
-        store.record_job(id=job.id, base_url=backend.base_url, model=model, training_file=train.id,
+        store.record_job(id=job.id, base_url=backend.public_url, model=model, training_file=train.id,
                          validation_file=valid.id if valid else None, export_id=export_id, status=job.status)
     return job
 

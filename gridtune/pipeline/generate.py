@@ -19,6 +19,7 @@ import concurrent.futures
 import email.utils
 import json
 import logging
+import math
 import os
 import queue
 import random
@@ -78,7 +79,7 @@ class GenerateOptions:
             raise bad("concurrency", self.concurrency, "at least 1")
         for name in ("rpm", "tpm"):
             value = getattr(self, name)
-            if value is not None and value <= 0:
+            if value is not None and not (0 < value < math.inf):  # also refuses nan
                 raise bad(name, value, "positive")
         if self.limit is not None and self.limit < 0:
             raise bad("limit", self.limit, "0 or more")
@@ -86,7 +87,7 @@ class GenerateOptions:
             raise bad("temperature", self.temperature, "within 0..2")
         if self.max_tokens is not None and self.max_tokens < 1:
             raise bad("max_tokens", self.max_tokens, "at least 1")
-        if self.timeout_s <= 0:
+        if not 0 < self.timeout_s < math.inf:
             raise bad("timeout", self.timeout_s, "positive")
         if self.max_attempts < 1:
             raise bad("max_attempts", self.max_attempts, "at least 1")
@@ -464,7 +465,7 @@ class _Runner:
             raise
         except Exception as exc:  # every failure is recorded, never raised out of the run
             kind = "transient" if is_transient(exc) else "permanent"
-            error = describe(exc)
+            error = plan.backend.redact(describe(exc))
             if kind == "transient":
                 error += f" (after {attempts} attempt{'s' if attempts != 1 else ''})"
             tracker.failed(item.completion_id, error)
@@ -561,7 +562,7 @@ async def run_generation(
         except BaseException as exc:
             # Cancelled (the TUI closing) or interrupted: a stop. Anything else: a failed run.
             cancelled = isinstance(exc, (asyncio.CancelledError, KeyboardInterrupt))
-            state, error = ("stopped", None) if cancelled else ("failed", describe(exc)[:500])
+            state, error = ("stopped", None) if cancelled else ("failed", plan.backend.redact(describe(exc))[:500])
             progress = runner.snapshot(state) if runner else Progress(run_id=run_id, state=state)
             store.finish_run(run_id, state, error=error, progress=progress.to_dict())
             raise

@@ -101,6 +101,8 @@ class GridSpec:
             raise GridError(f"[generation] max_tokens must be at least 1, not {s.max_tokens}")
         if not 0 <= s.temperature <= 2:
             raise GridError(f"[generation] temperature must be within 0..2, not {s.temperature}")
+        if s.top_p is not None and not 0 <= s.top_p <= 1:
+            raise GridError(f"[generation] top_p must be within 0..1, not {s.top_p}")
         if self.cell_count > self.max_cells:
             raise GridError(
                 f"grid has {self.cell_count:,} cells, over the limit of {self.max_cells:,} "
@@ -216,17 +218,29 @@ def parse_spec(text: str, source: str = "spec") -> GridSpec:
     unknown = set(gen) - _GEN_KEYS
     if unknown:
         raise GridError(f"{source}: unknown key(s) in [generation]: {', '.join(sorted(unknown))}")
-    try:
-        settings = GenerationSettings(
-            model=gen.get("model"),
-            temperature=float(gen.get("temperature", 1.0)),
-            max_tokens=int(gen.get("max_tokens", 600)),
-            samples=int(gen.get("samples", 1)),
-            top_p=float(gen["top_p"]) if "top_p" in gen else None,
-            seed=int(gen["seed"]) if "seed" in gen else None,
-        )
-    except (TypeError, ValueError) as exc:
-        raise GridError(f"{source}: [generation] has a bad value: {exc}") from None
+
+    def setting(key: str, kind: type, default: Any) -> Any:
+        if key not in gen:
+            return default
+        value = gen[key]
+        if kind is str:
+            ok, need = isinstance(value, str) and bool(value.strip()), "a model name (a string)"
+        elif kind is int:  # 1.5 samples or `true` max_tokens is a mistake, not a 1
+            ok, need = isinstance(value, int) and not isinstance(value, bool), "a whole number"
+        else:
+            ok, need = isinstance(value, (int, float)) and not isinstance(value, bool), "a number"
+        if not ok:
+            raise GridError(f"{source}: [generation] {key} must be {need}, not {value!r}")
+        return float(value) if kind is float else value
+
+    settings = GenerationSettings(
+        model=setting("model", str, None),
+        temperature=setting("temperature", float, 1.0),
+        max_tokens=setting("max_tokens", int, 600),
+        samples=setting("samples", int, 1),
+        top_p=setting("top_p", float, None),
+        seed=setting("seed", int, None),
+    )
     max_cells = data.get("max_cells", DEFAULT_MAX_CELLS)
     if not isinstance(max_cells, int) or max_cells < 1:
         raise GridError(f"{source}: max_cells must be a positive integer")

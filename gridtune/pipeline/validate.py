@@ -542,7 +542,7 @@ def _iter_file(path: Path) -> Iterator[tuple[int, Any]]:
                 continue  # blank lines (a trailing newline) are not examples
             try:
                 yield lineno, json.loads(raw)
-            except (json.JSONDecodeError, UnicodeDecodeError):
+            except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):  # RecursionError: nested too deep
                 yield lineno, _BAD
 
 

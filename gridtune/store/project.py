@@ -69,28 +69,35 @@ class Store:
     @classmethod
     def open(cls, path: str | os.PathLike[str], *, create: bool = False) -> "Store":
         path = Path(path)
-        if not create and not path.exists():
+        try:
+            exists = path.exists()
+            if create and not exists:
+                path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StoreError(f"{path}: {exc.strerror or exc}") from None
+        if not create and not exists:
             raise StoreError(f"{path}: no such project (create one with `gridtune new {path} --spec SPEC.toml`)")
-        if create and path.exists():
+        if create and exists:
             raise StoreError(f"{path}: already exists; not overwriting it")
-        if create:
-            path.parent.mkdir(parents=True, exist_ok=True)
         try:
             conn = sqlite3.connect(path, timeout=30, isolation_level=None, check_same_thread=False)
             conn.row_factory = sqlite3.Row
             conn.execute("PRAGMA busy_timeout = 30000")
+            # Read before any write: a file that is not a project is left exactly as it was
+            # (setting WAL would convert someone else's database, or write into an empty file).
+            version = conn.execute("PRAGMA user_version").fetchone()[0]
+            if version == 0 and not create:
+                tables = conn.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]
+                conn.close()
+                raise StoreError(f"{path}: not a gridtune project" + (" (empty file)" if not tables else ""))
             conn.execute("PRAGMA journal_mode = WAL")
             # NORMAL in WAL: a commit survives the process being killed (it is in the
             # WAL file), without an fsync per completion.
             conn.execute("PRAGMA synchronous = NORMAL")
             conn.execute("PRAGMA foreign_keys = ON")
-            version = conn.execute("PRAGMA user_version").fetchone()[0]
         except sqlite3.DatabaseError as exc:
-            raise StoreError(f"{path}: not a gridtune project ({exc})") from None
-        if version == 0 and not create:
-            tables = conn.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]
-            conn.close()
-            raise StoreError(f"{path}: not a gridtune project" + (" (empty file)" if not tables else ""))
+            what = "cannot create the project" if create else "not a gridtune project"
+            raise StoreError(f"{path}: {what} ({exc})") from None
         if version > SCHEMA_VERSION:
             conn.close()
             raise StoreError(
