@@ -103,6 +103,20 @@ def test_n_choices_and_seed(client, server):
     assert r.usage.completion_tokens >= 2 and r.usage.completion_tokens <= 20
 
 
+def test_n_choices_stream_with_usage(client, server):
+    kw = dict(model=server.model, messages=MSG, n=2, temperature=1.0, seed=11, max_tokens=8)
+    full = client.chat.completions.create(**kw)
+    chunks = list(client.chat.completions.create(**kw, stream=True, stream_options={"include_usage": True}))
+    texts, reasons = ["", ""], [None, None]
+    for c in chunks[:-1]:
+        (choice,) = c.choices
+        texts[choice.index] += choice.delta.content or ""
+        reasons[choice.index] = choice.finish_reason or reasons[choice.index]
+    assert texts == [c.message.content for c in full.choices]
+    assert reasons == [c.finish_reason for c in full.choices]
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == full.usage.completion_tokens
+
+
 def test_concurrent_requests_decode_like_sequential_ones(server):
     """Batched decoding (rows joining and leaving) gives each request what it gets alone."""
     prompts = [[{"role": "user", "content": f"Tell me about case {i} " * (1 + i % 3)}] for i in range(6)]
@@ -172,6 +186,7 @@ def test_file_errors(client, tmp_path):
     ({"stop": ["a", "b", "c", "d", "e"]}, 400, "stop"),
     ({"messages": []}, 400, "messages"),
     ({"messages": [{"role": "tool", "content": "x"}]}, 400, "messages.[0].role"),
+    ({"logprobs": True}, 400, "logprobs"),
 ])
 def test_bad_chat_requests_get_openai_shaped_errors(client, server, kwargs, status, param):
     args = {"model": server.model, "messages": MSG, **kwargs}
@@ -192,3 +207,52 @@ def test_unparseable_body_and_unknown_route(server):
     r = httpx.get(f"{server.base_url}/fine_tuning/jobs/ftjob-nope")
     assert r.status_code == 404 and r.json()["error"]["param"] == "fine_tuning_job_id"
     assert json.loads(httpx.get(f"{server.base_url}/models").text)["object"] == "list"
+
+
+def test_legacy_refusals_come_before_the_stream(client, server):
+    """A prompt the engine refuses is a 400 at once, streamed or not, never an in-band error."""
+    with pytest.raises(openai.BadRequestError) as exc:
+        client.completions.create(model=server.model, prompt="hello world " * 3000, stream=True)
+    assert exc.value.body["code"] == "context_length_exceeded" and exc.value.body["param"] == "prompt"
+    r = httpx.post(f"{server.base_url}/completions", json={"model": server.model, "prompt": "x", "best_of": "2"})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "best_of"
+
+
+def test_an_oversized_chunked_upload_is_refused_without_reading_it(server):
+    """No Content-Length to check: the body is cut off at the limit, not spooled to the end first."""
+    from gridtune.server.app import create_app
+
+    head = (b'--B\r\nContent-Disposition: form-data; name="purpose"\r\n\r\nfine-tune\r\n'
+            b'--B\r\nContent-Disposition: form-data; name="file"; filename="big.jsonl"\r\n\r\n')
+    chunks = [head] + [b"x" * (1 << 20)] * 64
+    read, sent = [], []
+
+    async def receive():
+        read.append(1)
+        body = chunks[len(read) - 1] if len(read) <= len(chunks) else b""
+        return {"type": "http.request", "body": body, "more_body": len(read) < len(chunks)}
+
+    async def send(message):
+        sent.append(message)
+
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
+             "path": "/v1/files", "raw_path": b"/v1/files", "root_path": "", "query_string": b"",
+             "headers": [(b"content-type", b"multipart/form-data; boundary=B"), (b"transfer-encoding", b"chunked")],
+             "client": ("127.0.0.1", 1), "server": ("127.0.0.1", server.port)}
+    asyncio.run(create_app(server.state)(scope, receive, send))
+    assert sent[0]["status"] == 413 and json.loads(sent[1]["body"])["error"]["code"] == "file_too_large"
+    assert len(read) <= 3  # the head and a chunk or two, not 64 MiB
+
+
+def test_export_model_is_refused_to_a_client_on_another_machine(server, tmp_path):
+    """It writes on the server's disk: a key holder elsewhere on the network may not."""
+    from starlette.testclient import TestClient
+
+    from gridtune.server.app import create_app
+
+    out = tmp_path / "merged"
+    # Not as a context manager: no lifespan, so the shared server's engine is left alone.
+    remote = TestClient(create_app(server.state), client=("10.1.2.3", 40000))
+    r = remote.post("/v1/gridtune/export_model", json={"model": "anything", "output_dir": str(out)})
+    assert r.status_code == 403 and r.json()["error"]["code"] == "forbidden"
+    assert not out.exists()

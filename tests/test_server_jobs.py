@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import time
 
 import openai
 import pytest
@@ -119,14 +120,49 @@ def test_cancel_stops_a_running_job(client, server, tmp_path):
     job = client.fine_tuning.jobs.create(model=server.model, training_file=f.id,
                                          hyperparameters={"n_epochs": 50, "batch_size": 1})
     queued = client.fine_tuning.jobs.create(model=server.model, training_file=f.id)
+    later = client.fine_tuning.jobs.create(model=server.model, training_file=f.id)  # most likely the same second
     wait_for(lambda: any(e.type == "metrics" for e in client.fine_tuning.jobs.list_events(job.id).data))
     assert client.fine_tuning.jobs.retrieve(queued.id).status == "queued"  # one job trains at a time
+    assert [j.id for j in client.fine_tuning.jobs.list(limit=3).data] == [later.id, queued.id, job.id]  # newest first
+    page = client.fine_tuning.jobs.list(limit=1, after=later.id)
+    assert [j.id for j in page.data] == [queued.id] and page.has_more
+    server.state.last_activity -= 3600  # no request for an hour, but a job runs: not idle, and the clock restarts
+    assert server.state.idle_for == 0 and time.monotonic() - server.state.last_activity < 60
     cancelled = client.fine_tuning.jobs.cancel(job.id)
     assert cancelled.status == "cancelled"
+    wait_for(lambda: client.fine_tuning.jobs.retrieve(queued.id).status != "queued")  # first in, first out
+    assert client.fine_tuning.jobs.retrieve(later.id).status == "queued"
+    assert client.fine_tuning.jobs.cancel(later.id).status == "cancelled"
     assert client.fine_tuning.jobs.cancel(queued.id).status == "cancelled"
     with pytest.raises(openai.BadRequestError):
         client.fine_tuning.jobs.cancel(job.id)
     assert client.fine_tuning.jobs.retrieve(job.id).fine_tuned_model is None
+
+
+def test_a_worker_killed_mid_training_fails_the_job_with_a_reason(client, server, tmp_path):
+    f = _upload(client, write_jsonl(tmp_path / "t.jsonl", chat_examples(20)))
+    job = client.fine_tuning.jobs.create(model=server.model, training_file=f.id,
+                                         hyperparameters={"n_epochs": 50, "batch_size": 1})
+    wait_for(lambda: any(e.type == "metrics" for e in client.fine_tuning.jobs.list_events(job.id).data))
+    state = json.loads((server.state.jobs.root / job.id / "state.json").read_text())
+    os.kill(state["local"]["worker_pid"], signal.SIGKILL)  # e.g. the kernel's out-of-memory killer
+    done = _wait_done(client, job.id, timeout=60)
+    assert done.status == "failed" and done.error.message.startswith("the training worker was killed by SIGKILL")
+    assert client.fine_tuning.jobs.list_events(job.id).data[0].message == f"Fine-tuning job failed: {done.error.message}"
+
+
+def test_an_interrupted_worker_resumes_instead_of_failing(client, server, tmp_path):
+    """Ctrl-C on a foreground `gridtune serve` reaches the worker too (one process group)."""
+    f = _upload(client, write_jsonl(tmp_path / "t.jsonl", chat_examples(20)))
+    job = client.fine_tuning.jobs.create(model=server.model, training_file=f.id,
+                                         hyperparameters={"n_epochs": 50, "batch_size": 5})
+    wait_for(lambda: client.fine_tuning.jobs.checkpoints.list(job.id).data)
+    pid = json.loads((server.state.jobs.root / job.id / "state.json").read_text())["local"]["worker_pid"]
+    os.kill(pid, signal.SIGINT)
+    wait_for(lambda: any("resumed from checkpoint" in e.message
+                         for e in client.fine_tuning.jobs.list_events(job.id, limit=100).data))
+    assert client.fine_tuning.jobs.retrieve(job.id).status == "running"
+    assert client.fine_tuning.jobs.cancel(job.id).status == "cancelled"
 
 
 def test_files_jobs_and_models_survive_a_killed_server(tiny_model_dir, tmp_path):  # noqa: F811
@@ -141,6 +177,8 @@ def test_files_jobs_and_models_survive_a_killed_server(tiny_model_dir, tmp_path)
         long = client.fine_tuning.jobs.create(model=state["model"], training_file=f.id,
                                               hyperparameters={"n_epochs": 50, "batch_size": 1})
         wait_for(lambda: client.fine_tuning.jobs.checkpoints.list(long.id).data)
+        waiting = client.fine_tuning.jobs.create(model=state["model"], training_file=f.id)
+        wait_for(lambda: client.fine_tuning.jobs.retrieve(waiting.id).status == "queued")
         worker_pid = json.loads((data / "jobs" / long.id / "state.json").read_text())["local"]["worker_pid"]
         proc.send_signal(signal.SIGKILL)  # no clean shutdown: the worker is orphaned mid-job
         proc.wait()
@@ -156,6 +194,11 @@ def test_files_jobs_and_models_survive_a_killed_server(tiny_model_dir, tmp_path)
         resumed = wait_for(lambda: [e for e in client.fine_tuning.jobs.list_events(long.id, limit=100).data
                                     if "resumed from checkpoint" in e.message])
         assert resumed
+        # the orphan was interrupted, not cancelled: its history says so
+        messages = [e.message for e in client.fine_tuning.jobs.list_events(long.id, limit=100).data]
+        assert "Fine-tuning job cancelled" not in messages and any("Training interrupted" in m for m in messages)
         assert client.fine_tuning.jobs.retrieve(long.id).status in ("running", "succeeded")
+        assert client.fine_tuning.jobs.retrieve(waiting.id).status == "queued"  # still waiting its turn
         client.fine_tuning.jobs.cancel(long.id)
         assert client.fine_tuning.jobs.retrieve(long.id).status in ("cancelled", "succeeded")
+        assert _wait_done(client, waiting.id).status == "succeeded"  # and then it runs

@@ -313,6 +313,19 @@ def test_sigterm_cancels_within_seconds(tiny_model_dir: Path, tmp_path: Path) ->
     assert not (tmp_path / "result").exists()
 
 
+def test_sigint_interrupts_without_cancelling(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """SIGINT is the server stopping: the job is paused for a resume, and its history does not say "cancelled"."""
+    make_job(tmp_path, tiny_model_dir, chat_rows(), hyperparameters={"n_epochs": 25, "batch_size": 1})
+    proc = start_worker(tmp_path)
+    wait_for(lambda: len(metrics(tmp_path)) >= 2, proc)
+    proc.send_signal(signal.SIGINT)
+    code, err = finish(proc, timeout=15)
+    assert code == 3, err[-2000:]
+    assert status(tmp_path)["status"] == "interrupted"
+    last = train.read_events(tmp_path)[-1]
+    assert last["message"].startswith("Training interrupted") and last["level"] == "warn"
+
+
 def test_resume_after_kill_continues_from_last_checkpoint(tiny_model_dir: Path, tmp_path: Path) -> None:
     make_job(tmp_path, tiny_model_dir, chat_rows(), hyperparameters={"n_epochs": 6, "batch_size": 1})
     proc = start_worker(tmp_path)

@@ -46,8 +46,10 @@ class ServerState:
 
     @property
     def idle_for(self) -> float:
-        """Seconds with no request in flight, no job queued or running and no generation."""
+        """Seconds with no request in flight, no job queued or running and no generation
+        (counted from the end of the last job, not from the last request before it)."""
         if self.in_flight or self.jobs.active or self.engine.busy:
+            self.last_activity = time.monotonic()
             return 0.0
         return time.monotonic() - self.last_activity
 
@@ -202,6 +204,15 @@ def _model(state: ServerState, body: dict[str, Any]) -> str:
     return model
 
 
+def _check_prompt(state: ServerState, prompt: list[int], param: str) -> None:
+    """The engine's own refusals, raised before a stream starts (a 400, not an in-band error)."""
+    if not prompt:
+        raise invalid("the prompt is empty", param=param)
+    if len(prompt) >= state.engine.context_length:
+        raise invalid(f"the prompt is {len(prompt)} tokens; this model's context is "
+                      f"{state.engine.context_length} tokens", param=param, code="context_length_exceeded")
+
+
 def _engine_error(exc: EngineError) -> APIError:
     return APIError(exc.status, str(exc), param=exc.param, code=exc.code)
 
@@ -284,6 +295,8 @@ async def chat_completions(request: Request) -> Response:
     messages = _messages(body)
     if body.get("tools") or body.get("functions"):
         raise invalid("tools and functions are not supported by this local server", param="tools")
+    if body.get("logprobs") or body.get("top_logprobs"):
+        raise invalid("logprobs are not supported by this local server", param="logprobs")
     params, n, stream, include_usage = _sampling(body)
     try:
         prompt = await asyncio.to_thread(state.engine.chat_prompt, model, messages)
@@ -307,10 +320,7 @@ async def chat_completions(request: Request) -> Response:
         )
         return JSONResponse(resp.model_dump(mode="json", exclude_unset=True))
 
-    # Fail before the stream starts when the engine would refuse the request.
-    if len(prompt) >= state.engine.context_length:
-        raise invalid(f"the prompt is {len(prompt)} tokens; this model's context is "
-                      f"{state.engine.context_length} tokens", param="messages", code="context_length_exceeded")
+    _check_prompt(state, prompt, "messages")  # fail before the stream starts, not inside it
 
     def chunk(choices: list[dict[str, Any]], usage: CompletionUsage | None = None) -> dict[str, str]:
         c = ChatCompletionChunk(id=cid, object="chat.completion.chunk", created=created, model=model,
@@ -350,7 +360,7 @@ async def completions(request: Request) -> Response:
         prompt_in = prompt_in[0]
     if not isinstance(prompt_in, str):
         raise invalid("prompt must be a string (one prompt per request here)", param="prompt")
-    if body.get("echo") or body.get("logprobs") or (body.get("best_of") or 1) > 1:
+    if body.get("echo") or body.get("logprobs") or (_integer(body, "best_of", 1) or 1) > 1:
         raise invalid("echo, logprobs and best_of are not supported by this local server", param="echo")
     if body.get("suffix"):
         raise invalid("suffix is not supported by this local server", param="suffix")
@@ -361,6 +371,7 @@ async def completions(request: Request) -> Response:
         prompt = await asyncio.to_thread(state.engine.text_prompt, model, prompt_in)
     except EngineError as exc:
         raise _engine_error(exc) from None
+    _check_prompt(state, prompt, "prompt")
     cid, created = new_id("cmpl"), int(time.time())
     if not stream:
         try:
@@ -418,6 +429,7 @@ async def upload_file(request: Request) -> Response:
     ctype = request.headers.get("content-type", "")
     if not ctype.startswith("multipart/form-data"):
         raise invalid("upload the file as multipart/form-data with the fields 'file' and 'purpose'", param="file")
+    request = Request(request.scope, _capped(request.receive, limit + 64 * 1024, limit))
     try:
         async with request.form(max_files=1, max_fields=16) as form:
             purpose = form.get("purpose")
@@ -431,6 +443,23 @@ async def upload_file(request: Request) -> Response:
     except HTTPException as exc:  # the multipart parser's own limits
         raise invalid(f"could not read the upload: {exc.detail}", param="file") from None
     return JSONResponse(_file(meta))
+
+
+def _capped(receive: Any, cap: int, limit: int) -> Any:
+    """``receive`` that stops reading a body (chunked, or lying about its length) past ``cap`` bytes."""
+    seen = 0
+
+    async def capped() -> dict[str, Any]:
+        nonlocal seen
+        message = await receive()
+        if message["type"] == "http.request":
+            seen += len(message.get("body", b""))
+            if seen > cap:
+                raise APIError(413, f"the file is larger than this server's limit of {limit:,} bytes", param="file",
+                               code="file_too_large")
+        return message
+
+    return capped
 
 
 async def list_files(request: Request) -> Response:
@@ -510,9 +539,23 @@ async def cancel_job(request: Request) -> Response:
     return JSONResponse(await _state(request).jobs.cancel(request.path_params["job_id"]))
 
 
+def _is_loopback(host: str) -> bool:
+    import ipaddress
+
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
 async def export_model(request: Request) -> Response:
     """gridtune's own: merge a fine-tuned model into a Hugging Face directory on this machine."""
     state = _state(request)
+    # It writes a directory on the server's disk: only for a client on this machine.
+    client = request.client.host if request.client else ""
+    if not _is_loopback(client):
+        raise APIError(403, "export_model writes to the server's disk and is only allowed from this machine",
+                       type="invalid_request_error", code="forbidden")
     body = await _json_body(request)
     model = body.get("model")
     out = body.get("output_dir")

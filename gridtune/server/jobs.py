@@ -10,7 +10,8 @@ Each job lives in DATA/jobs/<id>/:
 
 Statuses: validating_files -> queued -> running -> succeeded | failed | cancelled.
 The worker is ``python -m gridtune.server.train_worker JOB_DIR [--resume]``; cancel is
-SIGTERM. On start-up a job that was running when the server died is resumed from its
+SIGTERM; a server that stops interrupts its worker with SIGINT (no "cancelled" event).
+On start-up a job that was running when the server died is resumed from its
 last checkpoint, or restarted when it had none; it is never left "running".
 """
 
@@ -20,6 +21,7 @@ import asyncio
 import json
 import logging
 import os
+import re
 import secrets
 import signal
 import sys
@@ -42,6 +44,11 @@ CANCEL_GRACE_S = 20.0
 
 def _now() -> int:
     return int(time.time())
+
+
+def _order(job: dict[str, Any]) -> tuple:
+    """Creation order: created_at has whole seconds, so break ties by the creation clock."""
+    return job["created_at"], job.get("local", {}).get("created_ns", 0), job["id"]
 
 
 def _write_json(path: Path, obj: Any) -> None:
@@ -172,7 +179,7 @@ class JobManager:
         if "train_worker" not in cmdline or job["id"] not in cmdline:
             return
         try:
-            os.kill(pid, signal.SIGTERM)
+            os.kill(pid, signal.SIGINT)
             for _ in range(int(CANCEL_GRACE_S * 10)):
                 time.sleep(0.1)
                 if not Path(f"/proc/{pid}").exists():
@@ -210,7 +217,7 @@ class JobManager:
         self._closing = True
         if self._proc is not None and self._proc.returncode is None:
             try:
-                self._proc.send_signal(signal.SIGTERM)
+                self._proc.send_signal(signal.SIGINT)  # an interruption: the job resumes at the next start
                 await asyncio.wait_for(self._proc.wait(), CANCEL_GRACE_S)
             except (ProcessLookupError, asyncio.TimeoutError):
                 try:
@@ -247,7 +254,7 @@ class JobManager:
         raise not_found(f"no fine-tuned model {model_id} on this server", param="model", code="model_not_found")
 
     def list(self, after: str | None, limit: int) -> tuple[list[dict[str, Any]], bool]:
-        jobs = sorted(self._jobs.values(), key=lambda j: (j["created_at"], j["id"]), reverse=True)
+        jobs = sorted(self._jobs.values(), key=_order, reverse=True)
         if after:
             ids = [j["id"] for j in jobs]
             jobs = jobs[ids.index(after) + 1:] if after in ids else []
@@ -306,7 +313,8 @@ class JobManager:
             "metadata": body.get("metadata") if isinstance(body.get("metadata"), dict) else None,
             "method": {"type": "supervised", "supervised": {"hyperparameters": dict(hparams)}},
             "user_provided_suffix": suffix,
-            "local": {"variant": variant, "base_model_id": self.base_model_id, "suffix": suffix},
+            "local": {"variant": variant, "base_model_id": self.base_model_id, "suffix": suffix,
+                      "created_ns": time.time_ns()},
         }
         self._dir(job_id).mkdir(parents=True, exist_ok=True)
         self._jobs[job_id] = job
@@ -466,8 +474,7 @@ class JobManager:
             await self._wake.wait()
             self._wake.clear()
             while not self._closing:
-                queued = sorted((j for j in self._jobs.values() if j["status"] == "queued"),
-                                key=lambda j: (j["created_at"], j["id"]))
+                queued = sorted((j for j in self._jobs.values() if j["status"] == "queued"), key=_order)
                 if not queued:
                     break
                 try:
@@ -508,7 +515,11 @@ class JobManager:
             pass
         job["trained_tokens"] = status.get("trained_tokens") or job.get("trained_tokens")
         reported = status.get("status") in ("cancelled", "failed", "succeeded")  # the worker wrote its event
-        if local.get("cancel_requested"):
+        if status.get("status") == "interrupted" and not local.get("cancel_requested"):
+            local["resume"] = True  # SIGINT (e.g. Ctrl-C on a foreground server): resume, never fail
+            job["status"] = "queued"
+            self._save(job)
+        elif local.get("cancel_requested"):
             self._set(job, "cancelled", message=None if status.get("status") == "cancelled"
                       else "Fine-tuning job cancelled")
         elif rc == 0 and status.get("status") == "succeeded":
@@ -520,13 +531,28 @@ class JobManager:
             self._register(job)
             self._set(job, "succeeded")
         else:
-            reason = status.get("error") or self._log_tail(job_dir) or f"the training worker exited with code {rc}"
+            reason = status.get("error") or _killed(rc) or self._log_tail(job_dir) \
+                or f"the training worker exited with code {rc}"
             self._fail(job, reason, event=not (reported and status.get("status") == "failed"))
 
     @staticmethod
     def _log_tail(job_dir: Path) -> str | None:
+        """The last exception line of the worker's log (a crash before it could write its status)."""
         try:
-            lines = [ln for ln in (job_dir / "worker.log").read_text(errors="replace").splitlines() if ln.strip()]
+            lines = [ln.strip() for ln in (job_dir / "worker.log").read_text(errors="replace").splitlines()]
         except OSError:
             return None
-        return lines[-1].strip()[:500] if lines else None
+        errors = [ln for ln in lines if re.match(r"^[\w.]+(Error|Exception|Interrupt)\b", ln)]
+        return errors[-1][:500] if errors else None
+
+
+def _killed(rc: int | None) -> str | None:
+    """Why a worker that died of a signal stopped (no status of its own to tell)."""
+    if rc is None or rc >= 0:
+        return None
+    try:
+        name = signal.Signals(-rc).name
+    except ValueError:
+        name = f"signal {-rc}"
+    hint = " (out of memory? try a smaller batch_size)" if -rc == signal.SIGKILL else ""
+    return f"the training worker was killed by {name}{hint}"

@@ -3,9 +3,10 @@
     python -m gridtune.server.train_worker JOB_DIR [--resume]
 
 Reads ``JOB_DIR/job.json``, trains (see train.py), and keeps ``JOB_DIR/status.json`` up to
-date: {"status": "running"|"succeeded"|"failed"|"cancelled", "error", "trained_tokens",
+date: {"status": "running"|"succeeded"|"failed"|"cancelled"|"interrupted", "error", "trained_tokens",
 "result_dir", "pid", "updated_at"}. Exit codes: 0 succeeded, 1 failed, 2 bad usage,
-3 cancelled (SIGTERM/SIGINT, honoured at the next step or micro-batch boundary).
+3 stopped, at the next step or micro-batch boundary: SIGTERM cancels the job, SIGINT
+interrupts it (the server is stopping; it resumes from its last checkpoint later).
 """
 
 from __future__ import annotations
@@ -47,10 +48,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"train_worker: {job_dir}/job.json not found", file=sys.stderr)
         return EXIT_USAGE
 
-    stop = {"requested": False}
+    stop = {"requested": False, "signal": None}
 
     def request_stop(signum: int, _frame: Any) -> None:
         stop["requested"] = True
+        stop["signal"] = stop["signal"] or signum
 
     # Installed before the heavy imports so an early SIGTERM is not lost either.
     signal.signal(signal.SIGTERM, request_stop)
@@ -66,6 +68,11 @@ def main(argv: list[str] | None = None) -> int:
             raise TrainingCancelled()
         result = run_job(spec, job_dir, resume=args.resume, should_stop=lambda: stop["requested"], events=events)
     except TrainingCancelled:
+        if stop["signal"] == signal.SIGINT:
+            events.emit("Training interrupted: the server is stopping; the job resumes from its last "
+                        "checkpoint when it starts again", level="warn")
+            write_status(job_dir, "interrupted", error="interrupted", trained_tokens=_trained_tokens(job_dir))
+            return EXIT_CANCELLED
         events.emit("Fine-tuning job cancelled")
         write_status(job_dir, "cancelled", trained_tokens=_trained_tokens(job_dir))
         return EXIT_CANCELLED
