@@ -93,6 +93,28 @@ async def test_export_from_keys_writes_the_file_and_records_it(project, tmp_path
     assert export.stop and lines[0]["completion"].endswith(export.stop)
 
 
+async def test_the_whole_report_is_reachable_by_keys_at_80x24(project, tmp_path):
+    """The cost estimate and the verdict sit below the report's box: pgdn brings them in view."""
+    from tests.tui_helpers import wait_until
+
+    app = HostApp(project, ExportScreen)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await pilot.pause()
+        screen = app.screen
+        screen.query_one("#opt-out_path").value = str(tmp_path / "train.jsonl")
+        await pilot.press("e")
+        await wait_until(pilot, lambda: screen.result is not None, what="the export")
+        box, job = screen.query_one("#exp-report-box"), screen.query_one("#exp-job")
+        await wait_until(pilot, lambda: box.max_scroll_y > 0 and job.border_title, what="the hint")
+        assert "pgdn" in job.border_title and box.scroll_y == 0
+        for _ in range(10):
+            await pilot.press("pagedown")
+        await wait_until(pilot, lambda: box.scroll_y == box.max_scroll_y, what="the report's end")
+        assert box.scroll_y > 0 and "start of the report" in job.border_title
+        await pilot.press("pageup")
+        await wait_until(pilot, lambda: box.scroll_y < box.max_scroll_y, what="scrolling back")
+
+
 async def test_export_error_is_inline_and_writes_nothing(project, tmp_path):
     out = tmp_path / "nowhere" / "train.jsonl"
     app = HostApp(project, ExportScreen)

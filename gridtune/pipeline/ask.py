@@ -56,6 +56,7 @@ def stream_pieces(backend: Backend, model: str, *, messages: list[dict[str, str]
     kwargs = {"model": model, "stream": True, **_sampling(stop, temperature, max_tokens, seed)}
     legacy = prompt is not None
     finish: str | None = None
+    chunks = 0
     try:
         with backend.client() as client:
             if legacy:
@@ -64,6 +65,7 @@ def stream_pieces(backend: Backend, model: str, *, messages: list[dict[str, str]
                 stream = client.chat.completions.create(messages=messages, **kwargs)
             with stream:
                 for chunk in stream:
+                    chunks += 1
                     if not chunk.choices:
                         continue
                     choice = chunk.choices[0]
@@ -73,6 +75,8 @@ def stream_pieces(backend: Backend, model: str, *, messages: list[dict[str, str]
                     finish = choice.finish_reason or finish
     except openai.OpenAIError as exc:
         raise _wrap(f"asking {model}", exc) from None
+    if not chunks:  # a server that ignores stream=true answers with one JSON body the client cannot read
+        raise FinetuneError(f"asking {model}: the server sent no streamed reply (does it support stream=true?)")
     yield Piece(finish_reason=finish, done=True)
 
 

@@ -171,6 +171,10 @@ class ExportScreen(Screen):
         Binding("p", "playground", "Try model", id="export.playground"),
         Binding("o", "edit_options", "Options", id="export.options"),
         Binding("escape", "leave_options", "Done editing", show=False, id="export.leave"),
+        # The report is taller than its box at 80x24 (token statistics, cost, verdict):
+        # these keys scroll it from anywhere, as the hint on the job pane's top rule says.
+        Binding("pagedown", "scroll_report(1)", "report down", show=False, id="export.report_down"),
+        Binding("pageup", "scroll_report(-1)", "report up", show=False, id="export.report_up"),
     ]
 
     def __init__(self, ctx) -> None:
@@ -224,7 +228,10 @@ class ExportScreen(Screen):
 
     def on_mount(self) -> None:
         self.query_one("#exp-loss").can_focus = False
-        self.query_one("#exp-report-box").can_focus = False
+        report_box = self.query_one("#exp-report-box")
+        report_box.can_focus = False
+        for attribute in ("virtual_size", "size", "scroll_y"):
+            self.watch(report_box, attribute, lambda *_: self._report_hint(), init=False)
         self._sync_format("chat")
         self._set("exp-report", Text("e exports and validates: nothing is uploaded before you see this report.",
                                      style="dim"))
@@ -236,6 +243,28 @@ class ExportScreen(Screen):
         if self._shown.get(widget_id) != value:
             self._shown[widget_id] = value
             self.query_one(f"#{widget_id}", Static).update(value)
+            if widget_id == "exp-report":
+                box = self.query_one("#exp-report-box")
+                box.scroll_home(animate=False)
+
+    def _report_hint(self) -> None:
+        """Say on the job pane's top rule that the report goes on below its box."""
+        box = self.query_one("#exp-report-box")
+        title = None
+        if box.max_scroll_y > 0:
+            up, down = box.scroll_y > 0, box.scroll_y < box.max_scroll_y
+            title = ("▲ pgup " if up else "") + ("▼ pgdn: more of the report" if down else "")
+            title = title if down else title + ": start of the report"
+        job = self.query_one("#exp-job")
+        if job.border_title != title:
+            job.border_title = title
+
+    def action_scroll_report(self, pages: int) -> None:
+        box = self.query_one("#exp-report-box")
+        if pages > 0:
+            box.scroll_page_down(animate=False)
+        else:
+            box.scroll_page_up(animate=False)
 
     def _show_error(self, message: str | None) -> None:
         widget = self.query_one("#exp-error", Static)

@@ -209,6 +209,10 @@ class Store:
             "removed": len(before - after),
         }
 
+    def has_done(self) -> bool:
+        """Whether any completion is finished: an index probe, not a count."""
+        return self._one("SELECT 1 FROM completions WHERE status = 'done' LIMIT 1") is not None
+
     def cell_count(self) -> int:
         return self._one("SELECT count(*) FROM cells WHERE active = 1")[0]
 

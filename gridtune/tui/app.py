@@ -128,7 +128,7 @@ class GridtuneApp(App[int]):
         store = self.ctx.store
         if store.active_run() is not None:
             return "generate"
-        return "review" if store.status_counts().done else "grid"
+        return "review" if store.has_done() else "grid"
 
     # -- status line ---------------------------------------------------------
     def mark_changed(self) -> None:
