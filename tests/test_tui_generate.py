@@ -180,7 +180,8 @@ async def test_attaches_to_a_run_in_progress(project):
     # A run recorded by another live process (this one) shows as running at once.
     with Store.open(project) as store:
         run_id = store.start_run(pid=os.getpid(), host=socket.gethostname(), model="teacher",
-                                 params={}, is_alive=runs.is_alive)
+                                 params={"temperature": 0.3, "max_tokens": 77, "concurrency": 40,
+                                         "rpm": 500.0, "tpm": None}, is_alive=runs.is_alive)
         store.heartbeat(run_id, {"run_id": run_id, "state": "running", "total": 4, "done": 1,
                                  "in_flight": 2, "requests_per_s": 1.5, "tokens_per_s": 42.0,
                                  "cost_usd": 0.0012, "eta_s": 2.0, "elapsed_s": 3.0})
@@ -194,3 +195,7 @@ async def test_attaches_to_a_run_in_progress(project):
         assert "1.5" in str(screen.query_one("#gen-rates").render())
         assert screen.check_action("pause", ()) and not screen.check_action("start", ())
         assert screen.query_one("#set-model").disabled
+        # The fields show what the run (started elsewhere, e.g. the command line) runs with.
+        assert await wait_for(pilot, lambda: screen.query_one("#set-concurrency").value == "40")
+        shown = {k: screen.query_one(f"#set-{k}").value for k in ("model", "temperature", "max_tokens", "rpm", "tpm")}
+        assert shown == {"model": "teacher", "temperature": "0.3", "max_tokens": "77", "rpm": "500", "tpm": ""}

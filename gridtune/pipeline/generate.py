@@ -130,6 +130,12 @@ class Plan:
     params: dict[str, Any]  # request parameters as stored per completion; never the key
 
 
+def run_params(plan: "Plan", options: GenerateOptions) -> dict[str, Any]:
+    """What a run is recorded with: the request parameters and its limits, so a
+    screen attaching to it later shows what it really runs with (never a key)."""
+    return {**plan.params, "concurrency": options.concurrency, "rpm": options.rpm, "tpm": options.tpm}
+
+
 def plan_run(store: Store, options: GenerateOptions, backend: Backend | None = None) -> Plan:
     options.check()
     try:
@@ -550,7 +556,7 @@ async def run_generation(
         plan = plan_run(store, options, backend)
         host, pid = socket.gethostname(), os.getpid()
         if run_id is None:
-            run_id = store.start_run(pid=pid, host=host, model=plan.model, params=plan.params,
+            run_id = store.start_run(pid=pid, host=host, model=plan.model, params=run_params(plan, options),
                                      is_alive=is_alive)
         elif not store.adopt_run(run_id, pid=pid, host=host):
             raise GenerateError(f"run #{run_id} is not waiting to start (it ended or was never recorded)")

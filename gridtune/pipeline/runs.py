@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import AsyncIterator
 
 from ..store import RunRecord, Store
-from .generate import GenerateError, GenerateOptions, plan_run
+from .generate import GenerateError, GenerateOptions, plan_run, run_params
 from .progress import Progress
 
 STALE_AFTER_S = 30.0  # a live runner beats every ~0.5 s; this long without one means dead
@@ -94,7 +94,7 @@ def start_detached(project: str | os.PathLike[str], options: GenerateOptions) ->
     with Store.open(project) as store:
         plan = plan_run(store, options)
         run_id = store.start_run(pid=os.getpid(), host=socket.gethostname(), model=plan.model,
-                                 params=plan.params, is_alive=is_alive, state="starting")
+                                 params=run_params(plan, options), is_alive=is_alive, state="starting")
         log = log_path(project)
         cmd = [sys.executable, "-c", "from gridtune.tui.cli import main; main()", "_run", str(project),
                "--run-id", str(run_id), "--options", options.to_json()]

@@ -178,8 +178,9 @@ class GenerateScreen(Screen):
         self.app.call_from_thread(self._fill_settings, values, spec.name, spec.cell_count)
 
     def _fill_settings(self, values: dict[str, str], name: str, cells: int) -> None:
-        for key, value in values.items():
-            self.query_one(f"#set-{key}", Input).value = value
+        if not self._shown.get("_controls_active"):  # an active run's own settings stay shown
+            for key, value in values.items():
+                self.query_one(f"#set-{key}", Input).value = value
         self._spec_line = (name, cells)
         self._render_title()
 
@@ -286,10 +287,27 @@ class GenerateScreen(Screen):
     def _sync_controls(self, active: bool) -> None:
         key = (active, self.busy, self._can_resume())
         if self._shown.get("_controls") != key:
+            was_active = bool(self._shown.get("_controls_active"))
             self._shown["_controls"] = key
+            self._shown["_controls_active"] = active
+            if active and not was_active and self.snap and self.snap.run:
+                self._show_run_settings(self.snap.run)
+            elif was_active and not active:
+                self.load_settings()  # back to the spec's, for the next run
             for field in Settings.FIELDS:
                 self.query_one(f"#set-{field}", Input).disabled = active
             self.refresh_bindings()
+
+    def _show_run_settings(self, run) -> None:
+        """While a run is active, its fields show what it runs with: it may have been
+        started from the command line with other settings than the spec's."""
+        p = run.params or {}
+        values = {"model": run.model or ""}
+        for key in ("temperature", "max_tokens", "concurrency", "rpm", "tpm"):
+            if key in p:
+                values[key] = "" if p[key] is None else f"{p[key]:g}" if isinstance(p[key], float) else str(p[key])
+        for key, value in values.items():
+            self.query_one(f"#set-{key}", Input).value = value
 
     def _show_error(self, message: str | None) -> None:
         self.error = message
