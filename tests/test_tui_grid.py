@@ -135,3 +135,42 @@ async def test_choose_the_preview_cell(project: Path):
         await settle(pilot)
         assert "in Lima in 2050" in preview()
         assert screen.query_one("#grid-preview-box").border_title == "preview: cell 16/16"
+
+
+async def test_quitting_with_unsaved_edits_asks_first(project: Path):
+    from gridtune.tui.widgets.modals import ConfirmModal
+
+    before, _ = _spec(project)
+    app = GridtuneApp(project, start_mode="grid")
+    async with app.run_test(size=(80, 24)) as pilot:
+        await settle(pilot)
+        await pilot.press("end", *"!!")
+        await settle(pilot)
+        await pilot.press("ctrl+q")
+        await settle(pilot)
+        assert isinstance(app.screen, ConfirmModal) and app.is_running
+        await pilot.press("n")  # stay, the edit is still there
+        await settle(pilot)
+        assert not isinstance(app.screen, ConfirmModal) and _screen(app).dirty
+        await pilot.press("ctrl+s")
+        await settle(pilot)
+        await pilot.press("ctrl+q")  # saved: quits without asking
+        await settle(pilot)
+        assert not app.is_running
+    after, _ = _spec(project)
+    assert after.generation == before.generation + "!!"
+
+
+async def test_quitting_unsaved_and_confirming_leaves_the_file_alone(project: Path):
+    before, _ = _spec(project)
+    app = GridtuneApp(project, start_mode="grid")
+    async with app.run_test(size=(80, 24)) as pilot:
+        await settle(pilot)
+        await pilot.press("end", *"??")
+        await settle(pilot)
+        await pilot.press("ctrl+q")
+        await settle(pilot)
+        await pilot.press("y")
+        await settle(pilot)
+        assert not app.is_running
+    assert _spec(project)[0] == before

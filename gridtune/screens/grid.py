@@ -53,6 +53,7 @@ class GridScreen(Screen):
         super().__init__()
         self.ctx = ctx
         self.saved: GridSpec | None = None  # the spec in the project file
+        self.dirty = False  # edits not saved yet (the app asks before quitting)
         self.variables: dict[str, list[Value]] = {}
         self.selected: str | None = None
         self.cell_index = 0
@@ -226,6 +227,7 @@ class GridScreen(Screen):
             self.error = str(exc)
         self._set("#grid-count", count_text(self.variables))
         dirty = self.current is None or self.current.to_json() != self.saved.to_json()
+        self.dirty = dirty
         self._set("#grid-dirty", "● unsaved · ctrl+s save" if dirty else "saved")
         error = self.query_one("#grid-error", Static)
         error.display = self.error is not None

@@ -23,6 +23,7 @@ from ..pipeline.project import open_or_create_demo
 from ..store import Store, StoreError
 from .commands import GridtuneCommands
 from .context import ProjectContext
+from .widgets.modals import ConfirmModal
 
 
 @dataclass(frozen=True)
@@ -171,6 +172,24 @@ class GridtuneApp(App[int]):
             self.screen.dismiss()
             return
         self.push_screen(HelpScreen(self.screen))
+
+    async def action_quit(self) -> None:
+        """Quit, but not past unsaved grid edits without asking (runs and jobs go on
+        by themselves; only the grid editor holds work that is not in the file)."""
+        try:
+            grid = self.get_screen_stack("grid")[0] if "grid" in self.sections else None
+        except (KeyError, IndexError):
+            grid = None  # the grid screen was never opened: nothing unsaved
+        if grid is None or not getattr(grid, "dirty", False) or isinstance(self.screen, ConfirmModal):
+            self.exit()
+            return
+
+        def answer(quit_anyway: bool | None) -> None:
+            if quit_anyway:
+                self.exit()
+
+        self.push_screen(ConfirmModal("The grid has unsaved edits. Quit without saving them?",
+                                      title="Unsaved grid"), answer)
 
     def open_playground(self, model: str | None = None, stop: list[str] | None = None) -> None:
         """Switch to the playground, preset with a model (the tuned one) and stop sequences."""
