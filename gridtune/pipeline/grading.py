@@ -67,7 +67,7 @@ def grade_by_length(store: Store) -> GradeResult:
     cutoffs = length_cutoffs(lengths)
     targets = store.gradable(include_auto=True)
     current = {cid: None for cid, _ in targets}
-    for cid, grade, source in _current_grades(store, [cid for cid, _ in targets]):
+    for cid, grade, _source in store.current_grades([cid for cid, _ in targets]):
         current[cid] = grade
     pairs = []
     unchanged = 0
@@ -92,13 +92,3 @@ def drop_at_or_below(store: Store, grade: int) -> list[int]:
     if ids:
         store.set_grades([(cid, 0) for cid in ids], "person")
     return ids
-
-
-def _current_grades(store: Store, ids: list[int]):
-    # One query per chunk instead of one per completion: fast at 100,000 rows.
-    for start in range(0, len(ids), 900):
-        chunk = ids[start:start + 900]
-        marks = ",".join("?" * len(chunk))
-        yield from store._query(  # noqa: SLF001 - a read-only helper query
-            f"SELECT id, grade, grade_source FROM completions WHERE id IN ({marks})", chunk
-        )

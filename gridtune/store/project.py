@@ -588,6 +588,15 @@ class Store:
         )
         return [(r[0], r[1]) for r in self._query(sql)]
 
+    def current_grades(self, ids: Sequence[int]) -> Iterator[tuple[int, int | None, str | None]]:
+        """(id, grade, grade_source) of these completions, a chunk of ids per query."""
+        ids = list(ids)
+        for start in range(0, len(ids), 900):
+            chunk = ids[start:start + 900]
+            marks = ",".join("?" * len(chunk))
+            for r in self._query(f"SELECT id, grade, grade_source FROM completions WHERE id IN ({marks})", chunk):
+                yield r[0], r[1], r[2]
+
     def done_lengths(self) -> list[int]:
         return [r[0] for r in self._query(
             f"SELECT length FROM completions WHERE status = 'done' AND {_ACTIVE} ORDER BY length"
