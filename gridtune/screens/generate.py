@@ -108,6 +108,7 @@ class GenerateScreen(Screen):
         self.busy: str | None = None  # "starting" | "stopping" while a control call runs
         self.error: str | None = None
         self._shown: dict[str, Any] = {}
+        self._attached = False  # the fields show an active run's settings, not the spec's
         self._rates: list[float] = []
         self._last_elapsed: float | None = None
         self._timer = None
@@ -178,7 +179,7 @@ class GenerateScreen(Screen):
         self.app.call_from_thread(self._fill_settings, values, spec.name, spec.cell_count)
 
     def _fill_settings(self, values: dict[str, str], name: str, cells: int) -> None:
-        if not self._shown.get("_controls_active"):  # an active run's own settings stay shown
+        if not self._attached:  # an active run's own settings stay shown
             for key, value in values.items():
                 self.query_one(f"#set-{key}", Input).value = value
         self._spec_line = (name, cells)
@@ -287,9 +288,8 @@ class GenerateScreen(Screen):
     def _sync_controls(self, active: bool) -> None:
         key = (active, self.busy, self._can_resume())
         if self._shown.get("_controls") != key:
-            was_active = bool(self._shown.get("_controls_active"))
+            was_active, self._attached = self._attached, active
             self._shown["_controls"] = key
-            self._shown["_controls_active"] = active
             if active and not was_active and self.snap and self.snap.run:
                 self._show_run_settings(self.snap.run)
             elif was_active and not active:

@@ -226,6 +226,15 @@ async def _collect(engine: Engine, model: str, prompt: list[int], params: Sampli
     return "".join(parts), reason, tokens
 
 
+async def _collect_n(engine: Engine, model: str, prompt: list[int], params: SamplingParams,
+                     n: int) -> list[tuple[str, str, int]]:
+    """n whole choices, decoded together; an engine refusal becomes an API error."""
+    try:
+        return await asyncio.gather(*[_collect(engine, model, prompt, _params_for(params, i)) for i in range(n)])
+    except EngineError as exc:
+        raise _engine_error(exc) from None
+
+
 async def _merged(engine: Engine, model: str, prompt: list[int], params: SamplingParams,
                   n: int) -> AsyncIterator[tuple[int, Delta]]:
     """The deltas of n choices as they come, tagged with their index."""
@@ -304,11 +313,7 @@ async def chat_completions(request: Request) -> Response:
         raise _engine_error(exc) from None
     cid, created = new_id("chatcmpl"), int(time.time())
     if not stream:
-        try:
-            results = await asyncio.gather(*[_collect(state.engine, model, prompt, _params_for(params, i))
-                                             for i in range(n)])
-        except EngineError as exc:
-            raise _engine_error(exc) from None
+        results = await _collect_n(state.engine, model, prompt, params, n)
         usage = CompletionUsage(prompt_tokens=len(prompt), completion_tokens=sum(r[2] for r in results),
                                 total_tokens=len(prompt) + sum(r[2] for r in results))
         resp = ChatCompletion(
@@ -374,11 +379,7 @@ async def completions(request: Request) -> Response:
     _check_prompt(state, prompt, "prompt")
     cid, created = new_id("cmpl"), int(time.time())
     if not stream:
-        try:
-            results = await asyncio.gather(*[_collect(state.engine, model, prompt, _params_for(params, i))
-                                             for i in range(n)])
-        except EngineError as exc:
-            raise _engine_error(exc) from None
+        results = await _collect_n(state.engine, model, prompt, params, n)
         done = sum(r[2] for r in results)
         resp = Completion(
             id=cid, object="text_completion", created=created, model=model, system_fingerprint="gridtune-local",

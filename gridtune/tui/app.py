@@ -20,7 +20,7 @@ from textual.screen import Screen
 
 from .. import locations
 from ..pipeline.project import open_or_create_demo
-from ..store import Store, StoreError
+from ..store import StoreError
 from .commands import GridtuneCommands
 from .context import ProjectContext
 from .widgets.modals import ConfirmModal
@@ -85,14 +85,7 @@ class GridtuneApp(App[int]):
     def __init__(self, project_path: Path | None = None, *, ctx: ProjectContext | None = None,
                  start_mode: str | None = None):
         super().__init__()
-        if ctx is None:
-            if project_path is None:
-                project_path = locations.demo_project()
-                store = open_or_create_demo(project_path)
-            else:
-                store = Store.open(project_path)
-            ctx = ProjectContext(project_path, store)
-        self.ctx = ctx
+        self.ctx = ctx or open_context(project_path)
         self.start_mode = start_mode
         self._status_dirty = True
         self._data_version: int | None = None
@@ -205,6 +198,14 @@ class GridtuneApp(App[int]):
                 return
 
 
+def open_context(project: Path | None) -> ProjectContext:
+    """The project to work on: ``project``, else the demo project (created on first run)."""
+    if project is None:
+        path = locations.demo_project()
+        return ProjectContext(path, open_or_create_demo(path))
+    return ProjectContext.open(Path(project))
+
+
 def run_app(project: Path | None) -> None:
     """Open the TUI on ``project`` (None: the demo project, created on first run).
 
@@ -212,15 +213,10 @@ def run_app(project: Path | None) -> None:
     before the terminal is taken over.
     """
     try:
-        if project is None:
-            path = locations.demo_project()
-            store = open_or_create_demo(path)
-        else:
-            path = Path(project)
-            store = Store.open(path)
+        ctx = open_context(project)
     except StoreError as exc:
         print(f"gridtune: error: {exc}", file=sys.stderr)
         sys.exit(2)
-    app = GridtuneApp(path, ctx=ProjectContext(path, store))
+    app = GridtuneApp(ctx.path, ctx=ctx)
     code = app.run()
     sys.exit(code or 0)

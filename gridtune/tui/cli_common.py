@@ -16,7 +16,7 @@ import click
 
 from ..pipeline.backend import BackendError
 from ..pipeline.grid import GridError
-from ..store import RunConflict, Store, StoreError
+from ..store import Store, StoreError
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -47,9 +47,7 @@ def handle_errors(func: F) -> F:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return func(*args, **kwargs)
-        except (GridError, StoreError, Problem) as exc:
-            fail(str(exc), EXIT_USAGE)
-        except RunConflict as exc:  # pragma: no cover - subclass of StoreError, kept explicit
+        except (GridError, StoreError, Problem) as exc:  # StoreError covers RunConflict
             fail(str(exc), EXIT_USAGE)
         except BackendError as exc:
             fail(str(exc), EXIT_USAGE)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import TypeVar
+
 from textual import on
 from textual.app import ComposeResult
 from textual.binding import Binding
@@ -9,48 +11,50 @@ from textual.containers import Vertical
 from textual.screen import ModalScreen
 from textual.widgets import Input, Static, TextArea
 
+T = TypeVar("T")
 
-class ConfirmModal(ModalScreen[bool]):
+
+class _QuestionModal(ModalScreen[T]):
+    """A question in a box, answered by one key; subclasses give the keys and their hint."""
+
+    KEYS_HINT = ""
+    DEFAULT_TITLE = ""
+
+    def __init__(self, question: str, title: str | None = None):
+        super().__init__()
+        self.question = question
+        self.title_text = title or self.DEFAULT_TITLE
+
+    def compose(self) -> ComposeResult:
+        with Vertical(classes="modal-box") as box:
+            box.border_title = self.title_text
+            box.border_subtitle = self.KEYS_HINT
+            yield Static(self.question)
+
+
+class ConfirmModal(_QuestionModal[bool]):
     """A question answered with y (yes) or n / escape (no)."""
 
+    KEYS_HINT = "y yes · n no"
+    DEFAULT_TITLE = "Confirm"
     BINDINGS = [
         Binding("y", "answer(True)", "yes", id="confirm.yes"),
         Binding("n,escape", "answer(False)", "no", key_display="n", id="confirm.no"),
     ]
 
-    def __init__(self, question: str, title: str = "Confirm"):
-        super().__init__()
-        self.question = question
-        self.title_text = title
-
-    def compose(self) -> ComposeResult:
-        with Vertical(classes="modal-box") as box:
-            box.border_title = self.title_text
-            box.border_subtitle = "y yes · n no"
-            yield Static(self.question)
-
     def action_answer(self, yes: bool) -> None:
         self.dismiss(yes)
 
 
-class GradePickModal(ModalScreen[int | None]):
+class GradePickModal(_QuestionModal["int | None"]):
     """Pick a grade with one key 1–5 (escape: none)."""
 
+    KEYS_HINT = "1–5 pick · esc cancel"
+    DEFAULT_TITLE = "Grade"
     BINDINGS = [
         *(Binding(str(g), f"pick({g})", str(g), show=False, id=f"pick.{g}") for g in range(1, 6)),
         Binding("escape", "pick(None)", "cancel", id="pick.cancel"),
     ]
-
-    def __init__(self, question: str, title: str = "Grade"):
-        super().__init__()
-        self.question = question
-        self.title_text = title
-
-    def compose(self) -> ComposeResult:
-        with Vertical(classes="modal-box") as box:
-            box.border_title = self.title_text
-            box.border_subtitle = "1–5 pick · esc cancel"
-            yield Static(self.question)
 
     def action_pick(self, grade: int | None) -> None:
         self.dismiss(grade)
