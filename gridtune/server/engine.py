@@ -166,6 +166,8 @@ class Engine:
         cfg = getattr(loaded.model, "config", None)
         self.context_length: int = int(getattr(cfg, "max_position_embeddings", 2048) or 2048)
         self.generated_tokens = 0  # a counter for benchmarks and logs
+        self._decoding = 0  # rows in decode batches right now (the engine thread writes it)
+        self.speed: dict[int, float] = {}  # batch size -> total tokens/s, measured at start
 
     # -- models ---------------------------------------------------------------
     def register_tuned(self, model_id: str, result_dir: str | Path) -> None:
@@ -243,6 +245,25 @@ class Engine:
     @property
     def busy(self) -> bool:
         return self._active > 0
+
+    @property
+    def load(self) -> int:
+        """Requests admitted and not finished (queued or decoding)."""
+        return self._active
+
+    def stats(self) -> dict[str, Any]:
+        """What a client needs to size its work: how many rows decode together, how many
+        requests are in, and the decode speed measured on this machine (tokens/s for one
+        stream and for a full batch; None until measured)."""
+        return {
+            "max_batch": self.max_batch,
+            "context_length": self.context_length,
+            "in_flight": self._active,
+            "decoding": self._decoding,
+            "stream_tokens_per_s": self.speed.get(1),
+            "batch_tokens_per_s": self.speed.get(self.max_batch),
+            "generated_tokens": self.generated_tokens,
+        }
 
     async def generate(self, model_id: str, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[Delta]:
         """Text deltas for one completion; the last carries the finish reason."""
