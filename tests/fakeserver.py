@@ -1,10 +1,14 @@
 """A real OpenAI-compatible HTTP server on 127.0.0.1 for tests and benchmarks.
 
-It speaks ``POST /v1/chat/completions`` and ``GET /v1/models``; its reply is
-deterministic from the prompt (it echoes the prompt, then a number of words that
-depends on the prompt, so lengths vary and grading by length means something).
-Each test can make it slow, rate-limit, fail, stall or answer garbage, and reads
-back every request it got.
+It speaks ``POST /v1/chat/completions`` (plain or ``stream: true`` server-sent
+events, one word a chunk, with ``stream_options.include_usage``) and ``GET
+/v1/models``; its reply is deterministic from the prompt (it echoes the prompt,
+then a number of words that depends on the prompt, so lengths vary and grading by
+length means something). Each test can make it slow (``latency`` before the reply,
+``chunk_delay_s`` between streamed words), rate-limit, fail, stall or answer
+garbage, bound its queue (``max_in_flight``: a 429 with Retry-After past it, as
+the local server does), advertise a ``gridtune`` field on its models (what the
+local server says about its engine), and reads back every request it got.
 
 In the test process: the ``fake_openai`` fixture (a server in a thread, shared
 by the session, reset per test, with OPENAI_BASE_URL/OPENAI_API_KEY set).
@@ -86,6 +90,13 @@ class FakeOpenAI:
         self.faults: list[Fault] = []
         self.requests: list[Recorded] = []
         self.model = "fake-model"
+        self.chunk_delay_s = 0.0  # between streamed words
+        self.gridtune: dict[str, Any] | None = None  # the extra field on each model object
+        self.max_in_flight: int | None = None  # more at once: 429 with Retry-After
+        self.busy_retry_after = "0.2"
+        self.ignore_stream = False  # answer one JSON body even when asked to stream
+        self.in_flight = 0
+        self.peak_in_flight = 0
         self._lock = threading.Lock()
         self._rng = random.Random(0)
         self._server: uvicorn.Server | None = None
@@ -103,8 +114,17 @@ class FakeOpenAI:
         return f"http://{self.host}:{self.port}/v1"
 
     def set(self, *, latency: float | None = None, faults: list[Fault] | None = None,
-            seed: int | None = None) -> "FakeOpenAI":
+            seed: int | None = None, chunk_delay_s: float | None = None, gridtune: dict | None = None,
+            max_in_flight: int | None = None, ignore_stream: bool | None = None) -> "FakeOpenAI":
         with self._lock:
+            if chunk_delay_s is not None:
+                self.chunk_delay_s = chunk_delay_s
+            if gridtune is not None:
+                self.gridtune = gridtune
+            if max_in_flight is not None:
+                self.max_in_flight = max_in_flight
+            if ignore_stream is not None:
+                self.ignore_stream = ignore_stream
             if latency is not None:
                 self.latency = latency
             if faults is not None:
@@ -117,6 +137,8 @@ class FakeOpenAI:
         with self._lock:
             self.latency, self.faults, self.requests = 0.0, [], []
             self._rng = random.Random(0)
+            self.chunk_delay_s, self.gridtune, self.max_in_flight, self.ignore_stream = 0.0, None, None, False
+            self.in_flight = self.peak_in_flight = 0
 
     def chat_requests(self) -> list[Recorded]:
         with self._lock:
@@ -124,8 +146,10 @@ class FakeOpenAI:
 
     # -- the API -------------------------------------------------------------------
     async def _models(self, request: Request) -> Response:
-        return JSONResponse({"object": "list", "data": [
-            {"id": self.model, "object": "model", "created": 0, "owned_by": "gridtune-tests"}]})
+        model = {"id": self.model, "object": "model", "created": 0, "owned_by": "gridtune-tests"}
+        if self.gridtune is not None:
+            model["gridtune"] = dict(self.gridtune, in_flight=self.in_flight)
+        return JSONResponse({"object": "list", "data": [model]})
 
     def _pick_fault(self, prompt: str) -> Fault | None:
         with self._lock:
@@ -152,15 +176,91 @@ class FakeOpenAI:
         record = Recorded(time.time(), request.url.path, dict(request.headers), body, prompt)
         with self._lock:
             self.requests.append(record)
+        with self._lock:
+            busy = self.max_in_flight is not None and self.in_flight >= self.max_in_flight
+        if busy:  # the local server's queue limit
+            record.status, record.fault = 429, "busy"
+            return JSONResponse({"error": {"message": "the server is busy: too many requests queued",
+                                           "type": "server_busy", "param": None, "code": "server_busy"}},
+                                status_code=429, headers={"retry-after": self.busy_retry_after})
         fault = self._pick_fault(prompt)
         record.fault = fault.kind if fault else None
-        if fault and fault.kind == "stall":
-            await asyncio.sleep(fault.stall_s)
-        elif self.latency:
-            await asyncio.sleep(self.latency)
-        response = self._answer(body, prompt, fault)
-        record.status = response.status_code
-        return response
+        self._enter()
+        streaming = False
+        try:
+            if fault and fault.kind == "stall":
+                await asyncio.sleep(fault.stall_s)
+            elif self.latency:
+                await asyncio.sleep(self.latency)
+            if (isinstance(body, dict) and body.get("stream") is True and not self.ignore_stream
+                    and not (fault and fault.kind == "status")):
+                streaming = True
+                record.status = 200
+                return self._stream(body, prompt, fault)
+            response = self._answer(body, prompt, fault)
+            record.status = response.status_code
+            return response
+        finally:
+            if not streaming:
+                self._leave()
+
+    def _enter(self) -> None:
+        with self._lock:
+            self.in_flight += 1
+            self.peak_in_flight = max(self.peak_in_flight, self.in_flight)
+
+    def _leave(self) -> None:
+        with self._lock:
+            self.in_flight -= 1
+
+    def _stream(self, body: dict, prompt: str, fault: Fault | None) -> Response:
+        """The reply as server-sent events, a word a chunk, ``chunk_delay_s`` apart."""
+        from starlette.responses import StreamingResponse
+
+        text, finish = self._reply(body, prompt)
+        words = text.split(" ")
+        cid, created, model = f"chatcmpl-{len(self.requests)}", int(time.time()), body.get("model") or self.model
+        usage_wanted = (body.get("stream_options") or {}).get("include_usage")
+
+        def event(choices: list, usage: dict | None = None) -> bytes:
+            chunk = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model,
+                     "choices": choices}
+            if usage_wanted:
+                chunk["usage"] = usage
+            return f"data: {json.dumps(chunk)}\n\n".encode()
+
+        async def events():
+            try:
+                if fault and fault.kind == "malformed":
+                    yield b'data: {"id": "chatcmpl-broken", "choices": [{"del\n\n'
+                    return
+                if fault and fault.kind == "empty":
+                    yield b"data: [DONE]\n\n"
+                    return
+                yield event([{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}])
+                for i, word in enumerate(words):
+                    if self.chunk_delay_s:
+                        await asyncio.sleep(self.chunk_delay_s)
+                    piece = word if i == 0 else " " + word
+                    yield event([{"index": 0, "delta": {"content": piece}, "finish_reason": None}])
+                yield event([{"index": 0, "delta": {}, "finish_reason": finish}])
+                if usage_wanted:
+                    n = len(text.split())  # as the plain reply counts them
+                    yield event([], {"prompt_tokens": len(prompt.split()), "completion_tokens": n,
+                                     "total_tokens": len(prompt.split()) + n})
+                yield b"data: [DONE]\n\n"
+            finally:
+                self._leave()
+
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+    def _reply(self, body: dict, prompt: str) -> tuple[str, str]:
+        text, finish = reply_text(prompt), "stop"
+        max_tokens = body.get("max_tokens")
+        words = text.split(" ")
+        if isinstance(max_tokens, int) and len(words) > max_tokens:
+            text, finish = " ".join(words[:max_tokens]), "length"
+        return text, finish
 
     def _answer(self, body: Any, prompt: str, fault: Fault | None) -> Response:
         if fault and fault.kind == "status":
@@ -177,11 +277,7 @@ class FakeOpenAI:
         if not isinstance(body, dict) or not isinstance(body.get("messages"), list):
             return JSONResponse({"error": {"message": "messages is required", "type": "invalid_request_error",
                                            "param": "messages", "code": None}}, status_code=400)
-        text, finish = reply_text(prompt), "stop"
-        max_tokens = body.get("max_tokens")
-        words = text.split(" ")
-        if isinstance(max_tokens, int) and len(words) > max_tokens:
-            text, finish = " ".join(words[:max_tokens]), "length"
+        text, finish = self._reply(body, prompt)
         choices = [] if fault and fault.kind == "empty" else [
             {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish}]
         return JSONResponse({
@@ -196,7 +292,9 @@ class FakeOpenAI:
         if data.get("reset"):
             self.reset()
         faults = [Fault(**f) for f in data["faults"]] if "faults" in data else None
-        self.set(latency=data.get("latency"), faults=faults, seed=data.get("seed"))
+        self.set(latency=data.get("latency"), faults=faults, seed=data.get("seed"),
+                 chunk_delay_s=data.get("chunk_delay_s"), gridtune=data.get("gridtune"),
+                 max_in_flight=data.get("max_in_flight"), ignore_stream=data.get("ignore_stream"))
         return JSONResponse({"ok": True})
 
     async def _requests(self, request: Request) -> Response:

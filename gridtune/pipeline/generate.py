@@ -32,10 +32,12 @@ from pathlib import Path
 from typing import Any, Callable
 
 import openai
-from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, wait_exponential_jitter
+from tenacity import AsyncRetrying, retry_if_exception, wait_exponential_jitter
 
 from ..store import Store, WorkItem
 from .backend import Backend, resolve_backend
+from .estimate import (Estimate, ServerInfo, estimate_run, mean_prompt_tokens, resolve_concurrency, server_info,
+                       work_to_do)
 from .grid import GridSpec
 from .progress import Progress, Tracker
 from .project import load_project_spec
@@ -47,6 +49,7 @@ log = logging.getLogger(__name__)
 PERMANENT_STATUS = {400, 401, 403, 404, 422}
 TRANSIENT_STATUS = {408, 409, 429}
 RETRY_AFTER_MAX_S = 120.0  # a server asking for longer is honoured only this far per attempt
+BUSY_ATTEMPTS = 60  # 429s (a full queue, a rate limit) are waited out this many times, apart from max_attempts
 
 
 class GenerateError(ValueError):
@@ -57,7 +60,7 @@ class GenerateError(ValueError):
 class GenerateOptions:
     """How to run a generation. ``None`` overrides mean: use the grid spec's setting."""
 
-    concurrency: int = 8
+    concurrency: int | None = None  # None: what the server batches (GET /v1/models), else 8
     rpm: float | None = None
     tpm: float | None = None
     limit: int | None = None
@@ -70,12 +73,13 @@ class GenerateOptions:
     backoff_max_s: float = 60.0
     progress_interval_s: float = 0.5
     rate_period_s: float = MINUTE  # the "minute" of rpm/tpm; only tests shrink it
+    stream: bool | None = None  # None: stream from the local and compatible servers (see _use_stream)
 
     def check(self) -> None:
         def bad(name: str, value: Any, need: str) -> GenerateError:
             return GenerateError(f"--{name.replace('_', '-')} must be {need}, not {value}")
 
-        if self.concurrency < 1:
+        if self.concurrency is not None and self.concurrency < 1:
             raise bad("concurrency", self.concurrency, "at least 1")
         for name in ("rpm", "tpm"):
             value = getattr(self, name)
@@ -128,12 +132,35 @@ class Plan:
     backend: Backend
     model: str
     params: dict[str, Any]  # request parameters as stored per completion; never the key
+    concurrency: int = 8  # requests in flight at once (see estimate.resolve_concurrency)
+    stream: bool = False  # stream each reply (the read timeout is then between chunks)
+    server: ServerInfo | None = None  # what the server advertises about its engine, if anything
+    notes: tuple[str, ...] = ()  # things to tell the user before the run (a capped concurrency)
 
 
 def run_params(plan: "Plan", options: GenerateOptions) -> dict[str, Any]:
     """What a run is recorded with: the request parameters and its limits, so a
     screen attaching to it later shows what it really runs with (never a key)."""
-    return {**plan.params, "concurrency": options.concurrency, "rpm": options.rpm, "tpm": options.tpm}
+    return {**plan.params, "concurrency": plan.concurrency, "rpm": options.rpm, "tpm": options.tpm,
+            "stream": plan.stream}
+
+
+def _use_stream(backend: Backend, options: GenerateOptions) -> bool:
+    """Whether to stream replies.
+
+    Streaming is what makes a slow server safe: the read timeout applies between
+    chunks, so a reply that takes minutes on a CPU is not a timeout as long as tokens
+    keep coming, and the run shows tokens/s before its first completion ends. The
+    local server and compatible servers (vLLM, Ollama, llama.cpp) stream with
+    ``stream_options.include_usage``, so token accounting stays exact. OpenAI keeps
+    the plain request: its replies come in seconds, far inside the timeout, and the
+    non-streamed path costs less client CPU per request at hundreds in flight.
+    ``--no-stream`` (options.stream False) forces the plain path for a server that
+    streams badly; a server that ignores stream=true is read as a plain reply anyway.
+    """
+    if options.stream is not None:
+        return options.stream
+    return backend.kind != "openai"
 
 
 def plan_run(store: Store, options: GenerateOptions, backend: Backend | None = None) -> Plan:
@@ -158,7 +185,32 @@ def plan_run(store: Store, options: GenerateOptions, backend: Backend | None = N
         params["top_p"] = s.top_p
     if s.seed is not None:
         params["seed"] = s.seed
-    return Plan(spec, backend, model, params)
+    info = server_info(backend, model)
+    concurrency, note = resolve_concurrency(options.concurrency, info)
+    return Plan(spec, backend, model, params, concurrency=concurrency, stream=_use_stream(backend, options),
+                server=info, notes=(note,) if note else ())
+
+
+def estimate_plan(store: Store, plan: Plan, options: GenerateOptions, requests: int | None = None) -> Estimate:
+    """How long running ``plan`` on the project now would take (see estimate.py)."""
+    todo, mean = work_to_do(store, options.limit)
+    requests = todo if requests is None else requests
+    return estimate_run(requests=requests, max_tokens=plan.params["max_tokens"], mean_tokens=mean,
+                        prompt_tokens=mean_prompt_tokens(plan.spec), concurrency=plan.concurrency,
+                        backend_kind=plan.backend.kind, backend_label=plan.backend.label, info=plan.server,
+                        rpm=options.rpm, tpm=options.tpm)
+
+
+def preview_run(store_path: str | os.PathLike[str], options: GenerateOptions,
+                backend: Backend | None = None, *, start_local: bool = True) -> tuple[Plan, Estimate]:
+    """The plan and time estimate of a run, before starting it (the CLI prints them,
+    the generate screen shows them). ``start_local=False``: never start the local
+    server just for this (BackendError when it is not running)."""
+    with Store.open(Path(store_path)) as store:
+        if backend is None:
+            backend = resolve_backend(start_local=start_local)
+        plan = plan_run(store, options, backend)
+        return plan, estimate_plan(store, plan, options)
 
 
 # -- errors: what is worth retrying -----------------------------------------------
@@ -168,13 +220,37 @@ class MalformedResponse(Exception):
     """The server answered 200 with something that is not a usable completion."""
 
 
+class StreamError(Exception):
+    """The server reported an error inside a stream it had started (after the 200)."""
+
+
 def is_transient(exc: BaseException) -> bool:
     if isinstance(exc, openai.APIStatusError):
         if exc.status_code == 429:
             return not _insufficient_quota(exc)
         return exc.status_code in TRANSIENT_STATUS or exc.status_code >= 500
     # Timeouts are APIConnectionError too; a 200 with a broken body is MalformedResponse.
-    return isinstance(exc, (openai.APIConnectionError, openai.APIResponseValidationError, MalformedResponse))
+    return isinstance(exc, (openai.APIConnectionError, openai.APIResponseValidationError, MalformedResponse,
+                            StreamError))
+
+
+def retry_kind(exc: BaseException | None) -> str:
+    """Why a transient failure is retried, as a key of progress.RETRY_KINDS."""
+    if isinstance(exc, openai.APIStatusError):
+        if exc.status_code == 429:
+            return "rate_limited"
+        if exc.status_code >= 500:
+            return "server_error"
+        return "other"
+    if isinstance(exc, openai.APITimeoutError):
+        return "timeout"
+    if isinstance(exc, openai.APIConnectionError):
+        return "connection"
+    if isinstance(exc, (openai.APIResponseValidationError, MalformedResponse)):
+        return "malformed"
+    if isinstance(exc, StreamError):
+        return "server_error"
+    return "other"
 
 
 def _insufficient_quota(exc: openai.APIStatusError) -> bool:
@@ -196,6 +272,8 @@ def describe(exc: BaseException) -> str:
         return f"connection error: {cause or exc.message}"
     if isinstance(exc, (openai.APIResponseValidationError, MalformedResponse)):
         return f"malformed response: {exc}"
+    if isinstance(exc, StreamError):
+        return f"error in the stream: {' '.join(str(exc).split())[:300]}"
     return f"{type(exc).__name__}: {exc}"
 
 
@@ -233,6 +311,23 @@ class _Wait:
         if asked is not None:
             return min(asked, RETRY_AFTER_MAX_S) * (1 + random.random() * 0.1)
         return self._backoff(state)
+
+
+class _Stop:
+    """tenacity stop: after ``max_attempts`` failures, but a server saying it is busy
+    or rate-limited (429) is waited out up to BUSY_ATTEMPTS times besides: that is a
+    queue, not a fault, and with Retry-After honoured each wait is what it asked for."""
+
+    def __init__(self, max_attempts: int):
+        self.max_attempts = max_attempts
+        self.busy = 0
+
+    def __call__(self, state: Any) -> bool:
+        exc = state.outcome.exception() if state.outcome else None
+        if retry_kind(exc) == "rate_limited" and isinstance(exc, openai.APIStatusError):
+            self.busy += 1
+            return self.busy >= BUSY_ATTEMPTS
+        return state.attempt_number - self.busy >= self.max_attempts
 
 
 # -- the run ---------------------------------------------------------------------
@@ -351,7 +446,13 @@ class _Runner:
         self.store, self.plan, self.options, self.run_id = store, plan, options, run_id
         self.writer = _Writer(store)
         self.stop, self.on_progress = stop, on_progress
-        self.tracker = Tracker(len(work), run_id, plan.model)
+        try:
+            estimate: Estimate | None = estimate_plan(store, plan, options, requests=len(work))
+        except Exception as exc:  # noqa: BLE001 - an estimate must never stop a run
+            log.warning("run #%s: no estimate: %s", run_id, exc)
+            estimate = None
+        self.tracker = Tracker(len(work), run_id, plan.model, estimate_s=estimate.seconds if estimate else None,
+                               estimate=estimate.text if estimate else None)
         self.queue: asyncio.Queue[WorkItem] = asyncio.Queue()
         for item in work:
             self.queue.put_nowait(item)
@@ -370,7 +471,7 @@ class _Runner:
         self._progress_failed = False
 
     async def run(self) -> str:
-        workers = [asyncio.create_task(self._worker()) for _ in range(min(self.options.concurrency,
+        workers = [asyncio.create_task(self._worker()) for _ in range(min(self.plan.concurrency,
                                                                           self.queue.qsize()))]
         everything = asyncio.gather(*workers)
         stopping = asyncio.create_task(self.stop.wait())
@@ -445,28 +546,32 @@ class _Runner:
         self.writer.later(self.store.mark_running, item.completion_id, self.run_id)
         tracker.started()
         retrying = AsyncRetrying(
-            stop=stop_after_attempt(opts.max_attempts),
+            stop=_Stop(opts.max_attempts),
             wait=_Wait(opts.backoff_initial_s, opts.backoff_max_s),
             retry=retry_if_exception(is_transient),
-            before_sleep=lambda _state: tracker.retried(),
+            before_sleep=lambda state: tracker.retried(retry_kind(state.outcome.exception())),
             reraise=True,
         )
+        streamed = [0]  # tokens of this completion already counted in the tracker (all attempts)
         try:
             async for attempt in retrying:
                 with attempt:
                     attempts += 1
                     await self.limits.acquire(estimate)
                     started = time.monotonic()
-                    # client.post, the openai client's documented raw-request method:
-                    # the same auth, timeout and error types as chat.completions.create,
-                    # without create()'s TypedDict transform of the request and pydantic
-                    # build of the reply, ~40% of the client's CPU per request here
-                    # (see bench/generate.py). parse_reply checks what we use.
-                    raw = await self.client.post("/chat/completions", body=body, cast_to=bytes)
+                    if plan.stream:
+                        reply = await self._stream(body, streamed)
+                    else:
+                        # client.post, the openai client's documented raw-request method:
+                        # the same auth, timeout and error types as chat.completions.create,
+                        # without create()'s TypedDict transform of the request and pydantic
+                        # build of the reply, ~40% of the client's CPU per request here
+                        # (see bench/generate.py). parse_reply checks what we use.
+                        raw = await self.client.post("/chat/completions", body=body, cast_to=bytes)
+                        reply = parse_reply(raw)
                     latency = time.monotonic() - started
-                    reply = parse_reply(raw)
         except asyncio.CancelledError:
-            self.writer.later(self.store.release_running, item.completion_id)
+            self.writer.later(self.store.release_running, item.completion_id, self.run_id)
             tracker.ended()
             raise
         except Exception as exc:  # every failure is recorded, never raised out of the run
@@ -482,7 +587,8 @@ class _Runner:
         cost = None
         if reply.prompt_tokens is not None and reply.completion_tokens is not None:
             cost = self.cost(reply.model, reply.prompt_tokens, reply.completion_tokens)
-        tracker.done(item.completion_id, reply.text, reply.completion_tokens or 0, cost)
+        tracker.done(item.completion_id, reply.text, reply.completion_tokens or reply.chunks, cost,
+                     streamed=streamed[0])
         # Queued, not awaited: the writer commits it in order and is drained before
         # the run is finished, so a stop arriving now still lets it commit whole.
         self.writer.later(
@@ -494,6 +600,88 @@ class _Runner:
         )
 
 
+    async def _stream(self, body: dict[str, Any], streamed: list[int]) -> "Reply":
+        """One streamed request: the reply gathered from its chunks.
+
+        The client's timeout is then httpx's read timeout *between* chunks (and the
+        server's keep-alive pings), never a cap on the whole answer. Chunks are read as
+        plain dicts through the client's own SSE reader (AsyncStream[object]): the
+        same auth, errors, and in-band error events as create(stream=True), without
+        a pydantic model per token. Content pieces count as tokens in the tracker as
+        they arrive (``streamed[0]`` keeps the total across attempts).
+        """
+        request = {**body, "stream": True, "stream_options": {"include_usage": True}}
+        stream = await self.client.post("/chat/completions", body=request, cast_to=object, stream=True,
+                                        stream_cls=openai.AsyncStream[object])
+        async with stream:
+            content_type = stream.response.headers.get("content-type", "")
+            if "event-stream" not in content_type:  # a server that ignores stream=true: one plain body
+                return parse_reply(await stream.response.aread())
+            gathered = _Gathered()
+            try:
+                async for chunk in stream:
+                    pieces = gathered.add(chunk)
+                    if pieces:
+                        self.tracker.streamed(pieces)
+                        streamed[0] += pieces
+            except openai.APIError as exc:  # an error event inside the stream (after the 200)
+                if isinstance(exc, (openai.APIStatusError, openai.APIConnectionError)):
+                    raise
+                raise StreamError(exc.message) from None
+            except ValueError as exc:  # a chunk that is not JSON
+                raise MalformedResponse(f"a stream chunk is not JSON ({exc})") from None
+        return gathered.reply()
+
+
+class _Gathered:
+    """A chat reply put together from its stream chunks (choice 0; usage from the
+    final chunk that stream_options.include_usage asks for)."""
+
+    def __init__(self) -> None:
+        self.parts: list[str] = []
+        self.finish_reason: str | None = None
+        self.model: str | None = None
+        self.usage: dict[str, Any] = {}
+        self.chunks = 0  # content pieces: the token count when a server reports no usage
+        self.seen = False
+
+    def add(self, chunk: Any) -> int:
+        """Take one chunk; returns how many content pieces it carried (0 or 1)."""
+        if not isinstance(chunk, dict):
+            raise MalformedResponse("a stream chunk is not a JSON object")
+        self.seen = True
+        if isinstance(chunk.get("model"), str):
+            self.model = chunk["model"]
+        if isinstance(chunk.get("usage"), dict):
+            self.usage = chunk["usage"]
+        pieces = 0
+        for choice in chunk.get("choices") or ():
+            if not isinstance(choice, dict) or choice.get("index", 0) != 0:
+                continue
+            delta = choice.get("delta")
+            text = delta.get("content") if isinstance(delta, dict) else None
+            if isinstance(text, str) and text:
+                self.parts.append(text)
+                pieces += 1
+            if choice.get("finish_reason"):
+                self.finish_reason = choice["finish_reason"]
+        self.chunks += pieces
+        return pieces
+
+    def reply(self) -> "Reply":
+        if not self.seen:
+            raise MalformedResponse("the stream ended before any chunk")
+        if self.finish_reason is None:
+            raise MalformedResponse("the stream ended without a finish reason")
+
+        def count(key: str) -> int | None:
+            value = self.usage.get(key)
+            return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+        return Reply("".join(self.parts), self.finish_reason, self.model, count("prompt_tokens"),
+                     count("completion_tokens"), self.chunks)
+
+
 @dataclass(frozen=True)
 class Reply:
     """What a chat completion response gives us to store."""
@@ -503,6 +691,7 @@ class Reply:
     model: str | None
     prompt_tokens: int | None
     completion_tokens: int | None
+    chunks: int = 0  # streamed content pieces (a stand-in for tokens in progress when usage is missing)
 
 
 def parse_reply(raw: bytes | str) -> Reply:

@@ -12,6 +12,17 @@ from typing import Any
 RATE_WINDOW_S = 10.0  # requests/s and tokens/s are measured over this recent window
 TAIL = 5  # finished completions kept for a live tail
 
+# Why a request was retried: the keys of Progress.retry_reasons, in the order shown,
+# with the words a person reads ("retries 5: 3 timeouts, 2 busy/rate-limited (429)").
+RETRY_KINDS: dict[str, tuple[str, str]] = {
+    "timeout": ("timeout", "timeouts"),
+    "rate_limited": ("busy/rate-limited (429)", "busy/rate-limited (429)"),
+    "server_error": ("server error (5xx)", "server errors (5xx)"),
+    "connection": ("connection error", "connection errors"),
+    "malformed": ("malformed reply", "malformed replies"),
+    "other": ("other (408/409)", "other (408/409)"),
+}
+
 
 @dataclass
 class Finished:
@@ -34,6 +45,9 @@ class Progress:
     in_flight: int = 0
     pending: int = 0
     retries: int = 0
+    retry_reasons: dict[str, int] = field(default_factory=dict)  # RETRY_KINDS key -> retries
+    phase: str | None = None  # what the run waits for before its first tokens, in words
+    estimate: str | None = None  # the time estimate made when the run started, in words
     requests_per_s: float = 0.0
     tokens_per_s: float = 0.0  # completion tokens per second
     cost_usd: float | None = None  # None: the model's price is unknown
@@ -58,6 +72,8 @@ class Progress:
         known = {f.name for f in fields(cls)}
         values = {k: v for k, v in data.items() if k in known}
         values["recent"] = [Finished(**r) for r in values.get("recent") or []]
+        if not isinstance(values.get("retry_reasons"), dict):  # progress saved before reasons were kept
+            values["retry_reasons"] = {}
         return cls(**values)
 
     def summary(self) -> str:
@@ -68,32 +84,67 @@ class Progress:
             parts.append(f"${self.cost_usd:.4f}")
         if self.eta_s is not None:
             parts.append(f"ETA {format_duration(self.eta_s)}")
+        if self.retries:
+            parts.append(self.retry_text())
+        if self.phase:
+            parts.append(self.phase)
         return f"run #{self.run_id} {self.state}: " + ", ".join(parts)
+
+    def retry_text(self) -> str:
+        """Retries and why, in words: "retries 5: 3 timeouts, 2 busy/rate-limited (429)"."""
+        if not self.retries:
+            return "no retries"
+        reasons = self.retry_reasons or {}
+        words = [f"{n} {RETRY_KINDS[k][0 if n == 1 else 1]}" for k, n in
+                 sorted(reasons.items(), key=lambda kv: list(RETRY_KINDS).index(kv[0]) if kv[0] in RETRY_KINDS
+                        else len(RETRY_KINDS)) if n and k in RETRY_KINDS]
+        words += [f"{n} {k}" for k, n in reasons.items() if n and k not in RETRY_KINDS]
+        return f"retries {self.retries}" + (f": {', '.join(words)}" if words else "")
 
 
 class Tracker:
     """Counts a run as it goes and produces Progress snapshots."""
 
-    def __init__(self, total: int, run_id: int | None = None, model: str | None = None):
-        self.progress = Progress(run_id=run_id, total=total, pending=total, model=model)
+    def __init__(self, total: int, run_id: int | None = None, model: str | None = None,
+                 estimate_s: float | None = None, estimate: str | None = None):
+        self.progress = Progress(run_id=run_id, total=total, pending=total, model=model, estimate=estimate)
+        self._estimate_s = estimate_s  # the ETA until the run's own rate says more
         self._started = time.monotonic()
-        self._window: deque[tuple[float, int]] = deque()  # (time, completion tokens)
+        self._window: deque[float] = deque()  # when each recent completion finished
+        self._tokens: deque[tuple[float, int]] = deque()  # (time, completion tokens received)
         self._cost: float | None = 0.0
+        self._got_tokens = False
 
     def started(self) -> None:
         self.progress.in_flight += 1
 
-    def retried(self) -> None:
+    def retried(self, kind: str = "other") -> None:
         self.progress.retries += 1
+        reasons = self.progress.retry_reasons
+        reasons[kind] = reasons.get(kind, 0) + 1
+
+    def streamed(self, tokens: int) -> None:
+        """Tokens of a completion still in flight (a streamed reply): they count in
+        tokens/s at once, so a run shows speed before its first completion ends."""
+        if tokens > 0:
+            self._tokens.append((time.monotonic(), tokens))
+            self._got_tokens = True
+
+    def set_phase(self, phase: str | None) -> None:
+        self.progress.phase = phase
 
     def ended(self) -> None:
         """A request left flight without finishing (cancelled)."""
         self.progress.in_flight -= 1
 
-    def done(self, completion_id: int, text: str, completion_tokens: int, cost: float | None) -> None:
+    def done(self, completion_id: int, text: str, completion_tokens: int, cost: float | None,
+             streamed: int = 0) -> None:
+        """A completion finished; ``streamed`` of its tokens were already counted."""
         self.progress.in_flight -= 1
         self.progress.done += 1
-        self._window.append((time.monotonic(), completion_tokens))
+        now = time.monotonic()
+        self._window.append(now)
+        self.streamed(completion_tokens - streamed)
         self._cost = None if cost is None or self._cost is None else self._cost + cost
         self._tail(Finished(completion_id, "done", _preview(text)))
 
@@ -111,14 +162,25 @@ class Tracker:
             p.state = state
         now = time.monotonic()
         p.elapsed_s = round(now - self._started, 3)
-        while self._window and self._window[0][0] < now - RATE_WINDOW_S:
+        while self._window and self._window[0] < now - RATE_WINDOW_S:
             self._window.popleft()
+        while self._tokens and self._tokens[0][0] < now - RATE_WINDOW_S:
+            self._tokens.popleft()
         span = min(RATE_WINDOW_S, max(now - self._started, 1e-9))
         p.requests_per_s = round(len(self._window) / span, 3)
-        p.tokens_per_s = round(sum(t for _, t in self._window) / span, 3)
+        p.tokens_per_s = round(sum(t for _, t in self._tokens) / span, 3)
+        if p.phase is None and p.in_flight and not self._got_tokens and not p.done:
+            p.phase = "waiting for the first tokens"
+        elif p.phase == "waiting for the first tokens" and (self._got_tokens or p.done):
+            p.phase = None
         p.pending = max(p.total - p.done - p.failed - p.in_flight, 0)
         remaining = p.total - p.done - p.failed
-        p.eta_s = round(remaining / p.requests_per_s, 1) if p.requests_per_s > 0 else None
+        if p.requests_per_s > 0:
+            p.eta_s = round(remaining / p.requests_per_s, 1)
+        elif self._estimate_s is not None and p.elapsed_s < self._estimate_s:
+            p.eta_s = round(self._estimate_s - p.elapsed_s, 1)
+        else:
+            p.eta_s = None
         p.cost_usd = None if self._cost is None else round(self._cost, 6)
         return Progress.from_dict(p.to_dict())  # a copy: the caller may keep it
 
