@@ -42,19 +42,25 @@ def varied_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 class InProcessServer:
-    """The real app under uvicorn in a background thread, on a free loopback port."""
+    """The real app under uvicorn in a background thread, on a free loopback port.
+
+    ``token``: the owner token every request must carry (``gridtune serve`` always has one);
+    None (the default here) makes an open server, for tests about other things. ``state_kw``
+    go to build_state (max_queue, max_batch, max_body_bytes, export_root, ...)."""
 
     def __init__(self, model_dir: Path | None, data_dir: Path, *, api_key: str | None = None,
-                 max_upload_bytes: int = 512 * 1024 * 1024):
+                 token: str | None = None, max_upload_bytes: int = 512 * 1024 * 1024, **state_kw):
         import uvicorn
 
         from gridtune.server.app import build_state, create_app
         from gridtune.server.model import load_model
 
         self.loaded = load_model(str(model_dir) if model_dir else None)  # None: the default model
-        self.state = build_state(self.loaded, data_dir, api_key=api_key,
+        self.token = token
+        self.api_key = api_key
+        self.state = build_state(self.loaded, data_dir, api_key=api_key, token=token,
                                  base_source=str(model_dir) if model_dir else None,
-                                 max_upload_bytes=max_upload_bytes)
+                                 max_upload_bytes=max_upload_bytes, **state_kw)
         self.sock = socket.socket()
         self.sock.bind(("127.0.0.1", 0))
         self.sock.listen(128)
@@ -80,14 +86,23 @@ class InProcessServer:
     def client(self, **kwargs):
         import openai
 
-        return openai.OpenAI(base_url=self.base_url, api_key="test", max_retries=0, **kwargs)
+        return openai.OpenAI(base_url=self.base_url, api_key=self.key, max_retries=0, **kwargs)
+
+    @property
+    def key(self) -> str:
+        """What a client sends as its bearer token."""
+        return self.token or self.api_key or "test"
 
     def write_state(self, data_dir: Path) -> None:
         """Make this server the user's local server for gridtune's discovery (server.json)."""
-        data_dir.mkdir(parents=True, exist_ok=True)
-        (data_dir / "server.json").write_text(json.dumps(
-            {"pid": os.getpid(), "host": "127.0.0.1", "port": self.port, "base_url": self.base_url,
-             "model": self.model, "started_at": time.time()}))
+        data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        state = {"pid": os.getpid(), "host": "127.0.0.1", "port": self.port, "base_url": self.base_url,
+                 "model": self.model, "started_at": time.time()}
+        if self.token:
+            state["token"] = self.token
+        path = data_dir / "server.json"
+        path.write_text(json.dumps(state))
+        path.chmod(0o600)
 
 
 def gridtune_cmd(*args: str) -> list[str]:

@@ -127,7 +127,7 @@ def test_concurrent_requests_decode_like_sequential_ones(server):
         return r.choices[0].message.content, r.choices[0].finish_reason
 
     async def run(concurrent: bool):
-        async with openai.AsyncOpenAI(base_url=server.base_url, api_key="x", max_retries=0) as client:
+        async with openai.AsyncOpenAI(base_url=server.base_url, api_key=server.key, max_retries=0) as client:
             if concurrent:
                 return await asyncio.gather(*[one(client, p, i) for i, p in enumerate(prompts)])
             return [await one(client, p, i) for i, p in enumerate(prompts)]
@@ -237,7 +237,8 @@ def test_an_oversized_chunked_upload_is_refused_without_reading_it(server):
 
     scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
              "path": "/v1/files", "raw_path": b"/v1/files", "root_path": "", "query_string": b"",
-             "headers": [(b"content-type", b"multipart/form-data; boundary=B"), (b"transfer-encoding", b"chunked")],
+             "headers": [(b"content-type", b"multipart/form-data; boundary=B"), (b"transfer-encoding", b"chunked"),
+                         (b"host", f"127.0.0.1:{server.port}".encode())],
              "client": ("127.0.0.1", 1), "server": ("127.0.0.1", server.port)}
     asyncio.run(create_app(server.state)(scope, receive, send))
     assert sent[0]["status"] == 413 and json.loads(sent[1]["body"])["error"]["code"] == "file_too_large"
@@ -245,14 +246,16 @@ def test_an_oversized_chunked_upload_is_refused_without_reading_it(server):
 
 
 def test_export_model_is_refused_to_a_client_on_another_machine(server, tmp_path):
-    """It writes on the server's disk: a key holder elsewhere on the network may not."""
+    """It writes on the server's disk: a key holder elsewhere on the network may not write outside
+    the export directory."""
     from starlette.testclient import TestClient
 
     from gridtune.server.app import create_app
 
     out = tmp_path / "merged"
     # Not as a context manager: no lifespan, so the shared server's engine is left alone.
-    remote = TestClient(create_app(server.state), client=("10.1.2.3", 40000))
+    remote = TestClient(create_app(server.state), base_url=f"http://127.0.0.1:{server.port}",
+                        client=("10.1.2.3", 40000))
     r = remote.post("/v1/gridtune/export_model", json={"model": "anything", "output_dir": str(out)})
-    assert r.status_code == 403 and r.json()["error"]["code"] == "forbidden"
+    assert r.status_code == 403 and r.json()["error"]["code"] == "forbidden_path"
     assert not out.exists()

@@ -169,7 +169,7 @@ def test_files_jobs_and_models_survive_a_killed_server(tiny_model_dir, tmp_path)
     data = tmp_path / "data"
     train = write_jsonl(tmp_path / "train.jsonl", chat_examples(20))
     with serve_subprocess(tiny_model_dir, data) as (proc, state):
-        client = openai.OpenAI(base_url=state["base_url"], api_key="x", max_retries=0)
+        client = openai.OpenAI(base_url=state["base_url"], api_key=state["token"], max_retries=0)
         f = _upload(client, train)
         first = client.fine_tuning.jobs.create(model=state["model"], training_file=f.id,
                                                hyperparameters={"n_epochs": 1, "batch_size": 5})
@@ -183,7 +183,7 @@ def test_files_jobs_and_models_survive_a_killed_server(tiny_model_dir, tmp_path)
         proc.send_signal(signal.SIGKILL)  # no clean shutdown: the worker is orphaned mid-job
         proc.wait()
     with serve_subprocess(tiny_model_dir, data) as (proc, state):
-        client = openai.OpenAI(base_url=state["base_url"], api_key="x", max_retries=0)
+        client = openai.OpenAI(base_url=state["base_url"], api_key=state["token"], max_retries=0)
         assert f.id in [x.id for x in client.files.list()]
         ft = client.fine_tuning.jobs.retrieve(first.id)
         assert ft.status == "succeeded" and ft.fine_tuned_model in [m.id for m in client.models.list()]

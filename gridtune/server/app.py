@@ -9,6 +9,8 @@ import contextlib
 import hmac
 import json
 import logging
+import math
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,24 +27,48 @@ from starlette.routing import Route
 
 from .engine import Delta, Engine, EngineError, SamplingParams, new_id
 from .errors import APIError, invalid
-from .files import DEFAULT_MAX_BYTES, FileStore
+from .files import DEFAULT_MAX_BYTES, DEFAULT_QUOTA_BYTES, FileStore, private_dir
 from .jobs import JobManager
 
 log = logging.getLogger("gridtune.server")
 
 MAX_N = 16
 MAX_STOPS = 4
+MAX_STOP_CHARS = 256
+DEFAULT_MAX_BODY_BYTES = 4 * 1024 * 1024  # a JSON request body; uploads have their own limit
+# A prompt longer than this many characters per token of context cannot fit (tokenizers
+# average 3-5 characters a token); refused before the tokenizer ever sees it.
+PROMPT_CHARS_PER_TOKEN = 8
+UPLOAD_OVERHEAD = 64 * 1024  # multipart framing and the purpose field around the file
+LOOPBACK_NAMES = ("127.0.0.1", "localhost", "[::1]")
+REFUSED_FETCH_SITES = ("cross-site", "same-site")
+MAX_BATCH_HEADER = "x-gridtune-max-batch"
 
 
 @dataclass
 class ServerState:
+    """What the app serves and the rules it serves by.
+
+    ``token`` is the owner token the server generated at start (kept only in its 0600 state
+    file); ``api_key`` is a key the user chose (``--api-key``, for listening off loopback).
+    A request must carry one of them, unless both are None (an in-process server, tests).
+    """
+
     engine: Engine
     files: FileStore
     jobs: JobManager
     api_key: str | None = field(default=None, repr=False)
+    token: str | None = field(default=None, repr=False)
+    allowed_hosts: frozenset[str] = frozenset()  # more host names to accept in Host (with this port)
+    allowed_origins: frozenset[str] = frozenset()  # browser origins allowed in (default: none)
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    max_queue: int = 128  # completions (rows) admitted and unfinished, past which: 429
+    export_root: Path | None = None
     started_at: float = field(default_factory=time.time)
     last_activity: float = field(default_factory=time.monotonic)
     in_flight: int = 0
+    reserved: int = 0  # rows admitted by the app and not finished (>= engine.load)
+    reserved_tokens: int = 0  # their token budgets, for the Retry-After estimate
 
     @property
     def idle_for(self) -> float:
@@ -54,8 +80,64 @@ class ServerState:
         return time.monotonic() - self.last_activity
 
 
+def _header(scope: dict[str, Any], name: bytes) -> str | None:
+    for key, value in scope.get("headers", []):
+        if key == name:
+            return value.decode("latin-1")
+    return None
+
+
+def _split_host(value: str) -> tuple[str, str | None]:
+    """("name", "port") of a Host header value: ``name:port``, ``[v6]:port`` or ``name``."""
+    value = value.strip().lower()
+    if value.startswith("["):
+        end = value.find("]")
+        name, rest = (value, "") if end < 0 else (value[:end + 1], value[end + 1:])
+    else:
+        name, sep, port = value.partition(":")
+        rest = sep + port
+    return name, (rest[1:] if rest.startswith(":") else None)
+
+
+def _host_allowed(state: ServerState, scope: dict[str, Any], host: str | None) -> bool:
+    """Host must name this server: a loopback name or the address the connection came in on
+    (or a name the operator allowed), with this server's port. A DNS-rebinding page sends
+    its own domain name here, so it is refused."""
+    if not host:
+        return False
+    server = scope.get("server") or ("127.0.0.1", 80)
+    local = str(server[0]).lower()
+    if ":" in local:
+        local = f"[{local}]"
+    name, port = _split_host(host)
+    if (port or "80") != str(server[1]):
+        return False
+    return name in {*LOOPBACK_NAMES, local, *(h.lower() for h in state.allowed_hosts)}
+
+
+def _browser_refusal(state: ServerState, scope: dict[str, Any]) -> str | None:
+    """Why a request that a web page sent is refused (None: it is not one, or it is allowed)."""
+    origin = _header(scope, b"origin")
+    if origin is not None:
+        if origin.rstrip("/").lower() in state.allowed_origins:
+            return None
+        return (f"requests from web pages are refused (Origin: {origin[:100]}); this server serves gridtune and "
+                "API clients on this machine")
+    site = (_header(scope, b"sec-fetch-site") or "").lower()
+    if site in REFUSED_FETCH_SITES:
+        return f"requests from web pages are refused (Sec-Fetch-Site: {site})"
+    return None
+
+
 class _Guard:
-    """Pure ASGI middleware: the API key check and activity tracking (for the idle exit)."""
+    """Pure ASGI middleware, in front of every route, in this order:
+
+    1. Host must be this server's own name (DNS rebinding) -> 403;
+    2. no browser cross-origin request (Origin / Sec-Fetch-Site), unless allowed -> 403;
+    3. the owner token or the API key as ``Authorization: Bearer`` -> 401;
+    4. the body is counted while it is read, chunked or not: past the cap -> 413;
+    and it tracks activity (for the idle exit) and releases a request's queue places.
+    """
 
     def __init__(self, app: Any, state_ref: dict[str, ServerState]):
         self.app = app
@@ -65,30 +147,91 @@ class _Guard:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         state = self.state_ref["state"]
-        if state.api_key:
-            auth = ""
-            for name, value in scope.get("headers", []):
-                if name == b"authorization":
-                    auth = value.decode("latin-1")
-            token = auth[7:].strip() if auth[:7].lower() == "bearer " else ""
-            if not hmac.compare_digest(token.encode(), state.api_key.encode()):
-                msg = ("You didn't provide an API key. You need to provide your API key in an Authorization header "
-                       "using Bearer auth (i.e. Authorization: Bearer YOUR_KEY)." if not token
-                       else "Incorrect API key provided.")
-                resp = APIError(401, msg, code="invalid_api_key").response()
-                return await resp(scope, receive, send)
+        refusal = self._refuse(state, scope)
+        if refusal is not None:
+            return await refusal.response()(scope, receive, send)
+        cap, too_large = state.max_body_bytes, _too_large(state.max_body_bytes)
+        if scope.get("path") == "/v1/files" and scope.get("method") == "POST":
+            cap = state.files.max_bytes + UPLOAD_OVERHEAD
+            too_large = APIError(413, f"the file is larger than this server's limit of {state.files.max_bytes:,} "
+                                      "bytes", param="file", code="file_too_large")
+        length = _header(scope, b"content-length")
+        if length is not None and (not length.strip().isdigit() or int(length) > cap):
+            return await too_large.response()(scope, receive, send)
+        held: list[tuple[int, int]] = []
+        scope["gridtune.reserved"] = held
         state.in_flight += 1
         state.last_activity = time.monotonic()
         try:
-            await self.app(scope, receive, send)
+            await self.app(scope, _capped(receive, cap, too_large), send)
         finally:
+            for rows, tokens in held:
+                state.reserved -= rows
+                state.reserved_tokens -= tokens
+            held.clear()
             state.in_flight -= 1
             state.last_activity = time.monotonic()
+
+    @staticmethod
+    def _refuse(state: ServerState, scope: dict[str, Any]) -> APIError | None:
+        host = _header(scope, b"host")
+        if not _host_allowed(state, scope, host):
+            return APIError(403, f"this server does not answer to the host name {str(host)[:100]!r}; connect "
+                                 "to it by its own address (127.0.0.1 or localhost)", code="forbidden_host")
+        why = _browser_refusal(state, scope)
+        if why is not None:
+            return APIError(403, why, code="forbidden_origin")
+        keys = [k for k in (state.token, state.api_key) if k]
+        if not keys:
+            scope["gridtune.auth"] = "open"
+            return None
+        auth = _header(scope, b"authorization") or ""
+        token = auth[7:].strip() if auth[:7].lower() == "bearer " else ""
+        # compare with every key (no early exit), in constant time
+        owner = bool(state.token) and hmac.compare_digest(token.encode(), state.token.encode())
+        keyed = bool(state.api_key) and hmac.compare_digest(token.encode(), state.api_key.encode())
+        if owner or keyed:
+            scope["gridtune.auth"] = "owner" if owner else "key"
+            return None
+        msg = ("You didn't provide an API key. You need to provide your API key in an Authorization header "
+               "using Bearer auth (i.e. Authorization: Bearer YOUR_KEY). gridtune's own clients read this "
+               "server's token from its state file." if not token else "Incorrect API key provided.")
+        return APIError(401, msg, code="invalid_api_key")
+
+
+def _too_large(cap: int) -> APIError:
+    return APIError(413, f"the request body is larger than this server's limit of {cap:,} bytes",
+                    code="request_too_large")
+
+
+def _capped(receive: Any, cap: int, error: APIError) -> Any:
+    """``receive`` that stops a body (chunked, or longer than its Content-Length) past ``cap`` bytes."""
+    seen = 0
+
+    async def capped() -> dict[str, Any]:
+        nonlocal seen
+        message = await receive()
+        if message["type"] == "http.request":
+            seen += len(message.get("body", b""))
+            if seen > cap:
+                raise error
+        return message
+
+    return capped
 
 
 # -- helpers ---------------------------------------------------------------------
 
+def _media_type(request: Request) -> str:
+    return request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+
+
 async def _json_body(request: Request) -> dict[str, Any]:
+    """The JSON object a request carries; only ``application/json`` is read (a web page can
+    send text/plain or a form without asking the browser first; it cannot send JSON)."""
+    if _media_type(request) != "application/json":
+        raise APIError(415, "send the request body as JSON with the header Content-Type: application/json",
+                       code="unsupported_media_type")
     try:
         body = await request.json()
     except (ValueError, UnicodeDecodeError):
@@ -142,6 +285,8 @@ def _sampling(body: dict[str, Any]) -> tuple[SamplingParams, int, bool, bool]:
         raise invalid("stop must be a string or a list of strings", param="stop", code="invalid_type")
     if len(stops) > MAX_STOPS:
         raise invalid(f"stop may hold at most {MAX_STOPS} sequences", param="stop")
+    if any(len(s) > MAX_STOP_CHARS for s in stops):
+        raise invalid(f"a stop sequence may be at most {MAX_STOP_CHARS} characters", param="stop")
     stream = body.get("stream") or False
     if not isinstance(stream, bool):
         raise invalid("stream must be a boolean", param="stream", code="invalid_type")
@@ -213,6 +358,97 @@ def _check_prompt(state: ServerState, prompt: list[int], param: str) -> None:
                       f"{state.engine.context_length} tokens", param=param, code="context_length_exceeded")
 
 
+def _check_chars(state: ServerState, chars: int, param: str) -> None:
+    """A cheap bound before tokenizing: text this long cannot fit the context, so it never
+    reaches the tokenizer (an 8 MB prompt once held the server for 30 s and 1 GB)."""
+    limit = state.engine.context_length * PROMPT_CHARS_PER_TOKEN
+    if chars > limit:
+        raise invalid(f"the prompt is {chars:,} characters; this model's context is {state.engine.context_length} "
+                      f"tokens, so at most {limit:,} characters are accepted", param=param,
+                      code="context_length_exceeded")
+
+
+def _clamp_tokens(state: ServerState, params: SamplingParams, prompt: list[int]) -> None:
+    """max_tokens no larger than the room the prompt leaves in the context."""
+    room = state.engine.context_length - len(prompt)
+    wanted = params.max_tokens if params.max_tokens is not None else state.engine.default_max_tokens
+    params.max_tokens = max(1, min(wanted, room))
+
+
+def _retry_after(state: ServerState) -> int:
+    """Seconds until a place in the queue is likely to free: the rows ahead share the decode
+    speed measured by the engine (a cautious guess until it has measured one)."""
+    st = state.engine.stats()
+    load = max(int(st.get("in_flight") or 0), state.reserved, 1)
+    batch = max(1, int(st.get("max_batch") or 1))
+    rows = min(load, batch)
+    speed = st.get("batch_tokens_per_s") if rows >= batch else None
+    if not speed and st.get("stream_tokens_per_s"):
+        speed = st["stream_tokens_per_s"] * rows
+        if st.get("batch_tokens_per_s"):
+            speed = min(speed, st["batch_tokens_per_s"])
+    speed = float(speed or 10.0 * rows)
+    per_row = state.reserved_tokens / state.reserved if state.reserved else state.engine.default_max_tokens
+    # the first of the decoding rows ends after about half a request's tokens at its share of the speed
+    return max(1, min(120, math.ceil(0.5 * per_row * rows / speed)))
+
+
+def _admit(state: ServerState, request: Request, n: int, params: SamplingParams) -> None:
+    """Take ``n`` places in the bounded queue for this request, or answer 429 with Retry-After.
+    The places are given back when the request ends (the guard does it, whatever happens)."""
+    load = max(state.engine.load, state.reserved)
+    if load + n > state.max_queue:
+        wait = _retry_after(state)
+        raise APIError(429, f"the local server is busy: {load} completions are queued or decoding (its limit is "
+                            f"{state.max_queue}); retry after {wait} s", code="rate_limit_exceeded",
+                       type="rate_limit_error",
+                       headers={"Retry-After": str(wait), MAX_BATCH_HEADER: str(state.engine.max_batch)})
+    tokens = n * int(params.max_tokens or state.engine.default_max_tokens)
+    state.reserved += n
+    state.reserved_tokens += tokens
+    request.scope["gridtune.reserved"].append((n, tokens))
+
+
+class _ClientGone(Exception):
+    """The client closed the connection before its answer was ready."""
+
+
+async def _until_disconnect(receive: Any) -> None:
+    """Return when the client goes away (the body has been read, so the next ASGI message
+    is ``http.disconnect``, sent when the connection drops or the response is complete)."""
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+async def _unless_abandoned(request: Request, work: Any) -> Any:
+    """Await ``work`` while watching the connection; if the client leaves first, cancel the
+    work (closing engine.generate marks its rows cancelled; the engine drops them within a
+    decode step) and raise _ClientGone."""
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(_until_disconnect(request.receive))
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        if not task.done():
+            task.cancel()
+            with contextlib.suppress(BaseException):
+                await task
+        watcher.cancel()
+        with contextlib.suppress(BaseException):
+            await watcher
+    if task.cancelled():
+        raise _ClientGone()
+    return task.result()
+
+
+def _check_n(state: ServerState, n: int) -> None:
+    if n > state.max_queue:
+        raise invalid(f"{n} is not a valid n: this server queues at most {state.max_queue} completions",
+                      param="n", code="invalid_value")
+
+
 def _engine_error(exc: EngineError) -> APIError:
     return APIError(exc.status, str(exc), param=exc.param, code=exc.code)
 
@@ -244,6 +480,8 @@ async def _merged(engine: Engine, model: str, prompt: list[int], params: Samplin
         try:
             async for delta in engine.generate(model, prompt, _params_for(params, i)):
                 await out.put((i, delta))
+        except asyncio.CancelledError:
+            raise
         except BaseException as exc:  # noqa: BLE001 - handed to the consumer
             await out.put((i, exc))
 
@@ -260,6 +498,7 @@ async def _merged(engine: Engine, model: str, prompt: list[int], params: Samplin
     finally:
         for t in tasks:
             t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)  # every engine.generate closed: rows cancelled
 
 
 def _sse_error(exc: BaseException) -> dict[str, str]:
@@ -276,14 +515,19 @@ def _state(request: Request) -> ServerState:
     return request.app.state.gridtune
 
 
+def _model_object(state: ServerState, model_id: str) -> dict[str, Any]:
+    """An OpenAI model object, plus ``gridtune``: what this server can batch and how fast it
+    decodes (Engine.stats()), so a client can size its concurrency and timeouts."""
+    owner = "gridtune" if model_id == state.engine.base_id else "local"
+    data = Model(id=model_id, created=int(state.started_at), object="model", owned_by=owner).model_dump(
+        exclude_none=True)
+    data["gridtune"] = {**state.engine.stats(), "max_queue": state.max_queue}
+    return data
+
+
 async def list_models(request: Request) -> Response:
     state = _state(request)
-    created = int(state.started_at)
-    data = []
-    for model_id in state.engine.model_ids():
-        owner = "gridtune" if model_id == state.engine.base_id else "local"
-        data.append(Model(id=model_id, created=created, object="model", owned_by=owner).model_dump(exclude_none=True))
-    return JSONResponse({"object": "list", "data": data})
+    return JSONResponse({"object": "list", "data": [_model_object(state, m) for m in state.engine.model_ids()]})
 
 
 async def get_model(request: Request) -> Response:
@@ -292,9 +536,7 @@ async def get_model(request: Request) -> Response:
     if not state.engine.has_model(model_id):
         raise APIError(404, f"The model `{model_id}` does not exist or you do not have access to it.",
                        param="model", code="model_not_found")
-    owner = "gridtune" if model_id == state.engine.base_id else "local"
-    return JSONResponse(Model(id=model_id, created=int(state.started_at), object="model",
-                              owned_by=owner).model_dump(exclude_none=True))
+    return JSONResponse(_model_object(state, model_id))
 
 
 async def chat_completions(request: Request) -> Response:
@@ -307,13 +549,22 @@ async def chat_completions(request: Request) -> Response:
     if body.get("logprobs") or body.get("top_logprobs"):
         raise invalid("logprobs are not supported by this local server", param="logprobs")
     params, n, stream, include_usage = _sampling(body)
+    _check_n(state, n)
+    _check_chars(state, sum(len(m["content"]) + 16 for m in messages), "messages")
+    _admit(state, request, n, params)
     try:
         prompt = await asyncio.to_thread(state.engine.chat_prompt, model, messages)
     except EngineError as exc:
         raise _engine_error(exc) from None
+    _check_prompt(state, prompt, "messages")  # fail before a stream starts, not inside it
+    _clamp_tokens(state, params, prompt)
     cid, created = new_id("chatcmpl"), int(time.time())
+    headers = {MAX_BATCH_HEADER: str(state.engine.max_batch)}
     if not stream:
-        results = await _collect_n(state.engine, model, prompt, params, n)
+        try:
+            results = await _unless_abandoned(request, _collect_n(state.engine, model, prompt, params, n))
+        except _ClientGone:
+            return Response(status_code=499)  # nobody reads it; the generation was cancelled
         usage = CompletionUsage(prompt_tokens=len(prompt), completion_tokens=sum(r[2] for r in results),
                                 total_tokens=len(prompt) + sum(r[2] for r in results))
         resp = ChatCompletion(
@@ -323,9 +574,7 @@ async def chat_completions(request: Request) -> Response:
                      for i, (text, reason, _) in enumerate(results)],
             usage=usage,
         )
-        return JSONResponse(resp.model_dump(mode="json", exclude_unset=True))
-
-    _check_prompt(state, prompt, "messages")  # fail before the stream starts, not inside it
+        return JSONResponse(resp.model_dump(mode="json", exclude_unset=True), headers=headers)
 
     def chunk(choices: list[dict[str, Any]], usage: CompletionUsage | None = None) -> dict[str, str]:
         c = ChatCompletionChunk(id=cid, object="chat.completion.chunk", created=created, model=model,
@@ -353,7 +602,8 @@ async def chat_completions(request: Request) -> Response:
             yield _sse_error(exc)
         yield {"data": "[DONE]"}
 
-    return EventSourceResponse(events(), sep="\n")
+    # On a disconnect sse-starlette cancels events(); _merged then closes every engine.generate.
+    return EventSourceResponse(events(), sep="\n", headers=headers)
 
 
 async def completions(request: Request) -> Response:
@@ -372,14 +622,22 @@ async def completions(request: Request) -> Response:
     params, n, stream, include_usage = _sampling(body)
     if body.get("max_tokens") is None and body.get("max_completion_tokens") is None:
         params.max_tokens = 16  # the legacy endpoint's documented default
+    _check_n(state, n)
+    _check_chars(state, len(prompt_in), "prompt")
+    _admit(state, request, n, params)
     try:
         prompt = await asyncio.to_thread(state.engine.text_prompt, model, prompt_in)
     except EngineError as exc:
         raise _engine_error(exc) from None
     _check_prompt(state, prompt, "prompt")
+    _clamp_tokens(state, params, prompt)
     cid, created = new_id("cmpl"), int(time.time())
+    headers = {MAX_BATCH_HEADER: str(state.engine.max_batch)}
     if not stream:
-        results = await _collect_n(state.engine, model, prompt, params, n)
+        try:
+            results = await _unless_abandoned(request, _collect_n(state.engine, model, prompt, params, n))
+        except _ClientGone:
+            return Response(status_code=499)
         done = sum(r[2] for r in results)
         resp = Completion(
             id=cid, object="text_completion", created=created, model=model, system_fingerprint="gridtune-local",
@@ -387,7 +645,7 @@ async def completions(request: Request) -> Response:
                      for i, (text, reason, _) in enumerate(results)],
             usage=CompletionUsage(prompt_tokens=len(prompt), completion_tokens=done, total_tokens=len(prompt) + done),
         )
-        return JSONResponse(resp.model_dump(mode="json", exclude_unset=True))
+        return JSONResponse(resp.model_dump(mode="json", exclude_unset=True), headers=headers)
 
     def chunk(choices: list[dict[str, Any]], usage: CompletionUsage | None = None) -> dict[str, str]:
         c = Completion(id=cid, object="text_completion", created=created, model=model, choices=[], usage=usage)
@@ -411,7 +669,8 @@ async def completions(request: Request) -> Response:
             yield _sse_error(exc)
         yield {"data": "[DONE]"}
 
-    return EventSourceResponse(events(), sep="\n")
+    # On a disconnect sse-starlette cancels events(); _merged then closes every engine.generate.
+    return EventSourceResponse(events(), sep="\n", headers=headers)
 
 
 # -- files ---------------------------------------------------------------------------
@@ -422,15 +681,10 @@ def _file(meta: dict[str, Any]) -> dict[str, Any]:
 
 async def upload_file(request: Request) -> Response:
     state = _state(request)
-    limit = state.files.max_bytes
-    length = request.headers.get("content-length")
-    if length and length.isdigit() and int(length) > limit + 64 * 1024:
-        raise APIError(413, f"the file is larger than this server's limit of {limit:,} bytes", param="file",
-                       code="file_too_large")
-    ctype = request.headers.get("content-type", "")
-    if not ctype.startswith("multipart/form-data"):
-        raise invalid("upload the file as multipart/form-data with the fields 'file' and 'purpose'", param="file")
-    request = Request(request.scope, _capped(request.receive, limit + 64 * 1024, limit))
+    if _media_type(request) != "multipart/form-data":
+        raise APIError(415, "upload the file as multipart/form-data with the fields 'file' and 'purpose'",
+                       param="file", code="unsupported_media_type")
+    # The guard caps the body at the file limit plus the multipart framing (413 past it).
     try:
         async with request.form(max_files=1, max_fields=16) as form:
             purpose = form.get("purpose")
@@ -444,23 +698,6 @@ async def upload_file(request: Request) -> Response:
     except HTTPException as exc:  # the multipart parser's own limits
         raise invalid(f"could not read the upload: {exc.detail}", param="file") from None
     return JSONResponse(_file(meta))
-
-
-def _capped(receive: Any, cap: int, limit: int) -> Any:
-    """``receive`` that stops reading a body (chunked, or lying about its length) past ``cap`` bytes."""
-    seen = 0
-
-    async def capped() -> dict[str, Any]:
-        nonlocal seen
-        message = await receive()
-        if message["type"] == "http.request":
-            seen += len(message.get("body", b""))
-            if seen > cap:
-                raise APIError(413, f"the file is larger than this server's limit of {limit:,} bytes", param="file",
-                               code="file_too_large")
-        return message
-
-    return capped
 
 
 async def list_files(request: Request) -> Response:
@@ -549,24 +786,69 @@ def _is_loopback(host: str) -> bool:
         return host == "localhost"
 
 
-async def export_model(request: Request) -> Response:
-    """gridtune's own: merge a fine-tuned model into a Hugging Face directory on this machine."""
-    state = _state(request)
-    # It writes a directory on the server's disk: only for a client on this machine.
+def _export_target(state: ServerState, request: Request, out: str) -> tuple[Path, bool]:
+    """Where export_model may write, and whether that is under the export root.
+
+    Under the root (default DATA/exports; a relative output_dir is taken from there) any
+    authenticated caller may write a new directory. Anywhere else only the owner may, which
+    the server knows by the token: it is generated at start, never leaves the process but
+    into the state file, which is 0600 in a 0700 directory, so only a process running as
+    this user (or root) can have read it. A key given with --api-key proves nothing of the
+    kind (it may be shared, sent over the network), nor does a missing key; and a web page
+    can have neither (Host and Origin checks aside). The caller must also be on this
+    machine. gridtune's own command line and TUI send the token; they are the owner's.
+    """
+    if "\x00" in out:
+        raise invalid("output_dir is not a valid path", param="output_dir")
+    root = Path(os.path.realpath(state.export_root or Path.cwd() / "exports"))
+    target = Path(out)
+    if not target.is_absolute():
+        target = root / target
+    resolved = Path(os.path.realpath(target))  # symlinks and '..' resolved: no escape through them
+    inside = resolved != root and resolved.is_relative_to(root)
+    if inside:
+        return resolved, True
     client = request.client.host if request.client else ""
-    if not _is_loopback(client):
-        raise APIError(403, "export_model writes to the server's disk and is only allowed from this machine",
-                       type="invalid_request_error", code="forbidden")
+    if request.scope.get("gridtune.auth") != "owner" or not _is_loopback(client):
+        raise APIError(403, f"output_dir {resolved} is outside this server's export directory {root}; export "
+                            "there (a relative output_dir is taken from it), or run `gridtune export-model` as "
+                            "the user who runs the server, on its machine", param="output_dir",
+                       code="forbidden_path")
+    return resolved, False
+
+
+async def export_model(request: Request) -> Response:
+    """gridtune's own: merge a fine-tuned model into a Hugging Face directory on this machine.
+    Every refusal is a 4xx that names its reason (the client does not retry it)."""
+    from .merge import ExportTargetError, export_merged
+    from .model import ModelError
+
+    state = _state(request)
     body = await _json_body(request)
     model = body.get("model")
     out = body.get("output_dir")
-    if not isinstance(model, str) or not isinstance(out, str) or not out:
-        raise invalid("give model and output_dir", param="model")
+    if not isinstance(model, str) or not model:
+        raise invalid("give the model to export", param="model")
+    if not isinstance(out, str) or not out:
+        raise invalid("give output_dir, the directory to write", param="output_dir")
+    target, inside = _export_target(state, request, out)
     job = state.jobs.job_for_model(model)
+    if inside:
+        private_dir(Path(os.path.realpath(state.export_root or Path.cwd() / "exports")))
     result = Path(job["local"]["result_dir"])
-    from .merge import export_merged
-
-    path = await asyncio.to_thread(export_merged, state.jobs.base_model_source, result, Path(out))
+    try:
+        path = await asyncio.to_thread(export_merged, state.jobs.base_model_source, result, target,
+                                       make_parents=inside)
+    except ExportTargetError as exc:
+        raise invalid(str(exc), param="output_dir", code="invalid_output_dir") from None
+    except PermissionError as exc:
+        raise APIError(403, f"cannot write {target}: {exc.strerror or exc}", param="output_dir",
+                       code="forbidden_path") from None
+    except OSError as exc:
+        raise invalid(f"cannot write {target}: {exc.strerror or exc}", param="output_dir",
+                      code="invalid_output_dir") from None
+    except ModelError as exc:
+        raise APIError(500, f"could not export {model}: {exc}", headers={"x-should-retry": "false"}) from None
     return JSONResponse({"object": "model.export", "model": model, "output_dir": str(path)})
 
 
@@ -641,11 +923,23 @@ def create_app(state: ServerState, *, on_startup: list | None = None, on_shutdow
     return app
 
 
-def build_state(loaded: Any, data_dir: Path, *, api_key: str | None = None, base_source: str | None = None,
-                max_upload_bytes: int = DEFAULT_MAX_BYTES, max_batch: int = 32) -> ServerState:
-    """Engine, file store and job manager for ``loaded`` with data under ``data_dir``."""
+def build_state(loaded: Any, data_dir: Path, *, api_key: str | None = None, token: str | None = None,
+                base_source: str | None = None, max_upload_bytes: int = DEFAULT_MAX_BYTES,
+                max_files_bytes: int = DEFAULT_QUOTA_BYTES, max_batch: int = 32, max_queue: int | None = None,
+                max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, export_root: Path | None = None,
+                allowed_hosts: tuple[str, ...] = (), allowed_origins: tuple[str, ...] = ()) -> ServerState:
+    """Engine, file store and job manager for ``loaded`` with data under ``data_dir``.
+
+    ``gridtune serve`` always passes a ``token``; with neither token nor api_key the server
+    asks for no key (only for servers embedded in a process, such as tests)."""
     engine = Engine(loaded, max_batch=max_batch)
-    files = FileStore(Path(data_dir) / "files", max_bytes=max_upload_bytes)
+    files = FileStore(Path(data_dir) / "files", max_bytes=max_upload_bytes, quota_bytes=max_files_bytes)
     jobs = JobManager(Path(data_dir), files, base_model_id=engine.base_id,
                       base_model_source=base_source or loaded.name, on_model=engine.register_tuned)
-    return ServerState(engine=engine, files=files, jobs=jobs, api_key=api_key)
+    files.references = jobs.file_refs
+    return ServerState(engine=engine, files=files, jobs=jobs, api_key=api_key, token=token,
+                       max_queue=max_queue if max_queue else 4 * max_batch, max_body_bytes=max_body_bytes,
+                       export_root=Path(export_root) if export_root else Path(data_dir) / "exports",
+                       allowed_hosts=frozenset(h.strip().lower() for h in allowed_hosts if h.strip()),
+                       allowed_origins=frozenset(o.strip().rstrip("/").lower() for o in allowed_origins
+                                                 if o.strip()))

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .errors import APIError, invalid, not_found
-from .files import FileStore
+from .files import FileStore, private_dir, write_private
 
 CHECKPOINT_STATE = "state.json"  # train.py's name for a checkpoint's state file
 
@@ -52,9 +52,7 @@ def _order(job: dict[str, Any]) -> tuple:
 
 
 def _write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=1))
-    os.replace(tmp, path)
+    write_private(path, json.dumps(obj, indent=1).encode())
 
 
 def fine_tuned_model_id(base: str, suffix: str | None, job_id: str) -> str:
@@ -125,7 +123,8 @@ class JobManager:
                data: Any = None) -> None:
         event = {"id": "ftevent-" + secrets.token_hex(12), "object": "fine_tuning.job.event",
                  "created_at": _now(), "level": level, "message": message, "type": type, "data": data}
-        with open(self._dir(job_id) / "events.jsonl", "a", encoding="utf-8") as fh:
+        fd = os.open(self._dir(job_id) / "events.jsonl", os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        with os.fdopen(fd, "a", encoding="utf-8") as fh:
             fh.write(json.dumps(event) + "\n")
 
     def _set(self, job: dict[str, Any], status: str, *, message: str | None = None, level: str = "info",
@@ -232,6 +231,16 @@ class JobManager:
     def active(self) -> bool:
         return any(j["status"] in ACTIVE for j in self._jobs.values())
 
+    def file_refs(self) -> dict[str, bool]:
+        """Every file id a job names -> whether a job that is not finished needs it."""
+        refs: dict[str, bool] = {}
+        for job in list(self._jobs.values()):
+            for key in ("training_file", "validation_file"):
+                file_id = job.get(key)
+                if file_id:
+                    refs[file_id] = refs.get(file_id, False) or job["status"] in ACTIVE
+        return refs
+
     def _spawn(self, coro) -> None:
         task = asyncio.create_task(coro)
         self._tasks.add(task)
@@ -316,7 +325,7 @@ class JobManager:
             "local": {"variant": variant, "base_model_id": self.base_model_id, "suffix": suffix,
                       "created_ns": time.time_ns()},
         }
-        self._dir(job_id).mkdir(parents=True, exist_ok=True)
+        private_dir(self._dir(job_id))
         self._jobs[job_id] = job
         self._save(job)
         self._event(job_id, f"Created fine-tuning job: {job_id}")
@@ -496,7 +505,8 @@ class JobManager:
         env.pop("OPENAI_API_KEY", None)
         env.setdefault("HF_HUB_OFFLINE", "1")
         env.setdefault("TRANSFORMERS_OFFLINE", "1")
-        with open(job_dir / "worker.log", "ab") as logf:
+        log_fd = os.open(job_dir / "worker.log", os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        with os.fdopen(log_fd, "ab") as logf:
             self._proc = await asyncio.create_subprocess_exec(
                 *cmd, stdin=asyncio.subprocess.DEVNULL, stdout=logf, stderr=logf, env=env)
         self._running_id = job_id

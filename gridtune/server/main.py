@@ -1,9 +1,15 @@
 """`gridtune serve`: run the OpenAI-compatible local server (uvicorn) on one data directory.
 
-* binds 127.0.0.1 by default and refuses a non-loopback address without an API key;
+* binds 127.0.0.1 on a free port by default and refuses a non-loopback address without
+  an API key;
+* runs with umask 077 and makes its data directory 0700: everything it writes (state,
+  uploaded files, jobs, adapters, exports, logs of its workers) is private to the user;
+* generates a token at start (``secrets.token_urlsafe``) that every request must carry
+  (``Authorization: Bearer``) unless it carries the user's ``--api-key``;
 * holds DATA/server.lock for its whole life, so one data directory has one server;
-* writes DATA/server.json {"pid", "host", "port", "base_url", "model", "started_at"}
-  once it answers (never the key) and removes it on exit;
+* writes DATA/server.json {"pid", "host", "port", "base_url", "model", "started_at",
+  "token"} (0600) once it answers, and removes it on exit; gridtune's clients read the
+  token there. A key given with --api-key is never written anywhere;
 * exits after ``idle_timeout`` minutes with no request, no generation and no job
   queued or running (0: never).
 """
@@ -15,6 +21,7 @@ import ipaddress
 import json
 import logging
 import os
+import secrets
 import socket
 import sys
 import time
@@ -53,9 +60,24 @@ def read_state(data_dir: Path) -> dict[str, Any] | None:
 
 
 def _write_state(path: Path, state: dict[str, Any]) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(state, indent=1))
-    os.replace(tmp, path)
+    """server.json, 0600, written whole (temp file, then rename): it holds the token."""
+    from .files import write_private
+
+    write_private(path, json.dumps(state, indent=1).encode())
+
+
+def _private_data_dir(data: Path) -> Path:
+    """The data directory, created or made 0700; refused when another user owns it."""
+    from .files import private_dir
+
+    try:
+        private_dir(data)
+        st = data.stat()
+    except OSError as exc:
+        raise ServeError(f"cannot use {data} as the server's data directory: {exc.strerror or exc}") from None
+    if st.st_uid != os.getuid():
+        raise ServeError(f"{data} belongs to another user; the server's data directory must be your own")
+    return data
 
 
 def _remove_state(path: Path) -> None:
@@ -96,24 +118,32 @@ def _take_lock(data_dir: Path):
 
 def serve(*, host: str = "127.0.0.1", port: int = 0, model: str | None = None, api_key: str | None = None,
           data_dir: str | os.PathLike[str] | None = None, idle_timeout: float = DEFAULT_IDLE_MINUTES,
-          max_upload_mb: int = 512, max_batch: int = 32, log_level: str = "info") -> None:
+          max_upload_mb: int = 512, max_files_mb: int = 2048, max_body_mb: float = 4, max_batch: int = 32,
+          max_queue: int | None = None, export_dir: str | os.PathLike[str] | None = None,
+          allow_hosts: tuple[str, ...] = (), allow_origins: tuple[str, ...] = (),
+          log_level: str = "info") -> None:
     """Run the server in the foreground until it is stopped or idle."""
     if not is_loopback(host) and not api_key:
         raise ServeError(f"refusing to listen on {host} (not a loopback address) without --api-key")
-    data = locations.server_dir(data_dir)
-    data.mkdir(parents=True, exist_ok=True)
+    os.umask(0o077)  # everything this process and its workers write is the user's alone
+    data = _private_data_dir(locations.server_dir(data_dir))
     logging.basicConfig(level=getattr(logging, log_level.upper(), logging.INFO),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     lock = _take_lock(data)
     try:
         _serve_locked(data, host=host, port=port, model=model, api_key=api_key, idle_timeout=idle_timeout,
-                      max_upload_mb=max_upload_mb, max_batch=max_batch, log_level=log_level)
+                      max_upload_mb=max_upload_mb, max_files_mb=max_files_mb, max_body_mb=max_body_mb,
+                      max_batch=max_batch, max_queue=max_queue,
+                      export_dir=Path(export_dir).expanduser() if export_dir else None,
+                      allow_hosts=allow_hosts, allow_origins=allow_origins, log_level=log_level)
     finally:
         lock.close()
 
 
 def _serve_locked(data: Path, *, host: str, port: int, model: str | None, api_key: str | None,
-                  idle_timeout: float, max_upload_mb: int, max_batch: int, log_level: str) -> None:
+                  idle_timeout: float, max_upload_mb: int, max_files_mb: int, max_body_mb: float, max_batch: int,
+                  max_queue: int | None, export_dir: Path | None, allow_hosts: tuple[str, ...],
+                  allow_origins: tuple[str, ...], log_level: str) -> None:
     import uvicorn
 
     from .app import build_state, create_app
@@ -129,8 +159,17 @@ def _serve_locked(data: Path, *, host: str, port: int, model: str | None, api_ke
         raise ServeError(str(exc)) from None
     source = loaded.name if model is None else (str(Path(model).expanduser().resolve())
                                                  if Path(model).expanduser().exists() else model)
-    state = build_state(loaded, data, api_key=api_key, base_source=source,
-                        max_upload_bytes=max_upload_mb * 1024 * 1024, max_batch=max_batch)
+    token = secrets.token_urlsafe(32)
+    extra_hosts = tuple(allow_hosts)
+    if not is_loopback(host) and host not in ("0.0.0.0", "::"):
+        extra_hosts += (f"[{host}]" if ":" in host else host,)
+    elif not is_loopback(host):  # every interface: the machine's own names (by address, Host is checked anyway)
+        extra_hosts += (socket.gethostname(), socket.getfqdn())
+    state = build_state(loaded, data, api_key=api_key, token=token, base_source=source,
+                        max_upload_bytes=max_upload_mb * 1024 * 1024, max_files_bytes=max_files_mb * 1024 * 1024,
+                        max_body_bytes=int(max_body_mb * 1024 * 1024), max_batch=max_batch, max_queue=max_queue,
+                        export_root=export_dir or data / "exports", allowed_hosts=extra_hosts,
+                        allowed_origins=allow_origins)
     url_host = f"[{host}]" if ":" in host else host
     base_url = f"http://{url_host}:{actual_port}/v1"
     state_path = data / STATE_FILE
@@ -139,7 +178,8 @@ def _serve_locked(data: Path, *, host: str, port: int, model: str | None, api_ke
 
     async def started() -> None:
         _write_state(state_path, {"pid": os.getpid(), "host": host, "port": actual_port, "base_url": base_url,
-                                  "model": loaded.name, "started_at": time.time(), "data_dir": str(data)})
+                                  "model": loaded.name, "started_at": time.time(), "data_dir": str(data),
+                                  "token": token})
         log.info("serving %s at %s (data in %s)", loaded.name, base_url, data)
         if idle_timeout and idle_timeout > 0:
             watcher.append(asyncio.create_task(_idle_watch()))

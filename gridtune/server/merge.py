@@ -56,18 +56,26 @@ def load_tuned(loaded: LoadedModel, result_dir: Path, *, adapter_name: str = "de
     raise ModelError(f"{result_dir} is neither a LoRA adapter nor a model directory")
 
 
-def export_merged(base: str | None, result_dir: Path, out_dir: Path) -> Path:
+class ExportTargetError(ModelError):
+    """The output directory cannot be used (exists and is not empty, parent missing, ...)."""
+
+
+def export_merged(base: str | None, result_dir: Path, out_dir: Path, *, make_parents: bool = True) -> Path:
     """Write a plain Hugging Face model directory (safetensors, config, tokenizer) to ``out_dir``.
 
     LoRA: the adapter is merged into the base weights (fp32 on the CPU, so the export is
     exact). Full fine-tuning: the result is copied. ``base`` None means the base recorded in
     the result. Written to a temp dir beside ``out_dir`` and renamed, so a failed export
-    leaves nothing half-written; an existing ``out_dir`` is refused.
+    leaves nothing half-written; an existing ``out_dir`` is refused unless it is an empty
+    directory (the rename replaces it). Missing parents are created only with ``make_parents``.
     """
     result_dir, out_dir = Path(result_dir), Path(out_dir)
-    if out_dir.exists():
-        raise ModelError(f"{out_dir} already exists; choose a new directory")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    if out_dir.is_symlink() or (out_dir.exists() and not (out_dir.is_dir() and not any(out_dir.iterdir()))):
+        raise ExportTargetError(f"{out_dir} already exists and is not an empty directory; choose a new directory")
+    if make_parents:
+        out_dir.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    elif not out_dir.parent.is_dir():
+        raise ExportTargetError(f"{out_dir.parent} does not exist; create it first")
     tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     try:

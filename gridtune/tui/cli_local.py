@@ -11,27 +11,79 @@ from .cli import main
 from .cli_common import Failed, Problem, emit_json, handle_errors, open_store
 
 
+def _read_key_file(path: Path) -> str:
+    try:
+        st = path.stat()
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise Problem(f"--api-key-file {path}: {exc.strerror or exc}") from None
+    if st.st_mode & 0o077:
+        raise Problem(f"--api-key-file {path} can be read by other users; chmod 600 it")
+    key = text.strip().splitlines()[0].strip() if text.strip() else ""
+    if not key:
+        raise Problem(f"--api-key-file {path} is empty")
+    return key
+
+
 @main.command("serve")
 @click.option("--host", default="127.0.0.1", show_default=True, help="address to listen on")
-@click.option("--port", default=8321, show_default=True, type=int, help="port (0: any free port)")
+@click.option("--port", default=0, type=click.IntRange(0, 65535), help="port  [default: a free port]")
 @click.option("--model", "model", default=None, metavar="NAME|PATH",
               help="model to serve: SmolLM2-135M-Instruct (default) or a local Hugging Face directory")
-@click.option("--api-key", default=None, envvar="GRIDTUNE_SERVER_API_KEY", show_envvar=True,
-              help="require 'Authorization: Bearer KEY' on every request (needed off loopback)")
+@click.option("--api-key", default=None, metavar="KEY",
+              help="also accept 'Authorization: Bearer KEY' (needed off loopback); prefer the environment "
+                   "variable GRIDTUNE_LOCAL_API_KEY or --api-key-file: a key on the command line shows in ps")
+@click.option("--api-key-file", default=None, type=click.Path(dir_okay=False, path_type=Path),
+              help="read the API key from this file (readable by you only)")
 @click.option("--data-dir", default=None, type=click.Path(file_okay=False, path_type=Path),
               help="files, jobs and models (default: GRIDTUNE_HOME/server)")
 @click.option("--idle-timeout", default=15.0, show_default=True, type=float, metavar="MIN",
               help="exit after MIN idle minutes with no job queued or running (0: never)")
-@click.option("--max-upload-mb", default=512, show_default=True, type=int, help="largest file upload")
+@click.option("--max-upload-mb", default=512, show_default=True, type=click.IntRange(1), help="largest file upload")
+@click.option("--max-files-mb", default=2048, show_default=True, type=click.IntRange(1),
+              help="all uploaded files together (the oldest files no job needs make room)")
+@click.option("--max-body-mb", default=4.0, show_default=True, type=click.FloatRange(0.01),
+              help="largest JSON request body")
+@click.option("--max-batch", default=32, show_default=True, type=click.IntRange(1), help="rows decoded together")
+@click.option("--max-queue", default=None, type=click.IntRange(1),
+              help="completions queued or decoding, past which requests get 429  [default: 4 x max-batch]")
+@click.option("--export-dir", default=None, type=click.Path(file_okay=False, path_type=Path),
+              help="where export_model may write for API clients (default: DATA/exports)")
+@click.option("--allow-host", "allow_hosts", multiple=True, metavar="NAME",
+              help="also accept this name in the Host header (repeatable)")
+@click.option("--allow-origin", "allow_origins", multiple=True, metavar="ORIGIN",
+              help="let web pages from ORIGIN (e.g. http://localhost:3000) call the server (repeatable)")
 @handle_errors
-def serve_cmd(host: str, port: int, model: str | None, api_key: str | None, data_dir: Path | None,
-              idle_timeout: float, max_upload_mb: int) -> None:
-    """Run the OpenAI-compatible local server in the foreground."""
+def serve_cmd(host: str, port: int, model: str | None, api_key: str | None, api_key_file: Path | None,
+              data_dir: Path | None, idle_timeout: float, max_upload_mb: int, max_files_mb: int,
+              max_body_mb: float, max_batch: int, max_queue: int | None, export_dir: Path | None,
+              allow_hosts: tuple[str, ...], allow_origins: tuple[str, ...]) -> None:
+    """Run the OpenAI-compatible local server in the foreground.
+
+    It requires a token it generates at start and keeps in its state file (DATA/server.json,
+    readable by you only), where gridtune finds it; with an API key it accepts that key too.
+    """
+    import os
+
     from ..server.main import ServeError, serve
 
+    if sum(x is not None for x in (api_key, api_key_file)) > 1:
+        raise Problem("give the API key once: --api-key or --api-key-file")
+    if api_key is not None:
+        click.echo("gridtune: warning: --api-key on the command line is visible to every user in `ps`; "
+                   "use GRIDTUNE_LOCAL_API_KEY or --api-key-file instead", err=True)
+    elif api_key_file is not None:
+        api_key = _read_key_file(api_key_file)
+    else:
+        api_key = (os.environ.get("GRIDTUNE_LOCAL_API_KEY", "").strip()
+                   or os.environ.get("GRIDTUNE_SERVER_API_KEY", "").strip() or None)
+    if api_key is not None and not api_key.strip():
+        raise Problem("the API key is empty")
     try:
         serve(host=host, port=port, model=model, api_key=api_key, data_dir=data_dir, idle_timeout=idle_timeout,
-              max_upload_mb=max_upload_mb)
+              max_upload_mb=max_upload_mb, max_files_mb=max_files_mb, max_body_mb=max_body_mb,
+              max_batch=max_batch, max_queue=max_queue, export_dir=export_dir, allow_hosts=allow_hosts,
+              allow_origins=allow_origins)
     except ServeError as exc:
         raise Problem(str(exc)) from None
     except ImportError as exc:
@@ -159,8 +211,12 @@ def export_model_cmd(model_id: str, output: Path) -> None:
     """Merge a local fine-tuned model into a Hugging Face directory (for vLLM, transformers, ...)."""
     from ..pipeline import finetune as ft
 
-    if output.exists() and any(output.iterdir()):
+    if output.exists() and (not output.is_dir() or any(output.iterdir())):
         raise Problem(f"{output}: exists and is not empty; not overwriting it")
+    try:  # this process is the user: it makes the parents the server will not make outside its export root
+        output.expanduser().resolve().parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise Problem(f"{output}: {exc.strerror or exc}") from None
     backend = _backend()
     try:
         path = ft.export_model(backend, model_id, output)
