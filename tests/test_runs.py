@@ -211,7 +211,7 @@ def test_a_run_whose_process_died_is_detected_and_its_cells_return_to_pending(tm
     assert statuses(path) == {"done"}
 
 
-def test_liveness_uses_pid_on_this_host_and_heartbeat_elsewhere():
+def test_liveness_uses_the_process_on_this_host_and_the_heartbeat_only_elsewhere():
     now = time.time()
 
     def run(pid, host, beat):
@@ -220,10 +220,30 @@ def test_liveness_uses_pid_on_this_host_and_heartbeat_elsewhere():
 
     here = socket.gethostname()
     assert runs.is_alive(run(os.getpid(), here, now))
-    assert not runs.is_alive(run(os.getpid(), here, now - runs.STALE_AFTER_S - 1))  # hung: no heartbeat
+    # Stopped (Ctrl-Z, SIGSTOP) or busy: no heartbeat for long, but its process lives: alive.
+    born = runs.process_start_time(os.getpid())
+    assert born is not None and born <= now
+    assert now - (born + 1) >= 0 and runs.is_alive(run(os.getpid(), here, born + 1))
     assert runs.is_alive(run(999_999_999, "elsewhere", now - 1))  # can't see its pid: trust the heartbeat
     assert not runs.is_alive(run(999_999_999, "elsewhere", now - runs.STALE_AFTER_S - 1))
     zombie = subprocess.Popen([sys.executable, "-c", "pass"])
     wait_for(lambda: open(f"/proc/{zombie.pid}/stat").read().split(")")[1].split()[0] == "Z")
     assert not runs.is_alive(run(zombie.pid, here, now))  # killed but not yet reaped
     zombie.wait()
+    # A pid reused by a process younger than the run's last heartbeat is not the runner.
+    newer = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        wait_for(lambda: runs.process_start_time(newer.pid) is not None)
+        assert runs.is_alive(run(newer.pid, here, time.time()))
+        assert not runs.is_alive(run(newer.pid, here, runs.process_start_time(newer.pid) - 10))
+    finally:
+        newer.kill()
+        newer.wait()
+
+
+def test_heartbeat_window_comes_from_the_environment(monkeypatch):
+    assert runs.stale_after_s() == runs.STALE_AFTER_S
+    monkeypatch.setenv(runs.STALE_ENV, "1.5")
+    assert runs.stale_after_s() == 1.5
+    monkeypatch.setenv(runs.STALE_ENV, "junk")
+    assert runs.stale_after_s() == runs.STALE_AFTER_S

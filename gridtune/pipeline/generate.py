@@ -34,7 +34,7 @@ from typing import Any, Callable
 import openai
 from tenacity import AsyncRetrying, retry_if_exception, wait_exponential_jitter
 
-from ..store import Store, WorkItem
+from ..store import RunLost, Store, WorkItem
 from .backend import Backend, resolve_backend
 from .estimate import (Estimate, ServerInfo, estimate_run, mean_prompt_tokens, resolve_concurrency, server_info,
                        work_to_do)
@@ -468,6 +468,7 @@ class _Runner:
         self.cost = _coster(plan.model)
         self.client = plan.backend.async_client(timeout=options.timeout_s)
         self.stop_requested = False
+        self.lost: RunLost | None = None  # the run was declared dead / taken over by another process
         self._progress_failed = False
 
     async def run(self) -> str:
@@ -506,6 +507,11 @@ class _Runner:
                 if await self.writer.call(self.store.heartbeat, self.run_id, snapshot.to_dict()):
                     self.stop_requested = True
                     self.stop.set()
+            except RunLost as exc:  # no longer our run: stop at once; the store takes no more writes
+                log.error("run #%s: %s", self.run_id, exc)
+                self.lost = exc
+                self.stop.set()
+                return
             except sqlite3.Error as exc:  # a busy file must not end the run; try again next beat
                 log.warning("run #%s: could not save progress: %s", self.run_id, exc)
             self.emit(snapshot)
@@ -754,6 +760,8 @@ async def run_generation(
             work = store.pending_work(options.limit)
             runner = _Runner(store, plan, options, run_id, work, stop_event, on_progress)
             state = await runner.run()
+            if runner.lost is not None:
+                raise runner.lost  # finish_run below leaves the run as the other process marked it
         except BaseException as exc:
             # Cancelled (the TUI closing) or interrupted: a stop. Anything else: a failed run.
             cancelled = isinstance(exc, (asyncio.CancelledError, KeyboardInterrupt))

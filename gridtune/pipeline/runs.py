@@ -3,7 +3,8 @@
 A run lives in the project file (pid, host, heartbeat, progress), so any process
 can find it: the TUI and ``status --watch`` follow it from the store, ``gridtune
 stop`` asks it to stop through the store, and a run whose process died is
-recognised by its pid (same host) or its stale heartbeat (any host).
+recognised by its process (same host: the run lock its runner holds, else its pid
+and start time) or, on another host only, by its stale heartbeat.
 
     start_detached(project, options) -> run id   blocks ~1-2 s: call from a thread
     request_stop(project, wait_s) -> RunRecord | None
@@ -24,21 +25,47 @@ from pathlib import Path
 from typing import AsyncIterator
 
 from ..store import RunRecord, Store
+from ..store.runlock import holder as run_lock_holder
 from .generate import GenerateError, GenerateOptions, plan_run, run_params
 from .progress import Progress
 
-STALE_AFTER_S = 30.0  # a live runner beats every ~0.5 s; this long without one means dead
+STALE_AFTER_S = 30.0  # another host's run this long without a heartbeat is dead (it beats every ~0.5 s)
+STALE_ENV = "GRIDTUNE_STALE_AFTER_S"  # overrides STALE_AFTER_S (tests shrink it)
 ADOPT_TIMEOUT_S = 30.0
+START_SLACK_S = 2.0  # clock granularity when comparing a process's start with a heartbeat
 
 
-def is_alive(run: RunRecord, *, now: float | None = None) -> bool:
-    """Whether the process recorded for ``run`` is still running it."""
-    now = time.time() if now is None else now
-    if run.heartbeat_at is not None and now - run.heartbeat_at > STALE_AFTER_S:
-        return False
+def stale_after_s() -> float:
+    try:
+        value = float(os.environ.get(STALE_ENV, ""))
+    except ValueError:
+        return STALE_AFTER_S
+    return value if value > 0 else STALE_AFTER_S
+
+
+def is_alive(run: RunRecord, project: str | os.PathLike[str] | None = None, *, now: float | None = None) -> bool:
+    """Whether the process recorded for ``run`` is still running it.
+
+    On this host the process decides, never the heartbeat's age: a run whose
+    runner holds the project's run lock (given ``project``) is alive, even
+    stopped with Ctrl-Z or SIGSTOP; otherwise its pid must be a live process
+    (not a zombie) that started before the run's last heartbeat, so a pid reused
+    by a newer process does not count. Only a run on another host (a project on
+    a shared file system) is judged by its heartbeat, stale after
+    ``stale_after_s()``.
+    """
+    if project is not None:
+        held = run_lock_holder(project)
+        if held is not None and held.run_id == run.id:
+            return True
     if run.host != socket.gethostname():
-        return True  # another machine: the fresh heartbeat is all we can know
-    return run.pid is not None and pid_alive(run.pid)
+        now = time.time() if now is None else now
+        return run.heartbeat_at is None or now - run.heartbeat_at <= stale_after_s()
+    if run.pid is None or not pid_alive(run.pid):
+        return False
+    started = process_start_time(run.pid)
+    since = run.heartbeat_at if run.heartbeat_at is not None else run.started_at
+    return started is None or since is None or started <= since + START_SLACK_S
 
 
 def pid_alive(pid: int) -> bool:
@@ -55,11 +82,25 @@ def pid_alive(pid: int) -> bool:
         return True
 
 
+def process_start_time(pid: int) -> float | None:
+    """When process ``pid`` started (epoch seconds, within a second or so), from
+    /proc/<pid>/stat field 22; None where /proc cannot tell."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            fields = f.read().rsplit(b")", 1)[1].split()
+        ticks = int(fields[19])  # field 22: fields here start at field 3 (state)
+        with open("/proc/stat", "rb") as f:
+            boot = next(int(line.split()[1]) for line in f if line.startswith(b"btime "))
+        return boot + ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError, StopIteration):
+        return None
+
+
 def reconcile(store: Store) -> RunRecord | None:
     """The active run, after marking it 'died' (its cells back to pending) if its
     process is gone. Returns the run as it now stands, or None if there is none."""
     run = store.active_run()
-    if run is None or is_alive(run):
+    if run is None or is_alive(run, store.path):
         return run
     store.update_run(run.id, state="died", ended_at=time.time(), error="its process ended without finishing")
     store.reset_running()
@@ -144,7 +185,7 @@ def request_stop(project: str | os.PathLike[str], wait_s: float = 10.0,
         run_id = run.id
         while True:
             run = store.get_run(run_id)
-            if run is not None and run.active and not is_alive(run):
+            if run is not None and run.active and not is_alive(run, store.path):
                 run = reconcile(store)
             if run is None or not run.active or time.monotonic() >= deadline:
                 return run
@@ -166,7 +207,7 @@ async def watch(project: str | os.PathLike[str], interval_s: float = 0.5,
             run = store.get_run(run_id)
             if run is None:
                 return
-            if run.active and not is_alive(run):
+            if run.active and not is_alive(run, store.path):
                 run = reconcile(store) or store.get_run(run_id)
                 assert run is not None
             yield run, progress_of(run)

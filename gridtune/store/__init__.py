@@ -1,6 +1,6 @@
 """The project file: SQLite schema, migrations, typed records and queries. No UI here."""
 
-from .project import RunConflict, Store, StoreError
+from .project import RunConflict, RunLost, Store, StoreError, describe_sqlite_error
 from .records import (
     CompletionRecord,
     ExportRecord,
@@ -13,5 +13,5 @@ from .records import (
 
 __all__ = [
     "CompletionRecord", "ExportRecord", "GradeRecord", "JobRecord", "RunConflict", "RunRecord",
-    "StatusCounts", "Store", "StoreError", "WorkItem",
+    "RunLost", "StatusCounts", "Store", "StoreError", "WorkItem", "describe_sqlite_error",
 ]

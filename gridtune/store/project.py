@@ -26,6 +26,7 @@ from .records import (
     StatusCounts,
     WorkItem,
 )
+from .runlock import Holder, RunLock, holder as run_lock_holder
 from .schema import MIGRATIONS, SCHEMA_VERSION
 
 
@@ -33,11 +34,73 @@ class StoreError(Exception):
     """A problem with the project file, with a one-line message."""
 
 
+BUSY_TIMEOUT_S = 30.0  # how long a write waits for another process's transaction
+BUSY_ENV = "GRIDTUNE_BUSY_TIMEOUT_S"  # overrides it (tests shorten it)
+
+
+def busy_timeout_s() -> float:
+    try:
+        value = float(os.environ.get(BUSY_ENV, ""))
+    except ValueError:
+        return BUSY_TIMEOUT_S
+    return value if 0 <= value < 86400 else BUSY_TIMEOUT_S
+
+
+def _kind(exc: BaseException) -> str:
+    """A SQLite error's family: locked, readonly, full, corrupt, notadb, cantopen, io or other."""
+    name = (getattr(exc, "sqlite_errorname", "") or "").upper()
+    text = str(exc).lower()
+    for kind, names, words in (
+        ("locked", ("SQLITE_BUSY", "SQLITE_LOCKED"), ("database is locked", "database table is locked")),
+        ("readonly", ("SQLITE_READONLY",), ("readonly database", "read-only")),
+        ("full", ("SQLITE_FULL",), ("disk is full", "database or disk is full")),
+        ("corrupt", ("SQLITE_CORRUPT",), ("malformed", "corrupt")),
+        ("notadb", ("SQLITE_NOTADB",), ("not a database",)),
+        ("cantopen", ("SQLITE_CANTOPEN",), ("unable to open",)),
+        ("io", ("SQLITE_IOERR",), ("disk i/o error",)),
+    ):
+        if any(name.startswith(n) for n in names) or any(w in text for w in words):
+            return kind
+    return "other"
+
+
+def describe_sqlite_error(exc: BaseException, path: str | os.PathLike[str] | None = None) -> str:
+    """One line for a person: what went wrong with the project file and what to do."""
+    detail = " ".join(str(exc).split()) or type(exc).__name__
+    head = f"{path}: " if path is not None else "the project file: "
+    what = {
+        "locked": f"the project is locked by another process (busy longer than {busy_timeout_s():g} s); "
+                  "try again when it is done",
+        "readonly": "the project file (or its folder) is read-only; nothing was changed",
+        "full": "the disk is full; nothing more was saved (free some space and try again)",
+        "corrupt": "the project file is damaged; restore it from a copy",
+        "notadb": "not a gridtune project (not a SQLite database)",
+        "cantopen": "cannot open the project file (check that it and its folder are readable and writable)",
+        "io": "the disk failed to read or write the project file",
+    }.get(_kind(exc))
+    return head + (f"{what} ({detail})" if what else f"database error: {detail}")
+
+
+class RunLost(StoreError):
+    """This process's run is no longer its own: another process declared it dead
+    (or took the project over). The runner must stop at once, writing nothing."""
+
+    def __init__(self, run_id: int, state: str | None):
+        self.run_id, self.state = run_id, state
+        now = f"was marked {state} by another process" if state else "is gone from the project"
+        super().__init__(f"run #{run_id} {now}; stopped at once without saving more")
+
+
 class RunConflict(StoreError):
     """Another generation run is active on this project."""
 
-    def __init__(self, run: RunRecord):
+    def __init__(self, run: RunRecord | None, holder: Holder | None = None):
         self.run = run
+        if run is None:  # a process holds the run lock but has not recorded its run yet
+            who = f"pid {holder.pid}" if holder and holder.pid else "another process"
+            super().__init__(f"another gridtune process ({who}) is starting a run on this project; "
+                             f"wait for it or stop it with `gridtune stop`")
+            return
         where = f"pid {run.pid} on {run.host}" if run.pid else "another process"
         super().__init__(
             f"run #{run.id} is already {run.state} on this project ({where}, "
@@ -55,6 +118,13 @@ WHERE id = ?
 """
 
 _ACTIVE = "cell_id IN (SELECT id FROM cells WHERE active = 1)"
+# A runner's write, given its run id (twice), lands only while its run is active: a
+# run declared dead by another process (which may have taken the project over)
+# writes nothing more. No run id (tests, imports): no condition.
+_RUN_IS_ACTIVE = (
+    "(? IS NULL OR EXISTS (SELECT 1 FROM runs WHERE runs.id = ? "
+    "AND runs.state IN ('starting', 'running', 'stopping')))"
+)
 
 
 class Store:
@@ -64,6 +134,7 @@ class Store:
         self.path = path
         self._conn = conn
         self._lock = threading.RLock()
+        self._run_lock = RunLock(path)  # held while this handle runs a generation
 
     # -- opening -----------------------------------------------------------
     @classmethod
@@ -79,10 +150,11 @@ class Store:
             raise StoreError(f"{path}: no such project (create one with `gridtune new {path} --spec SPEC.toml`)")
         if create and exists:
             raise StoreError(f"{path}: already exists; not overwriting it")
+        busy_s = busy_timeout_s()
         try:
-            conn = sqlite3.connect(path, timeout=30, isolation_level=None, check_same_thread=False)
+            conn = sqlite3.connect(path, timeout=busy_s, isolation_level=None, check_same_thread=False)
             conn.row_factory = sqlite3.Row
-            conn.execute("PRAGMA busy_timeout = 30000")
+            conn.execute(f"PRAGMA busy_timeout = {int(busy_s * 1000)}")
             # Read before any write: a file that is not a project is left exactly as it was
             # (setting WAL would convert someone else's database, or write into an empty file).
             version = conn.execute("PRAGMA user_version").fetchone()[0]
@@ -95,9 +167,11 @@ class Store:
             # WAL file), without an fsync per completion.
             conn.execute("PRAGMA synchronous = NORMAL")
             conn.execute("PRAGMA foreign_keys = ON")
-        except sqlite3.DatabaseError as exc:
-            what = "cannot create the project" if create else "not a gridtune project"
-            raise StoreError(f"{path}: {what} ({exc})") from None
+        except sqlite3.Error as exc:
+            if _kind(exc) in ("notadb", "corrupt") or not isinstance(exc, sqlite3.OperationalError):
+                what = "cannot create the project" if create else "not a gridtune project"
+                raise StoreError(f"{path}: {what} ({exc})") from None
+            raise StoreError(describe_sqlite_error(exc, path)) from None
         if version > SCHEMA_VERSION:
             conn.close()
             raise StoreError(
@@ -116,6 +190,7 @@ class Store:
 
     def close(self) -> None:
         with self._lock:
+            self._run_lock.release()
             self._conn.close()
 
     def __enter__(self) -> "Store":
@@ -258,10 +333,10 @@ class Store:
                 "UPDATE completions SET status = 'done', text = ?, original_text = NULL, length = ?, "
                 "model = ?, params_json = ?, prompt_tokens = ?, completion_tokens = ?, latency_s = ?, "
                 "finish_reason = ?, attempts = ?, error = NULL, error_kind = NULL, run_id = ?, "
-                "updated_at = ? WHERE id = ? AND status != 'done'",
+                f"updated_at = ? WHERE id = ? AND status != 'done' AND {_RUN_IS_ACTIVE}",
                 (
                     text, len(text), model, _dumps(params), prompt_tokens, completion_tokens,
-                    latency_s, finish_reason, attempts, run_id, now, completion_id,
+                    latency_s, finish_reason, attempts, run_id, now, completion_id, run_id, run_id,
                 ),
             )
 
@@ -280,8 +355,9 @@ class Store:
             c.execute(
                 "UPDATE completions SET status = 'failed', error = ?, error_kind = ?, attempts = ?, "
                 "model = COALESCE(?, model), params_json = COALESCE(?, params_json), run_id = ?, "
-                "updated_at = ? WHERE id = ? AND status != 'done'",
-                (error, error_kind, attempts, model, _dumps(params), run_id, time.time(), completion_id),
+                f"updated_at = ? WHERE id = ? AND status != 'done' AND {_RUN_IS_ACTIVE}",
+                (error, error_kind, attempts, model, _dumps(params), run_id, time.time(), completion_id,
+                 run_id, run_id),
             )
 
     def mark_running(self, completion_id: int, run_id: int) -> None:
@@ -289,15 +365,20 @@ class Store:
         with self.transaction() as c:
             c.execute(
                 "UPDATE completions SET status = 'running', run_id = ?, updated_at = ? "
-                "WHERE id = ? AND status != 'done'",
-                (run_id, time.time(), completion_id),
+                f"WHERE id = ? AND status != 'done' AND {_RUN_IS_ACTIVE}",
+                (run_id, time.time(), completion_id, run_id, run_id),
             )
 
-    def release_running(self, completion_id: int) -> None:
-        """An in-flight request was cancelled: its completion is pending again."""
+    def release_running(self, completion_id: int, run_id: int | None = None) -> None:
+        """An in-flight request was cancelled: its completion is pending again
+        (given ``run_id``: only while that run still holds it and is active)."""
         with self.transaction() as c:
-            c.execute("UPDATE completions SET status = 'pending' WHERE id = ? AND status = 'running'",
-                      (completion_id,))
+            sql = "UPDATE completions SET status = 'pending' WHERE id = ? AND status = 'running'"
+            params: tuple[Any, ...] = (completion_id,)
+            if run_id is not None:
+                sql += f" AND run_id = ? AND {_RUN_IS_ACTIVE}"
+                params = (completion_id, run_id, run_id, run_id)
+            c.execute(sql, params)
 
     def failure_reasons(self, run_id: int | None = None, limit: int = 5) -> list[tuple[str, int]]:
         """The commonest errors of failed completions (of one run, or all): (error, count)."""
@@ -327,42 +408,82 @@ class Store:
     ) -> int:
         """Record a new run, refusing if another live run holds the project.
 
+        A run started to run here (``state`` 'running') takes the project's run
+        lock first and holds it until ``finish_run`` or ``close``; one recorded
+        for another process to adopt (``state`` 'starting') only checks it.
         A run recorded as active whose process is gone is marked 'died' and its
         work returned to pending, so the new run picks it up.
         """
+        claiming = state != "starting"
+        if self._run_lock.held or self._run_lock.run_id is not None:  # one run per handle
+            raise RunConflict(self.active_run())
+        if claiming:
+            other = self._run_lock.acquire()
+            if other is not None:
+                raise RunConflict(self.active_run(), other)
+        else:
+            other = run_lock_holder(self.path)
+            if other is not None:
+                raise RunConflict(self.active_run(), other)
         now = time.time()
-        with self.transaction() as c:
-            for row in c.execute(
-                f"SELECT * FROM runs WHERE state IN ({','.join('?' * len(ACTIVE_RUN_STATES))})",
-                ACTIVE_RUN_STATES,
-            ).fetchall():
-                run = RunRecord.from_row(row)
-                if is_alive(run):
-                    raise RunConflict(run)
-                c.execute(
-                    "UPDATE runs SET state = 'died', ended_at = ?, error = COALESCE(error, ?) WHERE id = ?",
-                    (now, "its process ended without finishing", run.id),
+        try:
+            with self.transaction() as c:
+                for row in c.execute(
+                    f"SELECT * FROM runs WHERE state IN ({','.join('?' * len(ACTIVE_RUN_STATES))})",
+                    ACTIVE_RUN_STATES,
+                ).fetchall():
+                    run = RunRecord.from_row(row)
+                    if is_alive(run):
+                        raise RunConflict(run)
+                    c.execute(
+                        "UPDATE runs SET state = 'died', ended_at = ?, error = COALESCE(error, ?) WHERE id = ?",
+                        (now, "its process ended without finishing", run.id),
+                    )
+                c.execute("UPDATE completions SET status = 'pending' WHERE status = 'running'")
+                cur = c.execute(
+                    "INSERT INTO runs (pid, host, started_at, heartbeat_at, state, model, params_json) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    (pid, host, now, now, state, model, _dumps(params)),
                 )
-            c.execute("UPDATE completions SET status = 'pending' WHERE status = 'running'")
-            cur = c.execute(
-                "INSERT INTO runs (pid, host, started_at, heartbeat_at, state, model, params_json) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (pid, host, now, now, state, model, _dumps(params)),
-            )
-            return int(cur.lastrowid)
+                run_id = int(cur.lastrowid)
+        except BaseException:
+            if claiming:
+                self._run_lock.release()
+            raise
+        if claiming:
+            self._run_lock.claim(run_id)
+        return run_id
 
     def adopt_run(self, run_id: int, *, pid: int, host: str) -> bool:
         """A detached process takes over a run recorded (state 'starting') by its
-        parent. False if the run is gone or already ended; a stop requested
-        meanwhile is kept (state stays 'stopping')."""
-        with self.transaction() as c:
-            cur = c.execute(
-                "UPDATE runs SET pid = ?, host = ?, heartbeat_at = ?, "
-                "state = CASE WHEN state = 'starting' THEN 'running' ELSE state END "
-                "WHERE id = ? AND state IN ('starting', 'stopping')",
-                (pid, host, time.time(), run_id),
-            )
-            return cur.rowcount == 1
+        parent, taking the project's run lock for it. False if the run is gone or
+        already ended; a stop requested meanwhile is kept (state stays 'stopping').
+        RunConflict if another process holds the run lock."""
+        if self._run_lock.held or self._run_lock.run_id is not None:
+            raise RunConflict(self.active_run())
+        other = self._run_lock.acquire(run_id)
+        if other is not None:
+            raise RunConflict(self.active_run(), other)
+        try:
+            with self.transaction() as c:
+                cur = c.execute(
+                    "UPDATE runs SET pid = ?, host = ?, heartbeat_at = ?, "
+                    "state = CASE WHEN state = 'starting' THEN 'running' ELSE state END "
+                    "WHERE id = ? AND state IN ('starting', 'stopping')",
+                    (pid, host, time.time(), run_id),
+                )
+                adopted = cur.rowcount == 1
+        except BaseException:
+            self._run_lock.release()
+            raise
+        if not adopted:
+            self._run_lock.release()
+        return adopted
+
+    @property
+    def holds_run_lock(self) -> bool:
+        """Whether this handle holds the project's run lock (it is running a generation)."""
+        return self._run_lock.held
 
     def update_run(self, run_id: int, **fields: Any) -> None:
         allowed = {"pid", "host", "state", "model", "error", "ended_at", "heartbeat_at"}
@@ -385,24 +506,43 @@ class Store:
             c.execute(f"UPDATE runs SET {', '.join(sets)} WHERE id = ?", (*values, run_id))
 
     def heartbeat(self, run_id: int, progress: dict[str, Any]) -> bool:
-        """Save the latest progress; returns whether a stop was requested."""
+        """Save the latest progress; returns whether a stop was requested.
+
+        Raises RunLost when the run is no longer this process's to write: it
+        ended or was declared dead meanwhile, or (held here) another process
+        owns it now. Nothing is written then."""
         with self.transaction() as c:
+            row = c.execute("SELECT state, pid, stop_requested FROM runs WHERE id = ?", (run_id,)).fetchone()
+            if row is None or row["state"] not in ACTIVE_RUN_STATES or (
+                self._run_lock.run_id == run_id and row["pid"] != os.getpid()
+            ):
+                raise RunLost(run_id, row["state"] if row else None)
             c.execute(
                 "UPDATE runs SET heartbeat_at = ?, progress_json = ? WHERE id = ?",
                 (time.time(), _dumps(progress), run_id),
             )
-            row = c.execute("SELECT stop_requested FROM runs WHERE id = ?", (run_id,)).fetchone()
-        return bool(row and row[0])
+        return bool(row["stop_requested"])
 
     def finish_run(self, run_id: int, state: str, error: str | None = None,
                    progress: dict[str, Any] | None = None) -> None:
-        with self.transaction() as c:
-            c.execute("UPDATE completions SET status = 'pending' WHERE status = 'running' AND run_id = ?", (run_id,))
-            c.execute(
-                "UPDATE runs SET state = ?, ended_at = ?, error = ?, "
-                "progress_json = COALESCE(?, progress_json) WHERE id = ?",
-                (state, time.time(), error, _dumps(progress), run_id),
-            )
+        """End a run: its in-flight completions back to pending, its final state.
+        A run that already ended (declared dead by another process) is left as it
+        is: its former runner writes nothing more. Releases the run lock."""
+        try:
+            with self.transaction() as c:
+                row = c.execute("SELECT state FROM runs WHERE id = ?", (run_id,)).fetchone()
+                if row is None or row["state"] not in ACTIVE_RUN_STATES:
+                    return
+                c.execute("UPDATE completions SET status = 'pending' WHERE status = 'running' AND run_id = ?",
+                          (run_id,))
+                c.execute(
+                    "UPDATE runs SET state = ?, ended_at = ?, error = ?, "
+                    "progress_json = COALESCE(?, progress_json) WHERE id = ?",
+                    (state, time.time(), error, _dumps(progress), run_id),
+                )
+        finally:
+            if self._run_lock.run_id == run_id:
+                self._run_lock.release()
 
     def request_stop(self, run_id: int) -> None:
         with self.transaction() as c:
