@@ -96,6 +96,25 @@ b = [{values}]
     assert parse_spec("max_cells = 200000\n" + text).cell_count == 160_000
 
 
+def test_grid_size_counts_samples_and_max_cells_has_a_ceiling():
+    from gridtune.pipeline.grid import MAX_COMPLETIONS
+
+    text = '[prompt]\ngeneration = "{a}"\n[variables]\na = [1, 2, 3, 4]\n[generation]\nsamples = %d\n'
+    assert parse_spec(text % 25_000).settings.samples == 25_000  # 100,000 completions: at the limit
+    with pytest.raises(GridError, match=r"4 cells x 25,001 samples = 100,004 completions, over the limit of 100,000"):
+        parse_spec(text % 25_001)
+    with pytest.raises(GridError, match=r"4,000,000,000 completions, over the limit of 100,000"):
+        parse_spec(text % 1_000_000_000)
+    assert parse_spec(f"max_cells = {MAX_COMPLETIONS}\n" + text % 250_000).settings.samples == 250_000
+    with pytest.raises(GridError, match=r"max_cells 1,000,001 is over the hard limit of 1,000,000"):
+        parse_spec(f"max_cells = {MAX_COMPLETIONS + 1}\n" + text % 1)
+    # A stored spec cannot lift itself past the ceiling either.
+    spec = parse_spec(text % 1)
+    spec.max_cells, spec.settings.samples = 10**12, 250_001
+    with pytest.raises(GridError, match=r"over the limit of 1,000,000 \(this is the hard ceiling"):
+        spec.check()
+
+
 def test_not_toml_is_a_clear_error():
     with pytest.raises(GridError, match="not valid TOML"):
         parse_spec("name = [", "bad.toml")

@@ -16,7 +16,8 @@ from dataclasses import dataclass, field, asdict
 from pathlib import Path
 from typing import Any, Iterator
 
-DEFAULT_MAX_CELLS = 100_000
+DEFAULT_MAX_CELLS = 100_000  # completions (cells x samples) a spec may have unless max_cells says more
+MAX_COMPLETIONS = 1_000_000  # the hard ceiling: max_cells cannot lift a grid past it
 
 Value = str | int | float
 
@@ -103,11 +104,14 @@ class GridSpec:
             raise GridError(f"[generation] temperature must be within 0..2, not {s.temperature}")
         if s.top_p is not None and not 0 <= s.top_p <= 1:
             raise GridError(f"[generation] top_p must be within 0..1, not {s.top_p}")
-        if self.cell_count > self.max_cells:
-            raise GridError(
-                f"grid has {self.cell_count:,} cells, over the limit of {self.max_cells:,} "
-                f"(set max_cells in the spec to raise it)"
-            )
+        limit = min(self.max_cells, MAX_COMPLETIONS)
+        size = self.cell_count * s.samples  # exact integers: no overflow, and nothing is expanded
+        if size > limit:
+            what = (f"{self.cell_count:,} cells" if s.samples == 1 else
+                    f"{self.cell_count:,} cells x {s.samples:,} samples = {size:,} completions")
+            how = ("set max_cells in the spec to raise it" if limit < MAX_COMPLETIONS else
+                   "this is the hard ceiling; split the grid into several projects")
+            raise GridError(f"grid has {what}, over the limit of {limit:,} ({how}, up to {MAX_COMPLETIONS:,} completions)")
 
     # -- cells -------------------------------------------------------------
     def cells(self) -> Iterator[dict[str, Value]]:
@@ -242,8 +246,11 @@ def parse_spec(text: str, source: str = "spec") -> GridSpec:
         seed=setting("seed", int, None),
     )
     max_cells = data.get("max_cells", DEFAULT_MAX_CELLS)
-    if not isinstance(max_cells, int) or max_cells < 1:
+    if not isinstance(max_cells, int) or isinstance(max_cells, bool) or max_cells < 1:
         raise GridError(f"{source}: max_cells must be a positive integer")
+    if max_cells > MAX_COMPLETIONS:
+        raise GridError(f"{source}: max_cells {max_cells:,} is over the hard limit of {MAX_COMPLETIONS:,} "
+                        f"completions a project can hold")
     spec = GridSpec(
         name=str(data.get("name") or Path(source).stem),
         system=prompt.get("system") or None,

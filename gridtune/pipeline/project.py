@@ -2,19 +2,49 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import secrets
 from pathlib import Path
 
-from ..store import Store
+from ..store import Store, StoreError
 from .grid import GridSpec, cell_key
 
 
 def create_project(path: str | Path, spec: GridSpec) -> Store:
-    """Create a new project file from a checked spec (refuses to overwrite)."""
+    """Create a new project file from a checked spec (refuses to overwrite).
+
+    Atomic: the project is built in a temporary file beside ``path`` and linked
+    into place only when complete, so a failure (or a kill) midway leaves no
+    project behind, and a file that appeared at ``path`` meanwhile is never
+    replaced."""
     spec.check()
-    store = Store.open(path, create=True)
-    apply_spec(store, spec)
-    return store
+    path = Path(path)
+    Store.check_new(path)  # the usual refusals (it exists, no folder) before any work
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.creating")
+    try:
+        with Store.open(tmp, create=True) as store:
+            apply_spec(store, spec)
+            store.checkpoint()  # everything in the main file: the WAL stays with the temporary name
+        _link_into_place(tmp, path)
+    finally:
+        for leftover in (tmp, *(tmp.with_name(tmp.name + s) for s in ("-wal", "-shm", "-journal"))):
+            with contextlib.suppress(OSError):
+                leftover.unlink()
+    return Store.open(path)
+
+
+def _link_into_place(tmp: Path, path: Path) -> None:
+    """Give the finished file its name without ever replacing an existing file."""
+    try:
+        os.link(tmp, path)  # fails if path exists: no race with another `new`
+    except FileExistsError:
+        raise StoreError(f"{path}: already exists; not overwriting it") from None
+    except OSError:  # a file system without hard links
+        if path.exists():
+            raise StoreError(f"{path}: already exists; not overwriting it") from None
+        os.replace(tmp, path)
 
 
 def apply_spec(store: Store, spec: GridSpec) -> dict[str, int]:

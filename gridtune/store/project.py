@@ -137,6 +137,23 @@ class Store:
         self._run_lock = RunLock(path)  # held while this handle runs a generation
 
     # -- opening -----------------------------------------------------------
+    @staticmethod
+    def check_new(path: str | os.PathLike[str]) -> None:
+        """Refuse as ``open(path, create=True)`` would (it exists; no folder can be
+        made for it), without creating the file."""
+        path = Path(path)
+        try:
+            if path.exists() or path.is_symlink():
+                raise StoreError(f"{path}: already exists; not overwriting it")
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StoreError(f"{path}: {exc.strerror or exc}") from None
+
+    def checkpoint(self) -> None:
+        """Move everything committed from the WAL into the main file."""
+        with self._lock:
+            self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+
     @classmethod
     def open(cls, path: str | os.PathLike[str], *, create: bool = False) -> "Store":
         path = Path(path)
