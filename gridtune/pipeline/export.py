@@ -195,7 +195,7 @@ async def _choose_markers(store: Store, spec: GridSpec, min_grade: int | None,
 def _refuse_project_files(store: Store, *outs: Path | None) -> None:
     """An export must never overwrite the project it comes from (or its WAL, or a run's log)."""
     project = store.path.resolve()
-    taken = {project, *(project.with_name(project.name + s) for s in ("-wal", "-shm", "-journal", ".log"))}
+    taken = {project, *(project.with_name(project.name + s) for s in ("-wal", "-shm", "-journal", ".log", ".run.lock"))}
     for out in outs:
         if out is not None and out.resolve() in taken:
             raise ExportError(f"{out}: is the project's own file; give another .jsonl file name")
@@ -283,12 +283,20 @@ async def export_project_async(
         if tmp_valid is not None and n_valid:
             valid_report = await asyncio.to_thread(validate_file, tmp_valid, model)
             valid_report.path = str(valid_out)
-        await aiofiles.os.replace(tmp_train, out)
-        if tmp_valid is not None and n_valid:
-            await aiofiles.os.replace(tmp_valid, valid_out)  # type: ignore[arg-type]
         elif valid_out is not None:
             warnings.append(f"no example fell into the validation split; {valid_out} not written")
             valid_out = None
+        if n_blank:
+            warnings.append(f"{n_blank:,} empty completion(s) left out")
+        done = store.status_counts().done
+        record = report.to_dict()
+        record["valid"] = valid_report.to_dict() if valid_report else None
+        moves = [(tmp_train, out)] + ([(tmp_valid, valid_out)] if valid_out is not None else [])
+        export_id = _record_and_rename(store, moves, dict(
+            path=str(out.resolve()), valid_path=str(valid_out.resolve()) if valid_out else None,
+            format=format, min_grade=min_grade, separator=separator, stop=stop,
+            validation_fraction=float(validation_fraction), n_train=n_train, n_valid=n_valid, report=record,
+        ))
     except OSError as exc:  # an unwritable directory, a full disk, a name too long
         raise ExportError(f"{out}: cannot write: {exc.strerror or exc}") from None
     finally:
@@ -296,22 +304,46 @@ async def export_project_async(
             if tmp is not None:
                 with contextlib.suppress(OSError):
                     tmp.unlink(missing_ok=True)
-    if n_blank:
-        warnings.append(f"{n_blank:,} empty completion(s) left out")
-    done = store.status_counts().done
-    record = report.to_dict()
-    record["valid"] = valid_report.to_dict() if valid_report else None
-    export_id = store.record_export(
-        path=str(out.resolve()), valid_path=str(valid_out.resolve()) if valid_out else None,
-        format=format, min_grade=min_grade, separator=separator, stop=stop,
-        validation_fraction=float(validation_fraction), n_train=n_train, n_valid=n_valid, report=record,
-    )
     return ExportResult(
         path=out, valid_path=valid_out, format=format, n_train=n_train, n_valid=n_valid,
         n_skipped=max(0, done - n_train - n_valid), separator=separator, stop=stop,
         report=report, valid_report=valid_report, export_id=export_id, min_grade=min_grade,
         validation_fraction=float(validation_fraction), warnings=warnings,
     )
+
+
+def _record_and_rename(store: Store, moves: list[tuple[Path, Path]], record: dict[str, Any]) -> int:
+    """Record the export and give its files their names as one step: the record is
+    inserted in a write transaction, the files renamed inside it, and the
+    transaction committed last. If anything fails (a locked or read-only project,
+    a full disk at commit) the record is rolled back and any file the export
+    replaced is put back, so there is never a file without its record or a
+    record without its file."""
+    backups: list[tuple[Path, Path]] = []  # (backup, original) of files the export replaces
+    renamed: list[Path] = []
+    try:
+        with store.transaction():  # BEGIN IMMEDIATE: a locked or read-only project fails here, first
+            export_id = store.record_export(**record)
+            for tmp, final in moves:
+                if final.exists():
+                    backup = _temp_for(final).with_suffix(".bak")
+                    os.link(final, backup)
+                    backups.append((backup, final))
+                os.replace(tmp, final)
+                renamed.append(final)
+    except BaseException:
+        for final in renamed:
+            with contextlib.suppress(OSError):
+                final.unlink()
+        for backup, final in backups:
+            with contextlib.suppress(OSError):
+                os.replace(backup, final)
+        raise
+    finally:
+        for backup, _final in backups:
+            with contextlib.suppress(OSError):
+                backup.unlink()
+    return export_id
 
 
 def export_project(store: Store, out_path: str | Path, **kwargs: Any) -> ExportResult:

@@ -232,10 +232,18 @@ class Store:
             try:
                 yield self._conn
             except BaseException:
-                self._conn.execute("ROLLBACK")
+                # SQLite rolls back by itself on some errors (disk full, I/O): then there
+                # is nothing to roll back, and the original error is what to report.
+                if self._conn.in_transaction:
+                    self._conn.execute("ROLLBACK")
                 raise
             else:
-                self._conn.execute("COMMIT")
+                try:
+                    self._conn.execute("COMMIT")
+                except BaseException:  # a full disk at commit: leave no transaction open behind
+                    if self._conn.in_transaction:
+                        self._conn.execute("ROLLBACK")
+                    raise
 
     def _query(self, sql: str, params: Sequence[Any] = ()) -> list[sqlite3.Row]:
         with self._lock:
@@ -816,7 +824,7 @@ class Store:
             params = (min_grade,)
         sql += " ORDER BY cells.ordinal, c.sample"
         # A separate connection: the read runs while the caller may write elsewhere.
-        conn = sqlite3.connect(self.path, timeout=30)
+        conn = sqlite3.connect(self.path, timeout=busy_timeout_s())
         try:
             cur = conn.execute(sql, params)
             while rows := cur.fetchmany(batch):

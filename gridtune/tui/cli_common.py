@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import json
+import sqlite3
 import sys
 from pathlib import Path
 from typing import Any, Callable, NoReturn, TypeVar
@@ -16,7 +17,7 @@ import click
 
 from ..pipeline.backend import BackendError
 from ..pipeline.grid import GridError
-from ..store import Store, StoreError
+from ..store import Store, StoreError, describe_sqlite_error
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -53,6 +54,11 @@ def handle_errors(func: F) -> F:
             fail(str(exc), EXIT_USAGE)
         except Failed as exc:
             fail(str(exc), EXIT_FAILED)
+        except sqlite3.Error as exc:  # locked, read-only, disk full, damaged: one line, exit 2
+            fail(describe_sqlite_error(exc, kwargs.get("project")), EXIT_USAGE)
+        except OSError as exc:  # a file that cannot be read or written
+            where = f"{exc.filename}: " if exc.filename else ""
+            fail(f"{where}{exc.strerror or exc}", EXIT_USAGE)
         except KeyboardInterrupt:
             click.echo("gridtune: interrupted", err=True)
             sys.exit(130)
