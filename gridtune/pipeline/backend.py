@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
+from urllib.parse import parse_qsl, unquote, urlsplit, urlunsplit
 
 OPENAI_URL = "https://api.openai.com/v1"
 OPENAI_DEFAULT_MODEL = "gpt-4o-mini"
@@ -24,33 +25,65 @@ class BackendError(Exception):
     """The backend cannot be used; a one-line message says what to do."""
 
 
+def public_url(url: str) -> str:
+    """``url`` without credentials or query (user:pass@host, ?api-key=...): what may
+    be shown to a person, logged, or written to the project file."""
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    netloc = f"[{host}]" if ":" in host else host
+    try:
+        port = parts.port
+    except ValueError:  # a malformed port: show none rather than the raw netloc
+        port = None
+    if port:
+        netloc += f":{port}"
+    return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
+
+
+def url_secrets(url: str) -> list[str]:
+    """The parts of ``url`` that may be secret: its user info (user:password), the
+    password, and every query value, as written and percent-decoded; longest first."""
+    parts = urlsplit(url)
+    found: set[str] = set()
+    userinfo = parts.netloc.rpartition("@")[0] if "@" in parts.netloc else ""
+    candidates = [userinfo, parts.password or ""] + [v for _k, v in parse_qsl(parts.query, keep_blank_values=True)]
+    candidates += [v for v in parts.query.split("&")]  # raw k=v pairs, in case a value did not parse
+    for value in candidates:
+        for form in (value, unquote(value)):
+            if len(form) >= 4:  # shorter strings are no secret worth mangling messages for
+                found.add(form)
+    return sorted(found, key=len, reverse=True)
+
+
 @dataclass(frozen=True)
 class Backend:
     kind: str  # "openai" | "compatible" | "local"
-    base_url: str
+    base_url: str = field(repr=False)  # may carry credentials: shown only as public_url
     api_key: str = field(repr=False)
     default_model: str | None = None
 
+    def __repr__(self) -> str:
+        return f"Backend(kind={self.kind!r}, url={self.public_url!r}, default_model={self.default_model!r})"
+
     @property
     def label(self) -> str:
-        return {"openai": "OpenAI", "compatible": f"{self.base_url}", "local": f"local server {self.base_url}"}[self.kind]
+        """Which backend, for a person: never with credentials."""
+        return {"openai": "OpenAI", "compatible": self.public_url, "local": f"local server {self.public_url}"}[self.kind]
 
     @property
     def public_url(self) -> str:
         """The base URL without credentials or query (user:pass@host, ?api-key=...): what
         may be written to the project file to say which backend ran a job."""
-        from urllib.parse import urlsplit, urlunsplit
-
-        parts = urlsplit(self.base_url)
-        host = parts.hostname or ""
-        netloc = f"[{host}]" if ":" in host else host
-        if parts.port:
-            netloc += f":{parts.port}"
-        return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
+        return public_url(self.base_url)
 
     def redact(self, text: str) -> str:
-        """``text`` without the API key: some servers echo the key in their error
-        messages, and errors are saved in the project and printed to run logs."""
+        """``text`` without the API key or the base URL's credentials: some servers
+        echo the key or the URL they were called with in their error messages, and
+        errors are saved in the project, shown and printed to run logs."""
+        if self.public_url != self.base_url:
+            text = text.replace(self.base_url, self.public_url)
+            for secret in url_secrets(self.base_url):
+                text = text.replace(secret + "@", "").replace(secret, "***")
         key = self.api_key
         if len(key) < 8:  # a placeholder such as "x", not a secret worth mangling messages for
             return text

@@ -15,6 +15,7 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence
+from urllib.parse import urlsplit, urlunsplit
 
 from .records import (
     ACTIVE_RUN_STATES,
@@ -868,7 +869,8 @@ class Store:
                 "INSERT INTO jobs (id, base_url, model, training_file, validation_file, export_id, status, "
                 "created_at, updated_at) VALUES (?,?,?,?,?,?,?,?,?) ON CONFLICT(id) DO UPDATE SET "
                 "status = excluded.status, updated_at = excluded.updated_at",
-                (id, base_url, model, training_file, validation_file, export_id, status, now, now),
+                (id, _without_credentials(base_url), model, training_file, validation_file, export_id,
+                 status, now, now),
             )
 
     def update_job(self, job_id: str, *, status: str, fine_tuned_model: str | None = None,
@@ -901,6 +903,14 @@ def _completion(row: sqlite3.Row) -> CompletionRecord:
         error=row["error"], error_kind=row["error_kind"], grade=row["grade"],
         grade_source=row["grade_source"], updated_at=row["updated_at"],
     )
+
+
+def _without_credentials(url: str | None) -> str | None:
+    """A backend URL as the project may keep it: no user:password@, no query (?api-key=)."""
+    if not url:
+        return url
+    parts = urlsplit(url)
+    return urlunsplit((parts.scheme, parts.netloc.rpartition("@")[2], parts.path, "", ""))
 
 
 def _dumps(value: Any) -> str | None:

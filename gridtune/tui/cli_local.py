@@ -166,7 +166,7 @@ def jobs_cmd(as_json: bool, limit: int) -> None:
     except ft.FinetuneError as exc:
         raise Failed(str(exc)) from None
     if as_json:
-        emit_json({"backend": backend.base_url, "jobs": [j.model_dump(mode="json") for j in jobs]})
+        emit_json({"backend": backend.public_url, "jobs": [j.model_dump(mode="json") for j in jobs]})
         return
     if not jobs:
         click.echo(f"no fine-tuning jobs on {backend.label}")
