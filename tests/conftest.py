@@ -17,6 +17,10 @@ import pytest
 # Nothing in the suite may reach a model hub.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# The local server decodes in fp32 in tests: bf16 results depend on the batch a row
+# shares (as on every batched server), which would make replay tests flaky.
+# tests/test_fast_decode.py covers bf16 explicitly.
+os.environ.setdefault("GRIDTUNE_DTYPE", "float32")
 
 
 @pytest.fixture(autouse=True)

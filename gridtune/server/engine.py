@@ -3,19 +3,21 @@
 One thread owns the model(s) and runs the decode loop; request handlers hand it
 work through a queue and get their text back through an asyncio queue.
 
-Between two decode steps the loop admits every request that is waiting: the new
-prompts are prefilled together (left padded), their KV cache is padded on the
-left to the running batch's length and concatenated to it, so rows of very
-different ages decode in one forward pass. A finished row leaves the batch at
-once (its cache rows are dropped, and columns no row needs any more are trimmed).
+Between two decode steps the loop admits waiting requests (up to a prompt-token
+budget, so running rows are never starved): each new prompt is prefilled into a
+free row, and rows of very different ages decode in one forward pass. A finished
+or cancelled row leaves the batch before the next step.
+
+Two decoders: the fast path (fastlm.py: Llama-family models, preallocated KV
+slots, fused weights, bf16 where the CPU has it) serves the base model and every
+tuned one (LoRA merged into a copy); the transformers path (a left-padded
+DynamicCache) serves other architectures and is the reference the tests hold the
+fast path to.
 
 Every row has its own temperature, top_p, seed, token budget and stop strings.
 Stop strings are found in the decoded text; the streamed text always holds back
 a tail that could be the start of a stop, so a stop is never half-emitted.
-
-Requests for different models (the base model, each LoRA adapter, a fully
-fine-tuned model) live in one batch per model and take turns step by step; LoRA
-adapters share the base weights on one PeftModel (``set_adapter`` per step).
+Requests for different models live in one batch per model and take turns step by step.
 """
 
 from __future__ import annotations
@@ -79,43 +81,41 @@ class _Request:
 
 
 class _Row:
-    __slots__ = ("req", "tokens", "emitted", "generator", "done")
+    """One request while it decodes: its tokens, what text was sent, its sampler."""
+
+    __slots__ = ("req", "tokens", "emitted", "generator", "done", "text", "prefix_at", "read_at", "position")
 
     def __init__(self, req: _Request, device: str):
         import torch
 
         self.req = req
         self.tokens: list[int] = []
-        self.emitted = 0  # characters of the decoded text already sent
+        self.emitted = 0  # characters of ``text`` already sent
         seed = req.params.seed if req.params.seed is not None else random.getrandbits(63)
         self.generator = torch.Generator(device=device)
         self.generator.manual_seed(int(seed) & 0x7FFF_FFFF_FFFF_FFFF)
         self.done = False
+        # Incremental detokenization (as TGI/vLLM do): decode only the tokens since a
+        # stable prefix, so a long completion costs O(1) per token, not O(length).
+        self.text = ""
+        self.prefix_at = 0
+        self.read_at = 0
+        self.position = len(req.prompt_ids)  # where the next token's K/V goes (fast path)
 
 
 @dataclass
 class _Served:
-    """One servable model: weights, tokenizer, and the adapter to activate (LoRA)."""
+    """One servable model: weights, tokenizer, and how it decodes (fast path or HF)."""
 
     model_id: str
     kind: str  # "base" | "lora" | "full"
     path: Path | None = None
-    module: Any = None
+    module: Any = None  # the transformers model (HF path; None once a fast copy replaces it)
     tokenizer: Any = None
-    adapter: str | None = None
+    adapter: str | None = None  # the PEFT adapter name (HF path only)
     loaded: bool = False
-
-
-class _Batch:
-    """The rows of one model decoding together, with their shared, left-padded KV cache."""
-
-    def __init__(self, served: _Served):
-        self.served = served
-        self.rows: list[_Row] = []
-        self.cache: Any = None
-        self.mask: Any = None  # [B, T] long
-        self.positions: Any = None  # [B] next position id per row
-        self.last: Any = None  # [B] last sampled token per row
+    fast: Any = None  # a fastlm.FastLlama when the model runs on the fast path
+    eos: set[int] = field(default_factory=set)
 
 
 def _eos_ids(model: Any, tokenizer: Any) -> set[int]:
@@ -144,30 +144,185 @@ def _held_back(text: str, stops: Sequence[str]) -> int:
     return hold
 
 
-class Engine:
-    """The model-owning decode loop. Start it with :meth:`start`, end it with :meth:`close`."""
+class _FastBatch:
+    """Rows of one fast-path model; row i lives in KV slot i of its FastLlama."""
 
-    def __init__(self, loaded: Any, *, max_batch: int = 32, default_max_tokens: int = DEFAULT_MAX_TOKENS):
+    def __init__(self, served: _Served):
+        self.served = served
+        self.lm = served.fast
+        self.rows: list[_Row] = []
+
+    def admit(self, rows: list[_Row]) -> Any:
+        import torch
+
+        out = []
+        for row in rows:
+            out.append(self.lm.prefill(len(self.rows), row.req.prompt_ids))
+            self.rows.append(row)
+        return torch.stack(out)
+
+    def step(self) -> Any:
+        import torch
+
+        positions = [row.position for row in self.rows]
+        length = max(positions) + 1
+        self.lm.ensure_capacity(length)
+        tokens = torch.tensor([row.tokens[-1] for row in self.rows], device=self.lm.device)
+        logits = self.lm.decode(tokens, torch.tensor(positions, device=self.lm.device), length)
+        for row in self.rows:
+            row.position += 1
+        return logits
+
+    def keep(self, keep: list[int]) -> None:
+        """Keep rows ``keep`` (in order) in slots 0..K-1, moving as few slots as possible."""
+        k = len(keep)
+        kept = set(keep)
+        holes = [i for i in range(k) if i not in kept]
+        movers = [i for i in keep if i >= k]
+        rows = list(self.rows)
+        for hole, src in zip(holes, movers):
+            self.lm.move(src, hole, rows[src].position)
+            rows[hole] = rows[src]
+        self.rows = rows[:k]
+
+
+class _HFBatch:
+    """Rows of one model on the transformers path, with a shared left-padded DynamicCache.
+
+    Kept for architectures the fast path does not run, and as the reference the tests
+    compare the fast path against. New rows are prefilled together and their cache is
+    padded on the left to the running batch's length and concatenated to it."""
+
+    def __init__(self, served: _Served, device: str):
+        self.served = served
+        self.device = device
+        self.rows: list[_Row] = []
+        self.cache: Any = None
+        self.mask: Any = None  # [B, T] long
+        self.positions: Any = None  # [B] next position id per row
+
+    def _forward(self, input_ids, mask, positions, cache):
+        out = self.served.module(input_ids=input_ids, attention_mask=mask, position_ids=positions,
+                                 past_key_values=cache, use_cache=True, logits_to_keep=1)
+        return out.logits[:, -1, :].float(), out.past_key_values
+
+    def admit(self, rows: list[_Row]) -> Any:
+        import torch
+        from transformers import DynamicCache
+
+        pad = self.served.tokenizer.pad_token_id or 0
+        length = max(len(r.req.prompt_ids) for r in rows)
+        ids = torch.full((len(rows), length), pad, dtype=torch.long)
+        mask = torch.zeros((len(rows), length), dtype=torch.long)
+        for i, r in enumerate(rows):
+            n = len(r.req.prompt_ids)
+            ids[i, length - n:] = torch.tensor(r.req.prompt_ids)
+            mask[i, length - n:] = 1
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        ids, mask, positions = ids.to(self.device), mask.to(self.device), positions.to(self.device)
+        logits, cache = self._forward(ids, mask, positions, DynamicCache())
+        next_pos = mask.sum(-1)
+        if self.rows:
+            self._merge(cache, mask, next_pos)
+        else:
+            self.cache, self.mask, self.positions = cache, mask, next_pos
+        self.rows = self.rows + rows
+        return logits
+
+    def _merge(self, cache: Any, mask: Any, next_pos: Any) -> None:
+        import torch
+
+        t_run, t_new = self.mask.shape[1], mask.shape[1]
+        width = max(t_run, t_new)
+
+        def left_pad(t: torch.Tensor, n: int, dim: int) -> torch.Tensor:
+            if n == 0:
+                return t
+            shape = list(t.shape)
+            shape[dim] = n
+            return torch.cat([t.new_zeros(shape), t], dim=dim)
+
+        for old, new in zip(self.cache.layers, cache.layers):
+            old.keys = torch.cat([left_pad(old.keys, width - t_run, 2), left_pad(new.keys, width - t_new, 2)])
+            old.values = torch.cat([left_pad(old.values, width - t_run, 2), left_pad(new.values, width - t_new, 2)])
+        self.mask = torch.cat([left_pad(self.mask, width - t_run, 1), left_pad(mask, width - t_new, 1)])
+        self.positions = torch.cat([self.positions, next_pos])
+
+    def step(self) -> Any:
+        import torch
+
+        last = torch.tensor([row.tokens[-1] for row in self.rows], device=self.device)
+        ones = self.mask.new_ones((self.mask.shape[0], 1))
+        self.mask = torch.cat([self.mask, ones], dim=1)
+        logits, self.cache = self._forward(last.unsqueeze(1), self.mask, self.positions.unsqueeze(1), self.cache)
+        self.positions = self.positions + 1
+        return logits
+
+    def keep(self, keep: list[int]) -> None:
+        import torch
+
+        if not keep:
+            self.rows, self.cache, self.mask, self.positions = [], None, None, None
+            return
+        index = torch.tensor(keep, device=self.mask.device)
+        mask = self.mask.index_select(0, index)
+        used = mask.any(dim=0).nonzero()
+        first = int(used[0]) if len(used) else 0
+        for layer in self.cache.layers:
+            layer.keys = layer.keys.index_select(0, index)[:, :, first:, :]
+            layer.values = layer.values.index_select(0, index)[:, :, first:, :]
+        self.mask = mask[:, first:]
+        self.positions = self.positions.index_select(0, index)
+        self.rows = [self.rows[i] for i in keep]
+
+
+def default_threads() -> int:
+    """Intra-op threads for decoding: all cores but one, which the HTTP loop, the client
+    and the TUI need (on a 2-core box two OpenMP threads stall whenever the other core is
+    busy: measured 5-50x slower matmuls under load). GRIDTUNE_THREADS overrides."""
+    import os
+
+    wanted = os.environ.get("GRIDTUNE_THREADS", "").strip()
+    if wanted.isdigit() and int(wanted) > 0:
+        return int(wanted)
+    return max(1, (os.cpu_count() or 2) - 1)
+
+
+class Engine:
+    """The model-owning decode loop. Start it with :meth:`start`, end it with :meth:`close`.
+
+    ``fast``: None runs every model the fast path supports on it (see fastlm.py), False
+    keeps the transformers path for all; ``dtype`` overrides the fast path's dtype.
+    """
+
+    def __init__(self, loaded: Any, *, max_batch: int = 32, default_max_tokens: int = DEFAULT_MAX_TOKENS,
+                 fast: bool | None = None, dtype: Any = None, threads: int | None = None,
+                 calibrate: bool = True):
         self.base = loaded
         self.base_id: str = loaded.name
         self.device: str = loaded.device
         self.max_batch = max_batch
         self.default_max_tokens = default_max_tokens
+        self._fast_wanted = fast is not False
+        self._fast_dtype = dtype
+        self._threads = threads
+        self._calibrate_at_start = calibrate
         self._served: dict[str, _Served] = {
-            self.base_id: _Served(self.base_id, "base", loaded.source, loaded.model, loaded.tokenizer, None, True)
+            self.base_id: _Served(self.base_id, "base", loaded.source, loaded.model, loaded.tokenizer, None, False)
         }
         self._lock = threading.Lock()
         self._inbox: queue.Queue[_Request | None] = queue.Queue()
         self._thread: threading.Thread | None = None
         self._stopping = threading.Event()
-        self._peft: Any = None  # the PeftModel wrapping the base once an adapter is loaded
+        self._ready = threading.Event()
+        self._peft: Any = None  # the PeftModel wrapping the base once an adapter is loaded (HF path)
         self._active = 0
-        self._eos: dict[str, set[int]] = {}
         cfg = getattr(loaded.model, "config", None)
         self.context_length: int = int(getattr(cfg, "max_position_embeddings", 2048) or 2048)
         self.generated_tokens = 0  # a counter for benchmarks and logs
         self._decoding = 0  # rows in decode batches right now (the engine thread writes it)
-        self.speed: dict[int, float] = {}  # batch size -> total tokens/s, measured at start
+        self.speed: dict[int, float] = {}  # batch size -> total decode tokens/s on this machine
+        self.prefill_speed: float | None = None  # prompt tokens/s
 
     # -- models ---------------------------------------------------------------
     def register_tuned(self, model_id: str, result_dir: str | Path) -> None:
@@ -209,11 +364,34 @@ class Engine:
                 served.tokenizer = load_tokenizer(served.path)
         return served.tokenizer
 
+    def _to_fast(self, served: _Served, module: Any) -> bool:
+        """Give ``served`` a fast-path copy of ``module``'s weights when it can run there."""
+        if not self._fast_wanted:
+            return False
+        from . import fastlm
+
+        if not fastlm.supports(module):
+            log.info("%s runs on the transformers path (architecture not on the fast path)", served.model_id)
+            return False
+        served.fast = fastlm.FastLlama(module, slots=self.max_batch, dtype=self._fast_dtype, device=self.device)
+        return True
+
     def _ensure_loaded(self, served: _Served) -> None:
-        """Load a tuned model's weights; runs in the engine thread only."""
+        """Load a model's weights; runs in the engine thread only."""
         if served.loaded:
             return
-        if served.kind == "lora":
+        if served.kind == "base":
+            served.eos = _eos_ids(served.module, served.tokenizer)
+            self._to_fast(served, served.module)
+        elif served.kind == "lora" and self._fast_wanted and self._fast_base():
+            from .fastlm import merged_lora
+
+            merged = merged_lora(self.base.model, str(served.path))
+            served.tokenizer = self.base.tokenizer
+            served.eos = _eos_ids(merged, served.tokenizer)
+            self._to_fast(served, merged)
+            del merged  # the fast copy holds the merged weights
+        elif served.kind == "lora":
             from peft import PeftModel
 
             name = "a" + str(len(self._served)) + "_" + "".join(c if c.isalnum() else "_" for c in served.model_id)[-40:]
@@ -223,13 +401,22 @@ class Engine:
                 self._peft.load_adapter(str(served.path), adapter_name=name)
             self._peft.eval()
             served.module, served.adapter, served.tokenizer = self._peft, name, self.base.tokenizer
+            served.eos = _eos_ids(self.base.model, served.tokenizer)
         else:
             from .model import load_model
 
             loaded = load_model(str(served.path), device=self.device)
-            served.module, served.tokenizer = loaded.model, loaded.tokenizer
+            served.tokenizer = loaded.tokenizer
+            served.eos = _eos_ids(loaded.model, loaded.tokenizer)
+            if not self._to_fast(served, loaded.model):
+                served.module = loaded.model
         served.loaded = True
-        log.info("loaded %s", served.model_id)
+        log.info("loaded %s (%s path)", served.model_id, "fast" if served.fast is not None else "transformers")
+
+    def _fast_base(self) -> bool:
+        base = self._served[self.base_id]
+        self._ensure_loaded(base)
+        return base.fast is not None
 
     # -- prompts ----------------------------------------------------------------
     def chat_prompt(self, model_id: str, messages: list[dict[str, Any]]) -> list[int]:
@@ -253,20 +440,28 @@ class Engine:
 
     def stats(self) -> dict[str, Any]:
         """What a client needs to size its work: how many rows decode together, how many
-        requests are in, and the decode speed measured on this machine (tokens/s for one
-        stream and for a full batch; None until measured)."""
+        requests are in, and the speed measured on this machine (decode tokens/s in total
+        for one stream and for a full batch, prompt tokens/s; None until measured)."""
+        stream = self.speed.get(1)
+        batch = self.speed.get(self.max_batch)
         return {
             "max_batch": self.max_batch,
             "context_length": self.context_length,
             "in_flight": self._active,
             "decoding": self._decoding,
-            "stream_tokens_per_s": self.speed.get(1),
-            "batch_tokens_per_s": self.speed.get(self.max_batch),
+            "stream_tokens_per_s": round(stream, 1) if stream else None,
+            "batch_tokens_per_s": round(batch, 1) if batch else None,
+            "prefill_tokens_per_s": round(self.prefill_speed, 1) if self.prefill_speed else None,
             "generated_tokens": self.generated_tokens,
+            "decoder": "fast" if self._served[self.base_id].fast is not None else (
+                "transformers" if self._served[self.base_id].loaded else "loading"),
         }
 
     async def generate(self, model_id: str, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[Delta]:
-        """Text deltas for one completion; the last carries the finish reason."""
+        """Text deltas for one completion; the last carries the finish reason.
+
+        Leaving the iteration early (the client went away, the task was cancelled) marks
+        the request cancelled; the engine drops its row before the next decode step."""
         self._get(model_id)
         if not prompt_ids:
             raise EngineError("the prompt is empty", param="messages")
@@ -298,6 +493,10 @@ class Engine:
             self._thread = threading.Thread(target=self._run, name="gridtune-engine", daemon=True)
             self._thread.start()
 
+    def wait_ready(self, timeout: float | None = None) -> bool:
+        """Block until the base model is loaded and its speed measured."""
+        return self._ready.wait(timeout)
+
     def close(self) -> None:
         self._stopping.set()
         self._inbox.put(None)
@@ -305,12 +504,27 @@ class Engine:
             self._thread.join(timeout=30)
             self._thread = None
 
+    # Prompt tokens prefilled between two decode steps: new work gets in quickly while
+    # running rows are never starved for long (a 100-token prompt is ~0.2 s on one core).
+    PREFILL_BUDGET = 256
+
     def _run(self) -> None:
         import torch
 
-        batches: dict[str, _Batch] = {}
+        if self.device == "cpu":
+            torch.set_num_threads(self._threads or default_threads())
+        batches: dict[str, Any] = {}
         waiting: dict[str, list[_Request]] = {}
         with torch.inference_mode():
+            try:
+                base = self._served[self.base_id]
+                self._ensure_loaded(base)
+                if self._calibrate_at_start and base.fast is not None:
+                    self._calibrate(base)
+            except Exception:  # noqa: BLE001 - requests will report the failure
+                log.exception("could not prepare %s", self.base_id)
+            finally:
+                self._ready.set()
             while not self._stopping.is_set():
                 block = not batches and not waiting
                 try:
@@ -328,29 +542,39 @@ class Engine:
                 for model_id in list(set(batches) | set(waiting)):
                     batch = batches.get(model_id)
                     pending = [r for r in waiting.pop(model_id, []) if not r.cancelled.is_set()]
+                    admitted: list[_Request] = []
                     try:
                         served = self._get(model_id)
                         self._ensure_loaded(served)
                         if batch is None:
-                            batch = batches[model_id] = _Batch(served)
+                            batch = batches[model_id] = (_FastBatch(served) if served.fast is not None
+                                                         else _HFBatch(served, self.device))
+                        self._drop_cancelled(batch)
                         room = self.max_batch - len(batch.rows)
-                        if room < len(pending):
-                            waiting[model_id] = pending[room:]
-                            pending = pending[:room]
+                        budget = self.PREFILL_BUDGET
+                        while pending and room > 0 and (budget > 0 or not admitted):
+                            # the HF path prefills all of its new rows together: no budget there
+                            budget -= len(pending[0].prompt_ids) if served.fast is not None else 0
+                            admitted.append(pending.pop(0))
+                            room -= 1
+                        if pending:
+                            waiting[model_id] = pending
                         with self._adapter(served):
-                            if pending:
-                                self._admit(batch, pending)
-                            elif batch.rows:
+                            if admitted:
+                                self._admit(batch, admitted)
+                            if batch.rows and (served.fast is not None or not admitted):
                                 self._step(batch)
                     except Exception as exc:  # noqa: BLE001 - report to the requests, keep serving
                         log.exception("decode step failed for %s", model_id)
                         err = EngineError(f"generation failed: {type(exc).__name__}: {exc}", status=500)
-                        for r in pending + ([row.req for row in batch.rows] if batch else []):
+                        for r in admitted + ([row.req for row in batch.rows] if batch else []):
                             r.send(err)
                         batches.pop(model_id, None)
                         continue
                     if not batch.rows:
                         batches.pop(model_id, None)
+                self._decoding = sum(len(b.rows) for b in batches.values())
+        self._decoding = 0
         for batch in batches.values():
             for row in batch.rows:
                 row.req.send(EngineError("the server is shutting down", status=503))
@@ -358,10 +582,38 @@ class Engine:
             for r in reqs:
                 r.send(EngineError("the server is shutting down", status=503))
 
+    def _calibrate(self, served: _Served) -> None:
+        """Measure prefill and decode speed (1 row, a full batch) on this machine, once."""
+        import time
+
+        import torch
+
+        lm = served.fast
+        ids = (served.tokenizer("The quick brown fox jumps over the lazy dog. " * 12,
+                                add_special_tokens=False)["input_ids"] or [0])[:96]
+        t0 = time.perf_counter()
+        lm.prefill(0, ids)
+        self.prefill_speed = len(ids) / (time.perf_counter() - t0)
+        for slot in range(1, self.max_batch):
+            lm.move(0, slot, len(ids))
+        for rows in (1, self.max_batch):
+            tokens = torch.full((rows,), ids[-1], device=lm.device)
+            steps, elapsed = 0, 0.0
+            for i in range(6):
+                positions = torch.full((rows,), len(ids) + i, device=lm.device)
+                t0 = time.perf_counter()
+                lm.decode(tokens, positions, len(ids) + i + 1)
+                if i >= 2:  # the first steps pay one-time costs (allocations, kernel selection)
+                    elapsed += time.perf_counter() - t0
+                    steps += 1
+            self.speed[rows] = rows * steps / elapsed
+        log.info("decode speed: %.0f tok/s for one stream, %.0f in total for %d; prefill %.0f tok/s",
+                 self.speed[1], self.speed[self.max_batch], self.max_batch, self.prefill_speed)
+
     def _adapter(self, served: _Served):
         import contextlib
 
-        if self._peft is None:
+        if self._peft is None or served.fast is not None:
             return contextlib.nullcontext()
         if served.kind == "lora":
             self._peft.set_adapter(served.adapter)
@@ -370,134 +622,99 @@ class Engine:
             return self._peft.disable_adapter()
         return contextlib.nullcontext()
 
-    def _forward(self, served: _Served, input_ids, mask, positions, cache):
-        out = served.module(input_ids=input_ids, attention_mask=mask, position_ids=positions,
-                            cache=cache, use_cache=True, logits_to_keep=1)
-        return out.logits[:, -1, :].float(), out.cache if hasattr(out, "cache") else out.past_key_values
+    def _admit(self, batch: Any, reqs: list[_Request]) -> None:
+        """Prefill new requests into the batch and give each its first token."""
+        import time
 
-    def _admit(self, batch: _Batch, reqs: list[_Request]) -> None:
-        """Prefill new requests together and merge them into the running batch."""
-        import torch
-        from transformers import DynamicCache
-
-        served = batch.served
-        pad = served.tokenizer.pad_token_id or 0
-        length = max(len(r.prompt_ids) for r in reqs)
-        ids = torch.full((len(reqs), length), pad, dtype=torch.long)
-        mask = torch.zeros((len(reqs), length), dtype=torch.long)
-        for i, r in enumerate(reqs):
-            ids[i, length - len(r.prompt_ids):] = torch.tensor(r.prompt_ids)
-            mask[i, length - len(r.prompt_ids):] = 1
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        ids, mask, positions = ids.to(self.device), mask.to(self.device), positions.to(self.device)
-        cache = DynamicCache()
-        logits, cache = self._forward(served, ids, mask, positions, cache)
         rows = [_Row(r, self.device) for r in reqs]
-        next_pos = mask.sum(-1)
-        if batch.rows:
-            self._merge(batch, rows, cache, mask, next_pos)
-        else:
-            batch.rows, batch.cache, batch.mask, batch.positions = rows, cache, mask, next_pos
-        offset = len(batch.rows) - len(rows)
-        tokens = self._sample(logits, rows)
-        full = batch.last if offset else None
-        batch.last = tokens if full is None else torch.cat([full, tokens])
-        self._after_tokens(batch, list(range(offset, offset + len(rows))))
+        t0 = time.perf_counter()
+        logits = batch.admit(rows)
+        if batch.served.fast is not None:
+            took = time.perf_counter() - t0
+            n = sum(len(r.prompt_ids) for r in reqs)
+            rate = n / took if took > 0 else None
+            if rate:
+                self.prefill_speed = rate if self.prefill_speed is None else 0.8 * self.prefill_speed + 0.2 * rate
+        self._after_tokens(batch, rows, self._sample(logits, rows))
 
-    def _merge(self, batch: _Batch, rows: list[_Row], cache: Any, mask: Any, next_pos: Any) -> None:
+    def _step(self, batch: Any) -> None:
+        import time
+
+        t0 = time.perf_counter()
+        logits = batch.step()
+        tokens = self._sample(logits, batch.rows)
+        size = len(batch.rows)
+        took = time.perf_counter() - t0
+        if batch.served.fast is not None and took > 0 and size in (1, self.max_batch):
+            rate = size / took
+            old = self.speed.get(size)
+            self.speed[size] = rate if old is None else 0.9 * old + 0.1 * rate
+        self._after_tokens(batch, list(batch.rows), tokens)
+
+    def _drop_cancelled(self, batch: Any) -> None:
+        if any(row.req.cancelled.is_set() for row in batch.rows):
+            for row in batch.rows:
+                if row.req.cancelled.is_set():
+                    row.done = True
+            batch.keep([i for i, row in enumerate(batch.rows) if not row.done])
+
+    def _sample(self, logits: Any, rows: list[_Row]) -> list[int]:
+        """One token per row: greedy at temperature 0, else softmax(logits / T) with top_p,
+        drawn from the row's own generator (so a seed replays)."""
         import torch
 
-        t_run, t_new = batch.mask.shape[1], mask.shape[1]
-        width = max(t_run, t_new)
-
-        def left_pad(t: torch.Tensor, n: int, dim: int) -> torch.Tensor:
-            if n == 0:
-                return t
-            shape = list(t.shape)
-            shape[dim] = n
-            return torch.cat([t.new_zeros(shape), t], dim=dim)
-
-        for old, new in zip(batch.cache.layers, cache.layers):
-            old.keys = torch.cat([left_pad(old.keys, width - t_run, 2), left_pad(new.keys, width - t_new, 2)])
-            old.values = torch.cat([left_pad(old.values, width - t_run, 2), left_pad(new.values, width - t_new, 2)])
-        batch.mask = torch.cat([left_pad(batch.mask, width - t_run, 1), left_pad(mask, width - t_new, 1)])
-        batch.positions = torch.cat([batch.positions, next_pos])
-        batch.rows = batch.rows + rows
-
-    def _step(self, batch: _Batch) -> None:
-        import torch
-
-        ones = batch.mask.new_ones((batch.mask.shape[0], 1))
-        batch.mask = torch.cat([batch.mask, ones], dim=1)
-        logits, batch.cache = self._forward(batch.served, batch.last.unsqueeze(1), batch.mask,
-                                            batch.positions.unsqueeze(1), batch.cache)
-        batch.positions = batch.positions + 1
-        batch.last = self._sample(logits, batch.rows)
-        self._after_tokens(batch, list(range(len(batch.rows))))
-
-    def _sample(self, logits: Any, rows: list[_Row]) -> Any:
-        import torch
-
-        out = torch.empty(len(rows), dtype=torch.long, device=logits.device)
         greedy = logits.argmax(-1)
+        temps = [row.req.params.temperature for row in rows]
+        if all(t <= 0 for t in temps):
+            return greedy.tolist()
+        scale = torch.tensor([t if t > 0 else 1.0 for t in temps], device=logits.device).unsqueeze(1)
+        probs = torch.softmax(logits / scale, dim=-1)
+        out = greedy.tolist()
         for i, row in enumerate(rows):
             p = row.req.params
             if p.temperature <= 0:
-                out[i] = greedy[i]
                 continue
-            probs = torch.softmax(logits[i] / p.temperature, dim=-1)
+            row_probs = probs[i]
             if p.top_p < 1.0:
-                sorted_probs, order = probs.sort(descending=True)
+                sorted_probs, order = row_probs.sort(descending=True)
                 cum = sorted_probs.cumsum(-1)
                 sorted_probs[(cum - sorted_probs) > p.top_p] = 0
-                probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
-            out[i] = torch.multinomial(probs, 1, generator=row.generator)[0]
+                row_probs = torch.zeros_like(row_probs).scatter_(0, order, sorted_probs)
+            out[i] = int(torch.multinomial(row_probs, 1, generator=row.generator)[0])
         return out
 
-    def _after_tokens(self, batch: _Batch, indices: list[int]) -> None:
+    def _after_tokens(self, batch: Any, rows: list[_Row], tokens: list[int]) -> None:
         """Emit text for the rows that just got a token; drop the rows that are done."""
-        import torch
-
         served = batch.served
-        eos = self._eos.get(served.model_id)
-        if eos is None:
-            eos = self._eos[served.model_id] = _eos_ids(served.module, served.tokenizer)
-        last = batch.last.tolist()
-        for i in indices:
-            row = batch.rows[i]
+        eos = served.eos
+        for row, token in zip(rows, tokens):
             if row.req.cancelled.is_set():
                 row.done = True
                 continue
-            token = last[i]
             self.generated_tokens += 1
             if token in eos:
-                row.tokens.append(token)
-                self._emit(row, served.tokenizer, "stop", final=True, drop_last=True)
+                self._emit(row, served.tokenizer, "stop", final=True, completion_tokens=len(row.tokens) + 1)
                 continue
             row.tokens.append(token)
             at_limit = len(row.tokens) >= row.req.max_new
-            self._emit(row, served.tokenizer, "length" if at_limit else None, final=at_limit)
-        keep = [i for i, row in enumerate(batch.rows) if not row.done]
-        if len(keep) == len(batch.rows):
-            return
-        if not keep:
-            batch.rows, batch.cache, batch.mask, batch.positions, batch.last = [], None, None, None, None
-            return
-        index = torch.tensor(keep, device=batch.mask.device)
-        mask = batch.mask.index_select(0, index)
-        used = mask.any(dim=0).nonzero()
-        first = int(used[0]) if len(used) else 0
-        for layer in batch.cache.layers:
-            layer.keys = layer.keys.index_select(0, index)[:, :, first:, :]
-            layer.values = layer.values.index_select(0, index)[:, :, first:, :]
-        batch.mask = mask[:, first:]
-        batch.positions = batch.positions.index_select(0, index)
-        batch.last = batch.last.index_select(0, index)
-        batch.rows = [batch.rows[i] for i in keep]
+            self._emit(row, served.tokenizer, "length" if at_limit else None, final=at_limit,
+                       completion_tokens=len(row.tokens))
+        if any(row.done for row in batch.rows):
+            batch.keep([i for i, row in enumerate(batch.rows) if not row.done])
 
-    def _emit(self, row: _Row, tokenizer: Any, reason: str | None, *, final: bool, drop_last: bool = False) -> None:
-        tokens = row.tokens[:-1] if drop_last else row.tokens
-        text = tokenizer.decode(tokens, skip_special_tokens=True)
+    @staticmethod
+    def _detokenize(row: _Row, tokenizer: Any, final: bool) -> None:
+        """Extend ``row.text`` with the new tokens' text. Only the tokens since a stable
+        prefix are decoded; a tail that is not yet a whole character waits (unless final)."""
+        prefix = tokenizer.decode(row.tokens[row.prefix_at:row.read_at], skip_special_tokens=True)
+        full = tokenizer.decode(row.tokens[row.prefix_at:], skip_special_tokens=True)
+        if len(full) > len(prefix) and (final or not full.endswith("\ufffd")):
+            row.text += full[len(prefix):]
+            row.prefix_at, row.read_at = row.read_at, len(row.tokens)
+
+    def _emit(self, row: _Row, tokenizer: Any, reason: str | None, *, final: bool, completion_tokens: int) -> None:
+        self._detokenize(row, tokenizer, final)
+        text = row.text
         stops = [s for s in row.req.params.stop if s]
         if stops:
             start = max(0, row.emitted - max(len(s) for s in stops))
@@ -507,12 +724,10 @@ class Engine:
                 row.done = True
                 return
         if final:
-            row.req.send(Delta(text[row.emitted:], reason or "stop", len(tokens)))
+            row.req.send(Delta(text[row.emitted:], reason or "stop", completion_tokens))
             row.done = True
             return
         safe = len(text) - _held_back(text, stops)
-        while safe > row.emitted and text[safe - 1] == "\ufffd":  # an incomplete multi-byte character
-            safe -= 1
         if safe > row.emitted:
             row.req.send(Delta(text[row.emitted:safe]))
             row.emitted = safe
