@@ -270,3 +270,16 @@ def test_cli_model_changes_tokenizer_and_price(good_chat):
     d = json.loads(res.stdout)
     assert d["model"] == "gpt-3.5-turbo" and d["stats"]["encoding"] == "cl100k_base"
     assert d["stats"]["price_model"] == "gpt-3.5-turbo-0125"
+
+
+def test_a_line_over_the_cap_is_one_error_naming_it_and_the_rest_is_still_checked(tmp_path, monkeypatch):
+    from gridtune.pipeline import validate
+
+    row = json.dumps(GOOD)
+    monkeypatch.setattr(validate, "MAX_LINE_BYTES", len(row) + 1)  # a line of exactly the cap (with its newline) is fine
+    long_row = json.dumps({"messages": [SYS, USER, {**ASSISTANT, "content": "x" * 5000}]})
+    path = write_jsonl(tmp_path / "f.jsonl", [row, long_row, row, long_row[:-1], row])
+    r = validate_file(path)
+    assert r.errors == {"line_too_long": 2} and r.error_lines["line_too_long"] == [2, 4]
+    assert r.n_examples == 3 and r.n_lines == 5
+    assert any("line 2 is longer than" in w for w in r.warnings)

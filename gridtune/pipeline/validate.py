@@ -44,6 +44,7 @@ SEPARATOR_FALLBACK = "\n\n### =>\n\n"
 STOP_OPTIONS = ("\n", ".", " END", "***", "+++", "&&&", "$$$", "@@@", "%%%")
 STOP_FALLBACK = " [END]"
 
+MAX_LINE_BYTES = 8 * 1024 * 1024  # one example's line; far above any model's context, far below memory
 LONG_EXAMPLE_CHARS = 10_000  # prepare_data's "very long" threshold
 MIN_EXAMPLES = 100  # prepare_data recommends at least a few hundred
 MIN_API_EXAMPLES = 10  # the fine-tuning API refuses fewer
@@ -512,6 +513,13 @@ def _run(items: Iterable[tuple[int, Any]], *, path: str | None, model: str | Non
         if isinstance(obj, _BadJson):
             report.add_error("invalid_json", line)
             continue
+        if isinstance(obj, _TooLong):
+            if "line_too_long" not in report.errors:
+                report.warnings.append(
+                    f"line {line} is longer than {MAX_LINE_BYTES:,} bytes, more than any example "
+                    f"can be; it was skipped unread")
+            report.add_error("line_too_long", line)
+            continue
         if checker is None and (fmt := _detect(obj)):
             checker = (_ChatChecker if fmt == CHAT else _CompletionChecker)(report, model)
             checker.start(fmt)
@@ -535,15 +543,49 @@ class _BadJson:
 _BAD = _BadJson()
 
 
+class _TooLong:
+    __slots__ = ()
+
+
+_TOO_LONG = _TooLong()
+_SKIP_CHUNK = 1024 * 1024
+
+
+def _lines(fh: Any) -> Iterator[tuple[int, bytes | None]]:
+    """(line number, bytes) of each line, never holding more than MAX_LINE_BYTES of
+    one: a longer line is read past in chunks and given as None."""
+    lineno = 0
+    while raw := fh.readline(MAX_LINE_BYTES + 1):
+        lineno += 1
+        if len(raw) > MAX_LINE_BYTES and not raw.endswith(b"\n"):
+            del raw
+            while (rest := fh.readline(_SKIP_CHUNK)) and not rest.endswith(b"\n"):
+                pass
+            yield lineno, None
+            continue
+        yield lineno, raw
+
+
 def _iter_file(path: Path) -> Iterator[tuple[int, Any]]:
     with path.open("rb") as fh:
-        for lineno, raw in enumerate(fh, start=1):
+        for lineno, raw in _lines(fh):
+            if raw is None:
+                yield lineno, _TOO_LONG
+                continue
             if not raw.strip():
                 continue  # blank lines (a trailing newline) are not examples
             try:
                 yield lineno, json.loads(raw)
             except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):  # RecursionError: nested too deep
                 yield lineno, _BAD
+
+
+def _has_content(fh: Any) -> bool:
+    """Whether a file has any non-blank byte, read in chunks (one huge line is fine)."""
+    while chunk := fh.read(64 * 1024):
+        if chunk.strip():
+            return True
+    return False
 
 
 def validate_file(path: str | Path, model: str | None = None) -> ValidationReport:
@@ -554,7 +596,7 @@ def validate_file(path: str | Path, model: str | None = None) -> ValidationRepor
         if path.is_dir():
             raise ValidationInputError(f"{path}: is a directory, not a JSONL file")
         with path.open("rb") as fh:
-            if not any(raw.strip() for raw in fh):
+            if not _has_content(fh):
                 raise ValidationInputError(f"{path}: file is empty")
     except FileNotFoundError:
         raise ValidationInputError(f"{path}: no such file") from None
