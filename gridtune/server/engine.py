@@ -203,8 +203,8 @@ class _HFBatch:
 
     def _forward(self, input_ids, mask, positions, cache):
         out = self.served.module(input_ids=input_ids, attention_mask=mask, position_ids=positions,
-                                 past_key_values=cache, use_cache=True, logits_to_keep=1)
-        return out.logits[:, -1, :].float(), out.past_key_values
+                                 cache=cache, use_cache=True, logits_to_keep=1)
+        return out.logits[:, -1, :].float(), out.cache if hasattr(out, "cache") else out.past_key_values
 
     def admit(self, rows: list[_Row]) -> Any:
         import torch

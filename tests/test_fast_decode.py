@@ -1,0 +1,161 @@
+"""The fast decode path gives the tokens the transformers path gives.
+
+Speed work must not silently change what the model writes: greedy decoding on the
+fast path (fp32) is held to the reference HF path token for token, for a batch of
+prompts of different lengths whose rows finish at different steps (slot moves), for
+a merged LoRA adapter against PEFT's own forward, and bf16 stays close to fp32.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("transformers")
+
+from gridtune.server.engine import Engine, SamplingParams  # noqa: E402
+from gridtune.server.model import load_model  # noqa: E402
+from tests.tiny_model import tiny_model_dir  # noqa: E402,F401  (session fixture)
+
+PROMPTS = [
+    "The capital of France is",
+    "Write a detailed scenario about artificial general intelligence being reached in Lagos in 2035.",
+    "Count: one two",
+    "You are a careful futurist. Answer briefly and clearly. What is the answer?",
+    "hello",
+]
+
+
+def _engine(loaded, *, fast: bool, dtype=None) -> Engine:
+    return Engine(loaded, max_batch=4, fast=fast, dtype=dtype, calibrate=False, threads=1)
+
+
+async def _greedy(engine: Engine, model_id: str, max_tokens: list[int]) -> list[tuple[list[int], str]]:
+    tok = engine.tokenizer_for(model_id)
+
+    async def one(prompt: str, n: int):
+        ids = engine.text_prompt(model_id, prompt)
+        parts, reason = [], None
+        async for delta in engine.generate(model_id, ids, SamplingParams(max_tokens=n, temperature=0.0)):
+            parts.append(delta.text)
+            reason = delta.finish_reason or reason
+        return tok("".join(parts), add_special_tokens=False)["input_ids"], reason
+
+    # Five prompts on four slots with different budgets: rows join late and leave early.
+    return list(await asyncio.gather(*[one(p, n) for p, n in zip(PROMPTS, max_tokens)]))
+
+
+def _run(engine: Engine, model_id: str, max_tokens: list[int]):
+    engine.start()
+    try:
+        return asyncio.run(_greedy(engine, model_id, max_tokens))
+    finally:
+        engine.close()
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_model_dir):
+    return load_model(str(tiny_model_dir), device="cpu")
+
+
+def test_fast_path_greedy_tokens_equal_the_reference(tiny):
+    budgets = [12, 30, 5, 21, 17]
+    fast = _engine(tiny, fast=True, dtype=torch.float32)
+    got = _run(fast, tiny.name, budgets)
+    assert fast.stats()["decoder"] == "fast"
+    ref_engine = _engine(tiny, fast=False)
+    ref = _run(ref_engine, tiny.name, budgets)
+    assert ref_engine.stats()["decoder"] == "transformers"
+    assert got == ref
+    assert sum(len(t) for t, _ in got) > 40  # real decoding happened, not an empty match
+
+
+def test_fast_path_matches_generate_step_by_step(tiny):
+    """Same greedy tokens as transformers' own generate for one prompt, 40 steps."""
+    from gridtune.server.fastlm import FastLlama
+
+    ids = tiny.tokenizer(PROMPTS[1], add_special_tokens=False)["input_ids"]
+    with torch.inference_mode():
+        ref = tiny.model.generate(torch.tensor([ids]), max_new_tokens=40, do_sample=False,
+                                  min_new_tokens=40)[0, len(ids):].tolist()
+        lm = FastLlama(tiny.model, slots=2, dtype=torch.float32, capacity=16)  # grows past 16 on the way
+        out = [int(lm.prefill(1, ids).argmax())]
+        lm.move(1, 0, len(ids))  # decode from slot 0 after a slot move
+        pos = len(ids)
+        while len(out) < 40:
+            logits = lm.decode(torch.tensor([out[-1]]), torch.tensor([pos]), pos + 1)
+            out.append(int(logits[0].argmax()))
+            pos += 1
+    assert out == ref
+
+
+def test_bf16_logits_stay_close_to_fp32(tiny):
+    from gridtune.server.fastlm import FastLlama
+
+    ids = tiny.tokenizer(PROMPTS[3], add_special_tokens=False)["input_ids"]
+    with torch.inference_mode():
+        full = FastLlama(tiny.model, slots=1, dtype=torch.float32).prefill(0, ids)
+        half = FastLlama(tiny.model, slots=1, dtype=torch.bfloat16).prefill(0, ids)
+    probs_full, probs_half = torch.softmax(full, -1), torch.softmax(half, -1)
+    assert (probs_full - probs_half).abs().max() < 0.02
+
+
+def test_merged_lora_decodes_like_peft(tiny, tmp_path):
+    """A tuned model on the fast path (LoRA merged into a copy) = PEFT's unmerged forward."""
+    import copy
+
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    config = LoraConfig(r=4, lora_alpha=16, target_modules=["q_proj", "v_proj", "down_proj"],
+                        init_lora_weights=False)  # random B: the adapter really changes the output
+    peft_model = get_peft_model(copy.deepcopy(tiny.model), config)
+    for name, param in peft_model.named_parameters():
+        if "lora_B" in name:
+            param.data.normal_(0, 0.5)
+    adapter = tmp_path / "adapter"
+    peft_model.save_pretrained(adapter)
+    budgets = [10, 10, 10, 10, 10]
+
+    fast = _engine(tiny, fast=True, dtype=torch.float32)
+    fast.register_tuned("ft:tiny:test", adapter)
+    got = _run(fast, "ft:tiny:test", budgets)
+    ref_engine = _engine(copy.copy(tiny), fast=False)
+    ref_engine.base.model = copy.deepcopy(tiny.model)  # PEFT wraps (mutates) the base it is given
+    ref_engine._served[ref_engine.base_id].module = ref_engine.base.model
+    ref_engine.register_tuned("ft:tiny:test", adapter)
+    ref = _run(ref_engine, "ft:tiny:test", budgets)
+    base = _run(_engine(tiny, fast=True, dtype=torch.float32), tiny.name, budgets)
+    assert got == ref
+    assert got != base  # the adapter is really applied
+
+
+def test_a_cancelled_request_leaves_the_batch_within_a_step(tiny):
+    engine = _engine(tiny, fast=True, dtype=torch.float32)
+    engine.start()
+
+    async def scenario():
+        ids = engine.text_prompt(tiny.name, PROMPTS[0])
+        gen = engine.generate(tiny.name, ids, SamplingParams(max_tokens=4000, temperature=1.0))
+        await gen.__anext__()
+        for _ in range(200):
+            if engine.stats()["decoding"] == 1:
+                break
+            await asyncio.sleep(0.005)
+        assert engine.stats()["decoding"] == 1
+        before = engine.generated_tokens
+        await gen.aclose()  # the client went away
+        for _ in range(400):
+            if engine.stats()["decoding"] == 0 and engine.load == 0:
+                break
+            await asyncio.sleep(0.005)
+        return engine.stats(), engine.generated_tokens - before
+
+    try:
+        stats, after = asyncio.run(scenario())
+    finally:
+        engine.close()
+    assert stats["decoding"] == 0 and stats["in_flight"] == 0
+    assert after <= 2  # at most the step already under way when it was cancelled
