@@ -1,9 +1,13 @@
-"""Local server throughput: dynamic batching and fine-tuning, each against a baseline
-measured in the same run.
+"""Local server decode speed and fine-tuning, each against baselines measured in the same run.
 
-* generation — the real server (uvicorn + the openai client over HTTP) on 127.0.0.1:
-  1 request alone, the same 8 requests one after another (baseline), and the 8 sent
-  at once. Target: 8 concurrent >= 3x the tokens/s of 8 sequential.
+* generation — one stream of ``--max-tokens`` (200) at temperature 1, then 16 and 32
+  concurrent streams, through the real server (uvicorn + the openai client, streaming,
+  over HTTP on 127.0.0.1), against, in the same run and on the same weights:
+  transformers' eager ``generate`` in-process (the path the server used before), and
+  llama.cpp (llama-cpp-python on the same GGUF) where it is importable — skipped with
+  a line saying so otherwise. A tuned model (a LoRA adapter, merged) is measured too.
+  Targets (issue 7): one stream >= 0.5x llama.cpp's one stream; 16-32 streams >= 2x
+  llama.cpp's one stream in total; the tuned model >= 0.8x the base.
 * fine-tuning — bench/train_bench.py's ``run()``: gridtune's training path against a
   plain PyTorch + PEFT loop on the same data (target >= 0.9x).
 
@@ -44,8 +48,11 @@ class _Server:
         from gridtune.server.app import build_state, create_app
         from gridtune.server.model import load_model
 
+        import secrets
+
         self.loaded = load_model(model)
-        self.state = build_state(self.loaded, data_dir, max_batch=max_batch)
+        self.key = secrets.token_urlsafe(16)
+        self.state = build_state(self.loaded, data_dir, token=self.key, max_batch=max_batch)
         self.sock = socket.socket()
         self.sock.bind(("127.0.0.1", 0))
         self.sock.listen(128)
@@ -57,6 +64,7 @@ class _Server:
         self.thread.start()
         while not self.server.started:
             time.sleep(0.05)
+        self.state.engine.wait_ready(300)  # loaded, and its speed measured
         return self
 
     def __exit__(self, *exc):
@@ -65,84 +73,185 @@ class _Server:
         self.sock.close()
 
 
-async def _generation(base_url: str, model: str, n: int, max_tokens: int, rounds: int = 3) -> dict:
+def _tok_s(tokens: int, secs: float) -> float:
+    return round(tokens / secs, 1) if secs > 0 else 0.0
+
+
+def _hf_eager(loaded, prompt_ids: list[int], max_tokens: int, rounds: int) -> float:
+    """transformers' eager generate, one stream, in-process: the old server path."""
+    import os
+
+    import torch
+
+    # The old server ran with torch's default threads (all cores); the engine thread set
+    # its own count for this process, so the baseline gets the default back meanwhile.
+    before = torch.get_num_threads()
+    torch.set_num_threads(os.cpu_count() or 1)
+    best = 0.0
+    with torch.inference_mode():
+        loaded.model.generate(torch.tensor([prompt_ids]), max_new_tokens=4, do_sample=True,
+                              pad_token_id=loaded.tokenizer.pad_token_id)  # warm-up
+        for r in range(rounds):
+            t = time.perf_counter()
+            out = loaded.model.generate(torch.tensor([prompt_ids]), max_new_tokens=max_tokens, do_sample=True,
+                                        temperature=1.0, top_p=1.0, pad_token_id=loaded.tokenizer.pad_token_id)
+            best = max(best, _tok_s(out.shape[1] - len(prompt_ids), time.perf_counter() - t))
+    torch.set_num_threads(before)
+    return best
+
+
+def _llama_cpp(gguf: Path | None, messages: list[dict[str, str]], max_tokens: int, rounds: int) -> dict | str:
+    """llama.cpp on the same GGUF, one stream, in-process; a reason string when it cannot run."""
+    if gguf is None:
+        return "no GGUF for this model"
+    try:
+        from llama_cpp import Llama
+    except ImportError:
+        return "llama_cpp is not importable (pip install llama-cpp-python, built with GGML_NATIVE=OFF)"
+    import os
+
+    threads = os.cpu_count() or 1
+    llm = Llama(model_path=str(gguf), n_ctx=2048, n_threads=threads, n_threads_batch=threads, verbose=False,
+                seed=1)
+    best = 0.0
+    for r in range(rounds + 1):
+        t = time.perf_counter()
+        out = llm.create_chat_completion(messages=messages, max_tokens=max_tokens, temperature=1.0, top_p=1.0,
+                                         top_k=0, min_p=0.0, repeat_penalty=1.0)
+        if r:  # the first call pays one-time costs
+            best = max(best, _tok_s(out["usage"]["completion_tokens"], time.perf_counter() - t))
+    return {"tokens_per_s": best, "threads": threads}
+
+
+async def _server_rates(base_url: str, key: str, model: str, max_tokens: int, streams: list[int],
+                        rounds: int) -> dict[int, dict]:
+    """Total completion tokens/s for ``n`` concurrent streamed chats, best of ``rounds``."""
     import openai
 
-    prompts = _prompts(n)
-    async with openai.AsyncOpenAI(base_url=base_url, api_key="bench", max_retries=0, timeout=3600) as client:
+    prompts = _prompts(max(streams))
+    async with openai.AsyncOpenAI(base_url=base_url, api_key=key, max_retries=0, timeout=3600) as client:
         async def one(i: int) -> int:
-            r = await client.chat.completions.create(model=model, messages=prompts[i], max_tokens=max_tokens,
-                                                     temperature=0.7, seed=i)
-            return r.usage.completion_tokens
+            stream = await client.chat.completions.create(
+                model=model, messages=prompts[i], max_tokens=max_tokens, temperature=1.0, seed=i, stream=True,
+                stream_options={"include_usage": True})
+            tokens = 0
+            async for chunk in stream:
+                if chunk.usage:
+                    tokens = chunk.usage.completion_tokens
+            return tokens
 
         await one(0)  # warm-up
-        # The cores are shared with other work: best of `rounds`, in alternating order.
-        best = {"single": (0.0, 0, 0.0), "sequential": (0.0, 0, 0.0), "concurrent": (0.0, 0, 0.0)}
+        out: dict[int, dict] = {}
+        for n in streams:
+            best = {"tokens_per_s": 0.0}
+            for _ in range(rounds):
+                t = time.perf_counter()
+                tokens = sum(await asyncio.gather(*[one(i) for i in range(n)]))
+                secs = time.perf_counter() - t
+                if _tok_s(tokens, secs) > best["tokens_per_s"]:
+                    best = {"tokens_per_s": _tok_s(tokens, secs), "tokens": tokens, "seconds": round(secs, 2)}
+            out[n] = best
+    return out
 
-        async def single() -> tuple[int, float]:
-            t = time.perf_counter()
-            return await one(0), time.perf_counter() - t
 
-        async def sequential() -> tuple[int, float]:
-            t = time.perf_counter()
-            tokens = 0
-            for i in range(n):
-                tokens += await one(i)
-            return tokens, time.perf_counter() - t
+def _client_rates(base_url: str, key: str, model: str, max_tokens: int, streams: list[int],
+                  rounds: int) -> dict[int, dict]:
+    """``_server_rates`` in a process of its own, as the runner is: the client's parsing
+    must not share the server's interpreter lock."""
+    import subprocess
 
-        async def concurrent() -> tuple[int, float]:
-            t = time.perf_counter()
-            tokens = sum(await asyncio.gather(*[one(i) for i in range(n)]))
-            return tokens, time.perf_counter() - t
+    cmd = [sys.executable, __file__, "--client", json.dumps([base_url, key, model, max_tokens, streams, rounds])]
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    return {int(n): r for n, r in json.loads(out.strip().splitlines()[-1]).items()}
 
-        loops = {"single": single, "sequential": sequential, "concurrent": concurrent}
-        for r in range(rounds):
-            for name in (list(loops) if r % 2 == 0 else list(loops)[::-1]):
-                tokens, secs = await loops[name]()
-                if tokens / secs > best[name][0]:
-                    best[name] = (tokens / secs, tokens, secs)
-    (single_rate, _, _), (seq_rate, seq_tokens, seq_s), (conc_rate, conc_tokens, conc_s) = (
-        best["single"], best["sequential"], best["concurrent"])
-    return {
-        "rounds": rounds,
-        "single_tokens_per_s": round(single_rate, 1),
-        "sequential_tokens_per_s": round(seq_rate, 1),
-        "concurrent_tokens_per_s": round(conc_rate, 1),
-        "sequential_tokens": seq_tokens, "concurrent_tokens": conc_tokens,
-        "sequential_s": round(seq_s, 2), "concurrent_s": round(conc_s, 2),
-        "ratio_concurrent_vs_sequential": round(conc_rate / seq_rate, 2),
-    }
+
+def _lora_adapter(loaded, path: Path) -> Path:
+    """A LoRA adapter on every linear layer with non-zero weights: a stand-in tuned model."""
+    import copy
+
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    cfg = LoraConfig(r=8, lora_alpha=16, init_lora_weights=False,
+                     target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    peft_model = get_peft_model(copy.deepcopy(loaded.model), cfg)
+    for name, param in peft_model.named_parameters():
+        if "lora_B" in name:
+            param.data.mul_(0.01)
+    peft_model.save_pretrained(path)
+    return path
+
+
+def _generation(srv: "_Server", gguf: Path | None, max_tokens: int, streams: list[int], rounds: int,
+                tmp: Path) -> dict:
+    loaded = srv.loaded
+    messages = _prompts(1)[0]
+    ids = srv.state.engine.chat_prompt(loaded.name, messages)
+    figures: dict = {"max_tokens": max_tokens, "rounds": rounds, "engine": srv.state.engine.stats()}
+    figures["hf_eager_tokens_per_s"] = _hf_eager(loaded, ids, max_tokens, rounds)
+    cpp = _llama_cpp(gguf, messages, max_tokens, rounds)
+    if isinstance(cpp, str):
+        figures["llama_cpp_skipped"] = cpp
+    else:
+        figures["llama_cpp_tokens_per_s"], figures["llama_cpp_threads"] = cpp["tokens_per_s"], cpp["threads"]
+    rates = _client_rates(srv.base_url, srv.key, loaded.name, max_tokens, [1, *streams], rounds)
+    figures["server"] = {str(n): r for n, r in rates.items()}
+    srv.state.engine.register_tuned("ft:bench-lora", _lora_adapter(loaded, tmp / "lora"))
+    tuned = _client_rates(srv.base_url, srv.key, "ft:bench-lora", max_tokens, [1, streams[0]], rounds)
+    figures["tuned"] = {str(n): r for n, r in tuned.items()}
+    one = rates[1]["tokens_per_s"]
+    figures["ratio_one_stream_vs_hf_eager"] = round(one / figures["hf_eager_tokens_per_s"], 2)
+    cpp_rate = figures.get("llama_cpp_tokens_per_s")
+    if cpp_rate:
+        figures["ratio_one_stream_vs_llama_cpp"] = round(one / cpp_rate, 2)
+        for n in streams:
+            figures[f"ratio_{n}_streams_vs_llama_cpp_one"] = round(rates[n]["tokens_per_s"] / cpp_rate, 2)
+    figures["ratio_tuned_vs_base"] = round(tuned[1]["tokens_per_s"] / one, 2)
+    figures[f"ratio_tuned_vs_base_{streams[0]}_streams"] = round(
+        tuned[streams[0]]["tokens_per_s"] / rates[streams[0]]["tokens_per_s"], 2)
+    return figures
 
 
 def main() -> None:
+    if len(sys.argv) == 3 and sys.argv[1] == "--client":
+        rates = asyncio.run(_server_rates(*json.loads(sys.argv[2])))
+        print(json.dumps({str(n): r for n, r in rates.items()}))
+        return
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tiny", action="store_true", help="a tiny random model instead of SmolLM2-135M-Instruct")
-    parser.add_argument("--model", help="a local model directory")
-    parser.add_argument("--concurrency", type=int, default=8)
-    parser.add_argument("--max-tokens", type=int, default=64)
-    parser.add_argument("--rounds", type=int, default=3, help="best of this many runs of each measurement")
+    parser.add_argument("--model", help="a local model directory or GGUF file")
+    parser.add_argument("--streams", default="16,32", help="concurrent stream counts (comma-separated)")
+    parser.add_argument("--max-tokens", type=int, default=200)
+    parser.add_argument("--rounds", type=int, default=2, help="best of this many runs of each measurement")
     parser.add_argument("--no-train", action="store_true", help="skip the fine-tuning comparison")
     parser.add_argument("--train-steps", type=int, default=4)
     parser.add_argument("--train-examples", type=int, default=32)
     parser.add_argument("--train-rounds", type=int, default=1)
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
+    streams = [int(s) for s in args.streams.split(",") if s.strip()]
 
     import torch
 
     with tempfile.TemporaryDirectory(prefix="gridtune-serve-bench-") as tmp:
         model = args.model
+        gguf = None
         if args.tiny:
             from tests.tiny_model import make_tiny_model
 
             model = str(make_tiny_model(Path(tmp) / "tiny-bench", vocab_size=2048, layers=4, hidden=256))
-        with _Server(model, Path(tmp) / "data", max_batch=max(8, args.concurrency)) as srv:
-            gen = asyncio.run(_generation(srv.base_url, srv.loaded.name, args.concurrency, args.max_tokens,
-                                          args.rounds))
+        elif model is None or model == "SmolLM2-135M-Instruct":
+            from gridtune.server.model import GGUF_FILE, ensure_default_model
+
+            gguf = ensure_default_model() / GGUF_FILE
+        elif model.endswith(".gguf"):
+            gguf = Path(model)
+        with _Server(model, Path(tmp) / "data", max_batch=max(streams)) as srv:
+            gen = _generation(srv, gguf, args.max_tokens, streams, args.rounds, Path(tmp))
             name = srv.loaded.name
     figures = {"model": name, "device": "cuda" if torch.cuda.is_available() else "cpu",
-               "threads": torch.get_num_threads(), "concurrency": args.concurrency, "max_tokens": args.max_tokens,
-               "generation": gen}
+               "cpus": __import__("os").cpu_count(), "generation": gen}
     if not args.no_train:
         from bench.train_bench import run
 
@@ -156,15 +265,31 @@ def main() -> None:
         print(json.dumps(figures))
         return
     g = figures["generation"]
-    print(f"model: {name}  device: {figures['device']}  threads: {figures['threads']}  "
-          f"max_tokens {args.max_tokens}, temperature 0.7, over HTTP with the openai client, "
-          f"best of {g['rounds']} rounds")
-    print(f"  1 request                 : {g['single_tokens_per_s']:>8.1f} tokens/s")
-    print(f"  {args.concurrency} sequential (baseline)  : {g['sequential_tokens_per_s']:>8.1f} tokens/s  "
-          f"({g['sequential_tokens']} tokens in {g['sequential_s']} s)")
-    print(f"  {args.concurrency} concurrent (batched)   : {g['concurrent_tokens_per_s']:>8.1f} tokens/s  "
-          f"({g['concurrent_tokens']} tokens in {g['concurrent_s']} s)  "
-          f"{g['ratio_concurrent_vs_sequential']:.2f}x  (target >= 3x)")
+    e = g["engine"]
+    print(f"model: {name}  device: {figures['device']}  cpus: {figures['cpus']}  decoder: {e['decoder']}  "
+          f"{g['max_tokens']} tokens at temperature 1, best of {g['rounds']}")
+    print(f"  baseline: transformers eager generate, 1 stream : {g['hf_eager_tokens_per_s']:>7.1f} tok/s")
+    if "llama_cpp_tokens_per_s" in g:
+        print(f"  baseline: llama.cpp same GGUF, 1 stream ({g['llama_cpp_threads']} thr): "
+              f"{g['llama_cpp_tokens_per_s']:>7.1f} tok/s")
+    else:
+        print(f"  baseline: llama.cpp skipped: {g['llama_cpp_skipped']}")
+    cpp = g.get("llama_cpp_tokens_per_s")
+    for n, r in g["server"].items():
+        line = f"  gridtune server over HTTP, {n:>2} stream{'s' if n != '1' else ' '}      : {r['tokens_per_s']:>7.1f} tok/s"
+        if n == "1":
+            line += f"  {g['ratio_one_stream_vs_hf_eager']:.2f}x eager"
+            if cpp:
+                line += f", {g['ratio_one_stream_vs_llama_cpp']:.2f}x llama.cpp (target >= 0.5x)"
+        elif cpp:
+            line += f"  {g[f'ratio_{n}_streams_vs_llama_cpp_one']:.2f}x llama.cpp's one stream (target >= 2x)"
+        print(line)
+    for n, r in g["tuned"].items():
+        ratio = g["ratio_tuned_vs_base"] if n == "1" else g[f"ratio_tuned_vs_base_{n}_streams"]
+        print(f"  tuned model (merged LoRA), {n:>2} streams       : {r['tokens_per_s']:>7.1f} tok/s  "
+              f"{ratio:.2f}x the base (target >= 0.8x)")
+    print(f"  engine's own measurement at start: {e['stream_tokens_per_s']} tok/s one stream, "
+          f"{e['batch_tokens_per_s']} with {e['max_batch']}, prefill {e['prefill_tokens_per_s']} tok/s")
     if "fine_tuning_error" in figures:
         print(f"fine-tuning comparison failed: {figures['fine_tuning_error']}")
     if "fine_tuning" in figures:
