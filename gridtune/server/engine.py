@@ -291,8 +291,9 @@ def default_threads() -> int:
 class Engine:
     """The model-owning decode loop. Start it with :meth:`start`, end it with :meth:`close`.
 
-    ``fast``: None runs every model the fast path supports on it (see fastlm.py), False
-    keeps the transformers path for all; ``dtype`` overrides the fast path's dtype.
+    ``fast``: None runs every model the fast path supports on it (see fastlm.py) unless
+    GRIDTUNE_DECODER=transformers says otherwise, False keeps the transformers path for
+    all; ``dtype`` overrides the fast path's dtype.
     """
 
     def __init__(self, loaded: Any, *, max_batch: int = 32, default_max_tokens: int = DEFAULT_MAX_TOKENS,
@@ -303,7 +304,11 @@ class Engine:
         self.device: str = loaded.device
         self.max_batch = max_batch
         self.default_max_tokens = default_max_tokens
-        self._fast_wanted = fast is not False
+        if fast is None:
+            import os
+
+            fast = os.environ.get("GRIDTUNE_DECODER", "").strip().lower() not in ("transformers", "hf")
+        self._fast_wanted = fast
         self._fast_dtype = dtype
         self._threads = threads
         self._calibrate_at_start = calibrate
