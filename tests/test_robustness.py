@@ -208,6 +208,15 @@ def read_only(path: Path):
             path.chmod(mode)
 
 
+def test_new_in_a_read_only_folder_is_one_line_and_leaves_nothing(tmp_path):
+    folder = tmp_path / "ro"
+    folder.mkdir()
+    with read_only(folder):
+        line = one_line_error(gridtune("new", str(folder / "p.gridtune"), "--spec", str(spec_file(tmp_path, 1))))
+        assert f"{folder / 'p.gridtune'}: cannot create the project" in line and ".creating" not in line
+        assert list(folder.iterdir()) == []
+
+
 def graded_project(tmp_path: Path) -> Path:
     path = make_project(tmp_path, n_a=3, n_b=2)
     with Store.open(path) as store:

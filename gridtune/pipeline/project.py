@@ -28,6 +28,8 @@ def create_project(path: str | Path, spec: GridSpec) -> Store:
             apply_spec(store, spec)
             store.checkpoint()  # everything in the main file: the WAL stays with the temporary name
         _link_into_place(tmp, path)
+    except StoreError as exc:  # name the project the person asked for, not the temporary file
+        raise StoreError(str(exc).replace(str(tmp), str(path))) from None
     finally:
         for leftover in (tmp, *(tmp.with_name(tmp.name + s) for s in ("-wal", "-shm", "-journal"))):
             with contextlib.suppress(OSError):

@@ -186,7 +186,7 @@ class Store:
             conn.execute("PRAGMA synchronous = NORMAL")
             conn.execute("PRAGMA foreign_keys = ON")
         except sqlite3.Error as exc:
-            if _kind(exc) in ("notadb", "corrupt") or not isinstance(exc, sqlite3.OperationalError):
+            if create or _kind(exc) in ("notadb", "corrupt") or not isinstance(exc, sqlite3.OperationalError):
                 what = "cannot create the project" if create else "not a gridtune project"
                 raise StoreError(f"{path}: {what} ({exc})") from None
             raise StoreError(describe_sqlite_error(exc, path)) from None
