@@ -808,8 +808,10 @@ def _export_target(state: ServerState, request: Request, out: str) -> tuple[Path
     inside = resolved != root and resolved.is_relative_to(root)
     if inside:
         return resolved, True
+    # ("open": a server built in-process with neither token nor key, by the process that
+    # owns it; `gridtune serve` never runs so.)
     client = request.client.host if request.client else ""
-    if request.scope.get("gridtune.auth") != "owner" or not _is_loopback(client):
+    if request.scope.get("gridtune.auth") not in ("owner", "open") or not _is_loopback(client):
         raise APIError(403, f"output_dir {resolved} is outside this server's export directory {root}; export "
                             "there (a relative output_dir is taken from it), or run `gridtune export-model` as "
                             "the user who runs the server, on its machine", param="output_dir",
