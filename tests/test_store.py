@@ -188,3 +188,57 @@ def test_review_rows_sort_and_filter(store):
     assert len(store.review_rows(where="ungraded")) == 4
     assert len(store.review_rows(where="all")) == 256
     assert [r[1] for r in store.review_rows(where="done", search="yyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyy")] == [40, 50]
+
+
+def test_a_run_declared_dead_takes_no_more_writes_from_its_runner(store):
+    import os
+    import socket
+
+    from gridtune.store import RunLost
+
+    run_id = store.start_run(pid=os.getpid(), host=socket.gethostname(), model="m", params=None,
+                             is_alive=lambda r: False)
+    assert store.holds_run_lock
+    a, b, c = store.pending_work(limit=3)
+    store.mark_running(a.completion_id, run_id)
+    store.save_done(b.completion_id, text="saved while ours", model="m", params=None, prompt_tokens=1,
+                    completion_tokens=1, latency_s=0.1, finish_reason="stop", attempts=1, run_id=run_id)
+    assert store.heartbeat(run_id, {"done": 1}) is False
+    # Another process declares it dead (e.g. from another host, by its heartbeat) and takes its cells.
+    with Store.open(store.path) as other:
+        other.update_run(run_id, state="died")
+        other.reset_running()
+    with pytest.raises(RunLost, match=f"run #{run_id} was marked died by another process"):
+        store.heartbeat(run_id, {"done": 2})
+    store.save_done(c.completion_id, text="too late", model="m", params=None, prompt_tokens=1,
+                    completion_tokens=1, latency_s=0.1, finish_reason="stop", attempts=1, run_id=run_id)
+    store.save_failed(a.completion_id, error="too late", error_kind="permanent", attempts=1, run_id=run_id)
+    store.mark_running(c.completion_id, run_id)
+    store.finish_run(run_id, "finished")
+    assert not store.holds_run_lock
+    assert store.get_completion(b.completion_id).text == "saved while ours"
+    assert [store.get_completion(x.completion_id).status for x in (a, c)] == ["pending", "pending"]
+    run = store.get_run(run_id)
+    assert run.state == "died" and run.progress == {"done": 1}
+
+
+def test_sqlite_errors_are_described_in_one_line(tmp_path, monkeypatch):
+    from gridtune.store import describe_sqlite_error
+    from gridtune.store.project import busy_timeout_s
+
+    cases = {
+        "database is locked": "locked by another process",
+        "attempt to write a readonly database": "read-only",
+        "database or disk is full": "disk is full",
+        "database disk image is malformed": "damaged",
+        "unable to open database file": "cannot open",
+        "disk I/O error": "disk failed",
+        "no such table: x": "database error: no such table: x",
+    }
+    for message, expected in cases.items():
+        line = describe_sqlite_error(sqlite3.OperationalError(message), tmp_path / "p.gridtune")
+        assert line.startswith(f"{tmp_path / 'p.gridtune'}: ") and expected in line and "\n" not in line
+    monkeypatch.setenv("GRIDTUNE_BUSY_TIMEOUT_S", "0.25")
+    assert busy_timeout_s() == 0.25
+    monkeypatch.setenv("GRIDTUNE_BUSY_TIMEOUT_S", "soon")
+    assert busy_timeout_s() == 30.0

@@ -186,7 +186,8 @@ class Store:
             conn.execute("PRAGMA synchronous = NORMAL")
             conn.execute("PRAGMA foreign_keys = ON")
         except sqlite3.Error as exc:
-            if create or _kind(exc) in ("notadb", "corrupt") or not isinstance(exc, sqlite3.OperationalError):
+            kind = _kind(exc)
+            if create or kind == "notadb" or (kind == "other" and not isinstance(exc, sqlite3.OperationalError)):
                 what = "cannot create the project" if create else "not a gridtune project"
                 raise StoreError(f"{path}: {what} ({exc})") from None
             raise StoreError(describe_sqlite_error(exc, path)) from None
