@@ -353,3 +353,103 @@ async def test_store_writer_group_commits_in_order_and_keeps_a_failure_from_the_
         assert fresh.status_counts().done == len(items)  # the failed write lost nothing else
         assert [fresh.get_completion(i.completion_id).text for i in items] == [f"reply {n}" for n in range(len(items))]
     store.close()
+
+
+# -- a slow server is not a failure; retries say why; concurrency follows the server -----
+
+
+def test_streamed_replies_slower_than_the_timeout_in_total_finish_with_no_retries(tmp_path, fake_openai):
+    # Every reply takes 0.6-4 s in all, far past the 0.5 s timeout, but a word comes every 0.05 s:
+    # the timeout is between chunks, so nothing times out and nothing is asked twice.
+    path = make_project(tmp_path, n_a=3, n_b=2)
+    fake_openai.set(chunk_delay_s=0.05)
+    result = generate(path, concurrency=6, timeout_s=0.5)
+    assert (result.exit_code, result.progress.done, result.progress.retries) == (0, 6, 0)
+    sent = fake_openai.chat_requests()
+    assert len(sent) == 6
+    assert all(r.body["stream"] is True and r.body["stream_options"] == {"include_usage": True} for r in sent)
+    for r in completions(path):
+        words = reply_text(prompt(r.values["a"], r.values["b"])).split(" ")
+        assert r.text == " ".join(words[:50])  # max_tokens 50 words in the fake
+        assert r.finish_reason == ("length" if len(words) > 50 else "stop")
+        assert r.prompt_tokens == 5 and r.completion_tokens == len(r.text.split())  # from the usage chunk
+        assert r.latency_s > 0.05 * len(r.text.split(" ")) * 0.9
+    assert max(r.latency_s for r in completions(path)) > 0.5  # slower than the timeout, and not a failure
+
+
+def test_the_plain_request_is_used_for_openai_and_on_request(tmp_path, fake_openai):
+    path = make_project(tmp_path, n_a=2, n_b=1)
+    assert generate(path, stream=False).exit_code == 0
+    assert all("stream" not in r.body for r in fake_openai.chat_requests())
+    assert [r.text for r in completions(path)] == [reply_text(prompt(a, "p")) for a in (1, 2)]
+
+
+def test_a_server_that_ignores_stream_true_is_read_as_a_plain_reply(tmp_path, fake_openai):
+    path = make_project(tmp_path, n_a=2, n_b=1)
+    fake_openai.set(ignore_stream=True)
+    result = generate(path)
+    assert (result.exit_code, result.progress.retries) == (0, 0)
+    assert {r.finish_reason for r in completions(path)} == {"stop"}
+
+
+def test_queue_limit_429_with_retry_after_is_waited_out_and_counted_by_reason(tmp_path, fake_openai):
+    # The local server's queue limit: past 2 requests at once it answers 429 + Retry-After.
+    path = make_project(tmp_path, n_a=4, n_b=3)
+    fake_openai.set(max_in_flight=2, chunk_delay_s=0.01)
+    fake_openai.busy_retry_after = "0.1"
+    result = generate(path, concurrency=6, max_attempts=2)  # 429s do not use up the attempts
+    assert (result.exit_code, result.progress.done, result.progress.failed) == (0, 12, 0)
+    busy = sum(r.status == 429 for r in fake_openai.chat_requests())
+    assert busy >= 4 and result.progress.retries == busy
+    assert result.progress.retry_reasons == {"rate_limited": busy}
+    assert f"retries {busy}: {busy} busy/rate-limited (429)" in result.progress.summary()
+    status = CliRunner().invoke(main, ["status", str(path), "--json"])
+    import json
+
+    data = json.loads(status.stdout)
+    assert data["retries"] == busy
+    assert data["retry_reasons"] == {"timeout": 0, "rate_limited": busy, "server_error": 0, "connection": 0,
+                                     "malformed": 0, "other": 0}
+    text = CliRunner().invoke(main, ["status", str(path)]).output
+    assert f"retries {busy}: {busy} busy/rate-limited (429)" in text
+
+
+def test_retry_reasons_name_timeouts_server_errors_and_malformed_replies(tmp_path, fake_openai):
+    path = make_project(tmp_path, n_a=2, n_b=2)
+    fake_openai.set(faults=[Fault(kind="stall", count=1, stall_s=2.0), Fault(status=503, count=2),
+                            Fault(kind="malformed", count=1)])
+    result = generate(path, timeout_s=0.5, concurrency=1)
+    assert result.exit_code == 0 and result.progress.done == 4
+    assert result.progress.retry_reasons == {"timeout": 1, "server_error": 2, "malformed": 1}
+    assert result.progress.retry_text() == \
+        "retries 4: 1 timeout, 2 server errors (5xx), 1 malformed reply"
+
+
+def test_concurrency_defaults_to_what_the_server_batches(tmp_path, fake_openai):
+    path = make_project(tmp_path, n_a=4, n_b=3)
+    fake_openai.set(latency=0.2, gridtune={"max_batch": 3, "context_length": 2048, "in_flight": 0, "decoding": 0,
+                                           "stream_tokens_per_s": 20.0, "batch_tokens_per_s": 45.0,
+                                           "generated_tokens": 0})
+    result = generate(path)
+    assert result.exit_code == 0 and fake_openai.peak_in_flight == 3
+    with Store.open(path) as store:
+        assert store.latest_run().params["concurrency"] == 3
+    # An explicit value wins, but one far above the batch is capped at twice it, with a note.
+    fake_openai.peak_in_flight = 0
+    out = CliRunner().invoke(main, ["generate", str(path), "--concurrency", "100"])
+    assert out.exit_code == 0 and "nothing left to generate" in out.output
+    with Store.open(path) as store:
+        store._conn.execute("UPDATE completions SET status = 'pending', text = NULL")
+    out = CliRunner().invoke(main, ["generate", str(path), "--concurrency", "100"])
+    assert out.exit_code == 0, out.output
+    assert "concurrency 100 is far above what the server decodes at once (3); using 6" in out.output
+    with Store.open(path) as store:
+        assert store.latest_run().params["concurrency"] == 6
+    assert 3 < fake_openai.peak_in_flight <= 6
+
+
+def test_no_gridtune_field_means_the_old_default(tmp_path, fake_openai):
+    path = make_project(tmp_path, n_a=5, n_b=4)
+    fake_openai.set(latency=0.2)
+    assert generate(path).exit_code == 0
+    assert fake_openai.peak_in_flight == 8

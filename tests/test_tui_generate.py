@@ -199,3 +199,74 @@ async def test_attaches_to_a_run_in_progress(project):
         assert await wait_for(pilot, lambda: screen.query_one("#set-concurrency").value == "40")
         shown = {k: screen.query_one(f"#set-{k}").value for k in ("model", "temperature", "max_tokens", "rpm", "tpm")}
         assert shown == {"model": "teacher", "temperature": "0.3", "max_tokens": "77", "rpm": "500", "tpm": ""}
+
+
+# -- before a run: the estimate; while starting: the phase; during a run: why retries ---------
+
+LOCAL_SPEED = {"max_batch": 3, "context_length": 2048, "in_flight": 0, "decoding": 0,
+               "stream_tokens_per_s": 10.0, "batch_tokens_per_s": 20.0, "generated_tokens": 0}
+
+
+async def test_estimate_is_shown_before_a_run_and_concurrency_follows_the_server(project, fake_openai):
+    fake_openai.set(gridtune=LOCAL_SPEED, chunk_delay_s=0.01)
+    app = GridtuneApp(project, start_mode="generate")
+    async with app.run_test(size=(80, 24)) as pilot:
+        screen = app.screen
+        note = screen.query_one("#gen-note")
+        assert await wait_for(pilot, lambda: "no model to generate with" in str(note.render()))
+        screen.query_one("#set-model").value = "fake-model"  # typed: estimated again
+        # 4 cells x 50 tokens at 20 tok/s with 3 at once: 10 s
+        expected = ("up to about 10 s on " + fake_openai.base_url
+                    + " (≈ 20 tok/s with 3 at once; up to 4 × 50 tokens)")
+        assert await wait_for(pilot, lambda: screen.estimate == expected), screen.estimate
+        assert str(note.render()) == "estimate: " + expected
+        assert screen.query_one("#set-concurrency").value == ""  # auto
+        await pilot.press("s")
+        assert await wait_for(pilot, lambda: counts(project).done == 4)
+        assert fake_openai.peak_in_flight == 3
+        with Store.open(project) as store:
+            assert store.latest_run().params["concurrency"] == 3
+        # Finished: the estimate is for what is left.
+        assert await wait_for(pilot, lambda: screen.estimate == "nothing left to generate")
+
+
+async def test_retry_reasons_are_shown_in_words(project):
+    with Store.open(project) as store:
+        run_id = store.start_run(pid=os.getpid(), host=socket.gethostname(), model="teacher",
+                                 params={"concurrency": 8}, is_alive=runs.is_alive)
+        store.heartbeat(run_id, {"run_id": run_id, "state": "running", "total": 4, "done": 1, "in_flight": 3,
+                                 "retries": 5, "retry_reasons": {"timeout": 3, "rate_limited": 2},
+                                 "estimate": "about 6 min on the local server", "elapsed_s": 3.0})
+    app = GridtuneApp(project, start_mode="generate")
+    async with app.run_test(size=(80, 24)) as pilot:
+        screen = app.screen
+        note = screen.query_one("#gen-note")
+        assert await wait_for(pilot, lambda: "retries 5" in str(note.render()))
+        assert str(note.render()) == "retries 5: 3 timeouts, 2 busy/rate-limited (429)"
+
+
+async def test_starting_the_local_server_shows_a_phase_not_a_frozen_screen(project, tmp_path):
+    from gridtune import locations
+    from gridtune.pipeline.estimate import local_server_starting
+
+    assert local_server_starting()  # no OPENAI_* settings and no local server in this test's home
+    app = GridtuneApp(project, start_mode="generate")
+    async with app.run_test(size=(80, 24)) as pilot:
+        screen = app.screen
+        assert await wait_for(pilot, lambda: screen.estimate is not None)
+        assert screen.estimate == ("no estimate until the local server runs: s starts it "
+                                   "(the first start fetches the model, ~1 min)")
+        # What a start that must first start the server shows, second by second:
+        screen.busy = "starting"
+        screen._server_start = time.time() - 5
+        screen.poll()
+        state = screen.query_one("#gen-state")
+        assert await wait_for(pilot, lambda: "5s" in str(state.render()) or "6s" in str(state.render()))
+        assert "starting the local server (first start fetches the model, ~1 min) · " in str(state.render())
+        # A server that writes its phase in its state file is quoted.
+        server_dir = locations.server_dir()
+        server_dir.mkdir(parents=True, exist_ok=True)
+        (server_dir / "server.json").write_text('{"pid": 1, "phase": "loading the model"}')
+        assert await wait_for(pilot, lambda: "loading the model · " in str(state.render()))
+        screen.busy = None
+        screen._server_start = None

@@ -156,6 +156,7 @@ def estimate_run(*, requests: int, max_tokens: int, mean_tokens: float | None, p
     where = "on the local server" if backend_kind == "local" else f"on {backend_label or backend_kind}"
     if requests <= 0:
         return Estimate(0.0, "nothing left to generate", 0.0, requests=0)
+    concurrency = max(1, min(concurrency, requests))  # a short run never has more at once than requests
     speed = info.tokens_per_s(concurrency) if info else None
     if speed:
         at_once = min(concurrency, info.max_batch or concurrency) if info else concurrency
@@ -238,3 +239,18 @@ def _server_phase() -> str | None:
         return None
     phase = state.get("phase") if isinstance(state, dict) else None
     return " ".join(phase.split())[:80] if isinstance(phase, str) and phase.strip() else None
+
+
+def local_server_starting() -> bool:
+    """Whether a run started now would first have to start the local server (no
+    OPENAI_* settings, and no local server answering)."""
+    import os
+
+    if os.environ.get("OPENAI_BASE_URL", "").strip() or os.environ.get("OPENAI_API_KEY", "").strip():
+        return False
+    from .local_service import running_backend
+
+    try:
+        return running_backend() is None
+    except Exception:  # noqa: BLE001 - e.g. a server wanting a key: it is there, not starting
+        return False

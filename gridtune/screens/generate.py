@@ -9,6 +9,7 @@ is already going when the project is opened again.
 from __future__ import annotations
 
 import dataclasses
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,6 +28,7 @@ from ..store import CompletionRecord, RunRecord, StatusCounts
 
 POLL_S = 0.5
 SPARK_POINTS = 120
+ESTIMATE_DEBOUNCE_S = 0.4
 ACTIVE = ("starting", "running", "stopping")
 
 
@@ -64,7 +66,7 @@ class Settings:
                    hi: float | None = None) -> None:
             text = raw.get(name, "").strip()
             label = name.replace("_", " ")
-            if not text or (optional and text.lower() in ("none", "-", "off")):
+            if not text or (optional and text.lower() in ("none", "-", "off", "auto")):
                 if optional:
                     out[name] = None
                     return
@@ -81,7 +83,7 @@ class Settings:
         number("temperature", float, lo=0, hi=2)
         number("max_tokens", int, lo=1)
         number("samples", int, lo=1, hi=100)
-        number("concurrency", int, lo=1, hi=1024)
+        number("concurrency", int, optional=True, lo=1, hi=1024)
         number("rpm", float, optional=True, lo=0.001)
         number("tpm", float, optional=True, lo=0.001)
         return out
@@ -113,6 +115,9 @@ class GenerateScreen(Screen):
         self._last_elapsed: float | None = None
         self._timer = None
         self.poll_interval = POLL_S
+        self.estimate: str | None = None  # the time estimate for the next run, in words
+        self._server_start: float | None = None  # when a start began that must start the local server
+        self._estimate_timer = None
 
     # -- layout ---------------------------------------------------------------
     def compose(self) -> ComposeResult:
@@ -131,7 +136,7 @@ class GenerateScreen(Screen):
                     yield Label("samples", classes="field-label")
                     yield Input(id="set-samples", compact=True, classes="short")
                     yield Label("concurrency", classes="field-label")
-                    yield Input("8", id="set-concurrency", compact=True, classes="short")
+                    yield Input(id="set-concurrency", placeholder="auto", compact=True, classes="short")
                     yield Label("rpm", classes="field-label")
                     yield Input(id="set-rpm", placeholder="none", compact=True, classes="short")
                     yield Label("tpm", classes="field-label")
@@ -142,6 +147,7 @@ class GenerateScreen(Screen):
                 yield Static(id="gen-fraction")
             yield Static(id="gen-counts")
             yield Static(id="gen-rates")
+            yield Static(id="gen-note")
             with Horizontal(id="gen-spark-row"):
                 yield Label("req/s", id="gen-spark-label")
                 yield Sparkline([], id="gen-spark")
@@ -184,6 +190,35 @@ class GenerateScreen(Screen):
                 self.query_one(f"#set-{key}", Input).value = value
         self._spec_line = (name, cells)
         self._render_title()
+        self.refresh_estimate()
+
+    def refresh_estimate(self) -> None:
+        """Estimate the next run with the settings shown (in a thread: it asks the server)."""
+        try:
+            values = Settings.parse(self._raw_settings())
+        except ValueError:
+            return  # the inline error says what is wrong; the last estimate stays
+        self.estimate_run(values)
+
+    @work(thread=True, exclusive=True, group="gen-estimate", exit_on_error=False)
+    def estimate_run(self, values: dict[str, Any]) -> None:
+        from ..pipeline.estimate import local_server_starting
+        from ..pipeline.generate import GenerateOptions, preview_run
+
+        options = GenerateOptions(concurrency=values["concurrency"], rpm=values["rpm"], tpm=values["tpm"],
+                                  model=values["model"], max_tokens=values["max_tokens"])
+        try:
+            if local_server_starting():  # never start the server just to estimate
+                text = "no estimate until the local server runs: s starts it (the first start fetches the model, ~1 min)"
+            else:
+                text = preview_run(self.ctx.path, options, start_local=False)[1].text
+        except Exception as exc:  # noqa: BLE001 - no estimate is not an error
+            text = f"no estimate: {_one_line(exc)}"
+        self.app.call_from_thread(self._show_estimate, text)
+
+    def _show_estimate(self, text: str) -> None:
+        self.estimate = text
+        self._render_note()
 
     @work(thread=True, exclusive=True, group="gen-poll", exit_on_error=False)
     def poll(self) -> None:
@@ -233,8 +268,10 @@ class GenerateScreen(Screen):
                 state.append(f" · {format_duration(p.elapsed_s)}")
             if run.error and not active:
                 state.append(f" · {run.error}", style="red")
+            if p is not None and p.phase and active:
+                state.append(f" · {p.phase}", style="yellow")
         if self.busy == "starting" and not active:
-            state = Text("starting a run…", style="yellow")
+            state = Text(self._starting_text(), style="yellow")
         self._set("gen-state", state)
         # Progress over the whole grid (a resumed run's total is only what was left).
         total = counts.completions or 1
@@ -258,8 +295,6 @@ class GenerateScreen(Screen):
                 (f"{p.tokens_per_s:,.0f}", "bold"), (" tok/s   ", "dim"),
                 ("cost ", "dim"), (cost, "bold"), ("   ETA ", "dim"), (eta, "bold"),
             )
-            if p.retries:
-                rates.append(f"   retries {p.retries}", style="yellow")
             if active and p.elapsed_s != self._last_elapsed:
                 self._last_elapsed = p.elapsed_s
                 self._rates = (self._rates + [p.requests_per_s])[-SPARK_POINTS:]
@@ -269,6 +304,35 @@ class GenerateScreen(Screen):
         self._set("gen-rates", rates)
         self._set("gen-tail", self._tail_text(snap.tail))
         self._sync_controls(active)
+        self._render_note()
+
+    def _starting_text(self) -> str:
+        if self._server_start is None:
+            return "starting a run…"
+        from ..pipeline.estimate import local_server_phase
+
+        return local_server_phase(self._server_start)
+
+    def _render_note(self) -> None:
+        """Under the rates: the run's time estimate, and why requests were retried."""
+        snap = self.snap
+        run = snap.run if snap else None
+        p = snap.progress if snap else None
+        active = bool(run and run.state in ACTIVE)
+        note = Text()
+        if active:  # the run's own estimate, made at its start, unless retries need saying
+            estimate = p.estimate if (p is not None and not p.retries) else None
+        else:
+            estimate = None if self.busy == "starting" else self.estimate  # starting: the state line says
+        if estimate:
+            if estimate[0].isdigit() or estimate.startswith(("about", "up to", "at least")):
+                note.append("estimate: ", style="dim")
+            note.append(estimate)
+        if p is not None and p.retries:
+            if note.plain:
+                note.append("\n")
+            note.append(p.retry_text() if active else f"last run: {p.retry_text()}", style="yellow")
+        self._set("gen-note", note)
 
     def _tail_text(self, tail: list[CompletionRecord]) -> Text:
         if not tail:
@@ -365,7 +429,10 @@ class GenerateScreen(Screen):
         try:
             self._save_spec(values)
             from ..pipeline import runs
+            from ..pipeline.estimate import local_server_starting
 
+            if local_server_starting():  # start_detached starts it first: say so, with the time it takes
+                self.app.call_from_thread(setattr, self, "_server_start", time.time())
             options = GenerateOptions(concurrency=values["concurrency"], rpm=values["rpm"], tpm=values["tpm"])
             runs.start_detached(self.ctx.path, options)
         except Exception as exc:  # noqa: BLE001 - GenerateError, BackendError, RunConflict: shown inline
@@ -389,6 +456,7 @@ class GenerateScreen(Screen):
 
     def _control_done(self, error: str | None) -> None:
         self.busy = None
+        self._server_start = None
         if error:
             self._show_error(error)
         self.refresh_bindings()
@@ -427,6 +495,15 @@ class GenerateScreen(Screen):
     def action_leave_settings(self) -> None:
         self.set_focus(None)
 
+    @on(Input.Changed)
+    def _changed(self, event: Input.Changed) -> None:
+        """Edited settings: estimate again once the typing pauses."""
+        if self._attached or not self.is_mounted:
+            return
+        if self._estimate_timer is not None:
+            self._estimate_timer.stop()
+        self._estimate_timer = self.set_timer(ESTIMATE_DEBOUNCE_S, self.refresh_estimate)
+
     @on(Input.Submitted)
     def _submitted(self, event: Input.Submitted) -> None:
         try:
@@ -447,6 +524,7 @@ class GenerateScreen(Screen):
         if changed:
             self.app.call_from_thread(self.app.notify, "settings saved to the grid spec", title="Generate")
             self.app.call_from_thread(self.poll)
+        self.app.call_from_thread(self.refresh_estimate)
 
 
 def _one_line(exc: BaseException) -> str:

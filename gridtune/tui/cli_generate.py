@@ -21,8 +21,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, TextColumn
 from rich.progress import Progress as RichProgress
 
 from ..pipeline import runs
-from ..pipeline.generate import GenerateError, GenerateOptions, RunResult, run_generation
-from ..pipeline.progress import Progress, format_duration
+from ..pipeline.generate import GenerateError, GenerateOptions, RunResult, preview_run, run_generation
+from ..pipeline.progress import RETRY_KINDS, Progress, format_duration
 from ..store import RunRecord
 from .cli import main
 from .cli_common import Failed, Problem, emit_json, handle_errors, open_store
@@ -49,15 +49,17 @@ class ProgressDisplay:
                 self.console.print(p.summary(), highlight=False, soft_wrap=True)
             return
         fields = {
-            "failed": p.failed, "rate": f"{p.requests_per_s:.1f}/s",
+            "failed": p.failed, "rate": f"{p.requests_per_s:.1f}/s {p.tokens_per_s:,.0f} tok/s",
             "eta": f"ETA {format_duration(p.eta_s)}" if p.eta_s is not None else "",
             "cost": f"${p.cost_usd:.4f}" if p.cost_usd else "",
+            "note": p.phase or (p.retry_text() if p.retries else ""),
         }
         if self._bar is None:
             self._bar = RichProgress(
                 TextColumn(f"run #{p.run_id}"), BarColumn(bar_width=20), MofNCompleteColumn(),
                 TextColumn("[red]{task.fields[failed]} failed"), TextColumn("{task.fields[rate]}"),
                 TextColumn("{task.fields[eta]}"), TextColumn("{task.fields[cost]}"),
+                TextColumn("[yellow]{task.fields[note]}"),
                 console=self.console, transient=False,
             )
             self._bar.start()
@@ -70,16 +72,30 @@ class ProgressDisplay:
             self._bar = None
 
 
-def _options(concurrency: int, rpm: float | None, tpm: float | None, limit: int | None, model: str | None,
-             temperature: float | None, max_tokens: int | None, timeout: float, max_attempts: int) -> GenerateOptions:
+def _options(concurrency: int | None, rpm: float | None, tpm: float | None, limit: int | None, model: str | None,
+             temperature: float | None, max_tokens: int | None, timeout: float, max_attempts: int,
+             stream: bool | None = None) -> GenerateOptions:
     options = GenerateOptions(concurrency=concurrency, rpm=rpm, tpm=tpm, limit=limit, model=model,
                               temperature=temperature, max_tokens=max_tokens, timeout_s=timeout,
-                              max_attempts=max_attempts)
+                              max_attempts=max_attempts, stream=stream)
     try:
         options.check()
     except GenerateError as exc:
         raise Problem(str(exc)) from None
     return options
+
+
+def _preview(project: Path, options: GenerateOptions) -> None:
+    """Before a run: the time estimate and any note on the settings, on stderr. It
+    starts the local server when the run will need it (with its own progress lines)."""
+    try:
+        plan, estimate = preview_run(project, options)
+    except GenerateError as exc:
+        raise Problem(str(exc)) from None
+    for note in plan.notes:
+        click.echo(f"note: {note}", err=True)
+    how = f"concurrency {plan.concurrency}" + (", streaming" if plan.stream else "")
+    click.echo(f"estimate: {estimate.text} [{how}]", err=True)
 
 
 def _run_here(project: Path, options: GenerateOptions, *, run_id: int | None, detached: bool) -> tuple[RunResult, int | None]:
@@ -129,27 +145,32 @@ def _report(project: Path, result: RunResult, stopped_by: int | None) -> int:
 
 @main.command("generate")
 @click.argument("project", type=click.Path(dir_okay=False, path_type=Path))
-@click.option("--concurrency", type=int, default=8, show_default=True, help="requests in flight at once")
+@click.option("--concurrency", type=int, default=None,
+              help="requests in flight at once (default: as many as the server decodes at once, else 8)")
 @click.option("--rpm", type=float, default=None, help="at most N requests in any 60 seconds")
 @click.option("--tpm", type=float, default=None, help="at most N tokens (prompt + max_tokens) in any 60 seconds")
 @click.option("--limit", type=int, default=None, help="generate at most N completions")
 @click.option("--model", default=None, help="the teacher model (default: the spec's, else the backend's)")
 @click.option("--temperature", type=float, default=None, help="override the spec's temperature")
 @click.option("--max-tokens", type=int, default=None, help="override the spec's max_tokens")
-@click.option("--timeout", type=float, default=120.0, show_default=True, help="seconds per request")
+@click.option("--timeout", type=float, default=120.0, show_default=True,
+              help="seconds per request; when streaming, seconds without a new token")
+@click.option("--stream/--no-stream", default=None,
+              help="stream replies (default: yes for the local and compatible servers, no for OpenAI)")
 @click.option("--max-attempts", type=int, default=6, show_default=True, help="tries per completion on transient errors")
 @click.option("--detach", is_flag=True, help="run in the background, immune to the terminal closing")
 @handle_errors
-def generate_cmd(project: Path, concurrency: int, rpm: float | None, tpm: float | None, limit: int | None,
+def generate_cmd(project: Path, concurrency: int | None, rpm: float | None, tpm: float | None, limit: int | None,
                  model: str | None, temperature: float | None, max_tokens: int | None, timeout: float,
-                 max_attempts: int, detach: bool) -> None:
+                 stream: bool | None, max_attempts: int, detach: bool) -> None:
     """Generate every pending or failed completion of PROJECT with the teacher model.
 
     Each completion is saved the moment it arrives; run it again to resume.
     Ctrl-C stops cleanly (exit 130). Exit 0 when all is done, 1 when some failed.
     """
-    options = _options(concurrency, rpm, tpm, limit, model, temperature, max_tokens, timeout, max_attempts)
+    options = _options(concurrency, rpm, tpm, limit, model, temperature, max_tokens, timeout, max_attempts, stream)
     open_store(project).close()  # a missing or broken project is exit 2 before anything starts
+    _preview(project, options)
     if detach:
         try:
             run_id = runs.start_detached(project, options)
@@ -194,7 +215,10 @@ def stop_cmd(project: Path, wait_s: float) -> None:
     elif run.active and wait_s == 0:
         click.echo(f"asked run #{run.id} to stop (pid {run.pid} on {run.host})")
     elif run.active:
-        raise Failed(f"run #{run.id} asked to stop but still {run.state} after {wait_s:g}s (pid {run.pid} on {run.host})")
+        hint = (f"; its process is suspended (Ctrl-Z, SIGSTOP): it stops once resumed (`kill -CONT {run.pid}`)"
+                if runs.suspended(run) else "")
+        raise Failed(f"run #{run.id} asked to stop but still {run.state} after {wait_s:g}s "
+                     f"(pid {run.pid} on {run.host}){hint}")
     else:
         p = runs.progress_of(run)
         counts = f": {p.done:,} done, {p.failed:,} failed" if run.progress else ""
@@ -221,7 +245,10 @@ def _status_text(project: Path, counts: dict[str, Any], run: RunRecord | None) -
         when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(run.started_at))
         lines.append(f"  run #{run.id} {run.state} (pid {run.pid} on {run.host}, started {when})")
         if run.progress:
-            lines.append("    " + runs.progress_of(run).summary())
+            progress = runs.progress_of(run)
+            lines.append("    " + progress.summary())
+            if progress.estimate:
+                lines.append(f"    estimated at its start: {progress.estimate}")
         if run.error:
             lines.append(f"    error: {run.error}")
     return "\n".join(lines)
@@ -242,7 +269,12 @@ def status_cmd(project: Path, as_json: bool, watch: bool) -> None:
         counts = store.status_counts().to_dict()
         run = store.active_run() or store.latest_run()
     if as_json:
-        emit_json({**counts, "run": _run_dict(run)})
+        progress = runs.progress_of(run) if run is not None and run.progress else None
+        reasons = {kind: 0 for kind in RETRY_KINDS}
+        if progress is not None:
+            reasons.update(progress.retry_reasons)
+        emit_json({**counts, "retries": progress.retries if progress else 0, "retry_reasons": reasons,
+                   "run": _run_dict(run)})
     else:
         click.echo(_status_text(project, counts, run))
 
