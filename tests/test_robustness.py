@@ -88,6 +88,29 @@ def test_a_run_stopped_past_the_heartbeat_window_stays_alive_and_nothing_is_gene
     assert len(done_texts(path)) == 30
 
 
+def test_stop_reaches_a_stopped_run_once_it_is_resumed(tmp_path, fake_openai, detached_pids, short_window):
+    path = make_project(tmp_path, n_a=6, n_b=5)
+    fake_openai.set(latency=0.3)
+    assert gridtune("generate", str(path), "--detach", "--concurrency", "2").returncode == 0
+    first = latest(path)
+    detached_pids.append(first.pid)
+    wait_for(lambda: len(done_texts(path)) >= 2)
+    os.kill(first.pid, signal.SIGSTOP)
+    try:
+        time.sleep(2 * WINDOW_S)
+        stop = gridtune("stop", str(path), "--wait", "1")
+        assert stop.returncode == 1, stop.stderr
+        assert "suspended" in stop.stderr and f"kill -CONT {first.pid}" in stop.stderr
+    finally:
+        os.kill(first.pid, signal.SIGCONT)
+    stopped = wait_for(lambda: (r := latest(path)).state == "stopped" and r, timeout=30)
+    assert stopped.id == first.id
+    prompts = collections.Counter(r.prompt for r in fake_openai.chat_requests())
+    assert max(prompts.values()) == 1
+    with Store.open(path) as store:
+        assert {c.status for c in store.completions()} == {"done", "pending"}
+
+
 def test_a_runner_whose_run_was_taken_over_stops_at_once_and_writes_nothing_more(
         tmp_path, fake_openai, detached_pids, short_window):
     path = make_project(tmp_path, n_a=6, n_b=5)

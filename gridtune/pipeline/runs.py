@@ -82,6 +82,18 @@ def pid_alive(pid: int) -> bool:
         return True
 
 
+def suspended(run: RunRecord) -> bool:
+    """Whether the run's process (on this host) is stopped by a signal (Ctrl-Z,
+    SIGSTOP): alive, but it acts on nothing, a stop request included, until resumed."""
+    if run.pid is None or run.host != socket.gethostname():
+        return False
+    try:
+        with open(f"/proc/{run.pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()[0] in (b"T", b"t")
+    except (OSError, IndexError):
+        return False
+
+
 def process_start_time(pid: int) -> float | None:
     """When process ``pid`` started (epoch seconds, within a second or so), from
     /proc/<pid>/stat field 22; None where /proc cannot tell."""
