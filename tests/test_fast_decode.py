@@ -168,3 +168,30 @@ def test_a_cancelled_request_leaves_the_batch_within_a_step(tiny):
         engine.close()
     assert stats["decoding"] == 0 and stats["in_flight"] == 0
     assert after <= 2  # at most the step already under way when it was cancelled
+
+
+def test_kv_memory_budget_shrinks_the_batch_not_the_answers(tiny):
+    """With room in the KV budget for one row only, requests decode one after another
+    (never two rows at once) and every one still finishes, with the same tokens."""
+    budgets = [12, 30, 5, 21, 17]
+    roomy = _engine(tiny, fast=True, dtype=torch.float32)
+    expected = _run(roomy, tiny.name, budgets)
+    tight = _engine(tiny, fast=True, dtype=torch.float32)
+    tight.kv_budget = 1  # byte: only the "an empty batch takes one row" rule admits anything
+    peak = []
+
+    from gridtune.server import engine as engine_mod
+
+    step = engine_mod._FastBatch.step
+
+    def spy(self):
+        peak.append(len(self.rows))
+        return step(self)
+
+    engine_mod._FastBatch.step = spy
+    try:
+        got = _run(tight, tiny.name, budgets)
+    finally:
+        engine_mod._FastBatch.step = step
+    assert got == expected
+    assert peak and max(peak) == 1

@@ -152,6 +152,15 @@ class _FastBatch:
         self.lm = served.fast
         self.rows: list[_Row] = []
 
+    def fits(self, new: list[_Request], budget_bytes: int) -> bool:
+        """Whether the rows plus ``new``, at the most positions any may reach, stay within
+        the KV memory budget (an empty batch always takes one row)."""
+        reqs = [r.req for r in self.rows] + new
+        if len(reqs) <= 1:
+            return True
+        longest = max(len(r.prompt_ids) + r.max_new for r in reqs)
+        return self.lm.bytes_for(len(reqs), longest + 1) <= budget_bytes
+
     def admit(self, rows: list[_Row]) -> Any:
         import torch
 
@@ -166,7 +175,7 @@ class _FastBatch:
 
         positions = [row.position for row in self.rows]
         length = max(positions) + 1
-        self.lm.ensure_capacity(length)
+        self.lm.ensure(len(self.rows), length)
         tokens = torch.tensor([row.tokens[-1] for row in self.rows], device=self.lm.device)
         logits = self.lm.decode(tokens, torch.tensor(positions, device=self.lm.device), length)
         for row in self.rows:
@@ -288,6 +297,15 @@ def default_threads() -> int:
     return max(1, (os.cpu_count() or 2) - 1)
 
 
+def kv_budget_bytes() -> int:
+    """Most memory one model's KV cache may grow to (GRIDTUNE_KV_MB, default 4096): long
+    requests then decode in smaller batches instead of exhausting the machine's memory."""
+    import os
+
+    wanted = os.environ.get("GRIDTUNE_KV_MB", "").strip()
+    return (int(wanted) if wanted.isdigit() and int(wanted) > 0 else 4096) * 1024 * 1024
+
+
 class Engine:
     """The model-owning decode loop. Start it with :meth:`start`, end it with :meth:`close`.
 
@@ -328,6 +346,7 @@ class Engine:
         self._decoding = 0  # rows in decode batches right now (the engine thread writes it)
         self.speed: dict[int, float] = {}  # batch size -> total decode tokens/s on this machine
         self.prefill_speed: float | None = None  # prompt tokens/s
+        self.kv_budget = kv_budget_bytes()
 
     # -- models ---------------------------------------------------------------
     def register_tuned(self, model_id: str, result_dir: str | Path) -> None:
@@ -558,6 +577,8 @@ class Engine:
                         room = self.max_batch - len(batch.rows)
                         budget = self.PREFILL_BUDGET
                         while pending and room > 0 and (budget > 0 or not admitted):
+                            if served.fast is not None and not batch.fits(admitted + pending[:1], self.kv_budget):
+                                break  # waits until rows finish and free cache memory
                             # the HF path prefills all of its new rows together: no budget there
                             budget -= len(pending[0].prompt_ids) if served.fast is not None else 0
                             admitted.append(pending.pop(0))

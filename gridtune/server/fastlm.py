@@ -156,10 +156,11 @@ class FastLlama:
         rope = getattr(cfg, "rope_parameters", None) or {}
         theta = float(rope.get("rope_theta", getattr(cfg, "rope_theta", 10000.0)))
         self._rope(theta)
-        self.capacity = 0
+        self.capacity = 0  # positions per slot
+        self.allocated = 0  # slots with memory behind them (grows with the batch, up to ``slots``)
         self.k: list[torch.Tensor] = []
         self.v: list[torch.Tensor] = []
-        self.ensure_capacity(capacity)
+        self.ensure(1, capacity)
 
     # -- weights --------------------------------------------------------------------
     def _weights(self, model: Any):
@@ -200,23 +201,42 @@ class FastLlama:
         self.sin = (emb.sin() * sign).to(self.device, self.kv_dtype)
 
     # -- the cache -----------------------------------------------------------------------
-    def ensure_capacity(self, length: int) -> None:
-        """Grow every slot's cache to hold ``length`` positions (doubling, kept on growth)."""
-        if length <= self.capacity:
+    @property
+    def bytes_per_position(self) -> int:
+        """KV cache bytes one slot needs per position (all layers, K and V)."""
+        return 2 * len(self.layers) * self.n_kv * self.head_dim * torch.finfo(self.kv_dtype).bits // 8
+
+    def bytes_for(self, rows: int, length: int) -> int:
+        """Cache bytes for ``rows`` slots of ``length`` positions, as ``ensure`` would grow it."""
+        return self._grown(self.allocated, rows, self.slots) * self._grown(self.capacity, length, self.max_pos) \
+            * self.bytes_per_position
+
+    @staticmethod
+    def _grown(current: int, wanted: int, ceiling: int) -> int:
+        if wanted <= current:
+            return current
+        return min(ceiling, max(wanted, 2 * current))
+
+    def ensure(self, rows: int, length: int) -> None:
+        """Memory for ``rows`` slots of ``length`` positions each. Both grow by doubling
+        and are kept: one long request costs one slot's worth, not a whole batch's."""
+        rows = min(rows, self.slots)
+        if rows <= self.allocated and length <= self.capacity:
             return
-        new = min(self.max_pos, max(length, 2 * self.capacity, 64))
-        new = min(self.max_pos, int(math.ceil(new / 64) * 64))
-        shape = (self.slots, self.n_kv, new, self.head_dim)
+        new_rows = self._grown(self.allocated, rows, self.slots)
+        new_cap = self._grown(self.capacity, length, self.max_pos)
+        new_cap = min(self.max_pos, int(math.ceil(new_cap / 64) * 64))
+        shape = (new_rows, self.n_kv, new_cap, self.head_dim)
         ks, vs = [], []
         for i in range(len(self.layers)):
             k = torch.zeros(shape, dtype=self.kv_dtype, device=self.device)
             v = torch.zeros(shape, dtype=self.kv_dtype, device=self.device)
             if self.capacity:
-                k[:, :, :self.capacity] = self.k[i]
-                v[:, :, :self.capacity] = self.v[i]
+                k[:self.allocated, :, :self.capacity] = self.k[i]
+                v[:self.allocated, :, :self.capacity] = self.v[i]
             ks.append(k)
             vs.append(v)
-        self.k, self.v, self.capacity = ks, vs, new
+        self.k, self.v, self.capacity, self.allocated = ks, vs, new_cap, new_rows
 
     def move(self, src: int, dst: int, length: int) -> None:
         """Copy slot ``src``'s first ``length`` positions into slot ``dst``."""
@@ -235,7 +255,7 @@ class FastLlama:
     def prefill(self, slot: int, ids: list[int]) -> torch.Tensor:
         """Run a prompt into ``slot``'s cache; the logits of its last position, [V] fp32."""
         n = len(ids)
-        self.ensure_capacity(n + 1)
+        self.ensure(slot + 1, n + 1)
         H, KV, D = self.n_heads, self.n_kv, self.head_dim
         x = F.embedding(torch.tensor(ids, device=self.device), self.embed)  # [n, hidden]
         cos, sin = self.cos[:n].unsqueeze(1), self.sin[:n].unsqueeze(1)  # [n, 1, D]
