@@ -360,6 +360,18 @@ def test_credentials_in_the_base_url_are_never_shown_or_stored(tmp_path, fake_op
     for leftover in tmp_path.glob("label.gridtune*"):
         leftover.unlink()
 
+    # Fine-tuning and prompting errors: the server's message, echoing the URL and key it was called with.
+    import httpx
+    import openai
+
+    from gridtune.pipeline import finetune as ft
+
+    request = httpx.Request("POST", secret_url + "/fine_tuning/jobs", headers={"Authorization": f"Bearer {TEST_KEY}"})
+    body = {"error": {"message": f"no jobs at {request.url} for {TEST_KEY}"}}
+    refused = openai.BadRequestError("refused", response=httpx.Response(400, request=request, json=body), body=body)
+    text = str(ft._wrap("creating the job", refused))
+    assert "no jobs at http://" in text and "hunter2" not in text and "alice" not in text and TEST_KEY not in text
+
     # A server that echoes the URL it was called with into its error.
     monkeypatch.setenv("OPENAI_BASE_URL", secret_url)
     fake_openai.set(faults=[Fault(status=400, code="bad", message=f"bad request to {secret_url}/chat "

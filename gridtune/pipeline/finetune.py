@@ -31,11 +31,24 @@ class FinetuneRefused(FinetuneError):
 
 def _message(exc: openai.APIError) -> str:
     body = getattr(exc, "body", None)
+    text = None
     if isinstance(body, dict):
         err = body.get("error", body)
         if isinstance(err, dict) and err.get("message"):
-            return str(err["message"])
-    return str(getattr(exc, "message", None) or exc)
+            text = str(err["message"])
+    return _scrub(exc, text or str(getattr(exc, "message", None) or exc))
+
+
+def _scrub(exc: openai.APIError, text: str) -> str:
+    """A server's message without the credentials of the URL it was called at
+    (user:password@, ?api-key=) or the key: servers echo them."""
+    request = getattr(exc, "request", None)
+    if request is None:
+        return text
+    auth = request.headers.get("authorization", "")
+    key = auth.split(" ", 1)[1] if " " in auth else ""
+    url = str(request.url)
+    return Backend("compatible", url, key).redact(text)
 
 
 def _wrap(what: str, exc: Exception) -> FinetuneError:
