@@ -16,11 +16,15 @@ lock and liveness falls back to the process id and its start time.
 from __future__ import annotations
 
 import errno
-import fcntl
 import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+try:
+    import fcntl
+except ImportError:  # no flock here (Windows): no lock; liveness falls back to the pid
+    fcntl = None  # type: ignore[assignment]
 
 ACQUIRE_WAIT_S = 1.0  # how long a check by another process may delay taking the lock
 
@@ -56,6 +60,8 @@ def _read_holder(fd: int) -> Holder:
 def holder(project: str | os.PathLike[str]) -> Holder | None:
     """The process holding the run lock of ``project``, or None when nobody does
     (or there is no lock file, or it cannot be checked)."""
+    if fcntl is None:
+        return None
     try:
         fd = os.open(lock_path(project), os.O_RDONLY | os.O_CLOEXEC)
     except OSError:
@@ -91,6 +97,8 @@ class RunLock:
         if self._fd is not None:
             raise RuntimeError(f"{self.path}: already held for run #{self.run_id}")
         self.run_id = run_id
+        if fcntl is None:
+            return None
         try:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         except OSError:
