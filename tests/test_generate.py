@@ -19,6 +19,7 @@ from gridtune.pipeline.tokens import count_message_tokens
 from gridtune.store import RunConflict, Store
 from gridtune.tui.cli import main
 from tests.fakeserver import TEST_KEY, Fault, max_in_window, reply_text
+from tests.server_support import varied_model_dir  # noqa: F401 - fixture
 
 FAST = dict(backoff_initial_s=0.01, backoff_max_s=0.05, progress_interval_s=0.1)
 
@@ -453,3 +454,37 @@ def test_no_gridtune_field_means_the_old_default(tmp_path, fake_openai):
     fake_openai.set(latency=0.2)
     assert generate(path).exit_code == 0
     assert fake_openai.peak_in_flight == 8
+
+
+# -- against the real local server (the tiny test model) -----------------------------------
+
+
+@pytest.fixture
+def local_server(varied_model_dir, tmp_path, _isolated_home):
+    from tests.server_support import InProcessServer
+
+    with InProcessServer(varied_model_dir, tmp_path / "srv") as server:
+        server.write_state(_isolated_home / "server")
+        yield server
+        # its pid is this test process: conftest must not find it in server.json and stop it
+        (_isolated_home / "server" / "server.json").unlink(missing_ok=True)
+
+
+@pytest.mark.local
+def test_streamed_and_plain_runs_on_the_local_server_store_the_same_replies_and_counts(tmp_path, local_server):
+    from gridtune.pipeline.backend import resolve_backend
+
+    backend = resolve_backend(start_local=False)
+    assert backend.kind == "local"
+    outcomes = {}
+    for stream in (True, False):
+        path = make_project(tmp_path, n_a=2, n_b=2, model=None, name=f"stream-{stream}.gridtune")
+        result = generate(path, stream=stream, temperature=0.0, max_tokens=12)
+        assert (result.exit_code, result.progress.done, result.progress.retries) == (0, 4, 0)
+        outcomes[stream] = [(r.values, r.text, r.finish_reason, r.prompt_tokens, r.completion_tokens)
+                            for r in completions(path)]
+        with Store.open(path) as store:
+            assert store.latest_run().params["stream"] is stream
+    assert outcomes[True] == outcomes[False]  # greedy: the same text, finish reason and usage either way
+    for _values, text, finish, prompt_tokens, completion_tokens in outcomes[True]:
+        assert finish in ("stop", "length") and prompt_tokens > 0 and 0 < completion_tokens <= 12
