@@ -195,6 +195,15 @@ class _FastBatch:
         self.rows = rows[:k]
 
 
+def _cache_kwarg(module: Any) -> str:
+    """transformers renamed ``past_key_values`` to ``cache`` (5.2x); ask the model which it takes."""
+    import inspect
+
+    model = module.get_base_model() if hasattr(module, "get_base_model") else module
+    params = inspect.signature(type(model).forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
 class _HFBatch:
     """Rows of one model on the transformers path, with a shared left-padded DynamicCache.
 
@@ -211,9 +220,10 @@ class _HFBatch:
         self.positions: Any = None  # [B] next position id per row
 
     def _forward(self, input_ids, mask, positions, cache):
+        kwargs = {_cache_kwarg(self.served.module): cache}
         out = self.served.module(input_ids=input_ids, attention_mask=mask, position_ids=positions,
-                                 cache=cache, use_cache=True, logits_to_keep=1)
-        return out.logits[:, -1, :].float(), out.cache if hasattr(out, "cache") else out.past_key_values
+                                 use_cache=True, logits_to_keep=1, **kwargs)
+        return out.logits[:, -1, :].float(), getattr(out, "cache", None) or out.past_key_values
 
     def admit(self, rows: list[_Row]) -> Any:
         import torch
