@@ -378,3 +378,19 @@ def test_gridtune_clients_find_the_token_in_the_state_file(srv, monkeypatch, tmp
     (copy / "server.json").write_text((srv.data / "server.json").read_text())
     (copy / "server.json").chmod(0o666)
     assert local_service.read_state(copy) is None
+
+
+def test_allowed_origins_and_hosts_are_the_only_exceptions(long_model_dir, tmp_path):
+    """--allow-origin / --allow-host open exactly what they name (an in-process server with a token)."""
+    from tests.server_support import InProcessServer
+
+    with InProcessServer(long_model_dir, tmp_path / "data", token="t" * 43,
+                         allowed_origins=("http://localhost:3000/",), allowed_hosts=("box.lan",)) as s:
+        auth = {"Authorization": f"Bearer {s.token}"}
+        ok = httpx.get(f"{s.base_url}/models", headers={**auth, "Origin": "http://localhost:3000"})
+        assert ok.status_code == 200 and ok.json()["data"][0]["gridtune"]["max_queue"] == 128
+        for origin in ("http://localhost:3001", "http://localhost:3000.evil.example"):
+            assert httpx.get(f"{s.base_url}/models", headers={**auth, "Origin": origin}).status_code == 403
+        assert httpx.get(f"{s.base_url}/models", headers={**auth, "Host": f"box.lan:{s.port}"}).status_code == 200
+        assert httpx.get(f"{s.base_url}/models", headers={**auth, "Host": f"box.lan.evil:{s.port}"}).status_code == 403
+        assert httpx.get(f"{s.base_url}/models").status_code == 401
