@@ -11,6 +11,7 @@ that is not enough it is refused with 413.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import secrets
 import shutil
@@ -20,6 +21,8 @@ from pathlib import Path
 from typing import Any, BinaryIO, Callable
 
 from .errors import APIError, invalid, not_found
+
+log = logging.getLogger("gridtune.server")
 
 PURPOSES = ("fine-tune", "batch")
 DEFAULT_MAX_BYTES = 512 * 1024 * 1024
@@ -97,6 +100,9 @@ class FileStore:
                            param="file", code="storage_quota_exceeded")
         for file_id in victims:
             self._delete(file_id)
+        if victims:
+            log.info("upload quota: deleted %d old file(s) no queued or running job needs: %s", len(victims),
+                     ", ".join(victims))
         return victims
 
     def _meta_path(self, file_id: str) -> Path:
