@@ -195,3 +195,18 @@ def test_kv_memory_budget_shrinks_the_batch_not_the_answers(tiny):
         engine_mod._FastBatch.step = step
     assert got == expected
     assert peak and max(peak) == 1
+
+
+@pytest.mark.parametrize("max_batch", [1, 2, 5])
+def test_the_engine_measures_its_speed_at_start(tiny, max_batch):
+    """Calibration fills every slot (memory grows lazily) and reports real figures."""
+    engine = Engine(tiny, max_batch=max_batch, fast=True, dtype=torch.float32, threads=1)
+    engine.start()
+    try:
+        assert engine.wait_ready(60)
+        stats = engine.stats()
+    finally:
+        engine.close()
+    assert stats["decoder"] == "fast"
+    assert stats["stream_tokens_per_s"] > 0 and stats["batch_tokens_per_s"] > 0
+    assert stats["prefill_tokens_per_s"] > 0

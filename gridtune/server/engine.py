@@ -630,6 +630,7 @@ class Engine:
         t0 = time.perf_counter()
         lm.prefill(0, ids)
         self.prefill_speed = len(ids) / (time.perf_counter() - t0)
+        lm.ensure(self.max_batch, len(ids) + 8)
         for slot in range(1, self.max_batch):
             lm.move(0, slot, len(ids))
         for rows in (1, self.max_batch):
