@@ -75,7 +75,7 @@ def test_build_prompt_matches_the_export_formats():
     spec = demo_spec()
     values = {"place": "Paris", "year": 2045, "parameter_one": "law", "parameter_two": "art"}
     chat = pg.build_prompt(spec, values)
-    assert chat.messages[0] == {"role": "system", "content": "You are a careful futurist."}
+    assert chat.messages[0] == {"role": "system", "content": spec.system}  # the demo's, whatever its wording
     assert chat.messages[1]["content"] == "AGI scenario. Place: Paris. Year: 2045. Parameters: law, art."
     legacy = pg.build_prompt(spec, values, "completion", "\n\n###\n\n")
     assert legacy.text.endswith("art.\n\n###\n\n") and legacy.format == "completion"

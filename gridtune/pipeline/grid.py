@@ -276,13 +276,20 @@ def load_spec(path: str | Path) -> GridSpec:
 
 
 def demo_spec() -> GridSpec:
-    """The recipe's 4x4x4x4 AGI-scenario grid, used for the demo project."""
+    """The recipe's 4x4x4x4 AGI-scenario grid, used for the demo project.
+
+    Sized for the default local model on a 2-core CPU: a short, three-sentence scenario
+    at temperature 0.7 makes SmolLM2-135M-Instruct end its answers on its own (40 of 40
+    sampled cells stopped by themselves, 37-233 tokens, mean ~110), so max_tokens 300 is
+    a bound that seldom cuts, and the 256 cells are ~30k tokens: minutes, not hours.
+    (The recipe's "detailed scenario" at temperature 1 ran to max_tokens in 14 of 16.)
+    """
     return GridSpec(
         name="agi-scenarios",
-        system="You are a careful futurist.",
+        system="You are a careful futurist. Keep every answer under 80 words.",
         generation=(
-            "Write a detailed scenario about artificial general intelligence being reached "
-            "in {place} in {year}, and how it affects {parameter_one} and {parameter_two}."
+            "Write a short scenario, three sentences long: artificial general intelligence is reached "
+            "in {place} in {year}. Say how it changes {parameter_one}, then how it changes {parameter_two}."
         ),
         training="AGI scenario. Place: {place}. Year: {year}. Parameters: {parameter_one}, {parameter_two}.",
         variables={
@@ -291,5 +298,5 @@ def demo_spec() -> GridSpec:
             "parameter_one": ["healthcare", "education", "energy", "finance"],
             "parameter_two": ["employment", "privacy", "art", "warfare"],
         },
-        settings=GenerationSettings(temperature=1.0, max_tokens=600, samples=1),
+        settings=GenerationSettings(temperature=0.7, max_tokens=300, samples=1),
     )
