@@ -95,6 +95,7 @@ class FakeOpenAI:
         self.max_in_flight: int | None = None  # more at once: 429 with Retry-After
         self.busy_retry_after = "0.2"
         self.ignore_stream = False  # answer one JSON body even when asked to stream
+        self.reject_stream_options = False  # a 400 for stream_options, as older servers answer
         self.in_flight = 0
         self.peak_in_flight = 0
         self._lock = threading.Lock()
@@ -138,6 +139,7 @@ class FakeOpenAI:
             self.latency, self.faults, self.requests = 0.0, [], []
             self._rng = random.Random(0)
             self.chunk_delay_s, self.gridtune, self.max_in_flight, self.ignore_stream = 0.0, None, None, False
+            self.reject_stream_options = False
             self.in_flight = self.peak_in_flight = 0
 
     def chat_requests(self) -> list[Recorded]:
@@ -176,6 +178,11 @@ class FakeOpenAI:
         record = Recorded(time.time(), request.url.path, dict(request.headers), body, prompt)
         with self._lock:
             self.requests.append(record)
+        if self.reject_stream_options and isinstance(body, dict) and "stream_options" in body:
+            record.status, record.fault = 400, "stream_options"
+            return JSONResponse({"error": {"message": "Unrecognized request argument supplied: stream_options",
+                                           "type": "invalid_request_error", "param": None, "code": None}},
+                                status_code=400)
         with self._lock:
             busy = self.max_in_flight is not None and self.in_flight >= self.max_in_flight
         if busy:  # the local server's queue limit

@@ -488,3 +488,18 @@ def test_streamed_and_plain_runs_on_the_local_server_store_the_same_replies_and_
     assert outcomes[True] == outcomes[False]  # greedy: the same text, finish reason and usage either way
     for _values, text, finish, prompt_tokens, completion_tokens in outcomes[True]:
         assert finish in ("stop", "length") and prompt_tokens > 0 and 0 < completion_tokens <= 12
+
+
+def test_a_server_that_refuses_stream_options_gets_plain_requests(tmp_path, fake_openai):
+    path = make_project(tmp_path, n_a=3, n_b=2)
+    fake_openai.reject_stream_options = True
+    result = generate(path, concurrency=1)
+    assert (result.exit_code, result.progress.done, result.progress.failed) == (0, 6, 0)
+    sent = fake_openai.chat_requests()
+    assert [r.status for r in sent] == [400] + [200] * 6  # refused once, then plain requests only
+    assert all("stream" not in r.body for r in sent[1:])
+    assert [r.attempts for r in completions(path)] == [1] * 6
+    # Several in flight when the first refusal comes back: each falls back, none fails.
+    path = make_project(tmp_path, n_a=3, n_b=2, name="q.gridtune")
+    result = generate(path, concurrency=6)
+    assert (result.exit_code, result.progress.done, result.progress.failed) == (0, 6, 0)

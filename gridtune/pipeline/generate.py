@@ -468,6 +468,7 @@ class _Runner:
         self.cost = _coster(plan.model)
         self.client = plan.backend.async_client(timeout=options.timeout_s)
         self.stop_requested = False
+        self.streaming = plan.stream  # False once the server refused a streamed request
         self.lost: RunLost | None = None  # the run was declared dead / taken over by another process
         self._progress_failed = False
 
@@ -565,8 +566,8 @@ class _Runner:
                     attempts += 1
                     await self.limits.acquire(estimate)
                     started = time.monotonic()
-                    if plan.stream:
-                        reply = await self._stream(body, streamed)
+                    if self.streaming:
+                        reply = await self._stream_or_plain(body, streamed)
                     else:
                         # client.post, the openai client's documented raw-request method:
                         # the same auth, timeout and error types as chat.completions.create,
@@ -605,6 +606,20 @@ class _Runner:
             attempts=item.attempts + attempts, run_id=self.run_id,
         )
 
+
+    async def _stream_or_plain(self, body: dict[str, Any], streamed: list[int]) -> "Reply":
+        """Stream; a server that refuses stream/stream_options with a 400 (older
+        compatible servers, old Azure API versions) gets plain requests from then on."""
+        try:
+            return await self._stream(body, streamed)
+        except openai.APIStatusError as exc:
+            if exc.status_code not in (400, 422) or "stream" not in describe(exc).lower():
+                raise
+            if self.streaming:  # requests in flight at the same time may all meet it: say it once
+                self.streaming = False
+                log.warning("run #%s: the server refused a streamed request (%s); sending plain requests",
+                            self.run_id, self.plan.backend.redact(describe(exc)))
+        return parse_reply(await self.client.post("/chat/completions", body=body, cast_to=bytes))
 
     async def _stream(self, body: dict[str, Any], streamed: list[int]) -> "Reply":
         """One streamed request: the reply gathered from its chunks.
