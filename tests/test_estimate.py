@@ -125,3 +125,10 @@ def test_generate_without_advertised_speed_says_it_cannot_estimate(tmp_path, fak
     assert "estimate: at least 5 s on http://127.0.0.1:" in out.output and "limited by 600 rpm" in out.output
     out = CliRunner().invoke(main, ["generate", str(path), "--limit", "0"])
     assert "estimate: nothing left to generate" in out.output
+
+
+def test_prefill_speed_counts_the_prompts_when_the_server_gives_it():
+    info = ServerInfo.from_dict({**LOCAL, "prefill_tokens_per_s": 600.0})
+    est = estimate_run(requests=224, max_tokens=300, mean_tokens=113, prompt_tokens=65, concurrency=16,
+                       backend_kind="local", info=info)
+    assert est.seconds == pytest.approx(224 * 113 / 240 + 224 * 65 / 600, rel=0.01)

@@ -43,6 +43,7 @@ class ServerInfo:
     stream_tokens_per_s: float | None = None
     batch_tokens_per_s: float | None = None
     generated_tokens: int | None = None
+    prefill_tokens_per_s: float | None = None  # prompt tokens/s, when the server says
 
     @classmethod
     def from_dict(cls, data: Any) -> "ServerInfo | None":
@@ -61,7 +62,8 @@ class ServerInfo:
                    in_flight=num("in_flight", int), decoding=num("decoding", int),
                    stream_tokens_per_s=num("stream_tokens_per_s", float) or None,
                    batch_tokens_per_s=num("batch_tokens_per_s", float) or None,
-                   generated_tokens=num("generated_tokens", int))
+                   generated_tokens=num("generated_tokens", int),
+                   prefill_tokens_per_s=num("prefill_tokens_per_s", float) or None)
         if info.max_batch is not None and info.max_batch < 1:
             info = cls(**{**info.__dict__, "max_batch": None})
         return info
@@ -150,7 +152,8 @@ def estimate_run(*, requests: int, max_tokens: int, mean_tokens: float | None, p
     With a server that advertises its speed: decode time of ``requests x tokens`` at the
     speed for ``concurrency`` streams, where tokens is ``mean_tokens`` (the mean of the
     project's finished completions) when known, else ``max_tokens`` (an upper bound);
-    the prompts' prefill is counted at a tenth of a decoded token each. Otherwise
+    the prompts' prefill at the server's ``prefill_tokens_per_s`` when it says, else at a
+    tenth of a decoded token each. Otherwise
     rpm/tpm limits give a lower bound on the time; without them there is no estimate.
     """
     where = "on the local server" if backend_kind == "local" else f"on {backend_label or backend_kind}"
@@ -161,8 +164,11 @@ def estimate_run(*, requests: int, max_tokens: int, mean_tokens: float | None, p
     if speed:
         at_once = min(concurrency, info.max_batch or concurrency) if info else concurrency
 
+        prefill = info.prefill_tokens_per_s if info else None
+        prefill_s = requests * prompt_tokens / prefill if prefill else requests * prompt_tokens / 10 / speed
+
         def seconds(tokens: float) -> float:
-            return requests * (tokens + prompt_tokens / 10) / speed
+            return requests * tokens / speed + prefill_s
 
         upper = seconds(max_tokens)
         how = f"≈ {speed:,.0f} tok/s with {at_once} at once"
