@@ -503,3 +503,17 @@ def test_a_server_that_refuses_stream_options_gets_plain_requests(tmp_path, fake
     path = make_project(tmp_path, n_a=3, n_b=2, name="q.gridtune")
     result = generate(path, concurrency=6)
     assert (result.exit_code, result.progress.done, result.progress.failed) == (0, 6, 0)
+
+
+def test_eta_comes_from_streamed_tokens_before_any_completion_ends():
+    from gridtune.pipeline.progress import Tracker
+
+    tracker = Tracker(10, run_id=1, expected_tokens=100)
+    for _ in range(10):
+        tracker.started()
+    assert tracker.snapshot("running").eta_s is None and tracker.snapshot().phase == "waiting for the first tokens"
+    tracker._started -= 5  # the run began 5 s ago: 50 tokens since are 10 tok/s
+    tracker.streamed(50)
+    p = tracker.snapshot("running")
+    assert p.phase is None and p.tokens_per_s == pytest.approx(10, rel=0.01) and p.done == 0
+    assert p.eta_s == pytest.approx((10 * 100 - 50) / 10, rel=0.01)  # 950 tokens left at 10 tok/s

@@ -451,8 +451,11 @@ class _Runner:
         except Exception as exc:  # noqa: BLE001 - an estimate must never stop a run
             log.warning("run #%s: no estimate: %s", run_id, exc)
             estimate = None
+        max_tokens = plan.params["max_tokens"]
+        mean = work_to_do(store)[1]
         self.tracker = Tracker(len(work), run_id, plan.model, estimate_s=estimate.seconds if estimate else None,
-                               estimate=estimate.text if estimate else None)
+                               estimate=estimate.text if estimate else None,
+                               expected_tokens=min(mean, max_tokens) if mean else max_tokens)
         self.queue: asyncio.Queue[WorkItem] = asyncio.Queue()
         for item in work:
             self.queue.put_nowait(item)

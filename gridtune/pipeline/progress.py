@@ -106,9 +106,13 @@ class Tracker:
     """Counts a run as it goes and produces Progress snapshots."""
 
     def __init__(self, total: int, run_id: int | None = None, model: str | None = None,
-                 estimate_s: float | None = None, estimate: str | None = None):
+                 estimate_s: float | None = None, estimate: str | None = None,
+                 expected_tokens: float | None = None):
         self.progress = Progress(run_id=run_id, total=total, pending=total, model=model, estimate=estimate)
         self._estimate_s = estimate_s  # the ETA until the run's own rate says more
+        self._expected = expected_tokens  # completion tokens a request is expected to take
+        self._all_tokens = 0  # every completion token seen (streamed or with a finished reply)
+        self._done_tokens = 0  # the tokens of finished completions
         self._started = time.monotonic()
         self._window: deque[float] = deque()  # when each recent completion finished
         self._tokens: deque[tuple[float, int]] = deque()  # (time, completion tokens received)
@@ -128,6 +132,7 @@ class Tracker:
         tokens/s at once, so a run shows speed before its first completion ends."""
         if tokens > 0:
             self._tokens.append((time.monotonic(), tokens))
+            self._all_tokens += tokens
             self._got_tokens = True
 
     def set_phase(self, phase: str | None) -> None:
@@ -145,6 +150,7 @@ class Tracker:
         now = time.monotonic()
         self._window.append(now)
         self.streamed(completion_tokens - streamed)
+        self._done_tokens += completion_tokens
         self._cost = None if cost is None or self._cost is None else self._cost + cost
         self._tail(Finished(completion_id, "done", _preview(text)))
 
@@ -175,7 +181,10 @@ class Tracker:
             p.phase = None
         p.pending = max(p.total - p.done - p.failed - p.in_flight, 0)
         remaining = p.total - p.done - p.failed
-        if p.requests_per_s > 0:
+        token_eta = self._token_eta(remaining, p)
+        if token_eta is not None:
+            p.eta_s = token_eta
+        elif p.requests_per_s > 0:
             p.eta_s = round(remaining / p.requests_per_s, 1)
         elif self._estimate_s is not None and p.elapsed_s < self._estimate_s:
             p.eta_s = round(self._estimate_s - p.elapsed_s, 1)
@@ -183,6 +192,23 @@ class Tracker:
             p.eta_s = None
         p.cost_usd = None if self._cost is None else round(self._cost, 6)
         return Progress.from_dict(p.to_dict())  # a copy: the caller may keep it
+
+
+    def _token_eta(self, remaining: int, p: Progress) -> float | None:
+        """ETA from tokens/s (known from the first streamed tokens, long before the first
+        completion ends): the tokens left, at the mean length of the finished completions
+        (the expected length until a few are done), less those already in flight."""
+        if p.tokens_per_s <= 0 or remaining <= 0:
+            return None
+        if p.done >= 3:
+            per_request = self._done_tokens / p.done
+        elif self._expected:
+            per_request = self._expected
+        else:
+            return None
+        in_flight_tokens = max(self._all_tokens - self._done_tokens, 0)
+        left = max(remaining * per_request - in_flight_tokens, 0.0)
+        return round(left / p.tokens_per_s, 1)
 
 
 def _preview(text: str, width: int = 80) -> str:
