@@ -266,7 +266,9 @@ async def test_starting_the_local_server_shows_a_phase_not_a_frozen_screen(proje
         # A server that writes its phase in its state file is quoted.
         server_dir = locations.server_dir()
         server_dir.mkdir(parents=True, exist_ok=True)
-        (server_dir / "server.json").write_text('{"pid": 1, "phase": "loading the model"}')
+        # (no pid in it: conftest stops the servers it finds in a test's state files)
+        (server_dir / "server.json").write_text('{"phase": "loading the model"}')
         assert await wait_for(pilot, lambda: "loading the model · " in str(state.render()))
+        (server_dir / "server.json").unlink()
         screen.busy = None
         screen._server_start = None
