@@ -133,7 +133,8 @@ def test_follow_job_yields_events_in_order_and_records_the_job(local, tmp_path):
 
 
 def test_a_server_that_ignores_streaming_is_a_clear_error(fake_openai):
-    """tests/fakeserver.py answers stream=true with a plain JSON body, as some servers do."""
+    """A server that answers stream=true with a plain JSON body, as some servers do."""
+    fake_openai.set(ignore_stream=True)
     backend = Backend("compatible", fake_openai.base_url, "sk-test")
     with pytest.raises(ft.FinetuneError, match="no streamed reply"):
         list(stream_pieces(backend, "m", messages=chat_messages("hello")))
