@@ -27,6 +27,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
@@ -50,6 +51,7 @@ class _Server:
 
         import secrets
 
+        self.model_arg = model
         self.loaded = load_model(model)
         self.key = secrets.token_urlsafe(16)
         self.state = build_state(self.loaded, data_dir, token=self.key, max_batch=max_batch)
@@ -154,6 +156,24 @@ async def _server_rates(base_url: str, key: str, model: str, max_tokens: int, st
     return out
 
 
+def _child(kind: str, args: list) -> Any:
+    import subprocess
+
+    cmd = [sys.executable, __file__, f"--{kind}", json.dumps(args)]
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def _hf_child(model: str | None, ids: list[int], max_tokens: int, rounds: int) -> float:
+    from gridtune.server.model import load_model
+
+    return _hf_eager(load_model(model), ids, max_tokens, rounds)
+
+
+def _llama_child(gguf: str | None, messages: list, max_tokens: int, rounds: int) -> dict | str:
+    return _llama_cpp(Path(gguf) if gguf else None, messages, max_tokens, rounds)
+
+
 def _client_rates(base_url: str, key: str, model: str, max_tokens: int, streams: list[int],
                   rounds: int) -> dict[int, dict]:
     """``_server_rates`` in a process of its own, as the runner is: the client's parsing
@@ -189,8 +209,10 @@ def _generation(srv: "_Server", gguf: Path | None, max_tokens: int, streams: lis
     messages = _prompts(1)[0]
     ids = srv.state.engine.chat_prompt(loaded.name, messages)
     figures: dict = {"max_tokens": max_tokens, "rounds": rounds, "engine": srv.state.engine.stats()}
-    figures["hf_eager_tokens_per_s"] = _hf_eager(loaded, ids, max_tokens, rounds)
-    cpp = _llama_cpp(gguf, messages, max_tokens, rounds)
+    # Each baseline runs in a process of its own: torch's and llama.cpp's thread pools
+    # must not linger beside the server's engine thread while it is measured.
+    figures["hf_eager_tokens_per_s"] = _child("hf", [srv.model_arg, ids, max_tokens, rounds])
+    cpp = _child("llama", [str(gguf) if gguf else None, messages, max_tokens, rounds])
     if isinstance(cpp, str):
         figures["llama_cpp_skipped"] = cpp
     else:
@@ -214,9 +236,13 @@ def _generation(srv: "_Server", gguf: Path | None, max_tokens: int, streams: lis
 
 
 def main() -> None:
-    if len(sys.argv) == 3 and sys.argv[1] == "--client":
-        rates = asyncio.run(_server_rates(*json.loads(sys.argv[2])))
-        print(json.dumps({str(n): r for n, r in rates.items()}))
+    if len(sys.argv) == 3 and sys.argv[1] in ("--client", "--hf", "--llama"):
+        args = json.loads(sys.argv[2])
+        if sys.argv[1] == "--client":
+            rates = asyncio.run(_server_rates(*args))
+            print(json.dumps({str(n): r for n, r in rates.items()}))
+        else:
+            print(json.dumps((_hf_child if sys.argv[1] == "--hf" else _llama_child)(*args)))
         return
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tiny", action="store_true", help="a tiny random model instead of SmolLM2-135M-Instruct")

@@ -93,17 +93,20 @@ def test_fast_path_matches_generate_step_by_step(tiny):
 
 @pytest.mark.parametrize("int8", [False, True])
 def test_bf16_logits_stay_close_to_fp32(tiny, int8):
-    """bf16 weights, and the int8 copies used for 1-2 row steps, stay close to fp32 in
-    prefill (its last-row logits are a 1-row matmul) and in a 1-row decode step."""
+    """bf16 weights, and the low-bit (int4, else int8) copies used for 1-2 row steps,
+    stay close to fp32 in prefill (its last-row logits are a 1-row matmul) and in a
+    1-row decode step."""
     from gridtune.server.fastlm import FastLlama, int8_available
 
     if int8 and not int8_available(torch.bfloat16, "cpu"):
-        pytest.skip("torch's int8 weight-only matmul is not available here")
+        pytest.skip("torch's low-bit weight-only matmuls are not available here")
     ids = tiny.tokenizer(PROMPTS[3], add_special_tokens=False)["input_ids"]
     with torch.inference_mode():
         exact = FastLlama(tiny.model, slots=1, dtype=torch.float32)
         approx = FastLlama(tiny.model, slots=1, dtype=torch.bfloat16, int8=int8)
         assert approx.int8 is int8
+        if int8:
+            assert approx.small in ("int4", "int8") and approx.layers[0].qkv.mode == approx.small
         pairs = [(exact.prefill(0, ids), approx.prefill(0, ids))]
         step = (torch.tensor([ids[-1]]), torch.tensor([len(ids)]), len(ids) + 1)
         pairs.append((exact.decode(*step)[0], approx.decode(*step)[0]))

@@ -696,29 +696,33 @@ class Engine:
             batch.keep([i for i, row in enumerate(batch.rows) if not row.done])
 
     def _sample(self, logits: Any, rows: list[_Row]) -> list[int]:
-        """One token per row: greedy at temperature 0, else softmax(logits / T) with top_p,
-        drawn from the row's own generator (so a seed replays)."""
+        """One token per row: greedy at temperature 0, else from softmax(logits / T) with
+        top_p, by inverse CDF on one uniform number drawn from the row's own generator (so
+        a seed replays whatever batch the row shares). All rows in a few tensor ops: a
+        per-row ``multinomial`` over a 49k vocabulary cost ~1 ms a row, a third of a
+        32-row decode step."""
         import torch
 
         greedy = logits.argmax(-1)
         temps = [row.req.params.temperature for row in rows]
         if all(t <= 0 for t in temps):
             return greedy.tolist()
-        scale = torch.tensor([t if t > 0 else 1.0 for t in temps], device=logits.device).unsqueeze(1)
+        dev = logits.device
+        scale = torch.tensor([t if t > 0 else 1.0 for t in temps], device=dev).unsqueeze(1)
         probs = torch.softmax(logits / scale, dim=-1)
-        out = greedy.tolist()
         for i, row in enumerate(rows):
-            p = row.req.params
-            if p.temperature <= 0:
-                continue
-            row_probs = probs[i]
-            if p.top_p < 1.0:
-                sorted_probs, order = row_probs.sort(descending=True)
+            top_p = row.req.params.top_p
+            if temps[i] > 0 and top_p < 1.0:  # rare: sort only the rows that ask for it
+                sorted_probs, order = probs[i].sort(descending=True)
                 cum = sorted_probs.cumsum(-1)
-                sorted_probs[(cum - sorted_probs) > p.top_p] = 0
-                row_probs = torch.zeros_like(row_probs).scatter_(0, order, sorted_probs)
-            out[i] = int(torch.multinomial(row_probs, 1, generator=row.generator)[0])
-        return out
+                sorted_probs[(cum - sorted_probs) > top_p] = 0
+                probs[i] = torch.zeros_like(probs[i]).scatter_(0, order, sorted_probs)
+        uniform = torch.cat([torch.rand(1, generator=row.generator, device=dev) for row in rows])
+        cdf = probs.cumsum(-1)
+        target = (uniform * cdf[:, -1]).unsqueeze(1)
+        drawn = torch.searchsorted(cdf, target).squeeze(1).clamp(max=logits.shape[-1] - 1)
+        sampled = torch.tensor([t > 0 for t in temps], device=dev)
+        return torch.where(sampled, drawn, greedy).tolist()
 
     def _after_tokens(self, batch: Any, rows: list[_Row], tokens: list[int]) -> None:
         """Emit text for the rows that just got a token; drop the rows that are done."""

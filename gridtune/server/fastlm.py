@@ -80,41 +80,81 @@ def pick_dtype(device: str) -> torch.dtype:
 
 
 class _Linear:
-    """A weight for ``F.linear``, plus an int8 copy (per-output-channel scales) for rows
-    few enough that reading the weight is the whole cost: on CPU, torch's int8
-    weight-only kernel reads half the bytes of bf16 and measured ~2x faster at 1-2 rows,
-    and slower than bf16's GEMM from ~4 rows on."""
+    """A weight for ``F.linear``, plus a low-bit copy for steps of 1-2 rows.
 
-    __slots__ = ("w", "q", "scales")
+    One stream's decode step reads every weight once and does little else, so it is
+    bound by memory bandwidth: measured here on 70M parameters out of cache, one row
+    took 9.6 ms in bf16, 5.4 ms with torch's int8 weight-only kernel and 2.3 ms with its
+    int4 kernel (groups of 32 along the input, a scale and a zero each: the layout of
+    the default model's own Q4_1 GGUF, whose weights it therefore holds almost exactly).
+    From ~4 rows on, bf16's GEMM is faster than either, so batches use the bf16 weight.
+    """
 
-    def __init__(self, w: torch.Tensor, int8: bool):
+    __slots__ = ("w", "mode", "q", "aux")
+
+    def __init__(self, w: torch.Tensor, small: str | None):
         self.w = w
-        self.q = self.scales = None
-        if int8:
+        self.mode, self.q, self.aux = None, None, None
+        if small == "int4" and w.shape[1] % INT4_GROUP == 0:
+            try:
+                self.q, self.aux = _int4(w)
+                self.mode = "int4"
+            except Exception:  # noqa: BLE001 - a shape the kernel does not take: int8 then
+                small = "int8"
+        if small == "int8":
             full = w.float()
             scales = (full.abs().amax(dim=1) / 127.0).clamp(min=1e-8)
             self.q = (full / scales[:, None]).round().clamp(-127, 127).to(torch.int8).contiguous()
-            self.scales = scales.to(w.dtype)
+            self.aux = scales.to(w.dtype)
+            self.mode = "int8"
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if self.q is not None and x.shape[0] <= INT8_MAX_ROWS:
-            return torch.ops.aten._weight_int8pack_mm(x, self.q, self.scales)
+        if self.mode is not None and x.shape[0] <= SMALL_MAX_ROWS:
+            if self.mode == "int4":
+                return torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.q, INT4_GROUP, self.aux)
+            return torch.ops.aten._weight_int8pack_mm(x, self.q, self.aux)
         return F.linear(x, self.w)
 
 
-INT8_MAX_ROWS = 2
+SMALL_MAX_ROWS = 2
+INT4_GROUP = 32
+
+
+def _int4(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(packed weight, scales and zeros) for torch's CPU int4 kernel: per group of 32
+    inputs, q = round((w - min) / scale) in 0..15 and w ~ (q - 8) * scale + (min + 8 * scale)."""
+    n, k = w.shape
+    groups = w.float().view(n, k // INT4_GROUP, INT4_GROUP)
+    low, high = groups.amin(-1), groups.amax(-1)
+    scale = ((high - low) / 15).clamp(min=1e-8)
+    q = ((groups - low[..., None]) / scale[..., None]).round().clamp(0, 15).to(torch.int32).view(n, k)
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.contiguous(), 1)
+    aux = torch.stack([scale.t(), (low + 8 * scale).t()], dim=-1).contiguous().to(w.dtype)
+    return packed, aux
+
+
+def small_kernel(dtype: torch.dtype, device: str) -> str | None:
+    """The low-bit kernel for 1-2 row steps on this machine: int4, else int8, else None.
+    Only where results are approximate anyway (bf16 on CPU): fp32 is the exact mode the
+    tests hold to the reference. Each kernel is checked by running it."""
+    if device != "cpu" or dtype != torch.bfloat16:
+        return None
+    w = torch.linspace(-1, 1, 64 * 64).view(64, 64).to(dtype)
+    x = torch.linspace(-1, 1, 64).view(1, 64).to(dtype)
+    want = F.linear(x.float(), w.float())
+    for mode in ("int4", "int8"):
+        try:
+            lin = _Linear(w, mode)
+            if lin.mode == mode and torch.allclose(lin(x).float(), want, atol=0.1, rtol=0.05):
+                return mode
+        except Exception:  # noqa: BLE001 - an older torch, another build
+            continue
+    return None
 
 
 def int8_available(dtype: torch.dtype, device: str) -> bool:
-    """torch's int8 weight-only matmul, on CPU with bf16 activations (checked by running it)."""
-    if device != "cpu" or dtype != torch.bfloat16:
-        return False
-    try:
-        w = torch.ones(8, 32, dtype=torch.int8)
-        out = torch.ops.aten._weight_int8pack_mm(torch.ones(1, 32, dtype=dtype), w, torch.ones(8, dtype=dtype))
-        return bool(out.shape == (1, 8) and float(out[0, 0]) == 32.0)
-    except Exception:  # noqa: BLE001 - an older torch, another build: bf16 alone
-        return False
+    """Whether a low-bit kernel serves 1-2 row steps here (kept for callers and tests)."""
+    return small_kernel(dtype, device) is not None
 
 
 @dataclass
@@ -149,9 +189,11 @@ class FastLlama:
         self.max_pos = int(cfg.max_position_embeddings)
         self.slots = slots
         self.group = self.n_heads // self.n_kv
-        # int8 copies for 1-2 row steps only where the result is approximate anyway (bf16):
-        # fp32 is the exact mode the tests hold to the reference.
-        self.int8 = int8_available(self.dtype, self.device) if int8 is None else int8
+        # Low-bit copies for 1-2 row steps (see _Linear): int8=False turns them off,
+        # int8=True asks for them wherever a kernel runs.
+        kernel = small_kernel(torch.bfloat16 if int8 else self.dtype, self.device) if int8 is not False else None
+        self.small = kernel
+        self.int8 = kernel is not None
         self.layers, self.norm, self.embed, self.lm_head = self._weights(model)
         rope = getattr(cfg, "rope_parameters", None) or {}
         theta = float(rope.get("rope_theta", getattr(cfg, "rope_theta", 10000.0)))
@@ -171,7 +213,7 @@ class FastLlama:
             return t.detach().to(device=dev, dtype=dt).contiguous()
 
         def lin(t: torch.Tensor) -> _Linear:
-            return _Linear(w(t), self.int8)
+            return _Linear(w(t), self.small)
 
         layers = []
         for layer in base.layers:
@@ -186,7 +228,7 @@ class FastLlama:
             ))
         embed = w(base.embed_tokens.weight)
         head = model.get_output_embeddings().weight
-        lm_head = _Linear(embed if head.data_ptr() == base.embed_tokens.weight.data_ptr() else w(head), self.int8)
+        lm_head = _Linear(embed if head.data_ptr() == base.embed_tokens.weight.data_ptr() else w(head), self.small)
         return layers, w(base.norm.weight), embed, lm_head
 
     def _rope(self, theta: float) -> None:
