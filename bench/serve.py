@@ -33,6 +33,12 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+# As `gridtune serve` does (server/main.py): only the engine's thread runs several
+# OpenMP threads; this process's main thread builds the LoRA adapter with torch.
+from gridtune.server.main import single_threaded_helpers  # noqa: E402
+
+single_threaded_helpers()
+
 CITIES = ["Tokyo", "Lagos", "Oslo", "Lima", "Paris", "Nairobi", "Toronto", "Mumbai", "Seoul", "Cairo"]
 
 

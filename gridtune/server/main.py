@@ -116,6 +116,18 @@ def _take_lock(data_dir: Path):
     return fh
 
 
+def single_threaded_helpers() -> None:
+    """Only the engine's thread decodes with several OpenMP threads (it sets its own
+    count, GRIDTUNE_THREADS); any other thread that runs a torch op (loading the model,
+    merging an export) must not start a team of its own: a second team on two cores made
+    decoding 40-50% slower for as long as the process lived. libgomp reads this variable
+    once, when torch is first imported, which in a server process comes after this."""
+    user = os.environ.get("OMP_NUM_THREADS", "").strip()
+    if user.isdigit() and int(user) > 1 and not os.environ.get("GRIDTUNE_THREADS"):
+        os.environ["GRIDTUNE_THREADS"] = user  # the user's count still sizes the engine
+    os.environ["OMP_NUM_THREADS"] = "1"
+
+
 def serve(*, host: str = "127.0.0.1", port: int = 0, model: str | None = None, api_key: str | None = None,
           data_dir: str | os.PathLike[str] | None = None, idle_timeout: float = DEFAULT_IDLE_MINUTES,
           max_upload_mb: int = 512, max_files_mb: int = 2048, max_body_mb: float = 4, max_batch: int = 32,
@@ -126,6 +138,7 @@ def serve(*, host: str = "127.0.0.1", port: int = 0, model: str | None = None, a
     if not is_loopback(host) and not api_key:
         raise ServeError(f"refusing to listen on {host} (not a loopback address) without --api-key")
     os.umask(0o077)  # everything this process and its workers write is the user's alone
+    single_threaded_helpers()
     data = _private_data_dir(locations.server_dir(data_dir))
     logging.basicConfig(level=getattr(logging, log_level.upper(), logging.INFO),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
