@@ -48,3 +48,13 @@ def test_server_imports_only_the_validator_of_the_app():
     loaded = [m for m in out.stdout.split() if m and m != "gridtune"]
     bad = [m for m in loaded if not m.startswith(allowed)]
     assert bad == []
+
+
+def test_python_dash_m_gridtune_is_the_command_line():
+    """DESIGN.md: `python -m gridtune …` is the same command line as `gridtune …`."""
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "gridtune", "--help"], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert "Usage: gridtune" in out.stdout and "generate" in out.stdout
