@@ -215,3 +215,35 @@ def test_the_engine_measures_its_speed_at_start(tiny, max_batch):
     assert stats["decoder"] == "fast"
     assert stats["stream_tokens_per_s"] > 0 and stats["batch_tokens_per_s"] > 0
     assert stats["prefill_tokens_per_s"] > 0
+
+
+def test_thread_tuner_keeps_the_count_that_is_faster_now():
+    """Quiet machine: every core wins; cores taken by other work: one thread wins; and it
+    keeps checking, so it goes back when the machine is quiet again."""
+    from gridtune.server.engine import _ThreadTuner
+
+    class Recording(_ThreadTuner):
+        def __init__(self, most):
+            super().__init__(most)
+            self.set_to = []
+
+        def _set(self, threads):
+            self.set_to.append(threads)
+
+    tuner = Recording(2)
+    cost = {2: 0.004, 1: 0.010}  # seconds a row: quiet machine
+
+    def run(steps):
+        for _ in range(steps):
+            threads = tuner.set_to[-1] if tuner.set_to else tuner.current
+            tuner.after_step(8, cost[threads] * 8)
+
+    run(_ThreadTuner.EVERY * 3)
+    assert tuner.current == 2 and 1 in tuner.set_to  # it tried one thread and went back
+    cost = {2: 0.030, 1: 0.012}  # another process holds a core
+    run(_ThreadTuner.EVERY * 2)
+    assert tuner.current == 1
+    cost = {2: 0.004, 1: 0.010}  # quiet again
+    run(_ThreadTuner.EVERY * 2)
+    assert tuner.current == 2 and tuner.switches == 2
+    assert Recording(1).most == 1  # one core: nothing to choose

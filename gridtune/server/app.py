@@ -886,6 +886,9 @@ def create_app(state: ServerState, *, on_startup: list | None = None, on_shutdow
     async def lifespan(app: Starlette):
         state.engine.start()
         await state.jobs.start()
+        # The model is loaded and its speed measured (a second or two) before the server
+        # announces itself: the first client then gets real figures for its estimate.
+        await asyncio.to_thread(state.engine.wait_ready, 300)
         for fn in on_startup or []:
             await fn()
         try:

@@ -296,7 +296,8 @@ class _HFBatch:
 
 
 def default_threads() -> int:
-    """Intra-op threads for decoding: every core (GRIDTUNE_THREADS overrides). Measured
+    """The most intra-op threads decoding may use: every core (GRIDTUNE_THREADS
+    overrides); _ThreadTuner drops to one while other processes hold the cores. Measured
     on 2 cores over HTTP with the client beside it: 2 threads decoded 81 tok/s for one
     stream and 295 for 32, one thread 49 and 226. Only this thread may run a team that
     large; ``gridtune serve`` keeps every other thread at one (server/main.py), since a
@@ -307,6 +308,54 @@ def default_threads() -> int:
     if wanted.isdigit() and int(wanted) > 0:
         return int(wanted)
     return max(1, os.cpu_count() or 1)
+
+
+class _ThreadTuner:
+    """Keeps the decode thread count that is faster *now*: every core on a quiet machine
+    (2 threads beat 1 by 1.3-1.7x on 2 cores), one when other processes hold the cores
+    (an OpenMP team whose threads get preempted waits at every op: 2 threads fell to a
+    fifth of their speed beside a running test suite). Every ``EVERY`` steps it decodes
+    ``TRIAL`` steps with the other count and keeps whichever cost less per row."""
+
+    EVERY = 64
+    TRIAL = 6
+
+    def __init__(self, most: int):
+        self.most = max(1, most)
+        self.current = self.most
+        self.steps = 0
+        self.recent: list[float] = []  # seconds per row of the last TRIAL steps at ``current``
+        self.trial: list[float] | None = None  # the same, while trying the other count
+        self.switches = 0
+
+    def _set(self, threads: int) -> None:
+        import torch
+
+        torch.set_num_threads(threads)
+
+    def after_step(self, rows: int, seconds: float) -> None:
+        if self.most == 1 or rows < 1 or seconds <= 0:
+            return
+        cost = seconds / rows
+        if self.trial is not None:
+            self.trial.append(cost)
+            if len(self.trial) >= self.TRIAL:
+                other = 1 if self.current == self.most else self.most
+                baseline = sorted(self.recent)[len(self.recent) // 2] if self.recent else float("inf")
+                tried = sorted(self.trial)[len(self.trial) // 2]
+                if tried < baseline:
+                    self.current = other
+                    self.switches += 1
+                    log.info("decoding with %d thread(s): %.1f ms a row against %.1f", other, tried * 1e3,
+                             baseline * 1e3)
+                self._set(self.current)
+                self.trial, self.recent = None, []
+            return
+        self.recent = (self.recent + [cost])[-self.TRIAL:]
+        self.steps += 1
+        if self.steps % self.EVERY == 0 and len(self.recent) >= self.TRIAL:
+            self.trial = []
+            self._set(1 if self.current == self.most else self.most)
 
 
 def kv_budget_bytes() -> int:
@@ -357,6 +406,7 @@ class Engine:
         self.generated_tokens = 0  # a counter for benchmarks and logs
         self._decoding = 0  # rows in decode batches right now (the engine thread writes it)
         self.speed: dict[int, float] = {}  # batch size -> total decode tokens/s on this machine
+        self._tuner: _ThreadTuner | None = None
         self.prefill_speed: float | None = None  # prompt tokens/s
         self.kv_budget = kv_budget_bytes()
 
@@ -547,8 +597,9 @@ class Engine:
     def _run(self) -> None:
         import torch
 
-        if self.device == "cpu":
-            torch.set_num_threads(self._threads or default_threads())
+        self._tuner = _ThreadTuner(self._threads or default_threads()) if self.device == "cpu" else None
+        if self._tuner is not None:
+            torch.set_num_threads(self._tuner.current)
         batches: dict[str, Any] = {}
         waiting: dict[str, list[_Request]] = {}
         with torch.inference_mode():
@@ -684,6 +735,8 @@ class Engine:
         tokens = self._sample(logits, batch.rows)
         size = len(batch.rows)
         took = time.perf_counter() - t0
+        if self._tuner is not None:
+            self._tuner.after_step(size, took)
         if batch.served.fast is not None and took > 0 and size in (1, self.max_batch):
             rate = size / took
             old = self.speed.get(size)
