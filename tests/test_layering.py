@@ -28,6 +28,20 @@ def test_pipeline_and_store_never_import_textual():
     assert out.stdout.strip() == ""
 
 
+def test_pipeline_and_store_source_names_no_ui_library():
+    """Imports inside functions escape the test above until they run: read the source too."""
+    import re
+    from pathlib import Path
+
+    pattern = re.compile(r"^\s*(from|import)\s+(textual|rich|click)\b", re.M)
+    offenders = []
+    for package in (gridtune.pipeline, gridtune.store):
+        for path in Path(package.__path__[0]).rglob("*.py"):
+            if pattern.search(path.read_text()):
+                offenders.append(str(path))
+    assert offenders == []
+
+
 def test_server_imports_only_the_validator_of_the_app():
     import gridtune.server
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any, Callable, TextIO
+from typing import Any, Callable
 
 import openai
 from openai.types import FileObject
@@ -216,41 +216,6 @@ def start_finetune(backend: Backend, train_path: str | Path, model: str, *, vali
     if store is not None:
         store.record_job(id=job.id, base_url=backend.public_url, model=model, training_file=train.id,
                          validation_file=valid.id if valid else None, export_id=export_id, status=job.status)
-    return job
-
-
-def follow_with_progress(backend: Backend, job_id: str, *, store: Any = None, quiet: bool = False,
-                         file: TextIO | None = None) -> FineTuningJob:
-    """Follow a job to its end with a rich progress bar (steps, loss) and its messages."""
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    console = Console(file=file, stderr=file is None, quiet=quiet)
-    progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                        TextColumn("{task.fields[loss]}"), TimeElapsedColumn(), console=console, transient=False)
-    task = progress.add_task("training", total=None, loss="")
-
-    def on_event(event: FineTuningJobEvent) -> None:
-        data = event.data if isinstance(event.data, dict) else {}
-        if event.type == "metrics" and "step" in data:
-            loss = f"loss {data['train_loss']:.4f}" if data.get("train_loss") is not None else ""
-            if data.get("valid_loss") is not None:
-                loss += f"  valid {data['valid_loss']:.4f}"
-            progress.update(task, completed=data["step"], total=data.get("total_steps"), loss=loss)
-        else:
-            progress.console.print(f"[dim]{time.strftime('%H:%M:%S', time.localtime(event.created_at))}[/] "
-                                   f"{event.message}")
-
-    last_status: dict[str, str] = {}
-
-    def on_job(job: FineTuningJob) -> None:
-        if store is not None and last_status.get("s") != job.status:
-            store.update_job(job.id, status=job.status, fine_tuned_model=job.fine_tuned_model,
-                             error=job.error.message if job.error and job.error.message else None)
-        last_status["s"] = job.status
-
-    with progress:
-        job = follow_job(backend, job_id, on_event, on_job=on_job)
     return job
 
 
