@@ -152,11 +152,6 @@ def small_kernel(dtype: torch.dtype, device: str) -> str | None:
     return None
 
 
-def int8_available(dtype: torch.dtype, device: str) -> bool:
-    """Whether a low-bit kernel serves 1-2 row steps here (kept for callers and tests)."""
-    return small_kernel(dtype, device) is not None
-
-
 @dataclass
 class _Layer:
     ln1: torch.Tensor
@@ -172,7 +167,7 @@ class FastLlama:
 
     def __init__(self, model: Any, *, slots: int, dtype: torch.dtype | None = None,
                  device: str | None = None, capacity: int = 512, kv_dtype: torch.dtype | None = None,
-                 int8: bool | None = None):
+                 lowbit: bool | None = None):
         cfg = model.config
         self.device = device or str(next(model.parameters()).device)
         self.dtype = dtype or pick_dtype(self.device)
@@ -189,11 +184,9 @@ class FastLlama:
         self.max_pos = int(cfg.max_position_embeddings)
         self.slots = slots
         self.group = self.n_heads // self.n_kv
-        # Low-bit copies for 1-2 row steps (see _Linear): int8=False turns them off,
-        # int8=True asks for them wherever a kernel runs.
-        kernel = small_kernel(torch.bfloat16 if int8 else self.dtype, self.device) if int8 is not False else None
-        self.small = kernel
-        self.int8 = kernel is not None
+        # Low-bit copies for 1-2 row steps (see _Linear): None where the dtype calls for
+        # them (bf16 on CPU), False never, True wherever a kernel runs.
+        self.small = None if lowbit is False else small_kernel(torch.bfloat16 if lowbit else self.dtype, self.device)
         self.layers, self.norm, self.embed, self.lm_head = self._weights(model)
         rope = getattr(cfg, "rope_parameters", None) or {}
         theta = float(rope.get("rope_theta", getattr(cfg, "rope_theta", 10000.0)))
