@@ -55,14 +55,20 @@ def one_line_error(result: subprocess.CompletedProcess) -> str:
 # -- liveness: a stopped run is alive; a taken-over one writes nothing more ------------
 
 
-def test_a_run_stopped_past_the_heartbeat_window_stays_alive_and_nothing_is_generated_twice(
-        tmp_path, fake_openai, detached_pids, short_window):
+def start_detached(tmp_path, fake_openai, detached_pids, *, latency: float, done: int):
+    """A 30-cell project whose detached run (2 at a time) has finished ``done`` cells."""
     path = make_project(tmp_path, n_a=6, n_b=5)
-    fake_openai.set(latency=0.2)
+    fake_openai.set(latency=latency)
     assert gridtune("generate", str(path), "--detach", "--concurrency", "2").returncode == 0
     first = latest(path)
     detached_pids.append(first.pid)
-    wait_for(lambda: len(done_texts(path)) >= 4)
+    wait_for(lambda: len(done_texts(path)) >= done)
+    return path, first
+
+
+def test_a_run_stopped_past_the_heartbeat_window_stays_alive_and_nothing_is_generated_twice(
+        tmp_path, fake_openai, detached_pids, short_window):
+    path, first = start_detached(tmp_path, fake_openai, detached_pids, latency=0.2, done=4)
 
     os.kill(first.pid, signal.SIGSTOP)  # Ctrl-Z, or a debugger, or a frozen VM
     try:
@@ -89,12 +95,7 @@ def test_a_run_stopped_past_the_heartbeat_window_stays_alive_and_nothing_is_gene
 
 
 def test_stop_reaches_a_stopped_run_once_it_is_resumed(tmp_path, fake_openai, detached_pids, short_window):
-    path = make_project(tmp_path, n_a=6, n_b=5)
-    fake_openai.set(latency=0.3)
-    assert gridtune("generate", str(path), "--detach", "--concurrency", "2").returncode == 0
-    first = latest(path)
-    detached_pids.append(first.pid)
-    wait_for(lambda: len(done_texts(path)) >= 2)
+    path, first = start_detached(tmp_path, fake_openai, detached_pids, latency=0.3, done=2)
     os.kill(first.pid, signal.SIGSTOP)
     try:
         time.sleep(2 * WINDOW_S)
@@ -113,12 +114,7 @@ def test_stop_reaches_a_stopped_run_once_it_is_resumed(tmp_path, fake_openai, de
 
 def test_a_runner_whose_run_was_taken_over_stops_at_once_and_writes_nothing_more(
         tmp_path, fake_openai, detached_pids, short_window):
-    path = make_project(tmp_path, n_a=6, n_b=5)
-    fake_openai.set(latency=0.3)
-    assert gridtune("generate", str(path), "--detach", "--concurrency", "2").returncode == 0
-    first = latest(path)
-    detached_pids.append(first.pid)
-    wait_for(lambda: len(done_texts(path)) >= 2)
+    path, first = start_detached(tmp_path, fake_openai, detached_pids, latency=0.3, done=2)
     os.kill(first.pid, signal.SIGSTOP)
     try:
         # Another host (that can only judge by the heartbeat) declares it dead and takes its cells back.
