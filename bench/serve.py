@@ -91,9 +91,8 @@ def _hf_eager(loaded, prompt_ids: list[int], max_tokens: int, rounds: int) -> fl
 
     import torch
 
-    # The old server ran with torch's default threads (all cores); the engine thread set
-    # its own count for this process, so the baseline gets the default back meanwhile.
-    before = torch.get_num_threads()
+    # The old server ran with torch's default threads (all cores); this child process
+    # started with OMP_NUM_THREADS=1 (single_threaded_helpers), so give the default back.
     torch.set_num_threads(os.cpu_count() or 1)
     best = 0.0
     with torch.inference_mode():
@@ -104,7 +103,6 @@ def _hf_eager(loaded, prompt_ids: list[int], max_tokens: int, rounds: int) -> fl
             out = loaded.model.generate(torch.tensor([prompt_ids]), max_new_tokens=max_tokens, do_sample=True,
                                         temperature=1.0, top_p=1.0, pad_token_id=loaded.tokenizer.pad_token_id)
             best = max(best, _tok_s(out.shape[1] - len(prompt_ids), time.perf_counter() - t))
-    torch.set_num_threads(before)
     return best
 
 
