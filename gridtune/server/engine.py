@@ -218,9 +218,10 @@ class _HFBatch:
         self.cache: Any = None
         self.mask: Any = None  # [B, T] long
         self.positions: Any = None  # [B] next position id per row
+        self.cache_kwarg = _cache_kwarg(served.module)  # once: inspecting the signature each step is waste
 
     def _forward(self, input_ids, mask, positions, cache):
-        kwargs = {_cache_kwarg(self.served.module): cache}
+        kwargs = {self.cache_kwarg: cache}
         out = self.served.module(input_ids=input_ids, attention_mask=mask, position_ids=positions,
                                  use_cache=True, logits_to_keep=1, **kwargs)
         return out.logits[:, -1, :].float(), getattr(out, "cache", None) or out.past_key_values
