@@ -1,0 +1,16 @@
+"""Errors as a person reads them: one line, never a traceback."""
+
+from __future__ import annotations
+
+
+def one_line(exc: BaseException, *, with_type: bool = False) -> str:
+    """The first line of ``exc``'s message (its type name when it has none).
+
+    ``with_type`` prefixes the type name, for errors whose message alone says
+    too little (a KeyError's bare key, an OSError from deep inside a library).
+    """
+    lines = str(exc).strip().splitlines()
+    first = lines[0].strip() if lines else ""
+    if with_type:
+        return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
+    return first or type(exc).__name__
