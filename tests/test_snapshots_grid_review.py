@@ -28,7 +28,6 @@ def project(tmp_path: Path) -> Path:
 
 async def _steady(pilot) -> None:
     await settle(pilot)
-    pilot.app.mark_changed()
     pilot.app.refresh_status()  # count now, not on the status line's next tick
     await settle(pilot)
     for area in pilot.app.screen.query(TextArea):

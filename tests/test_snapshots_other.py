@@ -37,7 +37,6 @@ def project(tmp_path, monkeypatch):
 
 async def _steady(pilot) -> None:
     await settle(pilot)
-    pilot.app.mark_changed()
     pilot.app.refresh_status()
     await settle(pilot)
     pilot.app.backend_label = "backend: test"

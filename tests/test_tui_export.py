@@ -174,7 +174,7 @@ async def test_finetune_on_the_local_server_follows_to_the_playground(project, t
             await pilot.pause(0.3)
             assert screen.job.losses  # the loss chart has points
             await pilot.press("p")
-            assert app.playground_calls == [{"model": screen.job.fine_tuned_model, "stop": None}]
+            assert app.playground_calls == [{"model": screen.job.fine_tuned_model}]
         with Store.open(project) as store:
             job = store.jobs()[-1]
         assert job.status == "succeeded" and job.fine_tuned_model == screen.job.fine_tuned_model

@@ -15,19 +15,21 @@ from gridtune.pipeline.project import create_project, load_project_spec
 from gridtune.pipeline import runs
 from gridtune.screens.generate import GenerateScreen, Settings
 from gridtune.store import Store
+from gridtune.tui.events import OpenPlayground, ProjectChanged
 from gridtune.tui.context import ProjectContext
 
 from textual.app import App
 
 
 class HostApp(App):
-    """Hosts one screen on a real project, with the app methods screens call."""
+    """Hosts one screen on a real project and records the messages it sends the app."""
 
     def __init__(self, path, screen_cls, **screen_kwargs):
         super().__init__()
         self.ctx = ProjectContext(path, Store.open(path))
         self.screen_cls = screen_cls
         self.playground_calls: list[dict] = []
+        self.changes: list[frozenset[str]] = []
 
     def on_mount(self) -> None:
         self.push_screen(self.screen_cls(self.ctx))
@@ -35,11 +37,11 @@ class HostApp(App):
     def on_unmount(self) -> None:
         self.ctx.close()
 
-    def open_playground(self, model=None, stop=None) -> None:
-        self.playground_calls.append({"model": model, "stop": stop})
+    def on_open_playground(self, message: OpenPlayground) -> None:
+        self.playground_calls.append({"model": message.model})
 
-    def mark_changed(self) -> None:
-        pass
+    def on_project_changed(self, message: ProjectChanged) -> None:
+        self.changes.append(message.what)
 
 
 def GridtuneApp(path, start_mode="generate"):  # noqa: N802 - the one screen under test

@@ -24,6 +24,8 @@ from textual.widgets import Footer, Input, Label, Select, Static
 from textual.worker import get_current_worker
 from textual_plotext import PlotextPlot
 
+from ..tui.events import OpenPlayground
+from ..tui.section import SectionScreen
 from ..tui.widgets import StatusLine
 from ..pipeline.validate import ValidationReport
 
@@ -159,7 +161,8 @@ def report_text(summary_lines: list[str]) -> Text:
     return out
 
 
-class ExportScreen(Screen):
+class ExportScreen(SectionScreen):
+    MODE = "export"
     """Export options, the validation report, and the fine-tuning job."""
 
     CSS_PATH = "export.tcss"
@@ -178,8 +181,7 @@ class ExportScreen(Screen):
     ]
 
     def __init__(self, ctx) -> None:
-        super().__init__()
-        self.ctx = ctx
+        super().__init__(ctx)
         self.busy: str | None = None  # exporting | uploading | cancelling
         self.result = None  # the ExportResult of this session's export
         self.export_record = None  # the latest export recorded in the project
@@ -285,6 +287,9 @@ class ExportScreen(Screen):
         self._sync_format(str(event.value))
 
     # -- loading what the project already has --------------------------------------
+    def refresh_from_project(self, what: frozenset[str]) -> None:
+        self.load_state()
+
     @work(thread=True, exclusive=True, group="exp-load", exit_on_error=False)
     def load_state(self) -> None:
         store = self.ctx.store
@@ -398,10 +403,7 @@ class ExportScreen(Screen):
             lines = result.summary().splitlines() + ["", verdict]
             self._set("exp-report", report_text(lines))
             self.app.notify(f"exported {result.n_train:,} example(s) to {result.path}", title="Export")
-            mark = getattr(self.app, "mark_changed", None)
-            if callable(mark):
-                mark()
-            self.load_state()
+            self.changed("exports")
         self.refresh_bindings()
 
     # -- fine-tuning ------------------------------------------------------------
@@ -558,12 +560,7 @@ class ExportScreen(Screen):
         self.refresh_bindings()
 
     def action_playground(self) -> None:
-        stop = None
-        if self.result is not None and self.result.stop:
-            stop = [self.result.stop]
-        elif self.export_record is not None and self.export_record.stop:
-            stop = [self.export_record.stop]
-        self.app.open_playground(model=self.job.fine_tuned_model, stop=stop)
+        self.post_message(OpenPlayground(self.job.fine_tuned_model))
 
     # -- options form -------------------------------------------------------------
     def action_edit_options(self) -> None:

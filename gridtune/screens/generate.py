@@ -22,6 +22,7 @@ from textual.message import Message
 from textual.screen import Screen
 from textual.widgets import Footer, Input, Label, ProgressBar, Sparkline, Static
 
+from ..tui.section import SectionScreen
 from ..tui.widgets import StatusLine
 from ..pipeline.progress import Progress, format_duration
 from ..store import CompletionRecord, RunRecord, StatusCounts
@@ -89,7 +90,8 @@ class Settings:
         return out
 
 
-class GenerateScreen(Screen):
+class GenerateScreen(SectionScreen):
+    MODE = "generate"
     """The teacher run: settings, controls, progress, rates and a live tail."""
 
     CSS_PATH = "generate.tcss"
@@ -104,8 +106,7 @@ class GenerateScreen(Screen):
     ]
 
     def __init__(self, ctx) -> None:
-        super().__init__()
-        self.ctx = ctx
+        super().__init__(ctx)
         self.snap: Snapshot | None = None
         self.busy: str | None = None  # "starting" | "stopping" while a control call runs
         self.error: str | None = None

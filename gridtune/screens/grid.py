@@ -21,6 +21,7 @@ from ..pipeline.grid import GridError, GridSpec, Value
 from ..pipeline.grid_edit import build_spec, cell_at, count_text, new_variable_name, parse_values, values_text
 from ..pipeline.project import apply_spec
 from ..tui.context import ProjectContext
+from ..tui.section import SectionScreen
 from ..tui.widgets import StatusLine
 from ..tui.widgets.modals import AskModal, ConfirmModal
 
@@ -33,7 +34,8 @@ class FieldArea(TextArea, inherit_bindings=False):
     BINDINGS = [b for b in TextArea.BINDINGS if getattr(b, "key", None) not in ("f6", "f7")]
 
 
-class GridScreen(Screen):
+class GridScreen(SectionScreen):
+    MODE = "grid"
     """Edit the grid; see its size, a rendered cell and any error at once."""
 
     CSS_PATH = "grid.tcss"
@@ -50,8 +52,7 @@ class GridScreen(Screen):
     ]
 
     def __init__(self, ctx: ProjectContext):
-        super().__init__()
-        self.ctx = ctx
+        super().__init__(ctx)
         self.saved: GridSpec | None = None  # the spec in the project file
         self.dirty = False  # edits not saved yet (the app asks before quitting)
         self.variables: dict[str, list[Value]] = {}
@@ -80,6 +81,9 @@ class GridScreen(Screen):
                 with VerticalScroll(id="grid-preview-box"):
                     yield Static("", id="grid-preview")
         yield Footer(compact=True)
+
+    def unsaved_work(self) -> str | None:
+        return "The grid has unsaved edits" if self.dirty else None
 
     def on_mount(self) -> None:
         titles = {
@@ -299,8 +303,7 @@ class GridScreen(Screen):
     def _saved(self, spec: GridSpec, counts: dict[str, int]) -> None:
         self._saving = False
         self.saved = spec
-        if hasattr(self.app, "mark_changed"):
-            self.app.mark_changed()
+        self.changed("grid")
         self.notify(
             f"saved: {counts['cells']:,} cells ({counts['added']:,} added, {counts['kept']:,} kept, "
             f"{counts['removed']:,} removed)",

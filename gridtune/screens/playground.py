@@ -24,6 +24,8 @@ from textual.suggester import SuggestFromList
 from textual.widgets import Footer, Input, Label, OptionList, Static
 from textual.worker import get_current_worker
 
+from ..tui.events import OpenPlayground
+from ..tui.section import SectionScreen
 from ..tui.widgets import StatusLine
 from ..pipeline import playground as pg
 from ..pipeline.grid import render_value
@@ -113,7 +115,8 @@ class ModelPicker(ModalScreen[str | None]):
         self.dismiss(self.models[event.option_index])
 
 
-class PlaygroundScreen(Screen):
+class PlaygroundScreen(SectionScreen):
+    MODE = "playground"
     """Try a model on held-out values, two models side by side."""
 
     CSS_PATH = "playground.tcss"
@@ -132,8 +135,7 @@ class PlaygroundScreen(Screen):
     ]
 
     def __init__(self, ctx) -> None:
-        super().__init__()
-        self.ctx = ctx
+        super().__init__(ctx)
         self.spec = None
         self.trained: set[str] = set()
         self.export = None
@@ -185,8 +187,12 @@ class PlaygroundScreen(Screen):
         self.list_models()
 
     # -- presets from other screens ------------------------------------------------
+    @on(OpenPlayground)
+    def _opened_for(self, message: OpenPlayground) -> None:
+        """The app opened the playground for a model (the tuned one) in A, its base in B."""
+        self.preset(model=message.model)
+
     def preset(self, model: str | None = None, stop: list[str] | None = None) -> None:
-        """Called by ``app.open_playground``: the tuned model in A, its base in B, the export's stop."""
         self._preset = {"model": model, "stop": stop}
         if self.spec is not None:
             self._apply_preset()
@@ -206,6 +212,10 @@ class PlaygroundScreen(Screen):
         self._update_mark()
 
     # -- loading (threads) ----------------------------------------------------------
+    def refresh_from_project(self, what: frozenset[str]) -> None:
+        if not {"exports", "jobs", "external"}.isdisjoint(what):
+            self.load_state()
+
     @work(thread=True, exclusive=True, group="pg-load", exit_on_error=False)
     def load_state(self) -> None:
         store = self.ctx.store

@@ -24,6 +24,7 @@ from textual.worker import Worker, WorkerState, get_current_worker
 from ..pipeline import review
 from ..pipeline.review import Filter, ReviewCounts, UndoStack
 from ..tui.context import ProjectContext
+from ..tui.section import SectionScreen
 from ..tui.widgets import LengthHistogram, StatusLine
 from ..tui.widgets.modals import ConfirmModal, EditModal, GradePickModal
 from .review_list import ReviewList, Row
@@ -42,7 +43,8 @@ class JobDone(Message):
         self.error = error
 
 
-class ReviewScreen(Screen):
+class ReviewScreen(SectionScreen):
+    MODE = "review"
     """Grade, reject, edit, auto-grade and drop completions."""
 
     CSS_PATH = "review.tcss"
@@ -67,8 +69,7 @@ class ReviewScreen(Screen):
     ]
 
     def __init__(self, ctx: ProjectContext):
-        super().__init__()
-        self.ctx = ctx
+        super().__init__(ctx)
         self.filter: Filter = review.FILTERS[0]
         self.sort = "length"
         self.descending = False
@@ -143,8 +144,7 @@ class ReviewScreen(Screen):
             self.notify(f"{message.error}", title="could not save", severity="error")
             self.reload()
             return
-        if hasattr(self.app, "mark_changed"):
-            self.app.mark_changed()
+        self.changed("grades")
         if message.callback is not None:
             message.callback(message.result)
 
@@ -153,6 +153,10 @@ class ReviewScreen(Screen):
             self.notify(str(event.worker.error), title="review", severity="error")
 
     # -- rows, counts, histogram ------------------------------------------------------
+    def refresh_from_project(self, what: frozenset[str]) -> None:
+        if what != {"grades"}:  # the screen's own grades are already shown row by row
+            self.reload(histogram=True)
+
     def reload(self, histogram: bool = False) -> None:
         current = self.list.current
         self._load_rows(self.filter, self.search, self.sort, self.descending,

@@ -1,8 +1,10 @@
 """The Textual app: five sections as modes, a status line, help and the command palette.
 
 `gridtune [PROJECT]` calls ``run_app``. Screens get a ``ProjectContext`` and do
-their work through ``gridtune.pipeline``; the app only switches between them,
-keeps the status line's counts fresh and offers every action by name.
+their work through ``gridtune.pipeline``; the app switches between them, passes
+``ProjectChanged`` on from the screen that made a change to every other one (and
+from other processes, noticed by polling the file's data_version), keeps the
+status line's counts fresh and offers every action by name.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from textual import work
+from textual import on, work
 from textual.app import App
 from textual.binding import Binding
 from textual.reactive import reactive
@@ -22,7 +24,9 @@ from .. import locations
 from ..pipeline.project import open_or_create_demo
 from ..store import StoreError
 from .commands import GridtuneCommands
-from .context import ProjectContext
+from .context import LOCAL_NOT_RUNNING, ProjectContext
+from .events import OpenPlayground, ProjectChanged
+from .section import SectionScreen
 from .widgets.modals import ConfirmModal
 
 
@@ -43,7 +47,8 @@ SECTIONS: tuple[Section, ...] = (
     Section("playground", "Playground", "f6", "gridtune.screens.playground", "PlaygroundScreen"),
 )
 _SCREENS = Binding.Group("screens", compact=True)
-STATUS_INTERVAL_S = 2.0
+POLL_INTERVAL_S = 1.0  # how soon a change by another process (a detached run, the CLI) shows
+BACKEND_RETRY_S = 5.0  # how often to look again for a local server that was not running
 
 
 def section_class(section: Section) -> type[Screen] | None:
@@ -87,7 +92,6 @@ class GridtuneApp(App[int]):
         super().__init__()
         self.ctx = ctx or open_context(project_path)
         self.start_mode = start_mode
-        self._status_dirty = True
         self._data_version: int | None = None
         self.sections: dict[str, Section] = {}
         for section in SECTIONS:
@@ -111,7 +115,7 @@ class GridtuneApp(App[int]):
         self._load_backend_label()
         # The first count waits a moment: the opening screen's own queries go first.
         self.set_timer(0.5, self.refresh_status)
-        self.set_interval(STATUS_INTERVAL_S, self.refresh_status)
+        self.set_interval(POLL_INTERVAL_S, self._poll_other_processes)
 
     def on_unmount(self) -> None:
         self.ctx.close()
@@ -124,24 +128,63 @@ class GridtuneApp(App[int]):
             return "generate"
         return "review" if store.has_done() else "grid"
 
-    # -- status line ---------------------------------------------------------
-    def mark_changed(self) -> None:
-        """A screen changed the project: recount on the next tick."""
-        self._status_dirty = True
+    # -- the data flow -------------------------------------------------------
+    @on(ProjectChanged)
+    def _project_changed(self, message: ProjectChanged) -> None:
+        """A screen changed the project (or another process did): recount, and tell
+        every other section screen; each refreshes itself from the store."""
+        if message.forwarded:
+            return  # our own copy, bubbling back from the screen it was sent to
+        self.refresh_status()
+        for screen in self._section_screens():
+            if screen is not message._sender:
+                screen.post_message(ProjectChanged(*message.what, forwarded=True))
 
+    def _section_screens(self) -> list[SectionScreen]:
+        screens: list[SectionScreen] = []
+        for mode in self.sections:
+            try:
+                stack = self.get_screen_stack(mode)
+            except KeyError:
+                continue  # never opened: it reads the store fresh when it is
+            screens += [s for s in stack if isinstance(s, SectionScreen)]
+        return screens
+
+    @work(thread=True, exclusive=True, group="poll", exit_on_error=False)
+    def _poll_other_processes(self) -> None:
+        """Another connection committed (a detached run, the CLI): tell every screen.
+        SQLite's data_version changes only for commits by other connections, so this
+        costs one pragma a second and never fires for the app's own writes."""
+        version = self.ctx.store.data_version()
+        if self._data_version is None:
+            self._data_version = version
+            return
+        if version != self._data_version:
+            self._data_version = version
+            self.post_message(ProjectChanged("external"))
+        if self.backend_label == LOCAL_NOT_RUNNING and self._backend_due():
+            self._load_backend_label()
+
+    def _backend_due(self) -> bool:
+        import time
+
+        now = time.monotonic()
+        if now - getattr(self, "_backend_checked", 0.0) < BACKEND_RETRY_S:
+            return False
+        self._backend_checked = now
+        return True
+
+    # -- status line ---------------------------------------------------------
     @work(thread=True, exclusive=True, group="status", exit_on_error=False)
     def refresh_status(self) -> None:
-        store = self.ctx.store
-        version = store.data_version()
-        if not self._status_dirty and version == self._data_version:
-            return  # nothing changed since the last count: no query, no repaint
-        self._status_dirty = False
-        self._data_version = version
-        c = store.status_counts()
-        text = f"{c.cells:,} cells · {c.done:,} done · {c.failed:,} failed · {c.graded:,} graded"
+        c = self.ctx.store.status_counts()
+        parts = [f"{c.cells:,} cells", f"{c.done:,} done"]
+        if c.failed:
+            parts.append(f"{c.failed:,} failed")
+        parts.append(f"{c.graded:,} graded")
         if c.pending or c.running:
-            text += f" · {c.pending + c.running:,} to do"
-        self.call_from_thread(setattr, self, "status_counts", text)
+            parts.append(f"{c.pending + c.running:,} to do")
+        self.call_from_thread(setattr, self, "status_counts", " · ".join(parts))
 
     @work(thread=True, exclusive=True, group="backend", exit_on_error=False)
     def _load_backend_label(self) -> None:
@@ -167,35 +210,47 @@ class GridtuneApp(App[int]):
         self.push_screen(HelpScreen(self.screen))
 
     async def action_quit(self) -> None:
-        """Quit, but not past unsaved grid edits without asking (runs and jobs go on
-        by themselves; only the grid editor holds work that is not in the file)."""
-        try:
-            grid = self.get_screen_stack("grid")[0] if "grid" in self.sections else None
-        except (KeyError, IndexError):
-            grid = None  # the grid screen was never opened: nothing unsaved
-        if grid is None or not getattr(grid, "dirty", False) or isinstance(self.screen, ConfirmModal):
-            self.exit()
+        """Quit, but not past unsaved edits without asking. Runs and jobs go on by
+        themselves: the last line on the terminal says so."""
+        unsaved = [s for s in self._section_screens() if s.unsaved_work()]
+        if not unsaved or isinstance(self.screen, ConfirmModal):
+            self._exit_saying_what_goes_on()
             return
 
         def answer(quit_anyway: bool | None) -> None:
             if quit_anyway:
-                self.exit()
+                self._exit_saying_what_goes_on()
 
-        self.push_screen(ConfirmModal("The grid has unsaved edits. Quit without saving them?",
-                                      title="Unsaved grid"), answer)
+        what = unsaved[0].unsaved_work()
+        self.push_screen(ConfirmModal(f"{what}. Quit without saving?", title="Unsaved edits"), answer)
 
-    def open_playground(self, model: str | None = None, stop: list[str] | None = None) -> None:
-        """Switch to the playground, preset with a model (the tuned one) and stop sequences."""
+    def _exit_saying_what_goes_on(self) -> None:
+        self.exit(message=goes_on_note(self.ctx))
+
+    @on(OpenPlayground)
+    def _open_playground(self, message: OpenPlayground) -> None:
+        """Switch to the playground with a model beside the base one (the tuned one);
+        it follows the latest export for format, separator and stop by itself."""
+        if message.forwarded:
+            return
         if "playground" not in self.sections:
             self.notify("the playground is not available", severity="warning")
             return
         self.switch_mode("playground")
-        screen = self.screen
-        for name in ("preset", "set_preset"):
-            preset = getattr(screen, name, None)
-            if callable(preset):
-                preset(model=model, stop=stop)
-                return
+        self.screen.post_message(OpenPlayground(message.model, forwarded=True))
+
+
+def goes_on_note(ctx: ProjectContext) -> str | None:
+    """What keeps running after the app quits, for the terminal's last line."""
+    try:
+        run = ctx.store.active_run()
+    except StoreError:
+        return None
+    if run is None:
+        return None
+    counts = ctx.store.status_counts()
+    return (f"gridtune: run #{run.id} goes on in the background ({counts.done:,}/{counts.completions:,} done); "
+            f"`gridtune status {ctx.path} --watch` follows it, `gridtune {ctx.path}` reopens it.")
 
 
 def open_context(project: Path | None) -> ProjectContext:

@@ -18,6 +18,8 @@ from ..store import Store
 if TYPE_CHECKING:  # pragma: no cover
     from ..pipeline.backend import Backend
 
+LOCAL_NOT_RUNNING = "local server (starts on demand)"
+
 
 class ProjectContext:
     """The open project. ``store`` is a thread-safe handle shared by every screen."""
@@ -74,7 +76,7 @@ class ProjectContext:
         try:
             return self.backend(start=False).label
         except BackendError:
-            return "local server (starts on demand)"
+            return LOCAL_NOT_RUNNING
         except Exception as exc:  # noqa: BLE001 - a label must never crash the app
             return f"backend: {exc}"
 
