@@ -113,6 +113,7 @@ class GridtuneApp(App[int]):
         if mode:
             self.switch_mode(mode)
         self._load_backend_label()
+        self._data_version = self.ctx.store.data_version()  # what the screens read from here on
         # The first count waits a moment: the opening screen's own queries go first.
         self.set_timer(0.5, self.refresh_status)
         self.set_interval(POLL_INTERVAL_S, self._poll_other_processes)
@@ -156,9 +157,6 @@ class GridtuneApp(App[int]):
         SQLite's data_version changes only for commits by other connections, so this
         costs one pragma a second and never fires for the app's own writes."""
         version = self.ctx.store.data_version()
-        if self._data_version is None:
-            self._data_version = version
-            return
         if version != self._data_version:
             self._data_version = version
             self.post_message(ProjectChanged("external"))

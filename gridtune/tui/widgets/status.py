@@ -27,11 +27,9 @@ class StatusLine(Widget):
         self.refresh()
 
     def _my_mode(self) -> str | None:
-        sections = getattr(self.app, "sections", {})
-        for mode, section in sections.items():
-            if type(self.screen).__name__ == section.cls:
-                return mode
-        return None
+        from ..section import SectionScreen  # the section module imports this one
+
+        return self.screen.MODE if isinstance(self.screen, SectionScreen) else None
 
     def render(self) -> Text:
         app = self.app
@@ -57,9 +55,29 @@ class StatusLine(Widget):
         line2 = Text(no_wrap=True, overflow="ellipsis")
         line2.append(f" {counts}")
         room = width - line2.cell_len - 3
-        if backend and room > 6:
-            label = backend if len(backend) <= room else backend[: room - 1] + "…"
+        label = fit_backend_label(backend, room)
+        if label:
             line2.append(" " * (room - len(label) + 2) + label, dim)
         line1.truncate(width)
         line2.truncate(width)
         return Text("\n").join([line1, line2])
+
+
+def fit_backend_label(label: str, room: int) -> str:
+    """The backend label in at most ``room`` cells, shortened the way a person still
+    reads it: no scheme first, then "local" for the local server, then the middle
+    elided (the port at the end is what tells two servers apart)."""
+    if room < 6 or not label:
+        return ""
+    for candidate in (label, label.replace("http://", "").replace("https://", "")):
+        if len(candidate) <= room:
+            return candidate
+    short = candidate.replace("local server ", "local ")
+    for form in (short, short.replace("(starts on demand)", "(not started)"), short.replace("(starts on demand)", "(off)")):
+        if len(form) <= room:
+            return form
+    host, sep, port = short.rpartition(":")
+    if sep and port.isdigit() and short.startswith("local ") and len(port) + 7 <= room:
+        return f"local :{port}"
+    keep = room - 1
+    return short[: keep - keep // 2] + "…" + short[len(short) - keep // 2:]
