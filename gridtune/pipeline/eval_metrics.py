@@ -1,0 +1,255 @@
+"""What makes a tuned model's answers *consistent*, measured: the numbers `gridtune eval`
+reports per model, each with its uncertainty, compared against the kept training data.
+
+Every metric is a plain function of texts (and finish reasons), so the same code scores
+a base model, a tuned one and the training completions themselves:
+
+- stop rate: the share of answers that ended on their own (the stop sequence or the
+  end of turn), not at max tokens — the seed's own observation is that an untuned
+  model runs on and repeats itself;
+- length: mean, and the coefficient of variation (spread / mean), next to the
+  training data's — consistency is a small spread near the data's;
+- format match: how closely an answer's shape (paragraphs, sentences, list and heading
+  lines, a finished last sentence) sits inside the training data's usual range;
+- repetition: the share of answers caught in a loop (a word n-gram said again and again);
+- faithfulness: the share of answers that mention every variable value of their prompt.
+
+Proportions get a Wilson interval; means a normal interval on the standard error.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import statistics
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from typing import Any, Iterable, Mapping, Sequence
+
+Z95 = 1.959964  # two-sided 95%
+
+# A repetition loop: some run of LOOP_N words said LOOP_TIMES times or more. Five words
+# thrice is rare in fluent prose even on one topic (a place name and a year recur, but
+# not inside the same five-word run), and what small untuned models do when they loop.
+LOOP_N = 5
+LOOP_TIMES = 3
+
+_WORD = re.compile(r"\w+(?:['’]\w+)?", re.UNICODE)
+_SENTENCE_END = re.compile(r"[.!?…](?:[\"'”’)\]]*)(?=\s|$)")
+_LIST_LINE = re.compile(r"^\s*(?:[-*•+]|\d+[.)])\s+")
+_HEADING_LINE = re.compile(r"^\s*(?:#{1,6}\s+\S|[A-Z][^.!?\n]{0,60}:\s*$)")
+_ENDS_FINISHED = re.compile(r"[.!?…][\"'”’)\]]*\s*$")
+
+
+# -- intervals -------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Estimate:
+    """A figure with its 95% interval and the number of answers it rests on."""
+
+    value: float
+    low: float
+    high: float
+    n: int
+
+    def to_dict(self) -> dict[str, float | int]:
+        return asdict(self)
+
+
+def wilson(successes: int, n: int) -> Estimate:
+    """A proportion with its Wilson score interval (sound at 0, 1 and small n)."""
+    if n == 0:
+        return Estimate(math.nan, math.nan, math.nan, 0)
+    p = successes / n
+    denom = 1 + Z95**2 / n
+    centre = (p + Z95**2 / (2 * n)) / denom
+    half = Z95 * math.sqrt(p * (1 - p) / n + Z95**2 / (4 * n * n)) / denom
+    return Estimate(p, max(0.0, centre - half), min(1.0, centre + half), n)
+
+
+def mean_interval(values: Sequence[float]) -> Estimate:
+    """A mean with a normal interval on its standard error."""
+    n = len(values)
+    if n == 0:
+        return Estimate(math.nan, math.nan, math.nan, 0)
+    mean = statistics.fmean(values)
+    if n == 1:
+        return Estimate(mean, mean, mean, 1)
+    half = Z95 * statistics.stdev(values) / math.sqrt(n)
+    return Estimate(mean, mean - half, mean + half, n)
+
+
+def coefficient_of_variation(values: Sequence[float]) -> float:
+    """Spread relative to size: stdev / mean (0 for fewer than two values)."""
+    if len(values) < 2:
+        return 0.0
+    mean = statistics.fmean(values)
+    return statistics.stdev(values) / mean if mean else math.inf
+
+
+# -- per answer ----------------------------------------------------------------------
+def words(text: str) -> list[str]:
+    return [w.lower() for w in _WORD.findall(text)]
+
+
+def has_loop(text: str, n: int = LOOP_N, times: int = LOOP_TIMES) -> bool:
+    """Whether some run of ``n`` words occurs ``times`` times or more."""
+    ws = words(text)
+    if len(ws) < n * times:
+        return False
+    counts = Counter(tuple(ws[i:i + n]) for i in range(len(ws) - n + 1))
+    return max(counts.values()) >= times
+
+
+def mentions_values(text: str, values: Mapping[str, Any]) -> bool:
+    """Whether ``text`` names every one of the prompt's variable values (as rendered,
+    case-insensitive, on word boundaries: "Lima" is not found in "climate")."""
+    low = text.lower()
+    for value in values.values():
+        needle = str(value).strip().lower()
+        if needle and not re.search(rf"(?<!\w){re.escape(needle)}(?!\w)", low):
+            return False
+    return True
+
+
+SHAPE_FEATURES = ("paragraphs", "sentences", "list_lines", "heading_lines", "finished")
+
+
+def shape(text: str) -> dict[str, float]:
+    """The countable shape of a text: what "the same format every time" is made of."""
+    stripped = text.strip()
+    lines = [ln for ln in stripped.splitlines() if ln.strip()]
+    paragraphs = [p for p in re.split(r"\n\s*\n", stripped) if p.strip()]
+    return {
+        "paragraphs": float(len(paragraphs)),
+        "sentences": float(len(_SENTENCE_END.findall(stripped))),
+        "list_lines": float(sum(1 for ln in lines if _LIST_LINE.match(ln))),
+        "heading_lines": float(sum(1 for ln in lines if _HEADING_LINE.match(ln))),
+        "finished": 1.0 if _ENDS_FINISHED.search(stripped) else 0.0,
+    }
+
+
+@dataclass(frozen=True)
+class ShapeProfile:
+    """The training data's usual range (10th to 90th percentile) of each shape feature."""
+
+    ranges: dict[str, tuple[float, float]]
+    n: int
+
+    @classmethod
+    def of(cls, texts: Iterable[str]) -> "ShapeProfile":
+        shapes = [shape(t) for t in texts]
+        ranges: dict[str, tuple[float, float]] = {}
+        for name in SHAPE_FEATURES:
+            values = sorted(s[name] for s in shapes)
+            ranges[name] = (_percentile(values, 0.10), _percentile(values, 0.90)) if values else (0.0, 0.0)
+        return cls(ranges, len(shapes))
+
+    def match(self, text: str) -> float:
+        """The share of shape features of ``text`` inside the usual range (0..1)."""
+        s = shape(text)
+        inside = sum(1 for name in SHAPE_FEATURES if self.ranges[name][0] <= s[name] <= self.ranges[name][1])
+        return inside / len(SHAPE_FEATURES)
+
+
+def _percentile(sorted_values: Sequence[float], q: float) -> float:
+    pos = q * (len(sorted_values) - 1)
+    lo = math.floor(pos)
+    hi = min(lo + 1, len(sorted_values) - 1)
+    return sorted_values[lo] + (sorted_values[hi] - sorted_values[lo]) * (pos - lo)
+
+
+# -- per model -----------------------------------------------------------------------
+@dataclass(frozen=True)
+class Answer:
+    text: str
+    finish_reason: str | None
+    values: Mapping[str, Any] = field(default_factory=dict)
+
+
+STOPPED = frozenset({"stop", "end_turn", "stop_sequence", "eos"})
+
+
+@dataclass(frozen=True)
+class ModelScores:
+    """One model's figures on the held-out prompts."""
+
+    stop_rate: Estimate
+    length_mean: Estimate
+    length_cv: float
+    format_match: Estimate
+    repetition: Estimate
+    faithfulness: Estimate
+    n: int
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"n": self.n, "length_cv": self.length_cv}
+        for name in ("stop_rate", "length_mean", "format_match", "repetition", "faithfulness"):
+            out[name] = getattr(self, name).to_dict()
+        return out
+
+
+@dataclass(frozen=True)
+class Reference:
+    """What the kept training completions look like: the target of consistency."""
+
+    length_mean: float
+    length_cv: float
+    profile: ShapeProfile
+
+    @classmethod
+    def of(cls, texts: Sequence[str]) -> "Reference":
+        lengths = [float(len(t)) for t in texts]
+        return cls(statistics.fmean(lengths) if lengths else math.nan, coefficient_of_variation(lengths),
+                   ShapeProfile.of(texts))
+
+
+def score(answers: Sequence[Answer], reference: Reference) -> ModelScores:
+    lengths = [float(len(a.text)) for a in answers]
+    return ModelScores(
+        stop_rate=wilson(sum(1 for a in answers if (a.finish_reason or "") in STOPPED), len(answers)),
+        length_mean=mean_interval(lengths),
+        length_cv=coefficient_of_variation(lengths),
+        format_match=mean_interval([reference.profile.match(a.text) for a in answers]),
+        repetition=wilson(sum(1 for a in answers if has_loop(a.text)), len(answers)),
+        faithfulness=wilson(sum(1 for a in answers if mentions_values(a.text, a.values)), len(answers)),
+        n=len(answers),
+    )
+
+
+# -- base vs tuned -------------------------------------------------------------------
+@dataclass(frozen=True)
+class Comparison:
+    """One metric, two models: the difference and which is better (None: a tie
+    within the intervals, or nothing to compare)."""
+
+    metric: str
+    tuned: float
+    base: float
+    difference: float
+    better: str | None
+
+
+HIGHER_IS_BETTER = {"stop_rate": True, "format_match": True, "faithfulness": True, "repetition": False}
+
+
+def compare(tuned: ModelScores, base: ModelScores, reference: Reference) -> list[Comparison]:
+    """Metric by metric. A proportion or mean is better only when the intervals do not
+    overlap; the length spread is better when it is nearer the training data's."""
+    rows: list[Comparison] = []
+    for metric, higher in HIGHER_IS_BETTER.items():
+        t, b = getattr(tuned, metric), getattr(base, metric)
+        better: str | None = None
+        if t.n and b.n and not (t.low <= b.high and b.low <= t.high):
+            better = "tuned" if (t.value > b.value) == higher else "base"
+        rows.append(Comparison(metric, t.value, b.value, t.value - b.value, better))
+    # Consistency of length: distance of each model's spread from the data's spread.
+    dt, db = abs(tuned.length_cv - reference.length_cv), abs(base.length_cv - reference.length_cv)
+    better_cv = None if math.isclose(dt, db, abs_tol=0.02) else ("tuned" if dt < db else "base")
+    rows.append(Comparison("length_cv", tuned.length_cv, base.length_cv, tuned.length_cv - base.length_cv,
+                           better_cv))
+    return rows
+
+
+def tuned_is_worse(rows: Sequence[Comparison]) -> bool:
+    """The gate of `gridtune eval`: worse than its base on stop rate or consistency."""
+    return any(r.better == "base" for r in rows if r.metric in ("stop_rate", "length_cv", "format_match"))

@@ -1,0 +1,75 @@
+"""The evaluation's metrics on texts whose answers are known by hand."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from gridtune.pipeline.eval_metrics import (
+    Answer, Reference, compare, has_loop, mean_interval, mentions_values, score, shape, tuned_is_worse, wilson,
+)
+
+DATA = [
+    "Oslo in 2030 is calm. Trains run on time. People plan ahead.",
+    "Lima in 2040 is busy. Markets open early. Nobody sleeps late.",
+    "Tokyo in 2035 is quiet. Robots sweep streets. Parks are full.",
+    "Lagos in 2050 is loud. Music fills roads. Shops stay open.",
+]
+
+
+def test_wilson_matches_the_textbook_figure():
+    # 8 of 10: Wilson 95% interval is about 0.490 .. 0.943 (Newcombe 1998, table I method 3).
+    est = wilson(8, 10)
+    assert est.value == 0.8 and est.n == 10
+    assert est.low == pytest.approx(0.490, abs=0.001) and est.high == pytest.approx(0.943, abs=0.001)
+    assert wilson(0, 5).low == 0.0 and wilson(5, 5).high == 1.0
+    assert math.isnan(wilson(0, 0).value)
+
+
+def test_mean_interval_narrows_with_n():
+    wide, narrow = mean_interval([1, 3] * 2), mean_interval([1, 3] * 50)
+    assert wide.value == narrow.value == 2
+    assert (narrow.high - narrow.low) < (wide.high - wide.low)
+
+
+def test_loops_are_found_and_prose_is_not():
+    looping = "The city grows fast. " + "It is a city of the future. " * 4
+    assert has_loop(looping)
+    assert not any(has_loop(t) for t in DATA)
+    assert not has_loop("Oslo in 2030. Oslo in 2030 again. And Oslo in 2030.")  # three words, not five
+
+
+def test_value_mentions_are_whole_words():
+    assert mentions_values("Lima, 2040: a city.", {"place": "Lima", "year": 2040})
+    assert not mentions_values("A climate story of 2040.", {"place": "Lima", "year": 2040})
+    assert not mentions_values("Lima only.", {"place": "Lima", "year": 2040})
+
+
+def test_shape_counts_paragraphs_sentences_lists_and_a_finished_end():
+    s = shape("Plan:\n- one\n- two\n\nDone. Really done.")
+    assert s == {"paragraphs": 2.0, "sentences": 2.0, "list_lines": 2.0, "heading_lines": 1.0, "finished": 1.0}
+    assert shape("It stopped mid")["finished"] == 0.0
+
+
+def test_consistent_answers_beat_rambling_ones():
+    ref = Reference.of(DATA)
+    values = [{"place": p, "year": y} for p, y in (("Oslo", 2030), ("Lima", 2040), ("Tokyo", 2035), ("Lagos", 2050))]
+    tuned = [Answer(t, "stop", v) for t, v in zip(DATA * 5, values * 5)]
+    rambling = "and then the city went on " * 30
+    base = [Answer(t + " " + rambling.strip(), "length", v) for t, v in zip(DATA * 5, values * 5)]
+    st, sb = score(tuned, ref), score(base, ref)
+    assert st.stop_rate.value == 1.0 and sb.stop_rate.value == 0.0
+    assert st.repetition.value == 0.0 and sb.repetition.value == 1.0
+    assert st.format_match.value > sb.format_match.value
+    rows = {r.metric: r for r in compare(st, sb, ref)}
+    assert rows["stop_rate"].better == "tuned" and rows["repetition"].better == "tuned"
+    assert not tuned_is_worse(list(rows.values()))
+    assert tuned_is_worse(compare(sb, st, ref))  # swapped: the gate fires
+
+
+def test_a_model_against_itself_differs_by_nothing():
+    ref = Reference.of(DATA)
+    answers = [Answer(t, "stop", {}) for t in DATA * 3]
+    rows = compare(score(answers, ref), score(answers, ref), ref)
+    assert all(r.difference == 0 and r.better is None for r in rows)
