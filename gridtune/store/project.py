@@ -114,9 +114,12 @@ _CURRENT_GRADE_SQL = """
 UPDATE completions SET (grade, grade_source) = (
     SELECT g.grade, g.source FROM grades g
     WHERE g.completion_id = completions.id AND g.undone = 0
-    ORDER BY (g.source = 'person') DESC, g.id DESC LIMIT 1)
+    ORDER BY (g.source = 'person') DESC, (g.source = 'dedup' AND g.grade = 0) DESC, g.id DESC LIMIT 1)
 WHERE id = ?
 """
+# A near-duplicate dropped by `dedup --drop` stays rejected when another automatic
+# grader (by length, a judge) grades it later; a person's grade still decides, and
+# undoing the drop brings the automatic grade back.
 
 _ACTIVE = "cell_id IN (SELECT id FROM cells WHERE active = 1)"
 # A runner's write, given its run id (twice), lands only while its run is active: a

@@ -110,6 +110,64 @@ MIGRATIONS: list[str] = [
         updated_at        REAL NOT NULL
     );
     """,
+    # 2: curation (issue 9): near-duplicate groups, the judge's rubric, judgements
+    # and calibrations. Grades themselves stay in `grades` (sources 'dedup', 'judge:<model>').
+    """
+    -- Project-wide settings a person edits (the judge's rubric: key 'judge.rubric').
+    CREATE TABLE settings (
+        key         TEXT PRIMARY KEY,
+        value       TEXT NOT NULL,
+        updated_at  REAL NOT NULL
+    );
+
+    -- The latest near-duplicate grouping (recomputed in full by `gridtune dedup`):
+    -- one row per completion that has at least one near-copy. group_id is the
+    -- smallest completion id of its group; similarity the highest Jaccard to another member.
+    CREATE TABLE dup_members (
+        completion_id  INTEGER PRIMARY KEY REFERENCES completions(id) ON DELETE CASCADE,
+        group_id       INTEGER NOT NULL,
+        similarity     REAL NOT NULL
+    );
+    CREATE INDEX dup_members_group ON dup_members(group_id);
+
+    -- One row per dedup pass: with what it was computed, and what it found.
+    CREATE TABLE dedup_passes (
+        id           INTEGER PRIMARY KEY,
+        threshold    REAL NOT NULL,
+        shingle      INTEGER NOT NULL,
+        num_perm     INTEGER NOT NULL,
+        n_completions  INTEGER NOT NULL,
+        n_groups       INTEGER NOT NULL,
+        n_members      INTEGER NOT NULL,
+        seconds      REAL NOT NULL,
+        created_at   REAL NOT NULL
+    );
+
+    -- Every judge call's outcome: a grade, or why there is none (the reply had no
+    -- grade 1-5, the request failed). A completion with a grade here is not judged
+    -- again by that model.
+    CREATE TABLE judgements (
+        id             INTEGER PRIMARY KEY,
+        completion_id  INTEGER NOT NULL REFERENCES completions(id) ON DELETE CASCADE,
+        model          TEXT NOT NULL,
+        grade          INTEGER CHECK (grade BETWEEN 1 AND 5),
+        reply          TEXT,
+        error          TEXT,
+        created_at     REAL NOT NULL
+    );
+    CREATE INDEX judgements_model ON judgements(model, completion_id);
+
+    -- Agreement of a judge with the person's grades, as `judge --calibrate` measured it.
+    CREATE TABLE calibrations (
+        id          INTEGER PRIMARY KEY,
+        model       TEXT NOT NULL,
+        n           INTEGER NOT NULL,
+        spearman    REAL,
+        kappa       REAL,
+        exact       REAL,
+        created_at  REAL NOT NULL
+    );
+    """,
 ]
 
 SCHEMA_VERSION = len(MIGRATIONS)
