@@ -96,6 +96,9 @@ class FakeOpenAI:
         self.busy_retry_after = "0.2"
         self.ignore_stream = False  # answer one JSON body even when asked to stream
         self.reject_stream_options = False  # a 400 for stream_options, as older servers answer
+        # Canned replies: (substring, text); a request whose prompt contains the substring
+        # (the first that matches) gets ``text`` instead of the echo (a judge's grade, ...).
+        self.replies: list[tuple[str, str]] = []
         self.in_flight = 0
         self.peak_in_flight = 0
         self._lock = threading.Lock()
@@ -116,8 +119,11 @@ class FakeOpenAI:
 
     def set(self, *, latency: float | None = None, faults: list[Fault] | None = None,
             seed: int | None = None, chunk_delay_s: float | None = None, gridtune: dict | None = None,
-            max_in_flight: int | None = None, ignore_stream: bool | None = None) -> "FakeOpenAI":
+            max_in_flight: int | None = None, ignore_stream: bool | None = None,
+            replies: list[tuple[str, str]] | None = None) -> "FakeOpenAI":
         with self._lock:
+            if replies is not None:
+                self.replies = [tuple(r) for r in replies]
             if chunk_delay_s is not None:
                 self.chunk_delay_s = chunk_delay_s
             if gridtune is not None:
@@ -140,6 +146,7 @@ class FakeOpenAI:
             self._rng = random.Random(0)
             self.chunk_delay_s, self.gridtune, self.max_in_flight, self.ignore_stream = 0.0, None, None, False
             self.reject_stream_options = False
+            self.replies = []
             self.in_flight = self.peak_in_flight = 0
 
     def chat_requests(self) -> list[Recorded]:
@@ -262,7 +269,8 @@ class FakeOpenAI:
         return StreamingResponse(events(), media_type="text/event-stream")
 
     def _reply(self, body: dict, prompt: str) -> tuple[str, str]:
-        text, finish = reply_text(prompt), "stop"
+        text = next((reply for match, reply in self.replies if match in prompt), None)
+        text, finish = (reply_text(prompt) if text is None else text), "stop"
         max_tokens = body.get("max_tokens")
         words = text.split(" ")
         if isinstance(max_tokens, int) and len(words) > max_tokens:
@@ -301,7 +309,8 @@ class FakeOpenAI:
         faults = [Fault(**f) for f in data["faults"]] if "faults" in data else None
         self.set(latency=data.get("latency"), faults=faults, seed=data.get("seed"),
                  chunk_delay_s=data.get("chunk_delay_s"), gridtune=data.get("gridtune"),
-                 max_in_flight=data.get("max_in_flight"), ignore_stream=data.get("ignore_stream"))
+                 max_in_flight=data.get("max_in_flight"), ignore_stream=data.get("ignore_stream"),
+                 replies=data.get("replies"))
         return JSONResponse({"ok": True})
 
     async def _requests(self, request: Request) -> Response:
