@@ -120,10 +120,14 @@ def test_follow_job_yields_events_in_order_and_records_the_job(local, tmp_path):
     store = Store.open(tmp_path / "p.gridtune", create=True)
     try:
         job = ft.start_finetune(backend, train, local.model, epochs=1, store=store)
-        seen = []
-        final = ft.follow_job(backend, job.id, seen.append, poll_s=0.3)
-        store.update_job(final.id, status=final.status, fine_tuned_model=final.fine_tuned_model)
+        seen, updates = [], []
+        tracker = ft.JobTracker(job.id, model=local.model, status=job.status, store=store)
+        final = tracker.follow(backend, poll_s=0.3, on_event=seen.append,
+                               on_update=lambda state, recorded: updates.append((state.status, recorded)))
         assert final.status == "succeeded"
+        assert updates[-1] == ("succeeded", True) and tracker.state.fine_tuned_model == final.fine_tuned_model
+        assert tracker.state.losses and tracker.state.steps[-1] == tracker.state.total_steps
+        assert [s for s, recorded in updates if recorded] == list(dict.fromkeys(s for s, _ in updates))
         assert [e.created_at for e in seen] == sorted(e.created_at for e in seen)
         assert seen[0].message.startswith("Created") and "successfully" in seen[-1].message
         rec = store.jobs()[0]
@@ -138,3 +142,24 @@ def test_a_server_that_ignores_streaming_is_a_clear_error(fake_openai):
     backend = Backend("compatible", fake_openai.base_url, "sk-test")
     with pytest.raises(ft.FinetuneError, match="no streamed reply"):
         list(stream_pieces(backend, "m", messages=chat_messages("hello")))
+
+
+def test_finetune_project_wait_exports_beside_it_and_records_the_job(local, tmp_path):
+    """`gridtune finetune PROJECT --wait`: the export lands beside the project, and the
+    job's status changes reach the project through the same JobTracker the TUI uses."""
+    from gridtune.pipeline.project import create_project
+    from gridtune.store import Store
+    from tests.test_tui_export import fill
+    from tests.test_tui_generate import small_spec
+
+    project = tmp_path / "tiny.gridtune"
+    create_project(project, small_spec(samples=3)).close()
+    fill(project)
+    r = run("finetune", str(project), "--model", local.model, "--epochs", "1", "--wait")
+    assert r.exit_code == 0, r.output
+    assert (tmp_path / "tiny.jsonl").is_file()
+    with Store.open(project) as store:
+        job = store.jobs()[-1]
+        export = store.latest_export()
+    assert job.status == "succeeded" and job.fine_tuned_model == r.stdout.strip().splitlines()[-1]
+    assert job.export_id == export.id and export.path == str(tmp_path / "tiny.jsonl")

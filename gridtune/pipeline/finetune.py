@@ -9,6 +9,7 @@ organisations now) raises :class:`FinetuneRefused` with one clear line.
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -175,13 +176,143 @@ def follow_job(backend: Backend, job_id: str, on_event: Callable[[FineTuningJobE
             time.sleep(poll_s)
 
 
+# -- following a job: one fold of its events, for the TUI and the CLI alike ---------------
+
+EVENTS_KEPT = 20  # the latest event messages a JobState keeps
+
+
+@dataclass(frozen=True)
+class JobState:
+    """A fine-tuning job as a person following it sees it: folded by a JobTracker
+    from the job's polls and its events. Immutable: safe to hand to another thread."""
+
+    id: str | None = None
+    status: str = ""
+    model: str | None = None
+    fine_tuned_model: str | None = None
+    error: str | None = None
+    events: tuple[str, ...] = ()  # the latest EVENTS_KEPT event messages, oldest first
+    steps: tuple[float, ...] = ()
+    losses: tuple[float, ...] = ()
+    valid_steps: tuple[float, ...] = ()
+    valid_losses: tuple[float, ...] = ()
+    total_steps: int | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.status in TERMINAL
+
+    @property
+    def message(self) -> str | None:
+        """The latest event's message."""
+        return self.events[-1] if self.events else None
+
+    @classmethod
+    def from_record(cls, record: Any) -> "JobState":
+        """The state a project's job record (store.jobs()) holds: no events, no losses."""
+        return cls(id=record.id, status=record.status, model=record.model,
+                   fine_tuned_model=record.fine_tuned_model, error=record.error)
+
+
+def _first_line(text: Any) -> str | None:
+    lines = str(text).strip().splitlines() if text else []
+    return lines[0].strip() if lines else None
+
+
+class JobTracker:
+    """Folds a job's events and polls into a JobState, and records each change of
+    its status (or tuned model, or error) in the project when given a store.
+
+    ``on_event`` and ``on_job`` take the openai objects ``follow_job`` hands out;
+    ``state`` is the fold so far. ``on_job`` says whether it recorded a change, so
+    a caller knows when to tell others that the project's jobs changed.
+    """
+
+    def __init__(self, job_id: str, *, model: str | None = None, status: str = "", store: Any = None) -> None:
+        self.store = store
+        self._state = JobState(id=job_id, status=status, model=model)
+        self._events: list[str] = []
+        self._curves: dict[str, list[float]] = {"steps": [], "losses": [], "valid_steps": [], "valid_losses": []}
+        self._recorded: tuple[str, str | None, str | None] | None = None
+
+    @property
+    def state(self) -> JobState:
+        return self._state
+
+    def on_event(self, event: FineTuningJobEvent) -> None:
+        message = _first_line(event.message)
+        if message:
+            self._events = (self._events + [message])[-EVENTS_KEPT:]
+        data = event.data if isinstance(event.data, dict) else {}
+        step, total = data.get("step"), data.get("total_steps")
+        curves = self._curves
+        if event.type == "metrics" and step is not None:
+            if data.get("train_loss") is not None:
+                curves["steps"].append(float(step))
+                curves["losses"].append(float(data["train_loss"]))
+            if data.get("valid_loss") is not None:
+                curves["valid_steps"].append(float(step))
+                curves["valid_losses"].append(float(data["valid_loss"]))
+        self._state = replace(
+            self._state, events=tuple(self._events),
+            total_steps=int(total) if isinstance(total, (int, float)) else self._state.total_steps,
+            **{name: tuple(values) for name, values in curves.items()})
+
+    def on_job(self, job: FineTuningJob) -> bool:
+        error = _first_line(job.error.message) if job.error is not None and job.error.message else None
+        self._state = replace(self._state, status=job.status, model=job.model or self._state.model,
+                              fine_tuned_model=job.fine_tuned_model or self._state.fine_tuned_model,
+                              error=error or self._state.error)
+        return self._record()
+
+    def _record(self) -> bool:
+        s = self._state
+        now = (s.status, s.fine_tuned_model, s.error)
+        if self.store is None or now == self._recorded or s.id is None:
+            return False
+        self._recorded = now
+        record_job_status(self.store, s.id, status=s.status, fine_tuned_model=s.fine_tuned_model, error=s.error)
+        return True
+
+    def follow(self, backend: Backend, *, poll_s: float = 1.0, timeout_s: float | None = None,
+               on_event: Callable[[FineTuningJobEvent], None] | None = None,
+               on_update: Callable[[JobState, bool], None] | None = None) -> FineTuningJob:
+        """Follow the job to its end (``follow_job``), folding as it goes: ``on_event``
+        after each event is folded, ``on_update(state, recorded)`` after each poll."""
+
+        def event(e: FineTuningJobEvent) -> None:
+            self.on_event(e)
+            if on_event:
+                on_event(e)
+
+        def job(j: FineTuningJob) -> None:
+            recorded = self.on_job(j)
+            if on_update:
+                on_update(self._state, recorded)
+
+        assert self._state.id is not None
+        return follow_job(backend, self._state.id, event, poll_s=poll_s, timeout_s=timeout_s, on_job=job)
+
+
+def record_job_status(store: Any, job_id: str, *, status: str, fine_tuned_model: str | None = None,
+                      error: str | None = None) -> None:
+    """Record a job's status (and tuned model, or error) in the project."""
+    store.update_job(job_id, status=status, fine_tuned_model=fine_tuned_model, error=error)
+
+
 # -- the whole step, as the CLI and the TUI run it -------------------------------------
+
+def default_export_path(project_path: str | Path) -> Path:
+    """Where a project's export goes unless told otherwise: ``<project stem>.jsonl``
+    beside the project file (its validation split beside that)."""
+    return Path(project_path).with_suffix(".jsonl")
+
 
 def export_for_finetune(store: Any, validation: Path | None = None) -> tuple[Path, Path | None, int | None]:
     """Export a project's kept examples for training: (train path, validation path, export id)."""
     from .export import ExportError, export_project
 
-    out = Path(store.path).with_suffix(".train.jsonl")
+    out = default_export_path(store.path)
     try:
         result = export_project(store, out)
     except ExportError as exc:

@@ -229,37 +229,31 @@ def export_model_cmd(model_id: str, output: Path) -> None:
 def _follow_with_progress(backend: Any, job_id: str, *, store: Any = None, quiet: bool = False,
                           file: TextIO | None = None) -> Any:
     """Follow a job to its end with a rich progress bar (steps, loss) and its messages:
-    the command line's view of pipeline.finetune.follow_job."""
+    the command line's view of the JobTracker the TUI follows jobs with too (it records
+    the job's status changes in the project, when there is one)."""
     import time
 
-    from ..pipeline import finetune as ft
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from ..pipeline import finetune as ft
 
     console = Console(file=file, stderr=file is None, quiet=quiet)
     progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                         TextColumn("{task.fields[loss]}"), TimeElapsedColumn(), console=console, transient=False)
     task = progress.add_task("training", total=None, loss="")
+    tracker = ft.JobTracker(job_id, store=store)
 
     def on_event(event: Any) -> None:
-        data = event.data if isinstance(event.data, dict) else {}
-        if event.type == "metrics" and "step" in data:
-            loss = f"loss {data['train_loss']:.4f}" if data.get("train_loss") is not None else ""
-            if data.get("valid_loss") is not None:
-                loss += f"  valid {data['valid_loss']:.4f}"
-            progress.update(task, completed=data["step"], total=data.get("total_steps"), loss=loss)
+        state = tracker.state  # this event already folded in
+        if event.type == "metrics" and state.steps:
+            loss = f"loss {state.losses[-1]:.4f}"
+            if state.valid_losses and state.valid_steps[-1] == state.steps[-1]:
+                loss += f"  valid {state.valid_losses[-1]:.4f}"
+            progress.update(task, completed=state.steps[-1], total=state.total_steps, loss=loss)
         else:
             progress.console.print(f"[dim]{time.strftime('%H:%M:%S', time.localtime(event.created_at))}[/] "
                                    f"{event.message}")
 
-    last_status: dict[str, str] = {}
-
-    def on_job(job: Any) -> None:
-        if store is not None and last_status.get("s") != job.status:
-            store.update_job(job.id, status=job.status, fine_tuned_model=job.fine_tuned_model,
-                             error=job.error.message if job.error and job.error.message else None)
-        last_status["s"] = job.status
-
     with progress:
-        job = ft.follow_job(backend, job_id, on_event, on_job=on_job)
-    return job
+        return tracker.follow(backend, on_event=on_event)
