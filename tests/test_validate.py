@@ -184,7 +184,10 @@ def test_good_legacy_file(tmp_path):
     assert "all completions end with the stop `. END`" in r.notes
     assert not any("pair(s); at least a few hundred" in w for w in r.warnings)
     assert not any("start with a space" in w for w in r.warnings)
-    assert r.stats["estimated_cost_usd"] is not None
+    # babbage-002 still counts the tokens, but it is retired: no cost is given for it.
+    assert r.stats["estimated_cost_usd"] is None and r.stats["price_model"] is None
+    assert "retired" in r.stats["price_note"] and "none can be priced" in r.render_text()
+    assert "$" not in r.render_text()
 
 
 def test_legacy_warnings(tmp_path):
@@ -283,3 +286,26 @@ def test_a_line_over_the_cap_is_one_error_naming_it_and_the_rest_is_still_checke
     assert r.errors == {"line_too_long": 2} and r.error_lines["line_too_long"] == [2, 4]
     assert r.n_examples == 3 and r.n_lines == 5
     assert any("line 2 is longer than" in w for w in r.warnings)
+
+
+def test_report_lines_say_what_each_line_is_and_render_text_prints_them():
+    """The structured view the TUI styles: every warning added to ``warnings`` (however
+    a check adds it) is a warning line; errors are error lines under their heading."""
+    from gridtune.pipeline.validate import ERROR, FIGURE, OK, TITLE, WARNING, ValidationReport
+
+    report = validate_examples([{"messages": [{"role": "user", "content": "hi"}]},
+                                {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "ok."}]}])
+    report.warnings.append("a warning added by another check")
+    lines = report.lines()
+    assert lines[0].kind == TITLE
+    assert [(l.kind, l.heading) for l in lines if l.text.endswith("error(s):")] == [(ERROR, True)]
+    assert any(l.kind == ERROR and "example_missing_assistant_message: 1" in l.text for l in lines)
+    warnings = [l.text for l in lines if l.kind == WARNING and not l.heading]
+    assert "  - a warning added by another check" in warnings and "  - 2 example(s) missing a system message" in warnings
+    assert any(l.kind == FIGURE and l.text.startswith("tokens per example") for l in lines)
+    assert report.render_text() == "\n".join(l.text for l in lines)
+    clean = validate_examples([{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "ok."}]}])
+    assert [l.kind for l in clean.lines()][:2] == [TITLE, OK]
+    again = ValidationReport.from_dict(json.loads(json.dumps(report.to_dict())))
+    assert again is not None and again.render_text() == report.render_text()
+    assert ValidationReport.from_dict(None) is None and ValidationReport.from_dict({"errors": 3}) is None

@@ -89,6 +89,20 @@ def _digest(*parts: str) -> bytes:
     return hashlib.blake2b(json.dumps(parts, ensure_ascii=False).encode(), digest_size=16).digest()
 
 
+# What a line of a report is, for whoever styles it (the TUI colours errors red).
+TITLE, OK, ERROR, WARNING, NOTE, FIGURE = "title", "ok", "error", "warning", "note", "figure"
+
+
+@dataclass(frozen=True)
+class ReportLine:
+    """One line of a report as text, with its kind; ``heading`` marks the line that
+    opens a section ("2 error(s):", "Warnings:")."""
+
+    kind: str
+    text: str
+    heading: bool = False
+
+
 @dataclass
 class ValidationReport:
     path: str | None
@@ -128,26 +142,43 @@ class ValidationReport:
             "stats": self.stats,
         }
 
-    def render_text(self) -> str:
+    @classmethod
+    def from_dict(cls, data: dict[str, Any] | None) -> "ValidationReport | None":
+        """A report back from ``to_dict`` (as an export records it); None when unreadable."""
+        if not isinstance(data, dict):
+            return None
+        try:
+            report = cls(path=data.get("path"), format=str(data.get("format") or UNKNOWN),
+                         model=str(data.get("model") or ""))
+            report.n_examples, report.n_lines = int(data.get("n_examples") or 0), int(data.get("n_lines") or 0)
+            report.errors = {str(k): int(v) for k, v in (data.get("errors") or {}).items()}
+            report.error_lines = {str(k): list(v) for k, v in (data.get("error_lines") or {}).items()}
+            report.warnings = [str(w) for w in data.get("warnings") or []]
+            report.notes = [str(n) for n in data.get("notes") or []]
+            report.stats = dict(data.get("stats") or {})
+        except (TypeError, ValueError, AttributeError):
+            return None
+        return report
+
+    def lines(self) -> list[ReportLine]:
+        """The report as lines that say what they are (a title, an error, a warning,
+        a figure...): ``render_text`` prints them, the TUI styles them by kind."""
         s = self.stats
         head = f"{self.path}: " if self.path else ""
-        out = [
-            f"{head}{self.format} format, {self.n_examples:,} example(s); "
-            f"tokens counted for {self.model} ({s.get('encoding', '?')})"
-        ]
+        out = [ReportLine(TITLE, f"{head}{self.format} format, {self.n_examples:,} example(s); "
+                                 f"tokens counted for {self.model} ({s.get('encoding', '?')})")]
         if self.errors:
-            out.append(f"{sum(self.errors.values()):,} error(s):")
+            out.append(ReportLine(ERROR, f"{sum(self.errors.values()):,} error(s):", heading=True))
             for kind, count in sorted(self.errors.items()):
                 lines = self.error_lines.get(kind)
                 where = f" (line {', '.join(map(str, lines))}{', ...' if count > len(lines) else ''})" if lines else ""
-                out.append(f"  {kind}: {count:,}{where}")
+                out.append(ReportLine(ERROR, f"  {kind}: {count:,}{where}"))
         else:
-            out.append("No errors found.")
+            out.append(ReportLine(OK, "No errors found."))
         if self.warnings:
-            out.append("Warnings:")
-            out.extend(f"  - {w}" for w in self.warnings)
-        if self.notes:
-            out.extend(f"  * {n}" for n in self.notes)
+            out.append(ReportLine(WARNING, "Warnings:", heading=True))
+            out.extend(ReportLine(WARNING, f"  - {w}") for w in self.warnings)
+        out.extend(ReportLine(NOTE, f"  * {n}") for n in self.notes)
         for key, label in (
             ("messages_per_example", "messages per example"),
             ("tokens_per_example", "tokens per example"),
@@ -155,22 +186,25 @@ class ValidationReport:
         ):
             d = s.get(key)
             if d:
-                out.append(
+                out.append(ReportLine(FIGURE,
                     f"{label}: min {d['min']:,} / max {d['max']:,}, mean {d['mean']:,} / "
                     f"median {d['median']:,}, p5 {d['p5']:,} / p95 {d['p95']:,}"
-                )
+                ))
         if "billed_tokens_per_epoch" in s:
-            out.append(
+            out.append(ReportLine(FIGURE,
                 f"{s['n_over_context']:,} example(s) over the {s['context_length']:,}-token limit; "
                 f"~{s['billed_tokens_per_epoch']:,} billed tokens per epoch"
-            )
+            ))
             price = s.get("estimated_cost_usd")
             money = (f", about {usd(price)} for {s['price_model']}" if price is not None
-                     else " (no price known for this model)")
-            out.append(
+                     else f" ({s.get('price_note') or 'no price known for this model'})")
+            out.append(ReportLine(FIGURE,
                 f"{s['epochs']} epoch(s) by default -> ~{s['billed_tokens_total']:,} tokens charged{money}"
-            )
-        return "\n".join(out)
+            ))
+        return out
+
+    def render_text(self) -> str:
+        return "\n".join(line.text for line in self.lines())
 
 
 class _Checker:
