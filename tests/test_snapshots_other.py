@@ -1,4 +1,4 @@
-"""Snapshots of the generate, export & fine-tune and playground screens at 80x24.
+"""Snapshots of the generate screen at 80x24 (export and playground: test_snapshots_export_playground.py).
 
 Update the baselines with ``pytest tests/test_snapshots_other.py --snapshot-update``
 after looking at the new rendering. Nothing time-dependent is on screen: the
@@ -16,12 +16,10 @@ import pytest
 
 from gridtune.pipeline import runs
 from gridtune.pipeline.project import create_project
-from gridtune.screens.export import JobChanged, JobView
 from gridtune.store import Store
 from gridtune.tui.app import GridtuneApp
 from tests.test_tui_export import fill
 from tests.test_tui_generate import small_spec
-from tests.test_tui_playground import fake, streaming_server  # noqa: F401 - fixtures
 from tests.tui_helpers import settle
 
 SIZE = (80, 24)
@@ -68,48 +66,3 @@ def test_generate_screen_with_a_bad_setting(snap_compare, project):
         await settle(pilot)
 
     assert snap_compare(GridtuneApp(project, start_mode="generate"), terminal_size=SIZE, run_before=before)
-
-
-def test_export_screen_after_export_with_a_job(snap_compare, project):
-    fill(project)
-
-    async def before(pilot):
-        await _steady(pilot)
-        screen = pilot.app.screen
-        screen.query_one("#opt-out_path").value = "train.jsonl"
-        await pilot.press("e")
-        for _ in range(100):
-            if screen.result is not None:
-                break
-            await pilot.pause(0.05)
-        view = JobView(id="ftjob-test", status="running", model="base-model",
-                       events=["Step 6/8: training loss=1.10"],
-                       steps=[1, 2, 3, 4, 5, 6], losses=[2.5, 2.1, 1.8, 1.5, 1.3, 1.1])
-        screen.post_message(JobChanged(view))
-        await settle(pilot)
-        pilot.app.clear_notifications()
-        await pilot.pause()
-
-    assert snap_compare(GridtuneApp(project, start_mode="export"), terminal_size=SIZE, run_before=before)
-
-
-def test_playground_screen_with_a_repeating_reply(snap_compare, project, fake):
-    fill(project)
-    fake.reply = "In 2050 Tokyo hums. The city grew. The city grew. The city grew. The city grew and grew."
-
-    async def before(pilot):
-        await _steady(pilot)
-        screen = pilot.app.screen
-        for _ in range(100):
-            if screen.spec is not None and screen.models:
-                break
-            await pilot.pause(0.05)
-        screen.query_one("#pg-max_tokens").value = "14"
-        await pilot.press("r")
-        for _ in range(100):
-            if screen._streams.get("a", {}).get("done"):
-                break
-            await pilot.pause(0.05)
-        await _steady(pilot)
-
-    assert snap_compare(GridtuneApp(project, start_mode="playground"), terminal_size=SIZE, run_before=before)

@@ -4,12 +4,19 @@ The export (and its validation: errors, warnings, token statistics, cost
 estimate) always runs first and is shown before anything is uploaded; a
 fine-tuning job can only start from an export without errors. The job is
 followed live (status, events, a loss chart) and can be cancelled; when it
-succeeds, one key takes its model to the playground with the export's stop.
+succeeds, one key takes its model to the playground.
+
+What the screen shows comes from the store: the counts, the latest export and
+its report, the latest job. It re-reads them on every ``ProjectChanged`` (its
+own export, a grading on another screen, a CLI run in another terminal). The
+work is the pipeline's: ``export_project``, ``start_finetune`` and a
+``JobTracker`` that folds the job's events and records its status.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+import os
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -19,18 +26,22 @@ from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.message import Message
-from textual.screen import Screen
-from textual.widgets import Footer, Input, Label, Select, Static
+from textual.reactive import reactive
+from textual.widgets import Input, Label, Select, Static
 from textual.worker import get_current_worker
 from textual_plotext import PlotextPlot
 
+from ..core.errors import one_line
+from ..pipeline.finetune import JobState, default_export_path
+from ..pipeline.validate import ERROR, FIGURE, NOTE, OK, TITLE, WARNING, ReportLine, ValidationReport, show
 from ..tui.events import OpenPlayground
 from ..tui.section import SectionScreen
-from ..tui.widgets import StatusLine
-from ..pipeline.validate import ValidationReport
 
-TERMINAL = ("succeeded", "failed", "cancelled")
 FORMATS = [("chat", "chat"), ("completion", "completion")]
+# The loss curves' colours, shared by the chart and its legend line above it.
+TRAIN_RGB, VALID_RGB = (64, 160, 255), (255, 166, 0)
+REPORT_STYLES = {TITLE: "bold", OK: "bold green", ERROR: "red", WARNING: "yellow", NOTE: "", FIGURE: ""}
+JOB_STYLES = {"succeeded": "bold green", "failed": "bold red", "cancelled": "yellow", "refused": "bold red"}
 
 
 @dataclass
@@ -91,20 +102,66 @@ def _escape(text: str | None) -> str:
     return (text or "").replace("\n", "\\n").replace("\t", "\\t")
 
 
-@dataclass
-class JobView:
-    """What the job panel shows."""
+def fit_path(path: str | Path, width: int, cwd: str | Path | None = None) -> str:
+    """A path in at most ``width`` characters: relative to ``cwd`` (default: the
+    current directory) when that is shorter, else with its middle elided, so the
+    file name at the end always shows."""
+    text = str(path)
+    try:
+        relative = os.path.relpath(text, cwd or os.getcwd())
+    except ValueError:  # another drive
+        relative = text
+    if len(relative) < len(text):
+        text = relative
+    if len(text) <= width:
+        return text
+    keep = max(width - 1, 2)
+    tail = max(keep * 2 // 3, 1)
+    return text[: keep - tail] + "…" + text[-tail:]
 
-    id: str | None = None
-    status: str = ""
-    model: str | None = None
-    fine_tuned_model: str | None = None
-    error: str | None = None
-    events: list[str] = field(default_factory=list)
-    steps: list[float] = field(default_factory=list)
-    losses: list[float] = field(default_factory=list)
-    valid_steps: list[float] = field(default_factory=list)
-    valid_losses: list[float] = field(default_factory=list)
+
+def report_lines(export: Any, width: int, warnings: list[str] | None = None) -> list[ReportLine]:
+    """What the report pane shows for an export record: where it went, then the
+    validation report of the file (and of the validation split), then the verdict."""
+    where = fit_path(export.path, width - 2)
+    out = [ReportLine(TITLE, f"export #{export.id} · {export.format} · {export.n_train:,} train"
+                             f"{f' / {export.n_valid:,} valid' if export.valid_path else ''}"),
+           ReportLine(NOTE, f"→ {where}")]
+    if export.valid_path:
+        out.append(ReportLine(NOTE, f"→ {fit_path(export.valid_path, width - 2)}"))
+    if export.format == "completion":
+        out.append(ReportLine(FIGURE, f"separator `{show(export.separator or '')}` · stop `{show(export.stop or '')}`"))
+    out += [ReportLine(WARNING, f"warning: {w}") for w in warnings or []]
+    data = export.report or {}
+    ok = True
+    for part, title in ((data, None), (data.get("valid"), "validation file")):
+        report = ValidationReport.from_dict(part)
+        if report is None:
+            continue
+        report = replace(report, path=title)  # the path is shown above, fitted
+        ok = ok and report.ok
+        out += report.lines()
+    out += [ReportLine(TITLE, ""), ReportLine(OK, "ready to fine-tune: f starts a job") if ok
+            else ReportLine(ERROR, "fix the errors above before fine-tuning", heading=True)]
+    return out
+
+
+def styled(lines: list[ReportLine]) -> Text:
+    """Report lines as Rich text: each styled by its kind, section heads in bold."""
+    out = Text()
+    for i, line in enumerate(lines):
+        if i:
+            out.append("\n")
+        style = REPORT_STYLES.get(line.kind, "")
+        out.append(line.text, style=f"bold {style}".strip() if line.heading else style)
+    return out
+
+
+def export_ok(export: Any) -> bool:
+    """Whether an export record's files passed validation (train and validation split)."""
+    data = (export.report or {}) if export is not None else {}
+    valid = data.get("valid") or {}
+    return export is not None and bool(data.get("ok", False)) and bool(valid.get("ok", True))
 
 
 class ExportDone(Message):
@@ -115,56 +172,29 @@ class ExportDone(Message):
 
 
 class JobChanged(Message):
-    def __init__(self, view: JobView) -> None:
+    """The followed job's state; ``recorded``: its status change is now in the project."""
+
+    def __init__(self, state: JobState, recorded: bool = False) -> None:
         super().__init__()
-        self.view = view
+        self.state = state
+        self.recorded = recorded
 
     def can_replace(self, message: Message) -> bool:
-        return isinstance(message, JobChanged)
+        return isinstance(message, JobChanged) and not message.recorded
 
 
-def report_from_dict(data: dict[str, Any] | None) -> ValidationReport | None:
-    """A ValidationReport back from what an export recorded in the project."""
-    if not data:
-        return None
-    known = {f.name for f in fields(ValidationReport)}
-    try:
-        return ValidationReport(**{k: v for k, v in data.items() if k in known})
-    except TypeError:
-        return None
-
-
-def report_text(summary_lines: list[str]) -> Text:
-    """Colour a report: errors red, warnings yellow, the verdict bold."""
-    out = Text()
-    section = ""
-    for i, line in enumerate(summary_lines):
-        if i:
-            out.append("\n")
-        stripped = line.strip()
-        if line.endswith("error(s):"):
-            section = "error"
-            out.append(line, style="bold red")
-        elif stripped == "Warnings:":
-            section = "warning"
-            out.append(line, style="bold yellow")
-        elif stripped == "No errors found.":
-            section = ""
-            out.append(line, style="bold green")
-        elif line.startswith("warning:"):
-            out.append(line, style="yellow")
-        elif line.startswith("  ") and section:
-            out.append(line, style="red" if section == "error" else "yellow")
-        else:
-            section = ""
-            out.append(line, style="bold" if i == 0 else "")
-    return out
+class Loaded(Message):
+    def __init__(self, title: Text, export: Any, latest_job: Any) -> None:
+        super().__init__()
+        self.title = title
+        self.export = export
+        self.latest_job = latest_job
 
 
 class ExportScreen(SectionScreen):
-    MODE = "export"
     """Export options, the validation report, and the fine-tuning job."""
 
+    MODE = "export"
     CSS_PATH = "export.tcss"
     AUTO_FOCUS = ""  # letters are commands until `o` (or tab) enters the options
     BINDINGS = [
@@ -180,23 +210,30 @@ class ExportScreen(SectionScreen):
         Binding("pageup", "scroll_report(-1)", "report up", show=False, id="export.report_up"),
     ]
 
+    title_text: reactive[Text] = reactive(Text, init=False)
+    """The header: the project's name and counts, as the store has them now."""
+    export: reactive[Any] = reactive(None, init=False, bindings=True)
+    """The latest export recorded in the project (an ExportRecord)."""
+    note: reactive[str] = reactive("", init=False)
+    """What the report pane says instead of a report (while exporting)."""
+    job: reactive[JobState] = reactive(JobState, init=False, bindings=True)
+    error: reactive[str] = reactive("", init=False)
+    busy: reactive[str | None] = reactive(None, bindings=True)  # exporting | uploading | cancelling
+
     def __init__(self, ctx) -> None:
         super().__init__(ctx)
-        self.busy: str | None = None  # exporting | uploading | cancelling
-        self.result = None  # the ExportResult of this session's export
-        self.export_record = None  # the latest export recorded in the project
-        self.job = JobView()
-        self._shown: dict[str, Any] = {}
-        self._plotted: tuple | None = None
+        self.result: Any = None  # this session's latest ExportResult (its warnings are not recorded)
         self.poll_s = 1.0
+        self._following: str | None = None  # the job a follow worker is on
+        self._seen_job: tuple[str, str] | None = None  # (id, status) of the stored job last shown
+        self._announced: str | None = None
 
     @property
     def default_path(self) -> Path:
-        return self.ctx.path.with_suffix(".jsonl")
+        return default_export_path(self.ctx.path)
 
     # -- layout ---------------------------------------------------------------
-    def compose(self) -> ComposeResult:
-        yield StatusLine()
+    def compose_body(self) -> ComposeResult:
         yield Static(id="exp-title")
         with Horizontal(id="exp-main"):
             with Vertical(id="exp-form"):
@@ -207,7 +244,8 @@ class ExportScreen(SectionScreen):
                 yield from self._row("separator", Input(id="opt-separator", placeholder="auto", compact=True))
                 yield from self._row("stop", Input(id="opt-stop", placeholder="auto", compact=True))
                 yield from self._row("valid frac", Input("0", id="opt-validation_fraction", compact=True))
-                yield from self._row("output", Input(str(self.default_path), id="opt-out_path", compact=True))
+                yield from self._row("output", Input(fit_path(self.default_path, 10_000), id="opt-out_path",
+                                                     compact=True))
                 yield Static("fine-tune", classes="form-head spaced")
                 yield from self._row("base model", Input(id="opt-base_model", placeholder="backend default",
                                                          compact=True))
@@ -219,9 +257,9 @@ class ExportScreen(SectionScreen):
                 with Vertical(id="exp-job"):
                     yield Static(id="exp-job-status")
                     yield Static(id="exp-job-events")
+                    yield Static(id="exp-loss-legend")
                     yield PlotextPlot(id="exp-loss")
         yield Static(id="exp-error")
-        yield Footer(compact=True)
 
     def _row(self, label: str, widget) -> ComposeResult:
         with Horizontal(classes="form-row"):
@@ -235,19 +273,49 @@ class ExportScreen(SectionScreen):
         for attribute in ("virtual_size", "size", "scroll_y"):
             self.watch(report_box, attribute, lambda *_: self._report_hint(), init=False)
         self._sync_format("chat")
-        self._set("exp-report", Text("e exports and validates: nothing is uploaded before you see this report.",
-                                     style="dim"))
+        self._render_report()
         self._render_job()
         self.load_state()
 
-    # -- helpers ----------------------------------------------------------------
-    def _set(self, widget_id: str, value: Any) -> None:
-        if self._shown.get(widget_id) != value:
-            self._shown[widget_id] = value
-            self.query_one(f"#{widget_id}", Static).update(value)
-            if widget_id == "exp-report":
-                box = self.query_one("#exp-report-box")
-                box.scroll_home(animate=False)
+    # -- showing what the state holds --------------------------------------------
+    def watch_title_text(self, text: Text) -> None:
+        self.query_one("#exp-title", Static).update(text)
+
+    def watch_export(self, old: Any, new: Any) -> None:
+        if new is not None and (old is None or old.id != new.id):
+            self._fill_from_export(new)
+        self._render_report()
+
+    def watch_note(self) -> None:
+        self._render_report()
+
+    def watch_job(self) -> None:
+        self._render_job()
+
+    def watch_error(self, message: str) -> None:
+        widget = self.query_one("#exp-error", Static)
+        widget.display = bool(message)
+        widget.update(Text(message, style="bold red"))
+
+    def on_resize(self) -> None:
+        self._render_report()  # the paths are fitted to the pane's width
+
+    def _report_width(self) -> int:
+        width = self.query_one("#exp-report-box").scrollable_content_region.width
+        return max(width - 1, 20) if width else 44
+
+    def _render_report(self) -> None:
+        if self.note:
+            text = Text(self.note, style="yellow")
+        elif self.export is None:
+            text = Text("e exports and validates: nothing is uploaded before you see this report.", style="dim")
+        else:
+            warnings = self.result.warnings if self.result and self.result.export_id == self.export.id else None
+            text = styled(report_lines(self.export, self._report_width(), warnings))
+        report = self.query_one("#exp-report", Static)
+        if str(report.render()) != str(text):  # a new report starts at its top
+            self.query_one("#exp-report-box").scroll_home(animate=False)
+        report.update(text)
 
     def _report_hint(self) -> None:
         """Say on the job pane's top rule that the report goes on below its box."""
@@ -268,11 +336,50 @@ class ExportScreen(SectionScreen):
         else:
             box.scroll_page_up(animate=False)
 
-    def _show_error(self, message: str | None) -> None:
-        widget = self.query_one("#exp-error", Static)
-        widget.display = bool(message)
-        self._set("exp-error", Text(message or "", style="bold red"))
+    def _render_job(self) -> None:
+        job = self.job
+        if job.id is None and not job.error and not job.status:
+            status = Text("no job yet · f fine-tunes on the current backend once the export has no errors",
+                          style="dim")
+        else:
+            status = Text()
+            if job.fine_tuned_model:
+                # First, so it is never the line cut off: the id a person copies or tries (p).
+                status.append(f"{job.fine_tuned_model}\n", style="bold green")
+            status.append_text(Text.assemble(("job ", "dim"), (job.id or "–", ""), "  ",
+                                             (job.status, JOB_STYLES.get(job.status, "bold"))))
+            if job.model:
+                status.append(f" · {job.model}", style="dim")
+            if job.error:
+                status.append(f"\n{job.error}", style="red")
+        self.query_one("#exp-job-status", Static).update(status)
+        self.query_one("#exp-job-events", Static).update(
+            Text(job.message or "", style="dim", no_wrap=True, overflow="ellipsis"))
+        self._render_chart(job)
 
+    def _render_chart(self, job: JobState) -> None:
+        """The loss curves, their legend on its own line above the plot (never over the curves)."""
+        legend = Text(no_wrap=True, overflow="ellipsis")
+        if job.losses:
+            legend.append("loss  ", style="bold")
+            step = f"step {int(job.steps[-1])}" + (f"/{job.total_steps}" if job.total_steps else "")
+            legend.append(f"━ train {job.losses[-1]:.3f}", style="rgb({},{},{})".format(*TRAIN_RGB))
+            if job.valid_losses:
+                legend.append(f"  ━ valid {job.valid_losses[-1]:.3f}", style="rgb({},{},{})".format(*VALID_RGB))
+            legend.append(f"  · {step}", style="dim")
+        self.query_one("#exp-loss-legend", Static).update(legend)
+        plot = self.query_one("#exp-loss", PlotextPlot)
+        plot.display = bool(job.losses)
+        plt = plot.plt
+        plt.clear_data()
+        plt.clear_figure()
+        if job.losses:
+            plt.plot(job.steps, job.losses, marker="braille", color=TRAIN_RGB)
+        if job.valid_losses:
+            plt.plot(job.valid_steps, job.valid_losses, marker="braille", color=VALID_RGB)
+        plot.refresh()
+
+    # -- the form ------------------------------------------------------------------
     def _raw(self) -> dict[str, str]:
         raw = {w.id.removeprefix("opt-"): w.value for w in self.query(Input) if w.id and w.id.startswith("opt-")}
         raw["format"] = str(self.query_one("#opt-format", Select).value)
@@ -286,7 +393,28 @@ class ExportScreen(SectionScreen):
     def _format_changed(self, event: Select.Changed) -> None:
         self._sync_format(str(event.value))
 
-    # -- loading what the project already has --------------------------------------
+    def _fill_from_export(self, export: Any) -> None:
+        """The form says what the latest export used: the next `e` repeats it."""
+        self.query_one("#opt-format", Select).value = export.format
+        self._sync_format(export.format)
+        self.query_one("#opt-min_grade", Input).value = "" if export.min_grade is None else str(export.min_grade)
+        self.query_one("#opt-separator", Input).value = _escape(export.separator)
+        self.query_one("#opt-stop", Input).value = _escape(export.stop)
+        self.query_one("#opt-validation_fraction", Input).value = f"{export.validation_fraction:g}"
+        self.query_one("#opt-out_path", Input).value = fit_path(export.path, 10_000)
+
+    def action_edit_options(self) -> None:
+        self.call_after_refresh(self.query_one("#opt-format", Select).focus)
+
+    def action_leave_options(self) -> None:
+        self.set_focus(None)
+
+    @on(Input.Submitted)
+    def _submitted(self, event: Input.Submitted) -> None:
+        self.set_focus(None)
+        self.action_export()
+
+    # -- reading the project -------------------------------------------------------
     def refresh_from_project(self, what: frozenset[str]) -> None:
         self.load_state()
 
@@ -296,62 +424,35 @@ class ExportScreen(SectionScreen):
         counts = store.status_counts()
         try:
             name = self.ctx.spec().name
-        except Exception:  # noqa: BLE001
+        except Exception:  # noqa: BLE001 - a broken spec shows on the grid screen; the name falls back
             name = self.ctx.path.stem
-        export = store.latest_export()
-        jobs = store.jobs()
-        self.app.call_from_thread(self._loaded, name, counts, export, jobs)
-
-    def _loaded(self, name: str, counts, export, jobs) -> None:
         kept = counts.done - counts.rejected
-        self._set("exp-title", Text.assemble(
-            ("Export & fine-tune", "bold"), f" · {name} · {counts.done:,} done · {counts.graded:,} graded · "
-            f"{counts.rejected:,} rejected · {kept:,} kept"))
-        if export is not None and self.result is None:
-            self.export_record = export
-            self._fill_from_export(export)
-            report = report_from_dict(export.report)
-            lines = [f"latest export #{export.id}: {export.n_train:,} train / {export.n_valid:,} valid "
-                     f"-> {export.path}"]
-            if report is not None:
-                lines += report.render_text().splitlines()
-            self._set("exp-report", report_text(lines))
-        if jobs and self.job.id is None:
-            job = jobs[-1]
-            self.job = JobView(id=job.id, status=job.status, model=job.model,
-                               fine_tuned_model=job.fine_tuned_model, error=job.error)
-            self._render_job()
-            if job.status not in TERMINAL:
-                self.follow(job.id)
-        self.refresh_bindings()
+        title = Text.assemble(("Export & fine-tune", "bold"), f" · {name} · {counts.done:,} done · "
+                              f"{counts.graded:,} graded · {counts.rejected:,} rejected · {kept:,} kept")
+        jobs = store.jobs()
+        self.post_message(Loaded(title, store.latest_export(), jobs[-1] if jobs else None))
 
-    def _fill_from_export(self, export) -> None:
-        self.query_one("#opt-format", Select).value = export.format
-        self._sync_format(export.format)
-        self.query_one("#opt-min_grade", Input).value = "" if export.min_grade is None else str(export.min_grade)
-        self.query_one("#opt-separator", Input).value = _escape(export.separator)
-        self.query_one("#opt-stop", Input).value = _escape(export.stop)
-        self.query_one("#opt-validation_fraction", Input).value = f"{export.validation_fraction:g}"
-        self.query_one("#opt-out_path", Input).value = export.path
+    @on(Loaded)
+    def _loaded(self, message: Loaded) -> None:
+        self.title_text = message.title
+        self.export = message.export
+        record = message.latest_job
+        if record is None or record.id == self._following or (record.id, record.status) == self._seen_job:
+            return  # a job being followed shows its live state, richer than its record
+        self._seen_job = (record.id, record.status)
+        self.job = JobState.from_record(record)
+        if not self.job.finished:
+            self.follow(self.job)
 
     # -- state ------------------------------------------------------------------
-    def _export_ok(self) -> bool:
-        if self.result is not None:
-            return bool(self.result.ok)
-        if self.export_record is not None:
-            report = self.export_record.report or {}
-            valid = report.get("valid") or {}
-            return bool(report.get("ok", False)) and bool(valid.get("ok", True))
-        return False
-
     def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
-        job_running = bool(self.job.id) and self.job.status not in TERMINAL
+        job_running = bool(self.job.id) and not self.job.finished
         if action == "export":
             return None if self.busy else True
         if action == "finetune":
             if job_running:
                 return False
-            return None if (self.busy or not self._export_ok()) else True
+            return None if (self.busy or not export_ok(self.export)) else True
         if action == "cancel_job":
             return job_running and self.busy != "cancelling"
         if action == "playground":
@@ -363,12 +464,11 @@ class ExportScreen(SectionScreen):
         try:
             opts = ExportOptions.parse(self._raw(), self.default_path)
         except ValueError as exc:
-            self._show_error(str(exc))
+            self.error = str(exc)
             return
-        self._show_error(None)
+        self.error = ""
         self.busy = "exporting"
-        self.refresh_bindings()
-        self._set("exp-report", Text(f"exporting to {opts.out_path} and validating…", style="yellow"))
+        self.note = f"exporting to {fit_path(opts.out_path, self._report_width() - 13)} and validating…"
         self.run_export(opts)
 
     @work(thread=True, exclusive=True, group="exp-export", exit_on_error=False)
@@ -381,164 +481,101 @@ class ExportScreen(SectionScreen):
                 separator=opts.separator, stop=opts.stop, validation_fraction=opts.validation_fraction,
                 model=opts.base_model,
             )
-        except Exception as exc:  # noqa: BLE001 - ExportError etc.: one line, inline
-            self.post_message(ExportDone(None, _one_line(exc)))
+        except Exception as exc:  # noqa: BLE001 - ExportError, a locked file...: one line, inline
+            self.post_message(ExportDone(None, one_line(exc)))
         else:
             self.post_message(ExportDone(result, None))
 
     @on(ExportDone)
     def _export_done(self, message: ExportDone) -> None:
         self.busy = None
+        self.note = ""
         if message.error:
-            self._show_error(f"export: {message.error}")
-            self._set("exp-report", Text("nothing was written.", style="dim"))
-        else:
-            result = message.result
-            self.result = result
-            if result.format == "completion":
-                self.query_one("#opt-separator", Input).value = _escape(result.separator)
-                self.query_one("#opt-stop", Input).value = _escape(result.stop)
-            verdict = ("ready to fine-tune: f starts a job" if result.ok
-                       else "fix the errors above before fine-tuning")
-            lines = result.summary().splitlines() + ["", verdict]
-            self._set("exp-report", report_text(lines))
-            self.app.notify(f"exported {result.n_train:,} example(s) to {result.path}", title="Export")
-            self.changed("exports")
-        self.refresh_bindings()
+            self.error = f"export: {message.error} (nothing was written)"
+            return
+        self.result = message.result
+        self.app.notify(f"exported {self.result.n_train:,} example(s) to {fit_path(self.result.path, 60)}",
+                        title="Export")
+        self.changed("exports")  # the report comes back from the store, as every other screen sees it
 
     # -- fine-tuning ------------------------------------------------------------
     def action_finetune(self) -> None:
         try:
             opts = ExportOptions.parse(self._raw(), self.default_path)
         except ValueError as exc:
-            self._show_error(str(exc))
+            self.error = str(exc)
             return
-        self._show_error(None)
+        if self.export is None:
+            return
+        self.error = ""
         self.busy = "uploading"
-        self.job = JobView(status="uploading the training file…", model=opts.base_model)
-        self._render_job()
-        self.refresh_bindings()
-        self.start_job(opts)
+        self.job = JobState(status="uploading the training file…", model=opts.base_model)
+        self.start_job(opts, self.export)
 
     @work(thread=True, exclusive=True, group="exp-job-start", exit_on_error=False)
-    def start_job(self, opts: ExportOptions) -> None:
+    def start_job(self, opts: ExportOptions, export: Any) -> None:
         from ..pipeline import finetune
 
-        store = self.ctx.store
         try:
-            export = self.result
-            export_id = export.export_id if export is not None else self.export_record.id
-            train = Path(export.path if export is not None else self.export_record.path)
-            valid_path = (export.valid_path if export is not None else self.export_record.valid_path)
             backend = self.ctx.backend()
             model = opts.base_model or backend.default_model
             if not model:
                 raise ValueError(f"give a base model to fine-tune ({backend.label} has no default)")
             job = finetune.start_finetune(
-                backend, train, model, validation_path=Path(valid_path) if valid_path else None,
-                epochs=opts.epochs, suffix=opts.suffix, store=store, export_id=export_id,
+                backend, Path(export.path), model,
+                validation_path=Path(export.valid_path) if export.valid_path else None,
+                epochs=opts.epochs, suffix=opts.suffix, store=self.ctx.store, export_id=export.id,
             )
         except Exception as exc:  # noqa: BLE001 - refused (OpenAI), backend down...: one message
-            view = JobView(status="refused", model=opts.base_model, error=_one_line(exc))
-            self.post_message(JobChanged(view))
+            self.post_message(JobChanged(JobState(status="refused", model=opts.base_model, error=one_line(exc))))
             self.app.call_from_thread(self._job_started, None)
             return
-        self.post_message(JobChanged(JobView(id=job.id, status=job.status, model=job.model)))
-        self.app.call_from_thread(self._job_started, job.id)
+        self.post_message(JobChanged(JobState(id=job.id, status=job.status, model=job.model), recorded=True))
+        self.app.call_from_thread(self._job_started, JobState(id=job.id, status=job.status, model=job.model))
 
-    def _job_started(self, job_id: str | None) -> None:
+    def _job_started(self, job: JobState | None) -> None:
         self.busy = None
-        self.refresh_bindings()
-        if job_id:
-            self.follow(job_id)
+        if job is not None:
+            self.follow(job)
 
     @work(thread=True, exclusive=True, group="exp-job-follow", exit_on_error=False)
-    def follow(self, job_id: str) -> None:
-        from ..pipeline import finetune
+    def follow(self, start: JobState) -> None:
+        from ..pipeline.finetune import JobTracker
 
         worker = get_current_worker()
-        store = self.ctx.store
-        state = {"view": JobView(id=job_id, status=self.job.status, model=self.job.model), "status": None}
+        self._following = start.id
+        tracker = JobTracker(start.id, model=start.model, status=start.status, store=self.ctx.store)
 
-        def check() -> None:
+        def update(state: JobState, recorded: bool) -> None:
             if worker.is_cancelled:
                 raise _StopFollowing
-
-        def on_event(event: Any) -> None:
-            check()
-            state["view"] = _apply_update(state["view"], event)
-            self.post_message(JobChanged(_copy(state["view"])))
-
-        def on_job(job: Any) -> None:
-            check()
-            state["view"] = _apply_update(state["view"], job)
-            if state["status"] != job.status:
-                state["status"] = job.status
-                error = job.error.message if getattr(job, "error", None) and job.error.message else None
-                store.update_job(job.id, status=job.status, fine_tuned_model=job.fine_tuned_model, error=error)
-            self.post_message(JobChanged(_copy(state["view"])))
+            self.post_message(JobChanged(state, recorded))
 
         try:
-            finetune.follow_job(self.ctx.backend(), job_id, on_event, on_job=on_job, poll_s=self.poll_s)
+            tracker.follow(self.ctx.backend(), poll_s=self.poll_s, on_update=update)
         except _StopFollowing:
             return
         except Exception as exc:  # noqa: BLE001 - the backend went away: say so, keep the screen
-            state["view"].error = _one_line(exc)
-            self.post_message(JobChanged(_copy(state["view"])))
+            self.post_message(JobChanged(replace(tracker.state, error=one_line(exc))))
+        finally:
+            self._following = None
 
     @on(JobChanged)
     def _job_changed(self, message: JobChanged) -> None:
-        self.job = message.view
-        self._render_job()
-        self.refresh_bindings()
-        if self.job.status == "succeeded" and self.job.fine_tuned_model:
-            if self._shown.get("_announced") != self.job.id:
-                self._shown["_announced"] = self.job.id
-                self.app.notify(f"{self.job.fine_tuned_model} is ready: p tries it in the playground",
-                                title="Fine-tuning")
-
-    def _render_job(self) -> None:
-        job = self.job
-        if job.id is None and not job.error and not job.status:
-            status = Text("no job yet · f fine-tunes on the current backend once the export has no errors",
-                          style="dim")
-        else:
-            style = {"succeeded": "bold green", "failed": "bold red", "cancelled": "yellow",
-                     "refused": "bold red"}.get(job.status, "bold")
-            status = Text()
-            if job.fine_tuned_model:
-                # First, so it is never the line cut off: the id a person copies or tries (p).
-                status.append(f"{job.fine_tuned_model}\n", style="bold green")
-            status.append_text(Text.assemble(("job ", "dim"), (job.id or "–", ""), "  ", (job.status, style)))
-            if job.model:
-                status.append(f" · {job.model}", style="dim")
-            if job.losses:
-                status.append(f" · step {int(job.steps[-1])} loss {job.losses[-1]:.3f}")
-            if job.error:
-                status.append(f"\n{job.error}", style="red")
-        self._set("exp-job-status", status)
-        self._set("exp-job-events", Text("\n".join(job.events[-2:]), style="dim", no_wrap=True,
-                                         overflow="ellipsis"))
-        key = (tuple(job.steps), tuple(job.losses), tuple(job.valid_losses))
-        if key != self._plotted:
-            self._plotted = key
-            plot = self.query_one("#exp-loss", PlotextPlot)
-            plt = plot.plt
-            plt.clear_data()
-            plt.clear_figure()
-            plt.title("loss")
-            if job.losses:
-                plt.plot(job.steps, job.losses, marker="braille", label="train")
-            if job.valid_losses:
-                plt.plot(job.valid_steps, job.valid_losses, marker="braille", label="valid")
-            plot.refresh()
+        state = message.state
+        self.job = state
+        if state.id is not None:
+            self._seen_job = (state.id, state.status)
+        if message.recorded:
+            self.changed("jobs")
+        if state.status == "succeeded" and state.fine_tuned_model and self._announced != state.id:
+            self._announced = state.id
+            self.app.notify(f"{state.fine_tuned_model} is ready: p tries it in the playground", title="Fine-tuning")
 
     def action_cancel_job(self) -> None:
-        if not self.job.id:
-            return
-        self.busy = "cancelling"
-        self.refresh_bindings()
-        self.cancel_job(self.job.id)
+        if self.job.id:
+            self.busy = "cancelling"
+            self.cancel_job(self.job.id)
 
     @work(thread=True, exclusive=True, group="exp-job-cancel", exit_on_error=False)
     def cancel_job(self, job_id: str) -> None:
@@ -547,83 +584,20 @@ class ExportScreen(SectionScreen):
         error = None
         try:
             finetune.cancel_job(self.ctx.backend(), job_id)
-        except Exception as exc:  # noqa: BLE001
-            error = _one_line(exc)
+        except Exception as exc:  # noqa: BLE001 - shown inline
+            error = one_line(exc)
         self.app.call_from_thread(self._cancelled, error)
 
     def _cancelled(self, error: str | None) -> None:
         self.busy = None
         if error:
-            self._show_error(f"cancel: {error}")
+            self.error = f"cancel: {error}"
         else:
             self.app.notify("cancel requested", title="Fine-tuning")
-        self.refresh_bindings()
 
     def action_playground(self) -> None:
         self.post_message(OpenPlayground(self.job.fine_tuned_model))
 
-    # -- options form -------------------------------------------------------------
-    def action_edit_options(self) -> None:
-        self.call_after_refresh(self.query_one("#opt-format", Select).focus)
-
-    def action_leave_options(self) -> None:
-        self.set_focus(None)
-
-    @on(Input.Submitted)
-    def _submitted(self, event: Input.Submitted) -> None:
-        self.set_focus(None)
-        self.action_export()
-
 
 class _StopFollowing(Exception):
     """The screen stopped following (the worker was cancelled)."""
-
-
-def _apply_update(view: JobView, update: Any) -> JobView:
-    """Fold one update from ``finetune.follow_job`` into the view: a job object
-    (status, fine_tuned_model, error) or an event (message, metrics data)."""
-    get = (lambda k, d=None: update.get(k, d)) if isinstance(update, dict) else (
-        lambda k, d=None: getattr(update, k, d))
-    obj = get("object") or ""
-    if "event" in str(obj) or get("message") is not None and get("status") is None:
-        msg = get("message")
-        if msg:
-            view.events.append(str(msg))
-            view.events = view.events[-20:]
-        data = get("data") or {}
-        if not isinstance(data, dict):
-            data = getattr(data, "__dict__", {}) or {}
-        step = data.get("step")
-        if step is not None and data.get("train_loss") is not None:
-            view.steps.append(float(step))
-            view.losses.append(float(data["train_loss"]))
-        if step is not None and data.get("valid_loss") is not None:
-            view.valid_steps.append(float(step))
-            view.valid_losses.append(float(data["valid_loss"]))
-        return view
-    status = get("status")
-    if status:
-        view.status = str(status)
-    model = get("fine_tuned_model")
-    if model:
-        view.fine_tuned_model = str(model)
-    if get("model"):
-        view.model = str(get("model"))
-    err = get("error")
-    if err:
-        message = err.get("message") if isinstance(err, dict) else getattr(err, "message", None)
-        if message:
-            view.error = str(message)
-    return view
-
-
-def _copy(view: JobView) -> JobView:
-    return JobView(id=view.id, status=view.status, model=view.model, fine_tuned_model=view.fine_tuned_model,
-                   error=view.error, events=list(view.events), steps=list(view.steps),
-                   losses=list(view.losses), valid_steps=list(view.valid_steps),
-                   valid_losses=list(view.valid_losses))
-
-
-def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__
