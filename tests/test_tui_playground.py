@@ -14,6 +14,7 @@ from starlette.routing import Route
 from gridtune.pipeline.project import create_project
 from gridtune.screens.playground import PlaygroundScreen, parse_stops
 from gridtune.store import Store
+from gridtune.tui.events import OpenPlayground
 from tests.fakeserver import FakeOpenAI
 from tests.test_tui_export import fill
 from tests.test_tui_generate import HostApp, small_spec
@@ -197,20 +198,21 @@ async def test_untrained_combination_when_some_cells_were_left_out(project, fake
         assert "held-out combination" in text_of(screen, "#pg-mark")
 
 
-async def test_preset_from_the_export_screen_puts_the_base_beside_the_tuned(project, fake):
+async def test_opened_directly_the_latest_tuned_model_is_in_a_and_its_base_in_b(project, fake):
     with Store.open(project) as store:
-        store.record_job(id="ftjob-1", base_url=None, model="fake-model", training_file="f", validation_file=None,
-                         export_id=None, status="succeeded")
-        store.update_job("ftjob-1", status="succeeded", fine_tuned_model="ft:fake-model:tiny")
+        for n, (job_id, tuned) in enumerate((("ftjob-1", "ft:fake-model:old"), ("ftjob-2", "ft:fake-model:new"))):
+            store.record_job(id=job_id, base_url=None, model="fake-model", training_file="f", validation_file=None,
+                             export_id=None, status="running")
+            store.update_job(job_id, status="succeeded", fine_tuned_model=tuned)
     app = HostApp(project, PlaygroundScreen)
     async with app.run_test(size=(80, 24)) as pilot:
         screen = app.screen
-        assert await wait_for(pilot, lambda: screen.spec is not None)
-        screen.preset(model="ft:fake-model:tiny", stop=["\n\n###"])
-        await pilot.pause()
-        assert screen.query_one("#pg-model-a").value == "ft:fake-model:tiny"
+        assert await wait_for(pilot, lambda: screen.query_one("#pg-model-a").value == "ft:fake-model:new")
+        assert screen.query_one("#pg-model-b").value == "fake-model" and screen.query_one("#pg-pane-b").display
+        assert "no export yet" in text_of(screen, "#pg-title")
+        screen.post_message(OpenPlayground("ft:fake-model:old"))  # as the app forwards it
+        assert await wait_for(pilot, lambda: screen.query_one("#pg-model-a").value == "ft:fake-model:old")
         assert screen.query_one("#pg-model-b").value == "fake-model"
-        assert screen.query_one("#pg-stop").value == "\\n\\n###"
 
 
 async def test_legacy_format_uses_the_completions_endpoint(project, fake, tmp_path):
@@ -229,27 +231,46 @@ async def test_legacy_format_uses_the_completions_endpoint(project, fake, tmp_pa
     assert sent["prompt"].endswith(result.separator) and sent["stop"] == [result.stop]
 
 
-async def test_p_on_the_export_screen_opens_the_tuned_model_in_the_playground(project, fake, tmp_path):
-    """Through the real app: a succeeded job, `p` on the export screen, the playground preset."""
+async def test_p_after_a_completion_tune_then_a_chat_export_the_playground_follows(project, fake, tmp_path,
+                                                                                  monkeypatch):
+    """Through the real app: `p` right after a completion-format export and a tune opens
+    the tuned model in A, its base in B, prompts in completion format with the export's
+    separator and stop; a new chat export on the export screen moves it to chat."""
     from gridtune.pipeline.export import export_project_async
     from gridtune.tui.app import GridtuneApp
 
+    monkeypatch.chdir(tmp_path)
     with Store.open(project) as store:
         result = await export_project_async(store, tmp_path / "t.jsonl", format="completion")
         store.record_job(id="ftjob-9", base_url=None, model="fake-model", training_file="f", validation_file=None,
-                         export_id=result.export_id, status="succeeded")
+                         export_id=result.export_id, status="running")
         store.update_job("ftjob-9", status="succeeded", fine_tuned_model="ft:fake-model:tiny:9")
     app = GridtuneApp(project, start_mode="export")
     async with app.run_test(size=(80, 24)) as pilot:
         export = app.screen
-        assert await wait_for(pilot, lambda: export.job.id == "ftjob-9")
-        await pilot.pause()
-        assert export.check_action("playground", ())
+        assert await wait_for(pilot, lambda: export.job.id == "ftjob-9" and export.check_action("playground", ()))
         await pilot.press("p")
         assert await wait_for(pilot, lambda: isinstance(app.screen, PlaygroundScreen))
         screen = app.screen
-        assert await wait_for(pilot, lambda: screen.spec is not None
+        assert await wait_for(pilot, lambda: screen.export is not None
                               and screen.query_one("#pg-model-a").value == "ft:fake-model:tiny:9")
-        await pilot.pause()
         assert screen.query_one("#pg-model-b").value == "fake-model"  # its base beside it
+        assert screen.format == "completion" and screen.separator == result.separator
         assert parse_stops(screen.query_one("#pg-stop").value) == [result.stop]
+        title = text_of(screen, "#pg-title")
+        assert f"follows export #{result.export_id} · completion" in title and "stop ' END'" in title
+        assert text_of(screen, "#pg-prompt").endswith(result.separator.replace("\n", "\\n"))
+
+        await pilot.press("f5")  # export again, in chat format, from the export screen's keys
+        assert await wait_for(pilot, lambda: app.screen is export)
+        await pilot.press("o", "enter", "up", "enter", "escape", "e")
+        assert await wait_for(pilot, lambda: export.export is not None and export.export.format == "chat")
+        await pilot.press("f6")
+        assert await wait_for(pilot, lambda: app.screen is screen and screen.format == "chat")
+        assert f"follows export #{export.export.id} · chat" in text_of(screen, "#pg-title")
+        assert screen.query_one("#pg-stop").value == "" and screen.separator is None
+        assert screen.query_one("#pg-model-a").value == "ft:fake-model:tiny:9"  # the models stay
+        await pilot.press("r")
+        assert await wait_for(pilot, lambda: all(s.get("done") for s in screen._streams.values())
+                              and len(screen._streams) == 2)
+    assert "messages" in fake.requests[-1] and "stop" not in fake.requests[-1]

@@ -1,10 +1,16 @@
-"""Playground: prompt the tuned model (and another beside it) with held-out values.
+"""Playground: prompt the tuned model (and its base beside it) with held-out values.
 
 The prompt is the grid's training template filled with values typed per
 variable; the screen suggests values the grid never had and combinations that
 were not trained, and marks a combination that *was* in the training data.
 Replies stream in; a reply that ran to max tokens without a stop, or that
 repeats itself (the repeated n-grams highlighted), gets a warning.
+
+The playground follows the project: the latest export gives the prompt's format,
+separator and stop (the title says which export), and the latest tuned model goes
+in A with its base model in B. A new export or job (``ProjectChanged`` "exports",
+"jobs", or another process's change) moves it along; ``OpenPlayground`` from the
+export screen puts that screen's tuned model in A.
 """
 
 from __future__ import annotations
@@ -19,16 +25,18 @@ from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Grid, Horizontal, Vertical, VerticalScroll
 from textual.message import Message
-from textual.screen import ModalScreen, Screen
+from textual.reactive import reactive
+from textual.screen import ModalScreen
 from textual.suggester import SuggestFromList
-from textual.widgets import Footer, Input, Label, OptionList, Static
+from textual.widgets import Input, Label, OptionList, Static
 from textual.worker import get_current_worker
 
-from ..tui.events import OpenPlayground
-from ..tui.section import SectionScreen
-from ..tui.widgets import StatusLine
+from ..core.errors import one_line
 from ..pipeline import playground as pg
 from ..pipeline.grid import render_value
+from ..pipeline.validate import show
+from ..tui.events import OpenPlayground
+from ..tui.section import SectionScreen
 
 FLUSH_S = 0.05  # batch streamed pieces: at most ~20 repaints a second per pane
 PANES = ("a", "b")
@@ -134,24 +142,30 @@ class PlaygroundScreen(SectionScreen):
         Binding("escape", "leave_fields", "Done editing", show=False, id="playground.leave"),
     ]
 
+    export: reactive[Any] = reactive(None, init=False)
+    """The export the prompts follow: the project's latest (an ExportRecord), or None."""
+    format: reactive[str] = reactive("chat", init=False)
+    """The prompt's format: the export's, until `f` switches it."""
+    error: reactive[str] = reactive("", init=False)
+
     def __init__(self, ctx) -> None:
         super().__init__(ctx)
         self.spec = None
         self.trained: set[str] = set()
-        self.export = None
         self.jobs: list[Any] = []
         self.models: list[str] = []
-        self.format = "chat"
-        self.separator: str | None = None
-        self._preset: dict[str, Any] | None = None
+        self._opened_with: str | None = None  # the model OpenPlayground asked for, until the next load
+        self._models_from_job: str | None = None  # the job whose models A and B were last set from
         self._cycle = {"n": 0, "h": 0, "t": 0}
         self._run = 0
         self._streams: dict[str, dict[str, Any]] = {}
-        self._shown: dict[str, Any] = {}
+
+    @property
+    def separator(self) -> str | None:
+        return self.export.separator if self.export is not None and self.format == "completion" else None
 
     # -- layout ---------------------------------------------------------------
-    def compose(self) -> ComposeResult:
-        yield StatusLine()
+    def compose_body(self) -> ComposeResult:
         yield Static(id="pg-title")
         with Horizontal(id="pg-models", classes="form-row"):
             yield Label("A", classes="field-label")
@@ -175,7 +189,6 @@ class PlaygroundScreen(SectionScreen):
                         yield Static(id=f"pg-out-{pane}", classes="pane-text")
                     yield Static(id=f"pg-warn-{pane}", classes="pane-warn")
         yield Static(id="pg-error")
-        yield Footer(compact=True)
 
     def on_mount(self) -> None:
         for scroll in self.query(".pane-scroll"):
@@ -183,37 +196,20 @@ class PlaygroundScreen(SectionScreen):
         self.query_one("#pg-pane-b").display = False
         for pane in PANES:
             self.query_one(f"#pg-pane-{pane}").border_title = f"{pane.upper()}"
+        self._render_title()
         self.load_state()
         self.list_models()
 
-    # -- presets from other screens ------------------------------------------------
+    # -- following the project ------------------------------------------------------
     @on(OpenPlayground)
     def _opened_for(self, message: OpenPlayground) -> None:
-        """The app opened the playground for a model (the tuned one) in A, its base in B."""
-        self.preset(model=message.model)
+        """Opened from the export screen: its tuned model in A, the job's base in B,
+        the prompts as the latest export (read fresh: it may have just changed)."""
+        self._opened_with = message.model
+        self.load_state()
 
-    def preset(self, model: str | None = None, stop: list[str] | None = None) -> None:
-        self._preset = {"model": model, "stop": stop}
-        if self.spec is not None:
-            self._apply_preset()
-
-    def _apply_preset(self) -> None:
-        preset, self._preset = self._preset, None
-        if not preset:
-            return
-        model = preset.get("model")
-        if model:
-            self.query_one("#pg-model-a", Input).value = model
-            base = next((j.model for j in reversed(self.jobs) if j.fine_tuned_model == model), None)
-            if base:
-                self.query_one("#pg-model-b", Input).value = base
-        if preset.get("stop") is not None:
-            self.query_one("#pg-stop", Input).value = " | ".join(_escape(s) for s in preset["stop"])
-        self._update_mark()
-
-    # -- loading (threads) ----------------------------------------------------------
     def refresh_from_project(self, what: frozenset[str]) -> None:
-        if not {"exports", "jobs", "external"}.isdisjoint(what):
+        if not {"exports", "jobs", "grades", "completions", "external"}.isdisjoint(what):
             self.load_state()
 
     @work(thread=True, exclusive=True, group="pg-load", exit_on_error=False)
@@ -221,8 +217,8 @@ class PlaygroundScreen(SectionScreen):
         store = self.ctx.store
         try:
             spec = self.ctx.spec()
-        except Exception as exc:  # noqa: BLE001
-            self.app.call_from_thread(self._show_error, f"cannot read the grid spec: {exc}")
+        except Exception as exc:  # noqa: BLE001 - a broken spec: said here, fixed on the grid screen
+            self.app.call_from_thread(setattr, self, "error", f"cannot read the grid spec: {one_line(exc)}")
             return
         loaded = Loaded(spec, pg.trained_keys(store), store.latest_export(), store.jobs())
         self.post_message(StateLoaded(loaded))
@@ -231,24 +227,53 @@ class PlaygroundScreen(SectionScreen):
     async def _state_loaded(self, message: StateLoaded) -> None:
         loaded = message.loaded
         first = self.spec is None
-        self.spec, self.trained, self.export, self.jobs = loaded.spec, loaded.trained, loaded.export, loaded.jobs
+        self.spec, self.trained, self.jobs = loaded.spec, loaded.trained, loaded.jobs
         if first:
             await self._build_vars()
-            if self.export is not None:
-                self.format = self.export.format
-                self.separator = self.export.separator
-                if self.export.stop:
-                    self.query_one("#pg-stop", Input).value = _escape(self.export.stop)
-            tuned = next((j for j in reversed(self.jobs) if j.fine_tuned_model), None)
-            if tuned is not None:
-                self.query_one("#pg-model-a", Input).value = tuned.fine_tuned_model
-                self.query_one("#pg-model-b", Input).value = tuned.model
-            elif self.spec.settings.model:
-                self.query_one("#pg-model-a", Input).value = self.spec.settings.model
             self._fill(pg.held_out_values(self.spec, 0))
-        self._apply_preset()
+        self.export = loaded.export
+        self._follow_jobs(first)
+        self._update_mark()
+
+    def watch_export(self, old: Any, new: Any) -> None:
+        """A new export: prompts in its format, with its separator, and its stop."""
+        if new is None or (old is not None and old.id == new.id):
+            return
+        self.format = new.format
+        stop = new.stop if new.format == "completion" else None
+        self.query_one("#pg-stop", Input).value = _escape(stop or "")
         self._render_title()
         self._update_mark()
+
+    def watch_format(self) -> None:
+        self._render_title()
+        self._update_mark()
+
+    def watch_error(self, message: str) -> None:
+        widget = self.query_one("#pg-error", Static)
+        widget.display = bool(message)
+        widget.update(Text(message, style="bold red"))
+
+    def _follow_jobs(self, first: bool) -> None:
+        """A in the tuned model, B its base: the one OpenPlayground named, else the latest
+        tuned one when it is new (a model a person picked stays until then)."""
+        wanted, self._opened_with = self._opened_with, None
+        tuned = [j for j in self.jobs if j.fine_tuned_model and j.status == "succeeded"]
+        job = next((j for j in reversed(tuned) if j.fine_tuned_model == wanted), None) if wanted else None
+        if wanted and job is None:
+            self._set_models(wanted, None)
+            return
+        job = job or (tuned[-1] if tuned else None)
+        if job is not None and (job.id != self._models_from_job or wanted):
+            self._models_from_job = job.id
+            self._set_models(job.fine_tuned_model, job.model)
+        elif job is None and first and self.spec.settings.model:
+            self._set_models(self.spec.settings.model, None)
+
+    def _set_models(self, a: str, b: str | None) -> None:
+        self.query_one("#pg-model-a", Input).value = a
+        if b is not None:
+            self.query_one("#pg-model-b", Input).value = b
 
     async def _build_vars(self) -> None:
         grid = self.query_one("#pg-vars", Grid)
@@ -276,7 +301,7 @@ class PlaygroundScreen(SectionScreen):
         try:
             models = finetune.list_models(self.ctx.backend())
         except Exception as exc:  # noqa: BLE001 - BackendError, FinetuneError: shown, not fatal
-            self.post_message(ModelsListed([], str(exc).splitlines()[0] if str(exc) else type(exc).__name__))
+            self.post_message(ModelsListed([], one_line(exc)))
         else:
             self.post_message(ModelsListed(models, None))
 
@@ -284,7 +309,7 @@ class PlaygroundScreen(SectionScreen):
     def _models_listed(self, message: ModelsListed) -> None:
         self.models = message.models
         if message.error:
-            self._show_error(f"models: {message.error}")
+            self.error = f"models: {message.error}"
         suggester = SuggestFromList(self.models, case_sensitive=False)
         for pane in PANES:
             self.query_one(f"#pg-model-{pane}", Input).suggester = suggester
@@ -293,21 +318,22 @@ class PlaygroundScreen(SectionScreen):
             model_a.value = self.models[0]
 
     # -- showing ----------------------------------------------------------------------
-    def _set(self, widget_id: str, value: Any) -> None:
-        if self._shown.get(widget_id) != value:
-            self._shown[widget_id] = value
-            self.query_one(f"#{widget_id}", Static).update(value)
-
-    def _show_error(self, message: str | None) -> None:
-        widget = self.query_one("#pg-error", Static)
-        widget.display = bool(message)
-        self._set("pg-error", Text(message or "", style="bold red"))
-
     def _render_title(self) -> None:
-        name = self.spec.name if self.spec else self.ctx.path.stem
-        fmt = "chat" if self.format == "chat" else "legacy completion"
-        source = f"from export #{self.export.id}" if self.export else "no export yet"
-        self._set("pg-title", Text.assemble(("Playground", "bold"), f" · {name} · {fmt} ({source})"))
+        """Which export the prompts follow, with its format, separator and stop."""
+        title = Text.assemble(("Playground", "bold"), " · ")
+        export = self.export
+        if export is None:
+            title.append(f"{self.format} · ", style="")
+            title.append("no export yet: F5 exports, then the prompts follow it", style="dim")
+        else:
+            title.append(f"follows export #{export.id} · {export.format}")
+            if export.format == "completion":
+                title.append(f" · sep '{show(export.separator or '')}' · stop '{show(export.stop or '')}'",
+                             style="dim")
+            if self.format != export.format:
+                title.append(f" · prompting as {self.format} (f)", style="bold yellow")
+        title.no_wrap, title.overflow = True, "ellipsis"
+        self.query_one("#pg-title", Static).update(title)
 
     def values(self) -> dict[str, Any]:
         raw = {name: self.query_one(f"#var-{name}", Input).value for name in self.spec.variables}
@@ -326,12 +352,13 @@ class PlaygroundScreen(SectionScreen):
         style = {pg.TRAINED: "bold yellow", pg.GRID: "bold cyan", pg.HELD_OUT: "bold green",
                  pg.INCOMPLETE: "dim"}[kind]
         icon = {pg.TRAINED: "⚠ ", pg.GRID: "◇ ", pg.HELD_OUT: "◆ ", pg.INCOMPLETE: "· "}[kind]
-        self._set("pg-mark", Text.assemble((icon + pg.describe(kind, names), style)))
+        self.query_one("#pg-mark", Static).update(Text.assemble((icon + pg.describe(kind, names), style)))
         if kind == pg.INCOMPLETE:
-            self._set("pg-prompt", Text("", style="dim"))
+            self.query_one("#pg-prompt", Static).update("")
             return
         prompt = pg.build_prompt(self.spec, values, self.format, self.separator)
-        self._set("pg-prompt", Text(_escape(prompt.text), style="dim", no_wrap=True, overflow="ellipsis"))
+        self.query_one("#pg-prompt", Static).update(
+            Text(_escape(prompt.text), style="dim", no_wrap=True, overflow="ellipsis"))
 
     @on(Input.Changed)
     def _changed(self, event: Input.Changed) -> None:
@@ -385,8 +412,6 @@ class PlaygroundScreen(SectionScreen):
 
     def action_toggle_format(self) -> None:
         self.format = "completion" if self.format == "chat" else "chat"
-        self._render_title()
-        self._update_mark()
 
     def action_pick_model(self, pane: str) -> None:
         if not self.models:
@@ -423,7 +448,7 @@ class PlaygroundScreen(SectionScreen):
         values = self.values()
         kind, names = pg.classify(self.spec, values, self.trained)
         if kind == pg.INCOMPLETE:
-            self._show_error("fill in " + ", ".join(names) + " (n suggests held-out values)")
+            self.error = "fill in " + ", ".join(names) + " (n suggests held-out values)"
             return
         try:
             temperature = float(self.query_one("#pg-temperature", Input).value or "0.7")
@@ -431,13 +456,13 @@ class PlaygroundScreen(SectionScreen):
             if not 0 <= temperature <= 2 or max_tokens < 1:
                 raise ValueError
         except ValueError:
-            self._show_error("temperature must be within 0..2 and max tokens a whole number ≥ 1")
+            self.error = "temperature must be within 0..2 and max tokens a whole number ≥ 1"
             return
         models = {pane: self.query_one(f"#pg-model-{pane}", Input).value.strip() for pane in PANES}
         if not models["a"]:
-            self._show_error("pick a model for A (m)")
+            self.error = "pick a model for A (m)"
             return
-        self._show_error(None)
+        self.error = ""
         prompt = pg.build_prompt(self.spec, values, self.format, self.separator)
         stops = parse_stops(self.query_one("#pg-stop", Input).value)
         self._run += 1
@@ -451,8 +476,8 @@ class PlaygroundScreen(SectionScreen):
             box.border_title = f"{pane.upper()} · {model}"
             box.border_subtitle = "streaming…"
             self._streams[pane] = {"text": "", "done": False, "model": model, "max_tokens": max_tokens}
-            self._set(f"pg-out-{pane}", Text(""))
-            self._set(f"pg-warn-{pane}", Text(""))
+            self.query_one(f"#pg-out-{pane}", Static).update("")
+            self.query_one(f"#pg-warn-{pane}", Static).update("")
             self.stream(pane, self._run, model, prompt, stops, temperature, max_tokens)
         self.refresh_bindings()
 
@@ -478,8 +503,7 @@ class PlaygroundScreen(SectionScreen):
                     buffer.clear()
                     last = now
         except Exception as exc:  # noqa: BLE001 - backend errors are shown in the pane
-            self.post_message(Streamed(pane, run, "".join(buffer), done=True,
-                                       error=str(exc).splitlines()[0] if str(exc) else type(exc).__name__))
+            self.post_message(Streamed(pane, run, "".join(buffer), done=True, error=one_line(exc)))
 
     @on(Streamed)
     def _streamed(self, message: Streamed) -> None:
@@ -492,7 +516,7 @@ class PlaygroundScreen(SectionScreen):
             self._finish(message.pane, stream, message.finish_reason, error=message.error)
             self.refresh_bindings()
         else:
-            self._set(f"pg-out-{message.pane}", Text(stream["text"]))
+            self.query_one(f"#pg-out-{message.pane}", Static).update(Text(stream["text"]))
 
     def _finish(self, pane: str, stream: dict[str, Any], finish_reason: str | None, *,
                 error: str | None = None, stopped: bool = False) -> None:
@@ -501,7 +525,7 @@ class PlaygroundScreen(SectionScreen):
         body = Text(text)
         for a, b in rep.spans:
             body.stylize("reverse yellow", a, b)
-        self._set(f"pg-out-{pane}", body)
+        self.query_one(f"#pg-out-{pane}", Static).update(body)
         warnings = Text()
         if error:
             warnings.append(f"✗ {error}", style="bold red")
@@ -512,7 +536,7 @@ class PlaygroundScreen(SectionScreen):
             warnings.append(("\n" if warnings else "") + f"⚠ {rep.summary()}", style="bold yellow")
         stream["repetition"] = rep
         stream["finish_reason"] = finish_reason
-        self._set(f"pg-warn-{pane}", warnings)
+        self.query_one(f"#pg-warn-{pane}", Static).update(warnings)
         box = self.query_one(f"#pg-pane-{pane}")
         words = len(text.split())
         box.border_subtitle = ("stopped" if stopped else f"{finish_reason or 'ended'} · {words} words")
