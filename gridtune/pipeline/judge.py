@@ -13,19 +13,14 @@ keeps in the project; calibration measures its agreement with the person's grade
   both graded (1-5): Spearman's rho, Cohen's quadratic-weighted kappa, exact
   agreement, with the count; stored so the review can show it.
 
-The requests go through the generation runner's pieces (pipeline/generate.py): the
-same backend resolution, rate limiter (RateLimits, every-window rpm/tpm), retry
-policy (tenacity with _Wait honouring Retry-After and _Stop waiting out 429s) and
-error classification. The runner itself (``run_generation``) is not reused as is:
-it is built around a generation *run* (the project's single run lock, the runs
-table, completions moving pending -> running -> done), and a judge pass writes
-grades and judgements, not completions; holding the run lock would also block
-generating while judging.
+The requests go through ``request_pool.Pool``: the generation runner's rate limits,
+retry policy and error classification, without its run lock (see that module).
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import math
 import re
 import time
@@ -33,15 +28,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-import openai
-from tenacity import AsyncRetrying, retry_if_exception
-
 from ..store import Store
 from ..store import curation as cur
 from .backend import Backend, resolve_backend
-from .generate import _Stop, _Wait, describe, is_transient, parse_reply
+from .generate import Reply
 from .project import load_project_spec
-from .ratelimit import MINUTE, RateLimits
+from .ratelimit import MINUTE
+from .request_pool import Pool, PoolOptions, Request
 
 RUBRIC_KEY = "judge.rubric"
 SOURCE_PREFIX = "judge:"
@@ -211,23 +204,26 @@ async def run_judge(store_path: str | Path, options: JudgeOptions, *, backend: B
             result.seconds = time.monotonic() - started
             return result
 
-        import json
-
         def messages(row: cur.CurationRow) -> list[dict[str, str]]:
             prompt = spec.render(json.loads(row.values)).generation
             return judge_messages(rubric, prompt, row.text)
 
-        largest = max(len(m["content"]) for r in todo[:200] for m in messages(r)) // 3 + options.max_tokens
-        limits = RateLimits(options.rpm, options.tpm, max_request_tokens=largest, period_s=options.rate_period_s)
         source = source_for(options.model)
-        queue: asyncio.Queue[cur.CurationRow] = asyncio.Queue()
-        for row in todo:
-            queue.put_nowait(row)
-        stop = stop_event or asyncio.Event()
 
-        async def record(row: cur.CurationRow, grade: int | None, reply: str | None, error: str | None) -> None:
+        def request(row: cur.CurationRow) -> Request:
+            msgs = messages(row)
+            body = {"model": options.model, "messages": msgs, "max_tokens": options.max_tokens,
+                    "temperature": options.temperature}
+            # Never under the provider's count: a token is rarely under 3 characters.
+            return Request("/chat/completions", body, sum(len(m["content"]) for m in msgs) // 3 + options.max_tokens)
+
+        async def record(row: cur.CurationRow, reply: Reply | None, error: str | None, _latency: float) -> None:
+            grade = parse_grade(reply.text) if reply is not None else None
+            if reply is not None and grade is None:
+                error = f"no grade 1-5 in the reply: {' '.join(reply.text.split())[:120]!r}"
+            text = None if reply is None else reply.text[:2000]
             await asyncio.to_thread(cur.record_judgement, store, row.id, options.model, grade=grade,
-                                    reply=None if reply is None else reply[:2000], error=error, source=source)
+                                    reply=text, error=error, source=source)
             if grade is None:
                 result.failed += 1
                 if len(result.failures) < MAX_FAILURES_LISTED:
@@ -238,44 +234,12 @@ async def run_judge(store_path: str | Path, options: JudgeOptions, *, backend: B
             if on_progress is not None:
                 on_progress(result.judged, result.failed, len(todo))
 
-        async with backend.async_client(timeout=options.timeout_s) as client:
-
-            async def judge_one(row: cur.CurationRow) -> None:
-                body = {"model": options.model, "messages": messages(row), "max_tokens": options.max_tokens,
-                        "temperature": options.temperature}
-                estimate = sum(len(m["content"]) for m in body["messages"]) // 4 + options.max_tokens
-                retrying = AsyncRetrying(stop=_Stop(options.max_attempts),
-                                         wait=_Wait(options.backoff_initial_s, options.backoff_max_s),
-                                         retry=retry_if_exception(is_transient), reraise=True)
-                try:
-                    async for attempt in retrying:
-                        with attempt:
-                            await limits.acquire(estimate if limits.needs_token_estimate else 0)
-                            reply = parse_reply(await client.post("/chat/completions", body=body, cast_to=bytes))
-                except asyncio.CancelledError:
-                    raise
-                except Exception as exc:  # recorded, never raised out of the pass
-                    error = backend.redact(describe(exc))
-                    await record(row, None, None, error)
-                    if not is_transient(exc) and isinstance(exc, openai.APIStatusError):
-                        # 400/401/403/404: the next request would meet it too (a wrong model name, a bad key)
-                        result.stopped = error
-                        stop.set()
-                    return
-                grade = parse_grade(reply.text)
-                error = None if grade is not None else (
-                    f"no grade 1-5 in the reply: {' '.join(reply.text.split())[:120]!r}")
-                await record(row, grade, reply.text, error)
-
-            async def worker() -> None:
-                while not stop.is_set():
-                    try:
-                        row = queue.get_nowait()
-                    except asyncio.QueueEmpty:
-                        return
-                    await judge_one(row)
-
-            await asyncio.gather(*(worker() for _ in range(min(options.concurrency, len(todo)))))
+        pool: Pool[cur.CurationRow] = Pool(backend, PoolOptions(
+            concurrency=options.concurrency, rpm=options.rpm, tpm=options.tpm, max_attempts=options.max_attempts,
+            backoff_initial_s=options.backoff_initial_s, backoff_max_s=options.backoff_max_s,
+            timeout_s=options.timeout_s, rate_period_s=options.rate_period_s))
+        await pool.run(todo, request, record, stop_event)
+        result.stopped = pool.stopped
         result.seconds = time.monotonic() - started
         return result
 
