@@ -1,16 +1,21 @@
-"""The review loop's logic, without UI: filters, sorts, undoable bulk grading,
-the length histogram and the one-line preview of a completion.
+"""The review loop's logic, without UI: grading, editing, filters, sorts, undoable
+bulk grading, the length histogram, the grade history in words and the one-line
+preview of a completion.
 
-The review screen calls these; tests call them too.
+The review screen makes every change through these; tests call them too.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any, Sequence
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any
 
 from ..store import Store
-from .grading import GradeResult, drop_at_or_below, grade_by_length, length_cutoffs
+from ..store.records import GradeRecord
+from .grading import BY_LENGTH, GradeResult, drop_at_or_below, grade_by_length, length_cutoffs
+
+PERSON = "person"
 
 
 @dataclass(frozen=True)
@@ -59,6 +64,23 @@ def rows(store: Store, filt: Filter, search: str | None, sort: str, descending: 
     )
 
 
+# -- one completion -----------------------------------------------------------
+def grade(store: Store, completion_id: int, value: int) -> int | None:
+    """A person's grade (0 rejects); returns the completion's grade afterwards."""
+    return store.set_grade(completion_id, value, PERSON)
+
+
+def reject(store: Store, completion_id: int) -> int | None:
+    """A person rejects a completion (grade 0): it is never exported."""
+    return grade(store, completion_id, 0)
+
+
+def edit(store: Store, completion_id: int, text: str) -> int:
+    """A person's edit of a finished completion (the model's text is kept); returns the new length."""
+    store.edit_text(completion_id, text)
+    return len(text)
+
+
 # -- undo ------------------------------------------------------------------
 @dataclass
 class UndoEntry:
@@ -104,7 +126,7 @@ def drop(store: Store, grade: int) -> list[int]:
 
 
 # -- counts -------------------------------------------------------------------
-@dataclass
+@dataclass(frozen=True)
 class ReviewCounts:
     done: int = 0
     graded: int = 0  # any grade, rejections included
@@ -112,23 +134,76 @@ class ReviewCounts:
     rejected: int = 0
 
     @classmethod
-    def from_store(cls, store: Store) -> "ReviewCounts":
+    def from_store(cls, store: Store) -> ReviewCounts:
         c = store.status_counts()
         return cls(done=c.done, graded=c.graded, kept=sum(c.grades.values()), rejected=c.rejected)
 
-    def change(self, old: int | None, new: int | None) -> None:
-        """Adjust for one completion's grade going from ``old`` to ``new``."""
-        for grade, sign in ((old, -1), (new, 1)):
-            if grade is None:
+    def changed(self, old: int | None, new: int | None) -> ReviewCounts:
+        """The counts once one completion's grade goes from ``old`` to ``new``."""
+        graded, kept, rejected = self.graded, self.kept, self.rejected
+        for value, sign in ((old, -1), (new, 1)):
+            if value is None:
                 continue
-            self.graded += sign
-            if grade == 0:
-                self.rejected += sign
+            graded += sign
+            if value == 0:
+                rejected += sign
             else:
-                self.kept += sign
+                kept += sign
+        return replace(self, graded=graded, kept=kept, rejected=rejected)
 
     def text(self) -> str:
         return f"graded {self.graded:,}/{self.done:,} · kept {self.kept:,} · rejected {self.rejected:,}"
+
+
+# -- grade history in words ------------------------------------------------------
+def grade_words(value: int, source: str) -> str:
+    """One grade for a person to read: "grade 4 by you", "auto 3 by length",
+    "rejected by you", "auto-rejected as a near-duplicate"."""
+    person = source == PERSON
+    if person:
+        who = "by you"
+    elif source == BY_LENGTH:
+        who = "by length"
+    elif source == "dedup":
+        who = "as a near-duplicate"
+    elif source.startswith("judge:"):
+        who = f"by judge {source.removeprefix('judge:')}"
+    else:
+        who = f"by {source}"
+    if value == 0:
+        return f"{'rejected' if person else 'auto-rejected'} {who}"
+    return f"{'grade' if person else 'auto'} {value} {who}"
+
+
+def current_grade(history: Sequence[GradeRecord]) -> GradeRecord | None:
+    """The grade that counts, as the store decides it: a person's newest, else the newest automatic one."""
+    live = [g for g in history if not g.undone]
+    mine = [g for g in live if g.source == PERSON]
+    counted = mine or live
+    return counted[-1] if counted else None
+
+
+def history_text(history: Sequence[GradeRecord], limit: int = 4) -> str:
+    """A completion's grades in words, the one that counts first, then the others newest first:
+    "grade 4 by you · was auto 3 by length · undone: grade 5 by you". Empty without grades."""
+    if not history:
+        return ""
+    now = current_grade(history)
+    parts = [grade_words(now.grade, now.source) if now is not None else "ungraded"]
+    for g in reversed(history):
+        if g is now:
+            continue
+        words = grade_words(g.grade, g.source)
+        if g.undone:
+            parts.append(f"undone: {words}")
+        elif now is not None and g.id > now.id:  # an automatic grade under a person's
+            parts.append(f"also {words}")
+        else:
+            parts.append(f"was {words}")
+    more = len(parts) - 1 - limit
+    if more > 0:
+        parts = parts[: limit + 1] + [f"{more} more"]
+    return " · ".join(parts)
 
 
 # -- histogram ------------------------------------------------------------------

@@ -2,56 +2,69 @@
 
 The list (``ReviewList``) draws only visible lines from light rows; the selected
 completion is shown in full beside it. Every change goes through
-``gridtune.pipeline`` in a single writer thread, in the order the keys were
-pressed, while the screen updates only what changed: the graded row, the counts.
+``gridtune.pipeline.review`` in a single writer thread, in the order the keys
+were pressed, and is then announced with ``changed(...)``. The graded row and
+the counts update at once; the counts are then recounted from the store, and
+the rows, counts and histogram follow every other change to the project (a run,
+another process) at most once a second, the cursor staying on its row.
 """
 
 from __future__ import annotations
 
 import queue
-from typing import Any, Callable
+import time
+from collections.abc import Callable
+from typing import Any
 
 from rich.text import Text
 from textual import on, work
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, VerticalScroll
+from textual.events import Key
 from textual.message import Message
-from textual.screen import Screen
-from textual.widgets import Footer, Input, Static
-from textual.worker import Worker, WorkerState, get_current_worker
+from textual.reactive import reactive
+from textual.timer import Timer
+from textual.widgets import Input, Static
+from textual.worker import get_current_worker
 
 from ..pipeline import review
 from ..pipeline.review import Filter, ReviewCounts, UndoStack
 from ..tui.context import ProjectContext
 from ..tui.section import SectionScreen
-from ..tui.widgets import LengthHistogram, StatusLine
+from ..tui.widgets import LengthHistogram
 from ..tui.widgets.modals import ConfirmModal, EditModal, GradePickModal
 from .review_list import ReviewList, Row
 
 _GRADE_KEYS = Binding.Group("grade", compact=True)
 DETAIL_DELAY_S = 0.06
+RELOAD_INTERVAL_S = 1.0
+"""At most one reload a second for changes the screen did not make row by row
+(a run writing every second, another process): a 100,000-row project stays fast."""
 
 
 class JobDone(Message):
     """The writer thread finished a job; ``callback(result)`` runs on the UI thread."""
 
-    def __init__(self, callback: Callable[[Any], None] | None, result: Any, error: BaseException | None = None):
+    def __init__(self, callback: Callable[[Any], None] | None, result: Any, what: str,
+                 error: BaseException | None = None):
         super().__init__()
         self.callback = callback
         self.result = result
+        self.what = what
         self.error = error
 
 
 class ReviewScreen(SectionScreen):
-    MODE = "review"
     """Grade, reject, edit, auto-grade and drop completions."""
 
+    MODE = "review"
     CSS_PATH = "review.tcss"
     HELP_TITLE = "Review"
     HELP = ("Grade each completion 1–5 (the cursor moves on); 0 or d rejects it. Sorted by length, shortest "
             "first: length is the cheap proxy for detail. a grades everything no person graded by length "
             "quintile; x rejects everything at or below a grade. u undoes, also bulk changes.")
+    QUIET_WORKER_GROUPS = frozenset({"review-writer"})  # its errors come back as JobDone
     BINDINGS = [
         *(Binding(str(g), f"grade({g})", f"grade {g}", id=f"review.grade{g}", group=_GRADE_KEYS) for g in range(1, 6)),
         Binding("0,d", "grade(0)", "reject", key_display="d", id="review.reject"),
@@ -68,24 +81,32 @@ class ReviewScreen(SectionScreen):
         Binding("escape", "clear_search", "clear search", show=False, id="review.clear_search"),
     ]
 
+    # What the bars and the detail pane show: each repaints only when its value changes.
+    counts: reactive[ReviewCounts] = reactive(ReviewCounts, init=False)
+    view_label: reactive[Text] = reactive(Text, init=False)
+    rows_label: reactive[str] = reactive("", init=False)
+    detail: reactive[tuple[Text, Text]] = reactive(lambda: (Text(), Text()), init=False)
+
     def __init__(self, ctx: ProjectContext):
         super().__init__(ctx)
         self.filter: Filter = review.FILTERS[0]
         self.sort = "length"
         self.descending = False
         self.search = ""
-        self.counts = ReviewCounts()
         self.undo_stack = UndoStack()
-        self._jobs: queue.Queue[tuple[Callable[[], Any], Callable[[Any], None] | None] | None] = queue.Queue()
+        self._jobs: queue.Queue[tuple[Callable[[], Any], Callable[[Any], None] | None, str] | None] = queue.Queue()
         self._detail_id: int | None = None
-        self._detail_timer = None
-        self._shown: dict[str, str] = {}
+        self._detail_timer: Timer | None = None
+        self._due: set[str] = set()  # what the next throttled reload reads: rows, counts, histogram
+        self._reload_timer: Timer | None = None
+        self._last_reload = 0.0
 
     # -- layout ------------------------------------------------------------------
-    def compose(self) -> ComposeResult:
-        yield StatusLine()
-        with Horizontal(classes="info-bar"):
+    def compose_body(self) -> ComposeResult:
+        with Horizontal(classes="info-bar", id="review-bar"):
             yield Static("", id="review-view")
+            # The search box takes the view bar's place while it is open: on screen at 80×24.
+            yield Input(placeholder="search text and values · enter apply · esc close", id="review-search")
             yield Static("", id="review-counts")
         yield LengthHistogram(id="review-histogram")
         with Horizontal(id="review-body"):
@@ -93,8 +114,6 @@ class ReviewScreen(SectionScreen):
             with VerticalScroll(id="review-detail"):
                 yield Static("", id="review-detail-head")
                 yield Static("", id="review-detail-text")
-        yield Input(placeholder="search text and values, enter to apply, esc to clear", id="review-search")
-        yield Footer(compact=True)
 
     @property
     def list(self) -> ReviewList:
@@ -102,6 +121,7 @@ class ReviewScreen(SectionScreen):
 
     def on_mount(self) -> None:
         self.query_one("#review-detail").border_title = "completion"
+        self._show_view()
         self._writer()
         self.reload(histogram=True)
         self.list.focus()
@@ -109,13 +129,38 @@ class ReviewScreen(SectionScreen):
     def on_unmount(self) -> None:
         self._jobs.put(None)
 
+    # -- the reactives' views --------------------------------------------------------
+    def watch_counts(self, counts: ReviewCounts) -> None:
+        self.query_one("#review-counts", Static).update(counts.text())
+
+    def watch_view_label(self, label: Text) -> None:
+        self.query_one("#review-view", Static).update(label)
+
+    def watch_rows_label(self, label: str) -> None:
+        self.list.border_title = label
+
+    def watch_detail(self, detail: tuple[Text, Text]) -> None:
+        head, body = detail
+        self.query_one("#review-detail-head", Static).update(head)
+        self.query_one("#review-detail-text", Static).update(body)
+        self.query_one("#review-detail", VerticalScroll).scroll_home(animate=False)
+
+    def _show_view(self) -> None:
+        arrow = "↓" if self.descending else "↑"
+        sort = dict(review.SORTS)[self.sort]
+        # Each part of the view is labelled with the key that changes it.
+        self.view_label = Text.assemble(("s", "bold"), f" {sort} ", ("r", "bold"), f" {arrow} · ",
+                                        ("f", "bold"), f" {self.filter.label} · ", ("/", "bold"),
+                                        f" “{self.search}”" if self.search else " search")
+
     # -- the writer: one thread, jobs in key order ----------------------------------
     def pending_jobs(self) -> int:
         """Changes not yet written to the project file (for tests and the benchmark)."""
         return self._jobs.unfinished_tasks
 
-    def submit(self, job: Callable[[], Any], done: Callable[[Any], None] | None = None) -> None:
-        self._jobs.put((job, done))
+    def submit(self, job: Callable[[], Any], done: Callable[[Any], None] | None = None, what: str = "grades") -> None:
+        """Queue a pipeline call; once it is written, ``changed(what)`` and ``done(result)``."""
+        self._jobs.put((job, done, what))
 
     @work(thread=True, group="review-writer", exit_on_error=False)
     def _writer(self) -> None:
@@ -128,36 +173,60 @@ class ReviewScreen(SectionScreen):
             if item is None:
                 self._jobs.task_done()
                 return
-            job, done = item
+            job, done, what = item
             try:
                 result = job()
             except Exception as exc:  # noqa: BLE001 - reported on the screen, never a crash
-                self.post_message(JobDone(None, None, exc))
+                self.post_message(JobDone(None, None, what, exc))
             else:
-                self.post_message(JobDone(done, result))
+                self.post_message(JobDone(done, result, what))
             finally:
                 self._jobs.task_done()
 
     @on(JobDone)
     def _job_done(self, message: JobDone) -> None:
         if message.error is not None:
-            self.notify(f"{message.error}", title="could not save", severity="error")
+            self.show_error(message.error, title="could not save")
             self.reload()
             return
-        self.changed("grades")
+        self.changed(message.what)
         if message.callback is not None:
             message.callback(message.result)
 
-    def on_worker_state_changed(self, event: Worker.StateChanged) -> None:
-        if event.state == WorkerState.ERROR and event.worker.group in ("rows", "detail"):
-            self.notify(str(event.worker.error), title="review", severity="error")
-
-    # -- rows, counts, histogram ------------------------------------------------------
+    # -- following the project -----------------------------------------------------------
     def refresh_from_project(self, what: frozenset[str]) -> None:
-        if what != {"grades"}:  # the screen's own grades are already shown row by row
-            self.reload(histogram=True)
+        if what == {"grades"}:
+            # Graded here row by row (or in bulk, reloaded then): the counts are recounted
+            # from the store, so this screen and the status line say the same.
+            self._reload_soon("counts")
+        else:  # new completions, an edit, another process: anything may have moved
+            self._reload_soon("rows", "counts", "histogram")
+
+    def _reload_soon(self, *parts: str) -> None:
+        """Reload ``parts`` now, or once a second has passed since the last reload."""
+        self._due.update(parts)
+        if self._reload_timer is not None:
+            return
+        wait = self._last_reload + RELOAD_INTERVAL_S - time.monotonic()
+        if wait <= 0:
+            self._reload_due()
+        else:
+            self._reload_timer = self.set_timer(wait, self._reload_due)
+
+    def _reload_due(self) -> None:
+        self._reload_timer = None
+        due, self._due = self._due, set()
+        if "rows" in due:
+            self.reload(histogram="histogram" in due)
+        elif due:
+            self._last_reload = time.monotonic()
+            self._load_counts(histogram="histogram" in due)
+        if self._detail_id is not None and "rows" in due:
+            self._load_detail(self._detail_id)
 
     def reload(self, histogram: bool = False) -> None:
+        """Read the rows (the cursor stays on its row), the counts and, if asked, the lengths."""
+        self._last_reload = time.monotonic()
         current = self.list.current
         self._load_rows(self.filter, self.search, self.sort, self.descending,
                         current[0] if current else None, histogram)
@@ -165,14 +234,22 @@ class ReviewScreen(SectionScreen):
     @work(thread=True, exclusive=True, group="rows", exit_on_error=False)
     def _load_rows(self, filt: Filter, search: str, sort: str, descending: bool,
                    keep_id: int | None, histogram: bool) -> None:
-        store = self.ctx.store
         worker = get_current_worker()
-        rows = review.rows(store, filt, search, sort, descending)
+        rows = review.rows(self.ctx.store, filt, search, sort, descending)
         if worker.is_cancelled:
             return
         self.app.call_from_thread(self._rows_loaded, rows, keep_id)  # the list first, then the rest
+        self._read_counts(histogram)
+
+    @work(thread=True, exclusive=True, group="counts", exit_on_error=False)
+    def _load_counts(self, histogram: bool) -> None:
+        self._read_counts(histogram)
+
+    def _read_counts(self, histogram: bool) -> None:
+        """In a worker: the counts (and lengths) from the store, handed to the UI thread."""
+        store = self.ctx.store
         counts = ReviewCounts.from_store(store)
-        if worker.is_cancelled:
+        if get_current_worker().is_cancelled:
             return
         self.app.call_from_thread(self._counts_loaded, counts)
         if histogram:
@@ -181,31 +258,14 @@ class ReviewScreen(SectionScreen):
 
     def _rows_loaded(self, rows: list[Row], keep_id: int | None) -> None:
         self.list.set_rows(rows, keep_id)
-        self._show_bar()
+        self.rows_label = f"{len(rows):,} rows"
+        if self.pending_jobs():  # read while a grade was on its way: read again once it is written
+            self._reload_soon("rows")
 
     def _counts_loaded(self, counts: ReviewCounts) -> None:
+        if self.pending_jobs():
+            return  # a grade is on its way; its JobDone asks for a recount
         self.counts = counts
-        self._show_bar()
-
-    def _set_text(self, selector: str, text: str | Text) -> None:
-        """Update a Static only when its text changed (no needless repaint over SSH)."""
-        key = str(text) if isinstance(text, str) else text.markup
-        if self._shown.get(selector) != key:
-            self._shown[selector] = key
-            self.query_one(selector, Static).update(text)
-
-    def _show_bar(self) -> None:
-        arrow = "↓" if self.descending else "↑"
-        sort = dict(review.SORTS)[self.sort]
-        # Each part of the view is labelled with the key that changes it.
-        view = Text.assemble(("s", "bold"), f" {sort} ", ("r", "bold"), f" {arrow} · ",
-                             ("f", "bold"), f" {self.filter.label} · ", ("/", "bold"),
-                             f" “{self.search}”" if self.search else " search")
-        self._set_text("#review-view", view)
-        rows = f"{len(self.list.rows):,} rows"
-        if self.list.border_title != rows:
-            self.list.border_title = rows
-        self._set_text("#review-counts", self.counts.text())
 
     # -- the detail pane -------------------------------------------------------------
     @on(ReviewList.Highlighted)
@@ -218,11 +278,10 @@ class ReviewScreen(SectionScreen):
             self._detail_timer.stop()
         self._detail_timer = self.set_timer(DETAIL_DELAY_S, self._show_detail)
 
-    def _show_detail(self, force: bool = False) -> None:
+    def _show_detail(self) -> None:
         self._detail_timer = None
         if self._detail_id is None:
-            self._set_text("#review-detail-head", Text("nothing to show with this filter", style="dim"))
-            self._set_text("#review-detail-text", "")
+            self.detail = (Text("nothing to show with this filter", style="dim"), Text())
             return
         self._load_detail(self._detail_id)
 
@@ -233,15 +292,12 @@ class ReviewScreen(SectionScreen):
         history = store.grade_history(completion_id)
         if record is None or get_current_worker().is_cancelled:
             return
-        head, body = detail_texts(record, history)
-        self.app.call_from_thread(self._detail_loaded, completion_id, head, body)
+        texts = detail_texts(record, history)
+        self.app.call_from_thread(self._detail_loaded, completion_id, texts)
 
-    def _detail_loaded(self, completion_id: int, head: Text, body: Text) -> None:
-        if completion_id != self._detail_id:
-            return
-        self._set_text("#review-detail-head", head)
-        self._set_text("#review-detail-text", body)
-        self.query_one("#review-detail", VerticalScroll).scroll_home(animate=False)
+    def _detail_loaded(self, completion_id: int, texts: tuple[Text, Text]) -> None:
+        if completion_id == self._detail_id:
+            self.detail = texts
 
     def _refresh_detail(self, completion_id: int) -> None:
         if completion_id == self._detail_id:
@@ -258,6 +314,12 @@ class ReviewScreen(SectionScreen):
             return bool(self.search)
         return True
 
+    def _push_undo(self, ids: list[int], label: str) -> None:
+        had_undo = bool(self.undo_stack)
+        self.undo_stack.push(ids, label)
+        if not had_undo and ids:
+            self.refresh_bindings()
+
     def action_grade(self, grade: int) -> None:
         lst = self.list
         index, row = lst.cursor, lst.current
@@ -265,15 +327,10 @@ class ReviewScreen(SectionScreen):
             return
         row_id, length, old, status = row
         lst.update_row(index, (row_id, length, grade, status))
-        self.counts.change(old, grade)
-        self._show_bar()
-        had_undo = bool(self.undo_stack)
-        self.undo_stack.push([row_id], f"grade {grade}")
-        if not had_undo:
-            self.refresh_bindings()
+        self.counts = self.counts.changed(old, grade)  # at once; recounted once it is written
+        self._push_undo([row_id], f"grade {grade}")
         store = self.ctx.store
-        self.submit(lambda: store.set_grade(row_id, grade, "person"),
-                    lambda _result: self._refresh_detail(row_id))
+        self.submit(lambda: review.grade(store, row_id, grade), lambda _grade: self._refresh_detail(row_id))
         lst.action_move(1)
 
     def action_undo(self) -> None:
@@ -297,13 +354,14 @@ class ReviewScreen(SectionScreen):
         if index is not None:
             rid, length, old, status = lst.rows[index]
             lst.update_row(index, (rid, length, grade, status))
-            self.counts.change(old, grade)
-            self._show_bar()
             lst.set_cursor(index)
         self._refresh_detail(row_id)
 
     def _undone_bulk(self, label: str) -> None:
         self.notify(f"undid {label}")
+        self._after_bulk()
+
+    def _after_bulk(self) -> None:
         self.reload()
         if self._detail_id is not None:
             self._refresh_detail(self._detail_id)
@@ -326,25 +384,20 @@ class ReviewScreen(SectionScreen):
             if new_text is None or new_text == text:
                 return
             store = self.ctx.store
-            self.submit(lambda: store.edit_text(row_id, new_text), lambda _r: self._edited(row_id, len(new_text)))
+            self.submit(lambda: review.edit(store, row_id, new_text), lambda length: self._edited(row_id, length),
+                        what="completions")
 
         self.app.push_screen(EditModal(text, title=f"Edit completion #{row_id}"), saved)
 
     def _edited(self, row_id: int, length: int) -> None:
         lst = self.list
         index = lst.index_of(row_id)
-        if index is not None:
+        if index is not None:  # shown at once; the reload that follows re-sorts it
             rid, _length, grade, status = lst.rows[index]
             lst.forget_preview(row_id)
             lst.update_row(index, (rid, length, grade, status))
         self.notify("edit saved; the model's text is kept")
         self._refresh_detail(row_id)
-        self._refresh_histogram()
-
-    @work(thread=True, exclusive=True, group="histogram", exit_on_error=False)
-    def _refresh_histogram(self) -> None:
-        lengths = self.ctx.store.done_lengths()
-        self.app.call_from_thread(self.query_one(LengthHistogram).set_lengths, lengths)
 
     # -- bulk: auto-grade, drop ------------------------------------------------------------------
     def action_auto_grade(self) -> None:
@@ -354,14 +407,9 @@ class ReviewScreen(SectionScreen):
 
     def _auto_graded(self, outcome: tuple[Any, list[int]]) -> None:
         result, changed = outcome
-        had_undo = bool(self.undo_stack)
-        self.undo_stack.push(changed, "auto-grade")
-        if not had_undo and changed:
-            self.refresh_bindings()
+        self._push_undo(changed, "auto-grade")
         self.notify(result.summary(), title="auto-grade", timeout=6)
-        self.reload()
-        if self._detail_id is not None:
-            self._refresh_detail(self._detail_id)
+        self._after_bulk()
 
     def action_drop(self) -> None:
         def picked(grade: int | None) -> None:
@@ -395,83 +443,82 @@ class ReviewScreen(SectionScreen):
         )
 
     def _dropped(self, grade: int, ids: list[int]) -> None:
-        had_undo = bool(self.undo_stack)
-        self.undo_stack.push(ids, f"drop ≤ {grade}")
-        if not had_undo and ids:
-            self.refresh_bindings()
+        self._push_undo(ids, f"drop ≤ {grade}")
         self.notify(f"rejected {len(ids):,} completion(s) graded at or below {grade}")
-        self.reload()
+        self._after_bulk()
 
     # -- view: filter, sort, search ----------------------------------------------------------------
+    def _view_changed(self) -> None:
+        self._show_view()
+        self.reload()
+
     def action_cycle_filter(self) -> None:
         self.filter = review.next_filter(self.filter.key)
-        self.reload()
+        self._view_changed()
 
     def set_filter(self, key: str) -> None:
         self.filter = review.filter_by_key(key)
-        self.reload()
+        self._view_changed()
 
     def action_cycle_sort(self) -> None:
         self.sort = review.next_sort(self.sort)
         self.descending = False
-        self.reload()
+        self._view_changed()
 
     def action_reverse(self) -> None:
         self.descending = not self.descending
-        self.reload()
+        self._view_changed()
+
+    @property
+    def search_box(self) -> Input:
+        return self.query_one("#review-search", Input)
 
     def action_search(self) -> None:
-        box = self.query_one("#review-search", Input)
+        box = self.search_box
         box.value = self.search
-        box.add_class("-open")
+        self.query_one("#review-bar").add_class("-searching")
         box.focus()
+
+    def _close_search(self) -> None:
+        self.query_one("#review-bar").remove_class("-searching")
+        self.list.focus()
 
     @on(Input.Submitted, "#review-search")
     def _search_submitted(self, event: Input.Submitted) -> None:
         self.search = event.value.strip()
-        event.input.remove_class("-open")
-        self.list.focus()
+        self._close_search()
         self.refresh_bindings()
-        self.reload()
+        self._view_changed()
 
     def action_clear_search(self) -> None:
-        box = self.query_one("#review-search", Input)
-        was_open = box.has_class("-open")
-        box.remove_class("-open")
-        self.list.focus()
+        self._close_search()
         if self.search:
             self.search = ""
             self.refresh_bindings()
-            self.reload()
-        elif not was_open:
-            return
+            self._view_changed()
 
-    def on_key(self, event) -> None:
+    def on_key(self, event: Key) -> None:
         # escape inside the search box closes it without changing the search
-        if event.key == "escape" and self.focused is self.query_one("#review-search", Input):
+        if event.key == "escape" and self.focused is self.search_box:
             event.stop()
-            self.query_one("#review-search", Input).remove_class("-open")
-            self.list.focus()
+            self._close_search()
 
 
 def detail_texts(record, history) -> tuple[Text, Text]:
     """The detail pane's header and body for one completion (no UI state)."""
     head = Text()
-    grade = record.grade
+    head.append(f"#{record.id}", "bold")
     if record.status != "done":
-        head.append(f"#{record.id} {record.status}", "bold")
-    elif grade is None:
-        head.append(f"#{record.id} ungraded", "bold")
-    elif grade == 0:
-        head.append(f"#{record.id} rejected", "bold red")
-    else:
-        head.append(f"#{record.id} grade {grade}", "bold")
-        head.append(f" ({record.grade_source})", "dim")
+        head.append(f" {record.status}", "bold")
     if record.length is not None:
         head.append(f" · {record.length:,} chars")
     if record.edited:
         head.append(" · edited", "italic")
     head.append("\n")
+    if record.status == "done":
+        grades = review.history_text(history) or "ungraded"
+        style = "bold red" if record.grade == 0 else ("dim" if record.grade is None else "bold")
+        head.append(grades + "\n", style)
     for name, value in record.values.items():
         head.append(f"{name}: ", "dim")
         head.append(f"{value}\n")
@@ -486,12 +533,6 @@ def detail_texts(record, history) -> tuple[Text, Text]:
         meta.append(f"sample {record.sample + 1}")
     if meta:
         head.append(" · ".join(meta) + "\n", "dim")
-    if history:
-        parts = []
-        for g in reversed(history):
-            part = f"{g.grade} {g.source}"
-            parts.append(f"({part}, undone)" if g.undone else part)
-        head.append("grades: " + ", ".join(parts[:6]) + ("…" if len(parts) > 6 else "") + "\n", "dim")
     if record.status == "failed" and record.error:
         head.append(f"error: {record.error}\n", "red")
     body = Text(record.text or "")

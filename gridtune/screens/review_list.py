@@ -8,7 +8,7 @@ fetched for the visible rows only, in a thread, and cached.
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 from rich.segment import Segment
 from rich.style import Style
@@ -74,7 +74,9 @@ class ReviewList(ScrollView, can_focus=True):
         return self.rows[self.cursor] if 0 <= self.cursor < len(self.rows) else None
 
     def set_rows(self, rows: list[Row], keep_id: int | None = None) -> None:
-        """Show new rows; the cursor stays on ``keep_id`` when it is still listed."""
+        """Show new rows; the cursor stays on ``keep_id`` when it is still listed, on
+        the same screen line (rows that arrive above it do not push it down)."""
+        line = self.cursor - round(self.scroll_y)
         self.rows = rows
         self._index = None
         cursor = self.index_of(keep_id) if keep_id is not None else None
@@ -82,6 +84,8 @@ class ReviewList(ScrollView, can_focus=True):
             cursor = min(self.cursor, max(0, len(rows) - 1))
         self.virtual_size = Size(0, len(rows))
         self.cursor = cursor
+        if keep_id is not None and 0 <= line < self.size.height:
+            self.scroll_to(y=max(0, cursor - line), animate=False)
         self._scroll_to_cursor(center=True)
         self.refresh()
         self.post_message(self.Highlighted(self.cursor, self.current))
@@ -207,7 +211,7 @@ class ReviewList(ScrollView, can_focus=True):
         self.post_message(self.PreviewsLoaded(previews))
 
     @on(PreviewsLoaded)
-    def _previews_loaded(self, message: "ReviewList.PreviewsLoaded") -> None:
+    def _previews_loaded(self, message: ReviewList.PreviewsLoaded) -> None:
         message.stop()
         if len(self._previews) > _PREVIEW_CACHE_MAX:
             self._previews.clear()

@@ -9,6 +9,7 @@ begin, so a person sees at once where the short ones are. The binning is
 from __future__ import annotations
 
 from rich.text import Text
+from textual.reactive import reactive
 from textual.widget import Widget
 
 from ...pipeline.review import Histogram, histogram
@@ -24,27 +25,27 @@ class LengthHistogram(Widget):
     COMPONENT_CLASSES = {*_BAND_CLASSES, "length-histogram--axis", "length-histogram--cut"}
     BAR_ROWS = 3
 
+    lengths: reactive[tuple[int, ...]] = reactive(tuple, init=False)
+    """The lengths of the finished completions; a new value repaints, the same one does not."""
+
     def __init__(self, *, id: str | None = None, classes: str | None = None):
         super().__init__(id=id, classes=classes)
-        self._lengths: list[int] = []
         self._cache: tuple[int, Histogram] | None = None
 
     def set_lengths(self, lengths: list[int]) -> None:
-        """New data; repaints only when it differs from what is shown."""
-        if lengths == self._lengths:
-            return
-        self._lengths = list(lengths)
+        self.lengths = tuple(lengths)
+
+    def watch_lengths(self) -> None:
         self._cache = None
-        self.refresh()
 
     def _histogram(self, width: int) -> Histogram:
         if self._cache is None or self._cache[0] != width:
-            self._cache = (width, histogram(self._lengths, width))
+            self._cache = (width, histogram(self.lengths, width))
         return self._cache[1]
 
     def render(self) -> Text:
         width = max(10, self.size.width)
-        if not self._lengths:
+        if not self.lengths:
             return Text(" lengths of finished completions show here", style="dim")
         h = self._histogram(width)
         peak = max(h.counts) or 1
