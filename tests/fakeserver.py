@@ -269,7 +269,9 @@ class FakeOpenAI:
         return StreamingResponse(events(), media_type="text/event-stream")
 
     def _reply(self, body: dict, prompt: str) -> tuple[str, str]:
-        text = next((reply for match, reply in self.replies if match in prompt), None)
+        # A match "model:NAME" answers every request to that model (a base and a tuned one).
+        model = f"model:{body.get('model')}"
+        text = next((reply for match, reply in self.replies if match in prompt or match == model), None)
         text, finish = (reply_text(prompt) if text is None else text), "stop"
         max_tokens = body.get("max_tokens")
         words = text.split(" ")

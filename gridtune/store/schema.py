@@ -168,6 +168,52 @@ MIGRATIONS: list[str] = [
         created_at  REAL NOT NULL
     );
     """,
+    # 3: evaluation (issue 11): what an export held out of training, the prompts an
+    # evaluation asks, and every answer a model gave to one of them.
+    """
+    -- The export's held-out choice: {"values": {var: [value, ...]}, "combos": [cell key, ...]}.
+    ALTER TABLE exports ADD COLUMN holdout_json TEXT;
+
+    -- A prompt to evaluate on: a held-out cell of an export, or values a person added
+    -- (new values never in the grid, or a playground answer to watch).
+    CREATE TABLE eval_cases (
+        id           INTEGER PRIMARY KEY,
+        key          TEXT NOT NULL UNIQUE,   -- canonical JSON of the values
+        values_json  TEXT NOT NULL,
+        source       TEXT NOT NULL CHECK (source IN ('held-out', 'person')),
+        note         TEXT,
+        created_at   REAL NOT NULL
+    );
+
+    -- One answer of one model to one case under one setup (the export's format,
+    -- separator and stop, temperature, max tokens: a digest). An interrupted
+    -- evaluation resumes from here; a finished one is never paid for twice.
+    CREATE TABLE eval_answers (
+        id                 INTEGER PRIMARY KEY,
+        case_id            INTEGER NOT NULL REFERENCES eval_cases(id) ON DELETE CASCADE,
+        model              TEXT NOT NULL,
+        setup              TEXT NOT NULL,
+        sample             INTEGER NOT NULL,
+        text               TEXT,
+        finish_reason      TEXT,
+        completion_tokens  INTEGER,
+        latency_s          REAL,
+        error              TEXT,
+        created_at         REAL NOT NULL,
+        UNIQUE (case_id, model, setup, sample)
+    );
+
+    -- A finished comparison, as `gridtune eval` printed it.
+    CREATE TABLE eval_runs (
+        id           INTEGER PRIMARY KEY,
+        export_id    INTEGER REFERENCES exports(id) ON DELETE SET NULL,
+        model        TEXT NOT NULL,
+        against      TEXT,
+        setup        TEXT NOT NULL,
+        result_json  TEXT NOT NULL,
+        created_at   REAL NOT NULL
+    );
+    """,
 ]
 
 SCHEMA_VERSION = len(MIGRATIONS)
