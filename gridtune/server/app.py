@@ -12,9 +12,10 @@ import logging
 import math
 import os
 import time
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, AsyncIterator
+from typing import Any
 
 from openai.types import Completion, CompletionUsage, FileObject, Model
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
@@ -25,9 +26,12 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from gridtune.core.files import private_dir
+from gridtune.core.net import is_loopback
+
 from .engine import Delta, Engine, EngineError, SamplingParams, new_id
 from .errors import APIError, invalid
-from .files import DEFAULT_MAX_BYTES, DEFAULT_QUOTA_BYTES, FileStore, private_dir
+from .files import DEFAULT_MAX_BYTES, DEFAULT_QUOTA_BYTES, FileStore
 from .jobs import JobManager
 
 log = logging.getLogger("gridtune.server")
@@ -462,6 +466,32 @@ async def _collect(engine: Engine, model: str, prompt: list[int], params: Sampli
     return "".join(parts), reason, tokens
 
 
+async def _admitted_prompt(state: ServerState, request: Request, n: int, params: SamplingParams, chars: int,
+                           param: str, build: Callable[[], list[int]]) -> list[int]:
+    """Admission (n, size, queue), then the prompt's tokens from ``build`` (run in a thread),
+    checked against the context and with max_tokens clamped to fit: every refusal comes
+    before a stream starts, not inside it."""
+    _check_n(state, n)
+    _check_chars(state, chars, param)
+    _admit(state, request, n, params)
+    try:
+        prompt = await asyncio.to_thread(build)
+    except EngineError as exc:
+        raise _engine_error(exc) from None
+    _check_prompt(state, prompt, param)
+    _clamp_tokens(state, params, prompt)
+    return prompt
+
+
+async def _results_unless_abandoned(request: Request, state: ServerState, model: str, prompt: list[int],
+                                    params: SamplingParams, n: int) -> list[tuple[str, str, int]] | None:
+    """The n results of a non-streamed request; None when the client went away first."""
+    try:
+        return await _unless_abandoned(request, _collect_n(state.engine, model, prompt, params, n))
+    except _ClientGone:
+        return None
+
+
 async def _collect_n(engine: Engine, model: str, prompt: list[int], params: SamplingParams,
                      n: int) -> list[tuple[str, str, int]]:
     """n whole choices, decoded together; an engine refusal becomes an API error."""
@@ -549,21 +579,14 @@ async def chat_completions(request: Request) -> Response:
     if body.get("logprobs") or body.get("top_logprobs"):
         raise invalid("logprobs are not supported by this local server", param="logprobs")
     params, n, stream, include_usage = _sampling(body)
-    _check_n(state, n)
-    _check_chars(state, sum(len(m["content"]) + 16 for m in messages), "messages")
-    _admit(state, request, n, params)
-    try:
-        prompt = await asyncio.to_thread(state.engine.chat_prompt, model, messages)
-    except EngineError as exc:
-        raise _engine_error(exc) from None
-    _check_prompt(state, prompt, "messages")  # fail before a stream starts, not inside it
-    _clamp_tokens(state, params, prompt)
+    chars = sum(len(m["content"]) + 16 for m in messages)
+    prompt = await _admitted_prompt(state, request, n, params, chars, "messages",
+                                    lambda: state.engine.chat_prompt(model, messages))
     cid, created = new_id("chatcmpl"), int(time.time())
     headers = {MAX_BATCH_HEADER: str(state.engine.max_batch)}
     if not stream:
-        try:
-            results = await _unless_abandoned(request, _collect_n(state.engine, model, prompt, params, n))
-        except _ClientGone:
+        results = await _results_unless_abandoned(request, state, model, prompt, params, n)
+        if results is None:
             return Response(status_code=499)  # nobody reads it; the generation was cancelled
         usage = CompletionUsage(prompt_tokens=len(prompt), completion_tokens=sum(r[2] for r in results),
                                 total_tokens=len(prompt) + sum(r[2] for r in results))
@@ -622,21 +645,14 @@ async def completions(request: Request) -> Response:
     params, n, stream, include_usage = _sampling(body)
     if body.get("max_tokens") is None and body.get("max_completion_tokens") is None:
         params.max_tokens = 16  # the legacy endpoint's documented default
-    _check_n(state, n)
-    _check_chars(state, len(prompt_in), "prompt")
-    _admit(state, request, n, params)
-    try:
-        prompt = await asyncio.to_thread(state.engine.text_prompt, model, prompt_in)
-    except EngineError as exc:
-        raise _engine_error(exc) from None
-    _check_prompt(state, prompt, "prompt")
-    _clamp_tokens(state, params, prompt)
+    text = prompt_in
+    prompt = await _admitted_prompt(state, request, n, params, len(text), "prompt",
+                                    lambda: state.engine.text_prompt(model, text))
     cid, created = new_id("cmpl"), int(time.time())
     headers = {MAX_BATCH_HEADER: str(state.engine.max_batch)}
     if not stream:
-        try:
-            results = await _unless_abandoned(request, _collect_n(state.engine, model, prompt, params, n))
-        except _ClientGone:
+        results = await _results_unless_abandoned(request, state, model, prompt, params, n)
+        if results is None:
             return Response(status_code=499)
         done = sum(r[2] for r in results)
         resp = Completion(
@@ -777,15 +793,6 @@ async def cancel_job(request: Request) -> Response:
     return JSONResponse(await _state(request).jobs.cancel(request.path_params["job_id"]))
 
 
-def _is_loopback(host: str) -> bool:
-    import ipaddress
-
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return host == "localhost"
-
-
 def _export_target(state: ServerState, request: Request, out: str) -> tuple[Path, bool]:
     """Where export_model may write, and whether that is under the export root.
 
@@ -811,7 +818,7 @@ def _export_target(state: ServerState, request: Request, out: str) -> tuple[Path
     # ("open": a server built in-process with neither token nor key, by the process that
     # owns it; `gridtune serve` never runs so.)
     client = request.client.host if request.client else ""
-    if request.scope.get("gridtune.auth") not in ("owner", "open") or not _is_loopback(client):
+    if request.scope.get("gridtune.auth") not in ("owner", "open") or not is_loopback(client):
         raise APIError(403, f"output_dir {resolved} is outside this server's export directory {root}; export "
                             "there (a relative output_dir is taken from it), or run `gridtune export-model` as "
                             "the user who runs the server, on its machine", param="output_dir",

@@ -28,9 +28,10 @@ import logging
 import queue
 import random
 import threading
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, AsyncIterator, Sequence
+from typing import Any
 
 log = logging.getLogger("gridtune.server")
 
@@ -189,7 +190,7 @@ class _FastBatch:
         holes = [i for i in range(k) if i not in kept]
         movers = [i for i in keep if i >= k]
         rows = list(self.rows)
-        for hole, src in zip(holes, movers):
+        for hole, src in zip(holes, movers, strict=True):
             self.lm.move(src, hole, rows[src].position)
             rows[hole] = rows[src]
         self.rows = rows[:k]
@@ -262,7 +263,7 @@ class _HFBatch:
             shape[dim] = n
             return torch.cat([t.new_zeros(shape), t], dim=dim)
 
-        for old, new in zip(self.cache.layers, cache.layers):
+        for old, new in zip(self.cache.layers, cache.layers, strict=True):
             old.keys = torch.cat([left_pad(old.keys, width - t_run, 2), left_pad(new.keys, width - t_new, 2)])
             old.values = torch.cat([left_pad(old.values, width - t_run, 2), left_pad(new.values, width - t_new, 2)])
         self.mask = torch.cat([left_pad(self.mask, width - t_run, 1), left_pad(mask, width - t_new, 1)])
@@ -481,7 +482,8 @@ class Engine:
         elif served.kind == "lora":
             from peft import PeftModel
 
-            name = "a" + str(len(self._served)) + "_" + "".join(c if c.isalnum() else "_" for c in served.model_id)[-40:]
+            safe_id = "".join(c if c.isalnum() else "_" for c in served.model_id)
+            name = "a" + str(len(self._served)) + "_" + safe_id[-40:]
             if self._peft is None:
                 self._peft = PeftModel.from_pretrained(self.base.model, str(served.path), adapter_name=name)
             else:
@@ -784,7 +786,7 @@ class Engine:
         """Emit text for the rows that just got a token; drop the rows that are done."""
         served = batch.served
         eos = served.eos
-        for row, token in zip(rows, tokens):
+        for row, token in zip(rows, tokens, strict=True):
             if row.req.cancelled.is_set():
                 row.done = True
                 continue

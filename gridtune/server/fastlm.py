@@ -275,7 +275,7 @@ class FastLlama:
 
     def move(self, src: int, dst: int, length: int) -> None:
         """Copy slot ``src``'s first ``length`` positions into slot ``dst``."""
-        for k, v in zip(self.k, self.v):
+        for k, v in zip(self.k, self.v, strict=True):
             k[dst, :, :length] = k[src, :, :length]
             v[dst, :, :length] = v[src, :, :length]
 

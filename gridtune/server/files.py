@@ -17,8 +17,11 @@ import secrets
 import shutil
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, BinaryIO, Callable
+from typing import Any, BinaryIO
+
+from gridtune.core.files import private_dir, write_json
 
 from .errors import APIError, invalid, not_found
 
@@ -27,29 +30,6 @@ log = logging.getLogger("gridtune.server")
 PURPOSES = ("fine-tune", "batch")
 DEFAULT_MAX_BYTES = 512 * 1024 * 1024
 DEFAULT_QUOTA_BYTES = 2 * 1024 * 1024 * 1024
-
-
-def write_private(path: Path, data: bytes) -> None:
-    """Write ``path`` atomically as a 0600 file (temp file beside it, then rename)."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_NOFOLLOW", 0), 0o600)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.chmod(tmp, 0o600)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def private_dir(path: Path) -> Path:
-    """``path`` (and missing parents) created 0700; an existing ``path`` is made 0700."""
-    path = Path(path)
-    path.mkdir(mode=0o700, parents=True, exist_ok=True)
-    if path.stat().st_mode & 0o077:
-        os.chmod(path, 0o700)
-    return path
 
 
 def _safe_name(name: str) -> str:
@@ -141,7 +121,7 @@ class FileStore:
             with self._lock:
                 self._make_room(size, file_id)
                 os.replace(part, self.root / f"{file_id}.bin")
-                write_private(self._meta_path(file_id), json.dumps(meta).encode())
+                write_json(self._meta_path(file_id), meta)
         finally:
             part.unlink(missing_ok=True)
         return meta

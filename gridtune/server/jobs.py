@@ -26,11 +26,15 @@ import secrets
 import signal
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
+
+from gridtune.core.files import private_dir, write_json
+from gridtune.core.hyperparams import default_epochs
 
 from .errors import APIError, invalid, not_found
-from .files import FileStore, private_dir, write_private
+from .files import FileStore
 
 CHECKPOINT_STATE = "state.json"  # train.py's name for a checkpoint's state file
 
@@ -51,17 +55,13 @@ def _order(job: dict[str, Any]) -> tuple:
     return job["created_at"], job.get("local", {}).get("created_ns", 0), job["id"]
 
 
-def _write_json(path: Path, obj: Any) -> None:
-    write_private(path, json.dumps(obj, indent=1).encode())
-
-
 def fine_tuned_model_id(base: str, suffix: str | None, job_id: str) -> str:
     return f"ft:{base}:local:{suffix or ''}:{job_id}"
 
 
 def _resolve_hparams(raw: dict[str, Any], n_examples: int) -> dict[str, Any]:
     """Concrete values for "auto" (or missing) hyperparameters: the trainer's own rules."""
-    from .train import default_batch_size, default_epochs
+    from .train import default_batch_size
 
     epochs = raw.get("n_epochs", "auto")
     batch = raw.get("batch_size", "auto")
@@ -85,7 +85,8 @@ def _check_hparams(h: dict[str, Any], where: str) -> dict[str, Any]:
             out[key] = "auto"
             continue
         if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and value != int(value)):
-            raise invalid(f"{where}.{key} must be 'auto' or a {'whole ' if kind is int else ''}number", param=f"{where}.{key}")
+            raise invalid(f"{where}.{key} must be 'auto' or a {'whole ' if kind is int else ''}number",
+                          param=f"{where}.{key}")
         if not low <= value <= high:
             raise invalid(f"{where}.{key} must be between {low:g} and {high:g}", param=f"{where}.{key}")
         out[key] = kind(value)
@@ -117,7 +118,7 @@ class JobManager:
         return self.root / job_id
 
     def _save(self, job: dict[str, Any]) -> None:
-        _write_json(self._dir(job["id"]) / "state.json", job)
+        write_json(self._dir(job["id"]) / "state.json", job)
 
     def _event(self, job_id: str, message: str, *, level: str = "info", type: str = "message",
                data: Any = None) -> None:
@@ -160,8 +161,8 @@ class JobManager:
                 local["resume"] = True  # the worker starts over when there is no checkpoint
                 job["status"] = "queued"
                 self._save(job)
-                self._event(job["id"], "The server restarted while the job was running; it will "
-                            + (f"resume from checkpoint {ckpts[-1].name}" if ckpts else "start again (no checkpoint yet)"),
+                then = f"resume from checkpoint {ckpts[-1].name}" if ckpts else "start again (no checkpoint yet)"
+                self._event(job["id"], f"The server restarted while the job was running; it will {then}",
                             level="warn")
             elif job["status"] == "succeeded":
                 self._register(job)
@@ -218,7 +219,7 @@ class JobManager:
             try:
                 self._proc.send_signal(signal.SIGINT)  # an interruption: the job resumes at the next start
                 await asyncio.wait_for(self._proc.wait(), CANCEL_GRACE_S)
-            except (ProcessLookupError, asyncio.TimeoutError):
+            except (TimeoutError, ProcessLookupError):
                 try:
                     self._proc.kill()
                 except ProcessLookupError:
@@ -383,7 +384,7 @@ class JobManager:
             "method": local["variant"], "hyperparameters": hparams, "seed": job["seed"],
             "suffix": local.get("suffix"),
         }
-        _write_json(job_dir / "job.json", worker_job)
+        write_json(job_dir / "job.json", worker_job)
         self._set(job, "queued", message=f"Files validated ({n_examples} training examples); job queued")
         self._wake.set()
 
@@ -456,8 +457,8 @@ class JobManager:
     async def cancel(self, job_id: str) -> dict[str, Any]:
         job = self.get(job_id)
         if job["status"] in TERMINAL:
-            raise invalid(f"Job {job_id} has already {job['status']}; it cannot be cancelled", param="fine_tuning_job_id",
-                          code="job_not_cancellable")
+            raise invalid(f"Job {job_id} has already {job['status']}; it cannot be cancelled",
+                          param="fine_tuning_job_id", code="job_not_cancellable")
         job["local"]["cancel_requested"] = True
         if job["status"] == "running" and self._running_id == job_id and self._proc is not None:
             self._save(job)
@@ -467,7 +468,7 @@ class JobManager:
                 pass
             try:  # answer once it has stopped (within seconds), so the caller sees "cancelled"
                 await asyncio.wait_for(asyncio.shield(self._finished(job_id)), CANCEL_GRACE_S + 5)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 pass
         else:
             self._set(job, "cancelled", message="Fine-tuning job cancelled")

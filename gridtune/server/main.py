@@ -17,8 +17,6 @@
 from __future__ import annotations
 
 import asyncio
-import ipaddress
-import json
 import logging
 import os
 import secrets
@@ -26,15 +24,15 @@ import socket
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
 from gridtune import locations
+from gridtune.core.files import private_dir
+from gridtune.core.net import is_loopback
+from gridtune.core.serverstate import read_state, remove_state, write_state
 
 log = logging.getLogger("gridtune.server")
 
-STATE_FILE = "server.json"
 LOCK_FILE = "server.lock"
-LOG_FILE = "server.log"
 DEFAULT_IDLE_MINUTES = 15.0
 
 
@@ -42,34 +40,8 @@ class ServeError(Exception):
     """The server cannot start; a one-line message says why."""
 
 
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
-def read_state(data_dir: Path) -> dict[str, Any] | None:
-    try:
-        state = json.loads((Path(data_dir) / STATE_FILE).read_text())
-    except (OSError, ValueError):
-        return None
-    return state if isinstance(state, dict) else None
-
-
-def _write_state(path: Path, state: dict[str, Any]) -> None:
-    """server.json, 0600, written whole (temp file, then rename): it holds the token."""
-    from .files import write_private
-
-    write_private(path, json.dumps(state, indent=1).encode())
-
-
 def _private_data_dir(data: Path) -> Path:
     """The data directory, created or made 0700; refused when another user owns it."""
-    from .files import private_dir
-
     try:
         private_dir(data)
         st = data.stat()
@@ -78,14 +50,6 @@ def _private_data_dir(data: Path) -> Path:
     if st.st_uid != os.getuid():
         raise ServeError(f"{data} belongs to another user; the server's data directory must be your own")
     return data
-
-
-def _remove_state(path: Path) -> None:
-    try:
-        if json.loads(path.read_text()).get("pid") == os.getpid():
-            path.unlink()
-    except (OSError, ValueError):
-        pass
 
 
 def _bind(host: str, port: int) -> socket.socket:
@@ -185,12 +149,11 @@ def _serve_locked(data: Path, *, host: str, port: int, model: str | None, api_ke
                         allowed_origins=allow_origins)
     url_host = f"[{host}]" if ":" in host else host
     base_url = f"http://{url_host}:{actual_port}/v1"
-    state_path = data / STATE_FILE
     server: uvicorn.Server | None = None
     watcher: list[asyncio.Task] = []
 
     async def started() -> None:
-        _write_state(state_path, {"pid": os.getpid(), "host": host, "port": actual_port, "base_url": base_url,
+        write_state(data, {"pid": os.getpid(), "host": host, "port": actual_port, "base_url": base_url,
                                   "model": loaded.name, "started_at": time.time(), "data_dir": str(data),
                                   "token": token})
         log.info("serving %s at %s (data in %s)", loaded.name, base_url, data)
@@ -210,7 +173,7 @@ def _serve_locked(data: Path, *, host: str, port: int, model: str | None, api_ke
     async def stopping() -> None:
         for t in watcher:
             t.cancel()
-        _remove_state(state_path)
+        remove_state(data)
 
     app = create_app(state, on_startup=[started], on_shutdown=[stopping])
     config = uvicorn.Config(app, log_level=log_level, access_log=False, timeout_graceful_shutdown=5,
@@ -219,5 +182,5 @@ def _serve_locked(data: Path, *, host: str, port: int, model: str | None, api_ke
     try:
         server.run(sockets=[sock])
     finally:
-        _remove_state(state_path)
+        remove_state(data)
         sock.close()

