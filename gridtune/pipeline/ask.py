@@ -13,6 +13,7 @@ from typing import Any, Iterator
 
 import openai
 
+from ..core.chat import chat_messages
 from .backend import Backend
 from .finetune import FinetuneError, _wrap
 
@@ -24,10 +25,6 @@ class Piece:
     text: str = ""
     finish_reason: str | None = None
     done: bool = False
-
-
-def chat_messages(prompt: str, system: str | None = None) -> list[dict[str, str]]:
-    return ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
 
 
 def _sampling(stop: list[str] | str | None, temperature: float | None, max_tokens: int | None,

@@ -1,4 +1,5 @@
-"""Prices, context lengths and the default-epochs rule, read from prices.toml.
+"""Prices and context lengths, read from prices.toml (the default-epochs rule is
+gridtune.core.hyperparams', shared with the local trainer).
 
 The table is data so a price change is a one-line edit, not a code change.
 Imports nothing from the store or the UI.
@@ -13,14 +14,7 @@ from dataclasses import dataclass
 from importlib import resources
 from typing import Any
 
-# OpenAI's default n_epochs rule, as in the cookbook's chat fine-tuning
-# data-prep notebook: aim at 3 epochs, but at least 100 and at most 25,000
-# trained examples, within 1..25 epochs (floor division, as OpenAI does).
-TARGET_EPOCHS = 3
-MIN_TARGET_EXAMPLES = 100
-MAX_TARGET_EXAMPLES = 25_000
-MIN_DEFAULT_EPOCHS = 1
-MAX_DEFAULT_EPOCHS = 25
+from ..core.hyperparams import default_epochs as default_epochs  # the estimate's callers find it here
 
 PER = 1_000_000  # prices are per 1M tokens
 _SNAPSHOT = re.compile(r"^(.+?)-(?:\d{4}-\d{2}-\d{2}|\d{4})$")  # -2024-07-18 or -0125
@@ -94,16 +88,6 @@ def context_length(model: str | None) -> int:
     """The most tokens one training example may have for this model."""
     price = price_for(model)
     return price.context_length if price else default_context_length()
-
-
-def default_epochs(n_examples: int) -> int:
-    if n_examples <= 0:
-        return TARGET_EPOCHS
-    if n_examples * TARGET_EPOCHS < MIN_TARGET_EXAMPLES:
-        return min(MAX_DEFAULT_EPOCHS, MIN_TARGET_EXAMPLES // n_examples)
-    if n_examples * TARGET_EPOCHS > MAX_TARGET_EXAMPLES:
-        return max(MIN_DEFAULT_EPOCHS, MAX_TARGET_EXAMPLES // n_examples)
-    return TARGET_EPOCHS
 
 
 def training_cost(model: str | None, billed_tokens_per_epoch: int, epochs: int) -> float | None:

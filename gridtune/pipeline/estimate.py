@@ -234,17 +234,10 @@ def local_server_phase(started_at: float, now: float | None = None) -> str:
 
 def _server_phase() -> str | None:
     """The ``phase`` a starting server may write in its state file (server.json)."""
-    import json
-
     from .. import locations
-    from .local_service import STATE_FILE
+    from ..core import serverstate
 
-    try:
-        state = json.loads((locations.server_dir() / STATE_FILE).read_text())
-    except (OSError, ValueError):
-        return None
-    phase = state.get("phase") if isinstance(state, dict) else None
-    return " ".join(phase.split())[:80] if isinstance(phase, str) and phase.strip() else None
+    return serverstate.phase(serverstate.read_state(locations.server_dir()))
 
 
 def local_server_starting() -> bool:

@@ -115,10 +115,7 @@ def in_validation(values: dict[str, Any], completion_id: int, fraction: float) -
 
 def chat_example(spec: GridSpec, values: dict[str, Any], text: str) -> dict[str, Any]:
     prompt = spec.render(values)
-    messages = [{"role": "system", "content": prompt.system}] if prompt.system else []
-    messages.append({"role": "user", "content": prompt.training})
-    messages.append({"role": "assistant", "content": text})
-    return {"messages": messages}
+    return {"messages": [*prompt.training_messages(), {"role": "assistant", "content": text}]}
 
 
 def completion_example(spec: GridSpec, values: dict[str, Any], text: str, separator: str, stop: str) -> dict[str, Any]:

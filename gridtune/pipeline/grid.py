@@ -16,6 +16,8 @@ from dataclasses import dataclass, field, asdict
 from pathlib import Path
 from typing import Any, Iterator
 
+from ..core.chat import chat_messages
+
 DEFAULT_MAX_CELLS = 100_000  # completions (cells x samples) a spec may have unless max_cells says more
 MAX_COMPLETIONS = 1_000_000  # the hard ceiling: max_cells cannot lift a grid past it
 
@@ -151,9 +153,12 @@ class RenderedPrompt:
     training: str
 
     def generation_messages(self) -> list[dict[str, str]]:
-        msgs = [{"role": "system", "content": self.system}] if self.system else []
-        msgs.append({"role": "user", "content": self.generation})
-        return msgs
+        """What the generating model is sent."""
+        return chat_messages(self.generation, self.system)
+
+    def training_messages(self) -> list[dict[str, str]]:
+        """What a tuned model sees: its training examples' (and the playground's) prompt."""
+        return chat_messages(self.training, self.system)
 
 
 def render_value(value: Value) -> str:

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
-import json
 import os
 import subprocess
 import sys
@@ -33,10 +32,12 @@ from typing import Any, Iterator
 import httpx
 
 from .. import locations
+from ..core import serverstate
+from ..core.proc import pid_alive
+from ..core.files import private_dir
+from ..core.serverstate import LOG_FILE
 from .backend import Backend, BackendError
 
-STATE_FILE = "server.json"
-LOG_FILE = "server.log"
 LOCK_FILE = "start.lock"
 START_TIMEOUT_S = float(os.environ.get("GRIDTUNE_START_TIMEOUT", "900"))
 NO_LOCAL_EXTRA = ("the local server needs torch and transformers: pip install 'gridtune[local]', "
@@ -48,40 +49,14 @@ def _say(message: str, *, end: str = "\n") -> None:
 
 
 def read_state(data_dir: Path | None = None) -> dict[str, Any] | None:
-    """server.json, when it is this user's own and nobody else could have written it (it
-    says where to send the token: a planted one would be a way to steal it)."""
-    path = (data_dir or locations.server_dir()) / STATE_FILE
-    try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
-        with os.fdopen(fd, "rb") as fh:
-            st = os.fstat(fh.fileno())
-            if st.st_uid != os.getuid() or st.st_mode & 0o022:
-                return None
-            state = json.loads(fh.read())
-    except (OSError, ValueError):
-        return None
-    return state if isinstance(state, dict) and state.get("base_url") else None
-
-
-def _private_dir(path: Path) -> Path:
-    path.mkdir(mode=0o700, parents=True, exist_ok=True)
-    return path
+    """The running server's state (see gridtune.core.serverstate), when it is one to
+    trust and says where the server is."""
+    state = serverstate.read_state(data_dir or locations.server_dir())
+    return state if state is not None and state.get("base_url") else None
 
 
 def _open_private(path: Path, flags: int) -> int:
     return os.open(path, flags | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o600)
-
-
-def _pid_alive(pid: Any) -> bool:
-    if not isinstance(pid, int) or pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _api_key(state: dict[str, Any] | None = None) -> str:
@@ -117,7 +92,7 @@ def _backend(state: dict[str, Any]) -> Backend:
 def running_backend(data_dir: Path | None = None) -> Backend | None:
     """The running local server, if there is one that answers."""
     state = read_state(data_dir)
-    if state is None or not _pid_alive(state.get("pid")):
+    if state is None or not pid_alive(state.get("pid")):
         return None
     if probe(state["base_url"], _api_key(state)) is None:
         return None
@@ -128,7 +103,7 @@ def running_backend(data_dir: Path | None = None) -> Backend | None:
 def _start_lock(data_dir: Path) -> Iterator[None]:
     import fcntl
 
-    _private_dir(data_dir)
+    private_dir(data_dir)
     with os.fdopen(_open_private(data_dir / LOCK_FILE, os.O_RDWR), "r+") as fh:
         try:
             fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -146,7 +121,7 @@ def _has_local_extra() -> bool:
 
 
 def _serve_command(data_dir: Path) -> list[str]:
-    cmd = [sys.executable, "-c", "from gridtune.tui.cli import main; main()", "serve",
+    cmd = [sys.executable, "-m", "gridtune", "serve",
            "--host", "127.0.0.1", "--port", "0", "--data-dir", str(data_dir),
            "--idle-timeout", os.environ.get("GRIDTUNE_IDLE_MINUTES", "15")]
     model = os.environ.get("GRIDTUNE_LOCAL_MODEL", "").strip()
@@ -220,10 +195,10 @@ def ensure_backend(*, start: bool = True) -> Backend:
         if found is not None:
             return found
         state = read_state(data_dir)
-        if state and _pid_alive(state.get("pid")):
+        if state and pid_alive(state.get("pid")):
             # Alive but not answering yet: a server still loading (started by `gridtune serve`?).
             deadline = time.monotonic() + 60
-            while time.monotonic() < deadline and _pid_alive(state.get("pid")):
+            while time.monotonic() < deadline and pid_alive(state.get("pid")):
                 if probe(state["base_url"], _api_key(state)) is not None:
                     return _backend(state)
                 time.sleep(0.5)

@@ -326,9 +326,7 @@ def build_prompt(spec: GridSpec, values: dict[str, Value], format: str = "chat",
     if format == "completion":
         text = rendered.training + (separator or "")
         return Prompt("completion", [{"role": "user", "content": text}], text)
-    messages = [{"role": "system", "content": rendered.system}] if rendered.system else []
-    messages.append({"role": "user", "content": rendered.training})
-    return Prompt("chat", messages, rendered.training)
+    return Prompt("chat", rendered.training_messages(), rendered.training)
 
 
 def stream_reply(backend: Backend, model: str, prompt: Prompt, *, stop: list[str] | None = None,

@@ -24,9 +24,10 @@ import time
 from pathlib import Path
 from typing import AsyncIterator
 
+from ..core.proc import is_suspended, pid_alive, process_start_time
 from ..store import RunRecord, Store
 from ..store.runlock import holder as run_lock_holder
-from .generate import GenerateError, GenerateOptions, plan_run, run_params
+from .generate import GenerateError, GenerateOptions, NothingToDo, nothing_to_generate, plan_run, run_params
 from .progress import Progress
 
 STALE_AFTER_S = 30.0  # another host's run this long without a heartbeat is dead (it beats every ~0.5 s)
@@ -68,44 +69,10 @@ def is_alive(run: RunRecord, project: str | os.PathLike[str] | None = None, *, n
     return started is None or since is None or started <= since + START_SLACK_S
 
 
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # exists, someone else's
-    try:  # a zombie (killed, not yet reaped by its parent) is not running anything
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            return f.read().rsplit(b")", 1)[1].split()[0] != b"Z"
-    except (OSError, IndexError):
-        return True
-
-
 def suspended(run: RunRecord) -> bool:
     """Whether the run's process (on this host) is stopped by a signal (Ctrl-Z,
     SIGSTOP): alive, but it acts on nothing, a stop request included, until resumed."""
-    if run.pid is None or run.host != socket.gethostname():
-        return False
-    try:
-        with open(f"/proc/{run.pid}/stat", "rb") as f:
-            return f.read().rsplit(b")", 1)[1].split()[0] in (b"T", b"t")
-    except (OSError, IndexError):
-        return False
-
-
-def process_start_time(pid: int) -> float | None:
-    """When process ``pid`` started (epoch seconds, within a second or so), from
-    /proc/<pid>/stat field 22; None where /proc cannot tell."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            fields = f.read().rsplit(b")", 1)[1].split()
-        ticks = int(fields[19])  # field 22: fields here start at field 3 (state)
-        with open("/proc/stat", "rb") as f:
-            boot = next(int(line.split()[1]) for line in f if line.startswith(b"btime "))
-        return boot + ticks / os.sysconf("SC_CLK_TCK")
-    except (OSError, IndexError, ValueError, StopIteration):
-        return None
+    return run.pid is not None and run.host == socket.gethostname() and is_suspended(run.pid)
 
 
 def reconcile(store: Store) -> RunRecord | None:
@@ -145,11 +112,13 @@ def start_detached(project: str | os.PathLike[str], options: GenerateOptions) ->
     (bad options, no model, another run active) are raised here, before it starts."""
     project = Path(project).resolve()
     with Store.open(project) as store:
+        if nothing := nothing_to_generate(store, options):
+            raise NothingToDo(nothing)  # no empty run is recorded
         plan = plan_run(store, options)
         run_id = store.start_run(pid=os.getpid(), host=socket.gethostname(), model=plan.model,
                                  params=run_params(plan, options), is_alive=is_alive, state="starting")
         log = log_path(project)
-        cmd = [sys.executable, "-c", "from gridtune.tui.cli import main; main()", "_run", str(project),
+        cmd = [sys.executable, "-m", "gridtune", "_run", str(project),
                "--run-id", str(run_id), "--options", options.to_json()]
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         with open(log, "ab") as out:

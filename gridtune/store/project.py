@@ -12,11 +12,13 @@ import os
 import sqlite3
 import threading
 import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
+from ..core.errors import one_line
 from .records import (
     ACTIVE_RUN_STATES,
     CompletionRecord,
@@ -67,7 +69,7 @@ def _kind(exc: BaseException) -> str:
 
 def describe_sqlite_error(exc: BaseException, path: str | os.PathLike[str] | None = None) -> str:
     """One line for a person: what went wrong with the project file and what to do."""
-    detail = " ".join(str(exc).split()) or type(exc).__name__
+    detail = one_line(exc, whole=True)
     head = f"{path}: " if path is not None else "the project file: "
     what = {
         "locked": f"the project is locked by another process (busy longer than {busy_timeout_s():g} s); "
@@ -159,7 +161,7 @@ class Store:
             self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
 
     @classmethod
-    def open(cls, path: str | os.PathLike[str], *, create: bool = False) -> "Store":
+    def open(cls, path: str | os.PathLike[str], *, create: bool = False) -> Store:
         path = Path(path)
         try:
             exists = path.exists()
@@ -197,7 +199,8 @@ class Store:
         if version > SCHEMA_VERSION:
             conn.close()
             raise StoreError(
-                f"{path}: made by a newer gridtune (schema {version}, this one knows {SCHEMA_VERSION}); upgrade gridtune"
+                f"{path}: made by a newer gridtune (schema {version}, this one knows {SCHEMA_VERSION}); "
+                "upgrade gridtune"
             )
         store = cls(path, conn)
         store._migrate(version)
@@ -215,7 +218,7 @@ class Store:
             self._run_lock.release()
             self._conn.close()
 
-    def __enter__(self) -> "Store":
+    def __enter__(self) -> Store:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -258,9 +261,16 @@ class Store:
         with self._lock:
             return self._conn.execute(sql, params).fetchone()
 
+    def _row(self, sql: str, params: Sequence[Any] = ()) -> sqlite3.Row:
+        """The row of a query that always has one (an aggregate, a pragma)."""
+        row = self._one(sql, params)
+        if row is None:
+            raise StoreError(f"{self.path}: the project file answered nothing to {sql.split()[0]}")
+        return row
+
     @property
     def schema_version(self) -> int:
-        return self._one("PRAGMA user_version")[0]
+        return self._row("PRAGMA user_version")[0]
 
     # -- spec and cells ----------------------------------------------------
     def spec_json(self) -> str | None:
@@ -319,7 +329,7 @@ class Store:
         return self._one("SELECT 1 FROM completions WHERE status = 'done' LIMIT 1") is not None
 
     def cell_count(self) -> int:
-        return self._one("SELECT count(*) FROM cells WHERE active = 1")[0]
+        return self._row("SELECT count(*) FROM cells WHERE active = 1")[0]
 
     def cells(self) -> list[tuple[int, dict[str, Any]]]:
         rows = self._query("SELECT id, values_json FROM cells WHERE active = 1 ORDER BY ordinal")
@@ -412,7 +422,8 @@ class Store:
 
     def failure_reasons(self, run_id: int | None = None, limit: int = 5) -> list[tuple[str, int]]:
         """The commonest errors of failed completions (of one run, or all): (error, count)."""
-        sql = f"SELECT coalesce(error, 'unknown error'), count(*) FROM completions WHERE status = 'failed' AND {_ACTIVE}"
+        sql = ("SELECT coalesce(error, 'unknown error'), count(*) FROM completions "
+               f"WHERE status = 'failed' AND {_ACTIVE}")
         params: tuple[Any, ...] = ()
         if run_id is not None:
             sql += " AND run_id = ?"
@@ -475,7 +486,7 @@ class Store:
                     "VALUES (?, ?, ?, ?, ?, ?, ?)",
                     (pid, host, now, now, state, model, _dumps(params)),
                 )
-                run_id = int(cur.lastrowid)
+                run_id = _new_id(cur)
         except BaseException:
             if claiming:
                 self._run_lock.release()
@@ -667,7 +678,7 @@ class Store:
             f"ORDER BY {order} {direction}, cells.ordinal, c.sample"
         )
         with self._lock:
-            return [tuple(r) for r in self._conn.execute(sql, params)]  # type: ignore[misc]
+            return [tuple(r) for r in self._conn.execute(sql, params)]
 
     def review_previews(self, ids: Sequence[int], chars: int = 160) -> dict[int, tuple[dict[str, Any], str]]:
         """Short previews for the review list's visible rows: id -> (values, text head).
@@ -690,7 +701,7 @@ class Store:
 
     def data_version(self) -> int:
         """SQLite's data_version: changes when *another* connection commits to the file."""
-        return self._one("PRAGMA data_version")[0]
+        return self._row("PRAGMA data_version")[0]
 
     def edit_text(self, completion_id: int, text: str) -> None:
         """A person's edit; the model's own text is kept in original_text."""
@@ -780,7 +791,7 @@ class Store:
 
     # -- counts ----------------------------------------------------------------
     def status_counts(self) -> StatusCounts:
-        row = self._one(
+        row = self._row(
             f"""
             SELECT count(*) AS completions,
                    coalesce(sum(status = 'done'), 0) AS done,
@@ -804,7 +815,7 @@ class Store:
         )
 
     def usage_totals(self) -> dict[str, int]:
-        row = self._one(
+        row = self._row(
             "SELECT coalesce(sum(prompt_tokens), 0), coalesce(sum(completion_tokens), 0) "
             "FROM completions WHERE status = 'done'"
         )
@@ -849,7 +860,7 @@ class Store:
                 (path, valid_path, format, min_grade, separator, stop, validation_fraction,
                  n_train, n_valid, _dumps(report), time.time()),
             )
-            return int(cur.lastrowid)
+            return _new_id(cur)
 
     def exports(self) -> list[ExportRecord]:
         return [
@@ -917,6 +928,13 @@ def _without_credentials(url: str | None) -> str | None:
     return urlunsplit((parts.scheme, parts.netloc.rpartition("@")[2], parts.path, "", ""))
 
 
+def _new_id(cur: sqlite3.Cursor) -> int:
+    """The id of the row an INSERT just added."""
+    if cur.lastrowid is None:  # only after a statement that inserted nothing
+        raise StoreError("the project file did not add the row")
+    return cur.lastrowid
+
+
 def _dumps(value: Any) -> str | None:
     return None if value is None else json.dumps(value, ensure_ascii=False)
 
@@ -933,4 +951,5 @@ def _split_sql(script: str) -> list[str]:
     tail = "\n".join(buf).strip()
     if tail:
         statements.append(tail)
-    return [s for s in statements if s and not all(l.strip().startswith("--") or not l.strip() for l in s.splitlines())]
+    return [s for s in statements
+            if s and not all(ln.strip().startswith("--") or not ln.strip() for ln in s.splitlines())]

@@ -79,7 +79,7 @@ class RunRecord:
         return self.state in ACTIVE_RUN_STATES
 
     @classmethod
-    def from_row(cls, row: Any) -> "RunRecord":
+    def from_row(cls, row: Any) -> RunRecord:
         return cls(
             id=row["id"], pid=row["pid"], host=row["host"], started_at=row["started_at"],
             heartbeat_at=row["heartbeat_at"], ended_at=row["ended_at"], state=row["state"],
