@@ -353,8 +353,9 @@ class ExportScreen(SectionScreen):
             if job.error:
                 status.append(f"\n{job.error}", style="red")
         self.query_one("#exp-job-status", Static).update(status)
-        self.query_one("#exp-job-events", Static).update(
-            Text(job.message or "", style="dim", no_wrap=True, overflow="ellipsis"))
+        events = self.query_one("#exp-job-events", Static)
+        events.update(Text(job.message or "", style="dim", no_wrap=True, overflow="ellipsis"))
+        events.display = bool(job.message)
         self._render_chart(job)
 
     def _render_chart(self, job: JobState) -> None:
@@ -367,9 +368,10 @@ class ExportScreen(SectionScreen):
             if job.valid_losses:
                 legend.append(f"  ━ valid {job.valid_losses[-1]:.3f}", style="rgb({},{},{})".format(*VALID_RGB))
             legend.append(f"  · {step}", style="dim")
-        self.query_one("#exp-loss-legend", Static).update(legend)
+        legend_line = self.query_one("#exp-loss-legend", Static)
+        legend_line.update(legend)
         plot = self.query_one("#exp-loss", PlotextPlot)
-        plot.display = bool(job.losses)
+        legend_line.display = plot.display = bool(job.losses)
         plt = plot.plt
         plt.clear_data()
         plt.clear_figure()

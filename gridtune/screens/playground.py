@@ -98,7 +98,7 @@ class ModelPicker(ModalScreen[str | None]):
     ModelPicker { align: center middle; }
     ModelPicker > Vertical { width: 60; height: auto; max-height: 18; border: round $primary;
                              background: $surface; padding: 0 1; }
-    ModelPicker OptionList { height: auto; max-height: 14; border: none; }
+    ModelPicker OptionList, ModelPicker OptionList:focus { height: auto; max-height: 14; border: none; }
     """
 
     def __init__(self, title: str, models: list[str], current: str) -> None:
