@@ -33,6 +33,7 @@ def test_new_project_file_settings(store, tmp_path):
     assert store.status_counts().to_dict() == {
         "cells": 256, "completions": 256, "done": 0, "failed": 0, "pending": 256, "running": 0,
         "graded": 0, "rejected": 0, "grades": {"1": 0, "2": 0, "3": 0, "4": 0, "5": 0},
+        "cut_off": 0,
     }
     assert load_project_spec(store) == demo_spec()
 

@@ -105,3 +105,37 @@ def generation_cost(model: str | None, prompt_tokens: int, completion_tokens: in
         return None
     rate_in, rate_out = (price.ft_input, price.ft_output) if fine_tuned else (price.input, price.output)
     return (rate_in * prompt_tokens + rate_out * completion_tokens) / PER
+
+
+# -- which models a training cost line may name (issue 9) ---------------------------
+CURRENT_TUNABLE_MODEL = "gpt-4o-mini-2024-07-18"  # named instead of a retired one
+
+
+def prices_as_of() -> str:
+    """The date of the price table's newest figures (prices.toml ``prices_as_of``)."""
+    return str(_table().get("prices_as_of", "unknown date"))
+
+
+def tunable(model: str | None) -> bool:
+    """Whether OpenAI still takes fine-tuning jobs for ``model`` (the table's ``tunable``)."""
+    price = price_for(model)
+    return bool(price and _table()["models"][price.name].get("tunable", False))
+
+
+def tunable_price(model: str | None) -> ModelPrice | None:
+    """The price row for training ``model``: None when it is unknown or retired
+    (a retired model cannot be tuned, so a cost for it would mean nothing)."""
+    return price_for(model) if tunable(model) else None
+
+
+def price_note(model: str | None, *, legacy_format: bool = False) -> str | None:
+    """Why a training cost line has no price, or None when ``model`` is priced."""
+    if tunable(model):
+        return None
+    price = price_for(model)
+    if price is None:
+        return f"no price known for {model}"
+    if legacy_format:
+        return (f"{model} is retired and no current model fine-tunes on the legacy prompt/completion "
+                f"format: none can be priced (export --format chat for {CURRENT_TUNABLE_MODEL})")
+    return f"{model} can no longer be fine-tuned: none priced (e.g. {CURRENT_TUNABLE_MODEL} can)"

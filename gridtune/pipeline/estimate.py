@@ -44,6 +44,7 @@ class ServerInfo:
     batch_tokens_per_s: float | None = None
     generated_tokens: int | None = None
     prefill_tokens_per_s: float | None = None  # prompt tokens/s, when the server says
+    train_tokens_per_s: float | None = None  # trained tokens/s, when the server has measured it
 
     @classmethod
     def from_dict(cls, data: Any) -> "ServerInfo | None":
@@ -63,7 +64,8 @@ class ServerInfo:
                    stream_tokens_per_s=num("stream_tokens_per_s", float) or None,
                    batch_tokens_per_s=num("batch_tokens_per_s", float) or None,
                    generated_tokens=num("generated_tokens", int),
-                   prefill_tokens_per_s=num("prefill_tokens_per_s", float) or None)
+                   prefill_tokens_per_s=num("prefill_tokens_per_s", float) or None,
+                   train_tokens_per_s=num("train_tokens_per_s", float) or None)
         if info.max_batch is not None and info.max_batch < 1:
             info = cls(**{**info.__dict__, "max_batch": None})
         return info
@@ -253,3 +255,80 @@ def local_server_starting() -> bool:
         return running_backend() is None
     except Exception:  # noqa: BLE001 - e.g. a server wanting a key: it is there, not starting
         return False
+
+
+# -- what training the exported file costs, on the backend in use (issue 9) -----------
+# A training step is a forward and a backward pass over the tokens: about three times
+# the work of the forward pass alone (the usual 6N vs 2N FLOPs per token), and the
+# forward pass over a whole example is what the server measures as its prompt
+# (prefill) speed. So without a measured training speed, a third of the prefill speed
+# is the rough figure; it ignores the optimizer step and padding, so read it as
+# "about", never as a promise.
+TRAIN_COST_FACTOR = 3.0
+
+
+@dataclass(frozen=True)
+class TrainingEstimate:
+    seconds: float | None
+    tokens_per_s: float | None
+    basis: str  # "measured" | "prefill/3" | "unknown"
+
+
+def estimate_training(tokens_total: int, info: ServerInfo | None) -> TrainingEstimate:
+    """How long training ``tokens_total`` tokens (all epochs) takes on a gridtune server."""
+    if info is not None and info.train_tokens_per_s:
+        speed, basis = info.train_tokens_per_s, "measured"
+    elif info is not None and info.prefill_tokens_per_s:
+        speed, basis = info.prefill_tokens_per_s / TRAIN_COST_FACTOR, "prefill/3"
+    else:
+        return TrainingEstimate(None, None, "unknown")
+    return TrainingEstimate(round(tokens_total / speed, 1), round(speed, 1), basis)
+
+
+def training_cost_line(*, backend_kind: str, model: str | None, tokens_total: int, epochs: int,
+                       legacy_format: bool = False, info: ServerInfo | None = None,
+                       backend_label: str = "") -> str:
+    """One line on what fine-tuning on the exported file costs where it would run.
+
+    The local server: no charge, and the training time on this machine (measured or
+    rough, said which). OpenAI: the price of a model it still tunes (the given one,
+    else the current default), with the price table's date; a retired model is never
+    priced, and the legacy prompt/completion format can be priced for none. Another
+    compatible server: its price is its own.
+    """
+    from . import cost
+
+    if backend_kind == "local":
+        est = estimate_training(tokens_total, info)
+        head = "no charge: the local server trains on this machine"
+        if est.seconds is None:
+            return (f"{head}; training time unknown until the server has measured its speed "
+                    f"(~{tokens_total:,} tokens over {epochs} epoch(s))")
+        how = ("its measured training speed" if est.basis == "measured"
+               else "rough: a third of its measured prompt speed, for forward + backward")
+        return (f"{head}; about {_minutes(est.seconds)} for ~{tokens_total:,} tokens over {epochs} epoch(s) "
+                f"at ~{est.tokens_per_s:,.0f} tokens/s ({how})")
+    if backend_kind == "openai":
+        if legacy_format:
+            return "cost: " + (cost.price_note(model or "babbage-002", legacy_format=True) or "")
+        name = model if cost.tunable(model) else cost.CURRENT_TUNABLE_MODEL
+        price = cost.tunable_price(name)
+        assert price is not None
+        usd = price.training * tokens_total / cost.PER
+        note = "" if name == model or model is None else f" ({cost.price_note(model)})"
+        return (f"about ${usd:,.2f} to fine-tune {price.name} on OpenAI (~{tokens_total:,} tokens over "
+                f"{epochs} epoch(s), prices as of {cost.prices_as_of()}){note}")
+    return (f"the price of training on {backend_label or 'this server'} is its own: none estimated "
+            f"(~{tokens_total:,} tokens over {epochs} epoch(s))")
+
+
+def backend_for_costs() -> tuple[str, str, ServerInfo | None]:
+    """(kind, label, server info) of the backend in use, without starting the local
+    server: one that is not running is still the local backend, its speed unknown."""
+    from .backend import BackendError, resolve_backend
+
+    try:
+        backend = resolve_backend(start_local=False)
+    except BackendError:
+        return "local", "the local server", None
+    return backend.kind, backend.label, server_info(backend)

@@ -9,6 +9,12 @@ Rows stream from the store and lines stream to disk (aiofiles) into temporary
 files renamed into place at the end, so memory stays flat and a failure never
 leaves half a file. The written file is validated and the export recorded in
 the project.
+
+Completions cut off at max tokens (finish_reason "length") are left out unless
+``include_cut_off``; then they are written as they are, and in the completion
+format *without* the stop sequence (appending it would teach the model to stop
+mid-sentence), which the result's warnings and the validation report say, with
+their count and share.
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ import aiofiles.os
 from ..store import Store
 from .grid import GridSpec, cell_key
 from .project import load_project_spec
+from .estimate import ServerInfo, training_cost_line
 from .validate import ValidationReport, show, validate_file
 
 FORMATS = ("chat", "completion")
@@ -61,6 +68,10 @@ class ExportResult:
     min_grade: int | None = None
     validation_fraction: float = 0.0
     warnings: list[str] = field(default_factory=list)
+    include_cut_off: bool = False
+    n_cut_off: int = 0  # cut-off completions written (train + valid), only with include_cut_off
+    n_cut_off_left_out: int = 0  # cut-off completions the export would otherwise have kept
+    cost_line: str | None = None  # what training on it costs on the backend in use, when asked
 
     @property
     def ok(self) -> bool:
@@ -81,6 +92,10 @@ class ExportResult:
             "separator": self.separator,
             "stop": self.stop,
             "warnings": list(self.warnings),
+            "include_cut_off": self.include_cut_off,
+            "cut_off": self.n_cut_off,
+            "cut_off_left_out": self.n_cut_off_left_out,
+            "cost_line": self.cost_line,
             "report": self.report.to_dict(),
             "valid_report": self.valid_report.to_dict() if self.valid_report else None,
         }
@@ -96,6 +111,8 @@ class ExportResult:
         lines.append(self.report.render_text())
         if self.valid_report:
             lines.append(self.valid_report.render_text())
+        if self.cost_line:
+            lines.append(f"cost: {self.cost_line}")
         return "\n".join(lines)
 
 
@@ -146,11 +163,12 @@ def _check_args(format: str, min_grade: int | None, fraction: float, separator: 
         raise ExportError(f"{out_path}: give a file name ending in .jsonl (not .valid.jsonl)")
 
 
-async def _rows(store: Store, min_grade: int | None) -> AsyncIterator[list[tuple[int, dict[str, Any], str, int | None]]]:
+async def _rows(store: Store, min_grade: int | None,
+                include_cut_off: bool = False) -> AsyncIterator[list[tuple[int, dict[str, Any], str, int | None]]]:
     """The store's export rows in batches, read on one worker thread (sqlite
     connections stay on the thread that made them) so the event loop never blocks."""
     loop = asyncio.get_running_loop()
-    gen: Iterator[Any] = store.iter_export_rows(min_grade, batch=_BATCH)
+    gen: Iterator[Any] = store.iter_export_rows(min_grade, batch=_BATCH, include_cut_off=include_cut_off)
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="gridtune-export") as pool:
         try:
             while batch := await loop.run_in_executor(pool, lambda: list(itertools.islice(gen, _BATCH))):
@@ -160,12 +178,13 @@ async def _rows(store: Store, min_grade: int | None) -> AsyncIterator[list[tuple
 
 
 async def _choose_markers(store: Store, spec: GridSpec, min_grade: int | None,
-                          separator: str | None, stop: str | None) -> tuple[str, str, list[str]]:
+                          separator: str | None, stop: str | None,
+                          include_cut_off: bool = False) -> tuple[str, str, list[str]]:
     """First pass: pick the first separator and stop that occur nowhere in the
     prompts or completions; report given ones that do occur."""
     seps = {s: False for s in (SEPARATORS if separator is None else (separator,))}
     stops = {s: False for s in (STOPS if stop is None else (stop,))}
-    async with aclosing(_rows(store, min_grade)) as batches:
+    async with aclosing(_rows(store, min_grade, include_cut_off)) as batches:
         async for batch in batches:
             for _cid, values, text, _grade in batch:
                 prompt = spec.render(values).training
@@ -204,28 +223,36 @@ def _temp_for(path: Path) -> Path:
 
 async def _write(store: Store, spec: GridSpec, tmp_train: Path, tmp_valid: Path | None, *, format: str,
                  min_grade: int | None, separator: str | None, stop: str | None,
-                 fraction: float) -> tuple[int, int, int]:
-    """Stream the examples into the temporary files; (n_train, n_valid, n_blank)."""
+                 fraction: float, cut_off: frozenset[int] = frozenset()) -> tuple[int, int, int, int, int]:
+    """Stream the examples into the temporary files; (n_train, n_valid, n_blank,
+    cut-off in train, cut-off in valid). ``cut_off``: ids of cut-off completions to
+    write (the completion format gives them no stop)."""
     n_train = n_valid = n_blank = 0
+    cut_train = cut_valid = 0
     async with aiofiles.open(tmp_train, "w", encoding="utf-8", newline="\n") as ftrain:
         fvalid = await aiofiles.open(tmp_valid, "w", encoding="utf-8", newline="\n") if tmp_valid else None
         try:
-            async with aclosing(_rows(store, min_grade)) as batches:
+            async with aclosing(_rows(store, min_grade, bool(cut_off))) as batches:
                 async for batch in batches:
                     train_lines, valid_lines = [], []
                     for cid, values, text, _grade in batch:
                         if not text.strip():
                             n_blank += 1  # an empty answer is no training example
                             continue
+                        is_cut = cid in cut_off
                         if format == "chat":
                             example = chat_example(spec, values, text)
                         else:
-                            example = completion_example(spec, values, text, separator, stop)  # type: ignore[arg-type]
+                            # A cut-off text gets no stop: it did not end there (said in the warnings).
+                            example = completion_example(spec, values, text, separator,  # type: ignore[arg-type]
+                                                         "" if is_cut else stop)  # type: ignore[arg-type]
                         line = json.dumps(example, ensure_ascii=False) + "\n"
                         if fvalid is not None and in_validation(values, cid, fraction):
                             valid_lines.append(line)
+                            cut_valid += is_cut
                         else:
                             train_lines.append(line)
+                            cut_train += is_cut
                     n_train += len(train_lines)
                     n_valid += len(valid_lines)
                     await ftrain.write("".join(train_lines))
@@ -234,7 +261,20 @@ async def _write(store: Store, spec: GridSpec, tmp_train: Path, tmp_valid: Path 
         finally:
             if fvalid is not None:
                 await fvalid.close()
-    return n_train, n_valid, n_blank
+    return n_train, n_valid, n_blank, cut_train, cut_valid
+
+
+def _cut_off_candidates(store: Store, min_grade: int | None) -> frozenset[int]:
+    """Cut-off completions the export would keep were they not cut off."""
+    return frozenset(
+        cid for cid, _length, grade, _status in store.review_rows(where="cut_off", sort="grid")
+        if (grade is None or grade > 0) and (not min_grade or (grade is not None and grade >= min_grade))
+    )
+
+
+def _cut_off_warning(n: int, total: int) -> str:
+    return (f"{n:,} of {total:,} example(s) ({n / max(total, 1):.0%}) were cut off at max tokens "
+            f"(included with --include-cut-off)")
 
 
 async def export_project_async(
@@ -247,7 +287,12 @@ async def export_project_async(
     stop: str | None = None,
     validation_fraction: float = 0.0,
     model: str | None = None,
+    include_cut_off: bool = False,
+    backend: tuple[str, str, ServerInfo | None] | None = None,
 ) -> ExportResult:
+    """Export the kept completions (see the module's doc). ``backend``: (kind,
+    label, server info) of the backend training would run on, for the result's
+    cost line (estimate.backend_for_costs gives it); None: no cost line."""
     out = Path(out_path)
     try:
         _check_args(format, min_grade, validation_fraction, separator, stop, out)
@@ -258,21 +303,26 @@ async def export_project_async(
     except ValueError as exc:
         raise ExportError(str(exc)) from None
     warnings: list[str] = []
+    cut_candidates = _cut_off_candidates(store, min_grade)
+    cut_off = cut_candidates if include_cut_off else frozenset()
     if format == "completion":
-        separator, stop, warnings = await _choose_markers(store, spec, min_grade, separator, stop)
+        separator, stop, warnings = await _choose_markers(store, spec, min_grade, separator, stop, include_cut_off)
     valid_out = valid_path_for(out) if validation_fraction > 0 else None
     _refuse_project_files(store, out, valid_out)
     tmp_train = _temp_for(out)
     tmp_valid = _temp_for(valid_out) if valid_out else None
     try:
-        n_train, n_valid, n_blank = await _write(
+        n_train, n_valid, n_blank, cut_train, cut_valid = await _write(
             store, spec, tmp_train, tmp_valid, format=format, min_grade=min_grade,
-            separator=separator, stop=stop, fraction=validation_fraction,
+            separator=separator, stop=stop, fraction=validation_fraction, cut_off=cut_off,
         )
         if n_train == 0:
             what = "no finished completion" + (f" graded {min_grade} or more" if min_grade else "")
             if n_valid:
                 raise ExportError(f"all {n_valid} example(s) fell into the validation split; lower --validation-fraction")
+            if cut_candidates and not include_cut_off:
+                what += (f"; {len(cut_candidates):,} cut-off completion(s) left out (regenerate them with "
+                         f"`gridtune generate PROJECT --redo-cut-off --max-tokens N`, or --include-cut-off)")
             raise ExportError(f"nothing to export: {what} (rejected ones are never exported)")
         report = await asyncio.to_thread(validate_file, tmp_train, model)
         report.path = str(out)
@@ -285,9 +335,31 @@ async def export_project_async(
             valid_out = None
         if n_blank:
             warnings.append(f"{n_blank:,} empty completion(s) left out")
+        if cut_train:
+            report.warnings.append(_cut_off_warning(cut_train, n_train))
+        if valid_report is not None and cut_valid:
+            valid_report.warnings.append(_cut_off_warning(cut_valid, n_valid))
+        if cut_train + cut_valid:
+            how = (f"written without the stop `{show(stop or '')}`, so the model is not taught to stop mid-sentence"
+                   if format == "completion" else
+                   "in chat format every answer ends its turn, so the model learns to stop where these were cut")
+            warnings.append(f"{cut_train + cut_valid:,} cut-off completion(s) included (--include-cut-off): {how}")
+        elif cut_candidates and not include_cut_off:
+            warnings.append(f"{len(cut_candidates):,} cut-off completion(s) left out (they hit max tokens): "
+                            f"regenerate them with `gridtune generate PROJECT --redo-cut-off --max-tokens N`, "
+                            f"or keep them with --include-cut-off")
+        cost_line = None
+        if backend is not None:
+            kind, label, info = backend
+            cost_line = training_cost_line(
+                backend_kind=kind, model=model, tokens_total=int(report.stats.get("billed_tokens_total") or 0),
+                epochs=int(report.stats.get("epochs") or 0), legacy_format=format == "completion", info=info,
+                backend_label=label)
         done = store.status_counts().done
         record = report.to_dict()
         record["valid"] = valid_report.to_dict() if valid_report else None
+        record["include_cut_off"] = include_cut_off
+        record["cut_off"] = cut_train + cut_valid
         moves = [(tmp_train, out)] + ([(tmp_valid, valid_out)] if valid_out is not None else [])
         export_id = _record_and_rename(store, moves, dict(
             path=str(out.resolve()), valid_path=str(valid_out.resolve()) if valid_out else None,
@@ -306,6 +378,8 @@ async def export_project_async(
         n_skipped=max(0, done - n_train - n_valid), separator=separator, stop=stop,
         report=report, valid_report=valid_report, export_id=export_id, min_grade=min_grade,
         validation_fraction=float(validation_fraction), warnings=warnings,
+        include_cut_off=include_cut_off, n_cut_off=cut_train + cut_valid,
+        n_cut_off_left_out=0 if include_cut_off else len(cut_candidates), cost_line=cost_line,
     )
 
 

@@ -10,6 +10,20 @@ Public API (the CLI and the TUI use only this and ``runs``):
 A run is resumable because nothing but the store holds state: a completion is
 'running' while its request is in flight, 'done' once saved (one transaction),
 'failed' with a reason, and back to 'pending' if the run stops or dies first.
+
+Curation runs use the same machinery (issue 9):
+
+* ``redo_cut_off`` + ``max_tokens``: regenerate exactly the completions cut off at
+  max tokens that were generated with fewer than ``max_tokens``. Each keeps its
+  old text until the new one arrives (a failed or interrupted redo loses
+  nothing), and the new text withdraws the old text's grades. Running the same
+  command again resumes: those already redone with that many tokens are skipped.
+* ``redo_ids``: regenerate exactly these completions (the review's "redo this one",
+  see ``redo_completion``).
+* ``top_up`` N: first add new samples for exactly the cells that the thin values
+  and pairs need (coverage.plan_top_up), then generate what is pending. The new
+  samples are rows in the project, so a plain ``generate`` (or the same top-up
+  again, which then adds nothing) resumes an interrupted top-up.
 """
 
 from __future__ import annotations
@@ -74,6 +88,10 @@ class GenerateOptions:
     progress_interval_s: float = 0.5
     rate_period_s: float = MINUTE  # the "minute" of rpm/tpm; only tests shrink it
     stream: bool | None = None  # None: stream from the local and compatible servers (see _use_stream)
+    redo_cut_off: bool = False  # regenerate the cut-off completions (needs max_tokens; see the module doc)
+    redo_ids: list[int] | None = None  # regenerate exactly these completions
+    top_up: int | None = None  # first add samples so every value and pair has this many kept examples
+    min_grade: int | None = None  # what "kept" means for top_up (as the export's --min-grade)
 
     def check(self) -> None:
         def bad(name: str, value: Any, need: str) -> GenerateError:
@@ -97,6 +115,24 @@ class GenerateOptions:
             raise bad("max_attempts", self.max_attempts, "at least 1")
         if self.rate_period_s <= 0 or self.progress_interval_s <= 0:
             raise GenerateError("rate period and progress interval must be positive")
+        modes = [name for name, on in (("--redo-cut-off", self.redo_cut_off), ("a redo of chosen completions",
+                 self.redo_ids is not None), ("--top-up", self.top_up is not None)) if on]
+        if len(modes) > 1:
+            raise GenerateError(f"{' and '.join(modes)} cannot be combined; run them one after the other")
+        if self.redo_cut_off and self.max_tokens is None:
+            raise GenerateError("--redo-cut-off needs --max-tokens N (more than the cut-off completions had)")
+        if self.redo_ids is not None and (not self.redo_ids or any(
+                isinstance(i, bool) or not isinstance(i, int) or i < 1 for i in self.redo_ids)):
+            raise GenerateError("completions to redo must be given by their ids (positive integers)")
+        if self.top_up is not None and self.top_up < 1:
+            raise bad("top_up", self.top_up, "at least 1")
+        if self.min_grade is not None and not 0 <= self.min_grade <= 5:
+            raise bad("min_grade", self.min_grade, "within 0..5")
+
+    @property
+    def redo(self) -> bool:
+        """Whether this run regenerates finished completions (their text is replaced)."""
+        return self.redo_cut_off or self.redo_ids is not None
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -191,10 +227,40 @@ def plan_run(store: Store, options: GenerateOptions, backend: Backend | None = N
                 server=info, notes=(note,) if note else ())
 
 
+def select_work(store: Store, options: GenerateOptions) -> list[WorkItem]:
+    """What a run generates, in grid order: the completions to redo, or every
+    pending or failed one (after a top-up has added its samples)."""
+    if options.redo_cut_off:
+        work = store.redo_items(below_max_tokens=options.max_tokens)
+    elif options.redo_ids is not None:
+        work = store.redo_items(ids=options.redo_ids)
+        missing = sorted(set(options.redo_ids) - {w.completion_id for w in work})
+        if missing:
+            raise GenerateError(f"no completion #{missing[0]} in this project's grid"
+                                + (f" (nor {len(missing) - 1} more)" if len(missing) > 1 else ""))
+    else:
+        return store.pending_work(options.limit)
+    return work if options.limit is None else work[: options.limit]
+
+
+def requests_to_do(store: Store, options: GenerateOptions) -> int:
+    """How many completions a run with ``options`` would generate now (a top-up
+    counts the samples it would add)."""
+    if options.redo:
+        return len(select_work(store, options))
+    todo = work_to_do(store, options.limit)[0]
+    if options.top_up is not None:
+        from .coverage import plan_top_up
+
+        todo += plan_top_up(store, options.top_up, min_grade=options.min_grade).total
+        todo = todo if options.limit is None else min(todo, options.limit)
+    return todo
+
+
 def estimate_plan(store: Store, plan: Plan, options: GenerateOptions, requests: int | None = None) -> Estimate:
     """How long running ``plan`` on the project now would take (see estimate.py)."""
-    todo, mean = work_to_do(store, options.limit)
-    requests = todo if requests is None else requests
+    _todo, mean = work_to_do(store, options.limit)
+    requests = requests_to_do(store, options) if requests is None else requests
     return estimate_run(requests=requests, max_tokens=plan.params["max_tokens"], mean_tokens=mean,
                         prompt_tokens=mean_prompt_tokens(plan.spec), concurrency=plan.concurrency,
                         backend_kind=plan.backend.kind, backend_label=plan.backend.label, info=plan.server,
@@ -602,7 +668,7 @@ class _Runner:
         # Queued, not awaited: the writer commits it in order and is drained before
         # the run is finished, so a stop arriving now still lets it commit whole.
         self.writer.later(
-            self.store.save_done,
+            self.store.save_redone if self.options.redo else self.store.save_done,
             item.completion_id, text=reply.text, model=reply.model or plan.model, params=params,
             prompt_tokens=reply.prompt_tokens, completion_tokens=reply.completion_tokens,
             latency_s=round(latency, 4), finish_reason=reply.finish_reason,
@@ -775,7 +841,13 @@ async def run_generation(
             raise GenerateError(f"run #{run_id} is not waiting to start (it ended or was never recorded)")
         runner: _Runner | None = None
         try:
-            work = store.pending_work(options.limit)
+            if options.top_up is not None:  # under the run lock: no other run adds samples meanwhile
+                from .coverage import apply_top_up, plan_top_up
+
+                top_up = plan_top_up(store, options.top_up, min_grade=options.min_grade)
+                apply_top_up(store, top_up)
+                log.info("run #%s: %s", run_id, top_up.summary())
+            work = select_work(store, options)
             runner = _Runner(store, plan, options, run_id, work, stop_event, on_progress)
             state = await runner.run()
             if runner.lost is not None:
@@ -791,3 +863,42 @@ async def run_generation(
         store.finish_run(run_id, state, progress=final.to_dict())
         runner.emit(final)
         return RunResult(run_id, state, final, stop_requested=runner.stop_requested)
+
+
+# -- curation helpers for the review screen (issue 9) --------------------------------
+
+
+def redo_options(completion_ids: list[int] | None, max_tokens: int | None, **kw: Any) -> GenerateOptions:
+    """Options that regenerate ``completion_ids`` (None: every cut-off completion)
+    with ``max_tokens``; for ``run_generation`` or ``runs.start_detached``."""
+    if completion_ids is None:
+        return GenerateOptions(redo_cut_off=True, max_tokens=max_tokens, **kw)
+    return GenerateOptions(redo_ids=list(completion_ids), max_tokens=max_tokens, **kw)
+
+
+async def redo_completion(store_path: str | os.PathLike[str], completion_id: int, *, max_tokens: int | None = None,
+                          on_progress: ProgressCallback | None = None, stop_event: asyncio.Event | None = None,
+                          backend: Backend | None = None) -> RunResult:
+    """Regenerate one completion (any status) in this process, as a run of its own
+    (so it is refused while another run is active): its old text stays until the
+    new one is saved, and the new text withdraws the old one's grades. ``max_tokens``
+    None: the spec's. Raises as ``run_generation`` does."""
+    return await run_generation(store_path, redo_options([completion_id], max_tokens), on_progress, stop_event,
+                                backend=backend)
+
+
+def suggested_redo_max_tokens(store: Store) -> int:
+    """A max_tokens to offer for a redo: twice the most any cut-off completion had
+    (else twice the spec's max_tokens)."""
+    most = 0
+    for item in store.redo_items():
+        record = store.get_completion(item.completion_id)
+        used = (record.params or {}).get("max_tokens") if record else None
+        if isinstance(used, int):
+            most = max(most, used)
+    if not most:
+        try:
+            most = load_project_spec(store).settings.max_tokens
+        except ValueError:
+            most = 256
+    return 2 * most

@@ -48,6 +48,23 @@ MAX_LINE_BYTES = 8 * 1024 * 1024  # one example's line; far above any model's co
 LONG_EXAMPLE_CHARS = 10_000  # prepare_data's "very long" threshold
 MIN_EXAMPLES = 100  # prepare_data recommends at least a few hundred
 MIN_API_EXAMPLES = 10  # the fine-tuning API refuses fewer
+# An answer that ends with none of these (after closing quotes, brackets and
+# markdown emphasis) ends mid-sentence: most often it was cut off at max tokens.
+SENTENCE_ENDS = frozenset(".!?…。！？")
+_CLOSERS = "\"'”’»)]}*_`"
+TAIL_CHARS = 32  # how much of each legacy completion's end is kept for that check
+
+
+def ends_mid_sentence(text: str) -> bool:
+    """Whether ``text`` stops without sentence-ending punctuation (a heuristic: a
+    list or a code block may end that way too; a cut-off answer nearly always does)."""
+    tail = text.rstrip().rstrip(_CLOSERS).rstrip()
+    return bool(tail) and tail[-1] not in SENTENCE_ENDS
+
+
+def mid_sentence_warning(n: int, total: int) -> str:
+    return (f"{n:,} of {total:,} example(s) ({n / max(total, 1):.0%}) end mid-sentence (no . ! or ? at "
+            f"the end): likely cut off at max tokens; the model would learn to stop mid-sentence")
 
 
 class ValidationInputError(ValueError):
@@ -244,12 +261,13 @@ class _Checker:
         s["n_over_context"] = self.over_context
         billed = sum(min(self.ctx, n) for n in self.total_tokens)
         epochs = cost.default_epochs(r.n_examples)
-        price = cost.price_for(r.model)
+        price = cost.tunable_price(r.model)  # None for a retired model: it cannot be tuned, so no price
         s["billed_tokens_per_epoch"] = billed
         s["epochs"] = epochs
         s["billed_tokens_total"] = billed * epochs
         s["price_model"] = price.name if price else None
-        s["estimated_cost_usd"] = cost.training_cost(r.model, billed, epochs)
+        s["estimated_cost_usd"] = cost.training_cost(r.model, billed, epochs) if price else None
+        s["price_note"] = cost.price_note(r.model, legacy_format=r.format == COMPLETION)
         if self.over_context:
             r.warnings.append(
                 f"{self.over_context:,} example(s) over the {self.ctx:,}-token limit of {r.model}, "
@@ -268,6 +286,7 @@ class _ChatChecker(_Checker):
         self.assistant_tokens = array("q")
         self.missing_system = 0
         self.missing_user = 0
+        self.mid_sentence = 0
 
     def feed(self, ex: dict[str, Any], line: int) -> None:
         r = self.report
@@ -277,6 +296,7 @@ class _ChatChecker(_Checker):
             return
         total, assistant = 3, 0
         roles: set[Any] = set()
+        last_answer: Any = None
         for message in messages:
             if not isinstance(message, dict):
                 r.add_error("message_missing_key", line)
@@ -300,8 +320,10 @@ class _ChatChecker(_Checker):
                     total += 1
             if role == "assistant":
                 assistant += self.ntok(content)
+                last_answer = content
         if "assistant" not in roles:
             r.add_error("example_missing_assistant_message", line)
+        self.mid_sentence += isinstance(last_answer, str) and ends_mid_sentence(last_answer)
         self.missing_system += "system" not in roles
         self.missing_user += "user" not in roles
         self.n_messages.append(len(messages))
@@ -314,6 +336,9 @@ class _ChatChecker(_Checker):
             r.warnings.append(f"{self.missing_system:,} example(s) missing a system message")
         if self.missing_user:
             r.warnings.append(f"{self.missing_user:,} example(s) missing a user message")
+        s["n_mid_sentence"] = self.mid_sentence
+        if self.mid_sentence:
+            r.warnings.append(mid_sentence_warning(self.mid_sentence, r.n_examples))
         s["n_missing_system"] = self.missing_system
         s["n_missing_user"] = self.missing_user
         s["messages_per_example"] = distribution(self.n_messages)
@@ -358,6 +383,7 @@ class _CompletionChecker(_Checker):
         self.any_newline_in_prompt = False
         self.separator_seen = {s: False for s in SEPARATOR_OPTIONS}
         self.stop_seen = {s: False for s in STOP_OPTIONS}
+        self.tails: list[str] = []  # each completion's last TAIL_CHARS characters (mid-sentence check)
 
     def feed(self, ex: dict[str, Any], line: int) -> None:
         r = self.report
@@ -399,6 +425,7 @@ class _CompletionChecker(_Checker):
         else:
             self.pairs.add(pair)
         self.completions.add(_digest(completion))
+        self.tails.append(completion[-TAIL_CHARS:])
         if len(prompt) + len(completion) > LONG_EXAMPLE_CHARS:
             self.long += 1
             if len(self.long_lines) < MAX_ERROR_LINES:
@@ -475,6 +502,16 @@ class _CompletionChecker(_Checker):
         s["common_completion_suffix"] = self.completion_suffix if self.first else ""
         if self.first is not None and kind != "open-ended generation":
             self._ending_checks(rerun, separator, stop)
+        stop_suffix = self.completion_suffix if self.first is not None and not self.same_completions else ""
+        # Mid-sentence with and without a stop (the common ending, or a usual stop sequence that
+        # some completions lack): "done. END" is fine, "and so END" and "and so" are not.
+        stops = tuple(x for x in (stop_suffix, *STOP_OPTIONS, STOP_FALLBACK, " STOP") if x.strip())
+        mid = sum(ends_mid_sentence(t) and all(ends_mid_sentence(t.removesuffix(x)) for x in stops if t.endswith(x))
+                  for t in self.tails)
+        s["n_mid_sentence"] = mid
+        if mid and kind != "classification":
+            r.warnings.append(mid_sentence_warning(mid, n))
+        self.tails = []
         if self.first is not None and self.no_space:
             r.warnings.append(
                 f"{self.no_space:,} completion(s) do not start with a space; "

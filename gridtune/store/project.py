@@ -124,6 +124,7 @@ WHERE id = ?
 # undoing the drop brings the automatic grade back.
 
 _ACTIVE = "cell_id IN (SELECT id FROM cells WHERE active = 1)"
+_CUT_OFF = "coalesce(c.finish_reason, '') = 'length'"  # records.CUT_OFF_REASON; needs the alias c
 # A runner's write, given its run id (twice), lands only while its run is active: a
 # run declared dead by another process (which may have taken the project over)
 # writes nothing more. No run id (tests, imports): no condition.
@@ -643,7 +644,8 @@ class Store:
     ) -> list[tuple[int, int, int | None, str]]:
         """Light rows for the review list: (id, length, grade, status).
 
-        ``where``: all | done | ungraded | failed | graded. Cheap enough at
+        ``where``: all | done | ungraded | failed | graded | cut_off (see
+        ``cut_off_among`` to mark cut-off rows in a list). Cheap enough at
         100,000 rows that the list can be rebuilt on every filter change.
         """
         clauses = ["cells.active = 1"]
@@ -656,6 +658,8 @@ class Store:
             clauses.append("c.grade IS NOT NULL")
         elif where == "failed":
             clauses.append("c.status = 'failed'")
+        elif where == "cut_off":
+            clauses.append(f"c.status = 'done' AND {_CUT_OFF}")
         elif where != "all":
             raise ValueError(f"unknown filter {where!r}")
         if min_grade is not None:
@@ -778,9 +782,11 @@ class Store:
             for r in self._query(f"SELECT id, grade, grade_source FROM completions WHERE id IN ({marks})", chunk):
                 yield r[0], r[1], r[2]
 
-    def done_lengths(self) -> list[int]:
+    def done_lengths(self, *, finished_only: bool = False) -> list[int]:
+        """Lengths of finished completions; ``finished_only``: without the cut-off ones."""
+        extra = f" AND NOT {_CUT_OFF}" if finished_only else ""
         return [r[0] for r in self._query(
-            f"SELECT length FROM completions WHERE status = 'done' AND {_ACTIVE} ORDER BY length"
+            f"SELECT length FROM completions c WHERE status = 'done' AND {_ACTIVE}{extra} ORDER BY length"
         )]
 
     def ids_at_or_below(self, grade: int) -> list[int]:
@@ -799,7 +805,8 @@ class Store:
                    coalesce(sum(status = 'pending'), 0) AS pending,
                    coalesce(sum(status = 'running'), 0) AS running,
                    coalesce(sum(grade IS NOT NULL), 0) AS graded,
-                   coalesce(sum(grade = 0), 0) AS rejected
+                   coalesce(sum(grade = 0), 0) AS rejected,
+                   coalesce(sum(status = 'done' AND finish_reason = 'length'), 0) AS cut_off
             FROM completions WHERE {_ACTIVE}
             """
         )
@@ -811,7 +818,7 @@ class Store:
         return StatusCounts(
             cells=self.cell_count(), completions=row["completions"], done=row["done"],
             failed=row["failed"], pending=row["pending"], running=row["running"],
-            graded=row["graded"], rejected=row["rejected"], grades=grades,
+            graded=row["graded"], rejected=row["rejected"], grades=grades, cut_off=row["cut_off"],
         )
 
     def usage_totals(self) -> dict[str, int]:
@@ -822,17 +829,20 @@ class Store:
         return {"prompt_tokens": row[0], "completion_tokens": row[1]}
 
     # -- export rows ----------------------------------------------------------
-    def iter_export_rows(self, min_grade: int | None, batch: int = 1000) -> Iterator[tuple[int, dict[str, Any], str, int | None]]:
+    def iter_export_rows(self, min_grade: int | None, batch: int = 1000, *,
+                         include_cut_off: bool = False) -> Iterator[tuple[int, dict[str, Any], str, int | None]]:
         """(id, values, text, grade) of finished completions to export, in grid order.
 
         Rejected completions (grade 0) are never exported; ``min_grade`` keeps
-        only completions graded at least that (ungraded ones are then left out).
+        only completions graded at least that (ungraded ones are then left out);
+        cut-off ones (finish_reason "length") only with ``include_cut_off``.
         Streams in batches so memory stays flat on large projects.
         """
         sql = (
             "SELECT c.id, cells.values_json, c.text, c.grade FROM completions c "
             "JOIN cells ON cells.id = c.cell_id WHERE cells.active = 1 AND c.status = 'done' "
             "AND c.text IS NOT NULL AND (c.grade IS NULL OR c.grade > 0)"
+            + ("" if include_cut_off else f" AND NOT {_CUT_OFF}")
         )
         params: tuple[Any, ...] = ()
         if min_grade is not None and min_grade > 0:
@@ -905,6 +915,114 @@ class Store:
             )
             for r in self._query("SELECT * FROM jobs ORDER BY created_at")
         ]
+
+    # -- curation: cut-off completions, kept examples, redo, top-up (issue 9) -------
+    def cut_off_among(self, ids: Sequence[int]) -> set[int]:
+        """Which of ``ids`` are finished completions cut off at max tokens: one query
+        per 900 ids, for marking the visible rows of a list."""
+        out: set[int] = set()
+        ids = list(ids)
+        for start in range(0, len(ids), 900):
+            chunk = ids[start:start + 900]
+            marks = ",".join("?" * len(chunk))
+            out.update(r[0] for r in self._query(
+                f"SELECT id FROM completions c WHERE id IN ({marks}) AND status = 'done' AND {_CUT_OFF}", chunk))
+        return out
+
+    def redo_items(self, *, ids: Sequence[int] | None = None,
+                   below_max_tokens: int | None = None) -> list[WorkItem]:
+        """Completions to generate again, in grid order.
+
+        ``ids`` given: exactly those (in active cells, any status). Otherwise the
+        finished cut-off ones whose recorded max_tokens is below ``below_max_tokens``
+        (or unknown): those already redone with as many tokens are not redone again,
+        so repeating an interrupted redo finishes it instead of starting over.
+        """
+        base = ("SELECT c.id, c.cell_id, c.sample, c.attempts, cells.values_json, c.params_json "
+                "FROM completions c JOIN cells ON cells.id = c.cell_id WHERE cells.active = 1")
+        if ids is not None:
+            rows: list[sqlite3.Row] = []
+            ids = list(ids)
+            for start in range(0, len(ids), 900):
+                chunk = ids[start:start + 900]
+                rows += self._query(base + f" AND c.id IN ({','.join('?' * len(chunk))})", chunk)
+        else:
+            rows = self._query(base + f" AND c.status = 'done' AND {_CUT_OFF}")
+        items = []
+        for r in sorted(rows, key=lambda r: r["id"]):
+            if ids is None and below_max_tokens is not None:
+                used = (json.loads(r["params_json"]) if r["params_json"] else {}).get("max_tokens")
+                if isinstance(used, int) and used >= below_max_tokens:
+                    continue
+            items.append(WorkItem(r["id"], r["cell_id"], r["sample"], json.loads(r["values_json"]), r["attempts"]))
+        order = {cid: i for i, (cid, _v) in enumerate(self.cells())}
+        return sorted(items, key=lambda w: (order.get(w.cell_id, 0), w.sample))
+
+    def save_redone(self, completion_id: int, *, text: str, model: str | None, params: dict[str, Any] | None,
+                    prompt_tokens: int | None, completion_tokens: int | None, latency_s: float | None,
+                    finish_reason: str | None, attempts: int, run_id: int | None = None) -> None:
+        """A new generation replaces a completion's text, whatever its status.
+
+        The grades given to the old text (a person's too: they judged a text that
+        is gone) are withdrawn, kept in the history as undone; a person's edit of
+        the old text goes with it. One transaction, only while ``run_id`` is active.
+        """
+        now = time.time()
+        with self.transaction() as c:
+            cur = c.execute(
+                "UPDATE completions SET status = 'done', text = ?, original_text = NULL, length = ?, "
+                "model = ?, params_json = ?, prompt_tokens = ?, completion_tokens = ?, latency_s = ?, "
+                "finish_reason = ?, attempts = ?, error = NULL, error_kind = NULL, run_id = ?, "
+                f"updated_at = ? WHERE id = ? AND {_RUN_IS_ACTIVE}",
+                (text, len(text), model, _dumps(params), prompt_tokens, completion_tokens, latency_s,
+                 finish_reason, attempts, run_id, now, completion_id, run_id, run_id),
+            )
+            if cur.rowcount:
+                c.execute("UPDATE grades SET undone = 1 WHERE completion_id = ? AND undone = 0", (completion_id,))
+                c.execute(_CURRENT_GRADE_SQL, (completion_id,))
+
+    def kept_by_cell(self, min_grade: int | None = None) -> dict[int, int]:
+        """Kept examples per active cell (cells with none are absent).
+
+        Kept (pipeline/coverage.py documents it): finished, with non-blank text, not
+        rejected (grade 0), not cut off, and graded at least ``min_grade`` when one
+        is given (ungraded ones are kept without it), as the export keeps them.
+        """
+        sql = (
+            "SELECT c.cell_id, count(*) FROM completions c JOIN cells ON cells.id = c.cell_id "
+            "WHERE cells.active = 1 AND c.status = 'done' AND c.text IS NOT NULL "
+            "AND length(trim(c.text, ' ' || char(9, 10, 11, 12, 13))) > 0 "
+            f"AND (c.grade IS NULL OR c.grade > 0) AND NOT {_CUT_OFF}"
+        )
+        params: tuple[Any, ...] = ()
+        if min_grade is not None and min_grade > 0:
+            sql += " AND c.grade >= ?"
+            params = (min_grade,)
+        return {r[0]: r[1] for r in self._query(sql + " GROUP BY c.cell_id", params)}
+
+    def unfinished_by_cell(self) -> dict[int, int]:
+        """Completions not generated yet (pending, running or failed) per active cell."""
+        return {r[0]: r[1] for r in self._query(
+            "SELECT c.cell_id, count(*) FROM completions c JOIN cells ON cells.id = c.cell_id "
+            "WHERE cells.active = 1 AND c.status IN ('pending', 'running', 'failed') GROUP BY c.cell_id"
+        )}
+
+    def add_samples(self, counts: dict[int, int]) -> list[int]:
+        """Add ``n`` new pending samples (the next sample numbers, so new seeds) to
+        each cell ``cell_id -> n``, in one transaction; returns the new completion ids.
+        A grid edit (sync_grid) drops those still unfinished beyond the spec's samples."""
+        now = time.time()
+        new: list[int] = []
+        with self.transaction() as c:
+            for cell_id, n in sorted(counts.items()):
+                top = c.execute("SELECT coalesce(max(sample), -1) FROM completions WHERE cell_id = ?",
+                                (cell_id,)).fetchone()[0]
+                for sample in range(top + 1, top + 1 + n):
+                    cur = c.execute(
+                        "INSERT INTO completions (cell_id, sample, status, created_at, updated_at) "
+                        "VALUES (?, ?, 'pending', ?, ?)", (cell_id, sample, now, now))
+                    new.append(_new_id(cur))
+        return new
 
 
 def _completion(row: sqlite3.Row) -> CompletionRecord:

@@ -8,6 +8,10 @@ from typing import Any
 
 HUMAN_SOURCES = frozenset({"person"})
 ACTIVE_RUN_STATES = ("starting", "running", "stopping")
+# A completion whose finish_reason is this was cut off at max tokens: its text
+# stops mid-way. Marked as cut off wherever it is shown, never ranked above one
+# that finished, and left out of exports by default (issue 9).
+CUT_OFF_REASON = "length"
 
 
 @dataclass(slots=True)
@@ -47,6 +51,11 @@ class CompletionRecord:
     @property
     def edited(self) -> bool:
         return self.original_text is not None
+
+    @property
+    def cut_off(self) -> bool:
+        """Finished because it hit max tokens, not because it ended (see CUT_OFF_REASON)."""
+        return self.status == "done" and self.finish_reason == CUT_OFF_REASON
 
 
 @dataclass(slots=True)
@@ -131,12 +140,14 @@ class StatusCounts:
     graded: int
     rejected: int
     grades: dict[str, int]
+    cut_off: int = 0  # finished completions cut off at max tokens (finish_reason "length")
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "cells": self.cells, "completions": self.completions, "done": self.done,
             "failed": self.failed, "pending": self.pending, "running": self.running,
             "graded": self.graded, "rejected": self.rejected, "grades": dict(self.grades),
+            "cut_off": self.cut_off,
         }
 
 

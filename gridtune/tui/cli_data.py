@@ -1,4 +1,4 @@
-"""`gridtune validate` and `gridtune export`: the training file, checked."""
+"""`gridtune validate`, `export` and `coverage`: the training file, checked, and what it covers."""
 
 from __future__ import annotations
 
@@ -6,6 +6,8 @@ from pathlib import Path
 
 import click
 
+from ..pipeline.coverage import DEFAULT_THIN, coverage
+from ..pipeline.estimate import backend_for_costs
 from ..pipeline.export import ExportError, export_project
 from ..pipeline.validate import ValidationInputError, validate_file
 from .cli import main
@@ -15,8 +17,9 @@ from .cli_common import Failed, Problem, emit_json, handle_errors, open_store
 @main.command("validate")
 @click.argument("file", type=click.Path(path_type=Path))
 @click.option("--model", "-m", default=None,
-              help="the model to fine-tune: its tokenizer, context length and price "
-                   "(default gpt-4o-mini for chat files, babbage-002 for prompt/completion)")
+              help="the model to fine-tune: its tokenizer, context length and price (default gpt-4o-mini "
+                   "for chat files; prompt/completion files count babbage-002's tokens, a retired model "
+                   "no cost is given for)")
 @click.option("--json", "as_json", is_flag=True, help="print the report as one JSON object")
 @handle_errors
 def validate_cmd(file: Path, model: str | None, as_json: bool) -> None:
@@ -48,19 +51,25 @@ def validate_cmd(file: Path, model: str | None, as_json: bool) -> None:
 @click.option("--validation-fraction", type=float, default=0.0, show_default=True,
               help="put this deterministic fraction in [0, 1) into FILE-stem.valid.jsonl")
 @click.option("--model", "-m", default=None, help="the model to fine-tune, for token counts and the cost estimate")
+@click.option("--include-cut-off", is_flag=True,
+              help="keep completions cut off at max tokens (left out by default; written without the stop)")
 @click.option("--json", "as_json", is_flag=True, help="print the result as one JSON object")
 @handle_errors
 def export_cmd(project: Path, output: Path, fmt: str, min_grade: int | None, separator: str | None,
-               stop: str | None, validation_fraction: float, model: str | None, as_json: bool) -> None:
+               stop: str | None, validation_fraction: float, model: str | None, include_cut_off: bool,
+               as_json: bool) -> None:
     """Write the kept completions of PROJECT as a fine-tuning file, and validate it.
 
-    Rejected completions (grade 0) are never exported.
+    Rejected completions (grade 0) are never exported; completions cut off at max
+    tokens only with --include-cut-off. The cost line follows the backend in use:
+    no charge and a training time on the local server, a model OpenAI still tunes.
     """
     with open_store(project) as store:
         try:
             result = export_project(
                 store, output, format=fmt, min_grade=min_grade, separator=separator, stop=stop,
-                validation_fraction=validation_fraction, model=model,
+                validation_fraction=validation_fraction, model=model, include_cut_off=include_cut_off,
+                backend=backend_for_costs(),
             )
         except ExportError as exc:
             raise Problem(str(exc)) from None
@@ -70,3 +79,31 @@ def export_cmd(project: Path, output: Path, fmt: str, min_grade: int | None, sep
         click.echo(result.summary())
     if not result.ok:
         raise Failed(f"{output}: the exported file has format errors")
+
+
+@main.command("coverage")
+@click.argument("project", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--min-grade", type=int, default=None,
+              help="count only examples graded at least N as kept (as export --min-grade; default: ungraded count)")
+@click.option("--threshold", type=int, default=DEFAULT_THIN, show_default=True,
+              help="a value or pair with fewer kept examples is thin")
+@click.option("--json", "as_json", is_flag=True, help="print the table as one JSON object")
+@handle_errors
+def coverage_cmd(project: Path, min_grade: int | None, threshold: int, as_json: bool) -> None:
+    """How many kept examples each variable value and each pair of values has.
+
+    Kept: finished, not rejected, not cut off at max tokens, graded at least
+    --min-grade when given. Thin (under --threshold) and empty ones are marked;
+    `gridtune generate PROJECT --top-up N` fills them.
+    """
+    if threshold < 1:
+        raise Problem(f"--threshold must be at least 1, not {threshold}")
+    with open_store(project) as store:
+        try:
+            table = coverage(store, min_grade=min_grade, threshold=threshold)
+        except ValueError as exc:
+            raise Problem(str(exc)) from None
+    if as_json:
+        emit_json(table.to_dict())
+    else:
+        click.echo(table.render_text())

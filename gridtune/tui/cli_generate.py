@@ -21,7 +21,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, TextColumn
 from rich.progress import Progress as RichProgress
 
 from ..pipeline import runs
-from ..pipeline.generate import GenerateError, GenerateOptions, RunResult, preview_run, run_generation
+from ..pipeline.coverage import plan_top_up
+from ..pipeline.generate import GenerateError, GenerateOptions, RunResult, preview_run, run_generation, select_work
 from ..pipeline.progress import RETRY_KINDS, Progress, format_duration
 from ..store import RunRecord
 from .cli import main
@@ -74,10 +75,10 @@ class ProgressDisplay:
 
 def _options(concurrency: int | None, rpm: float | None, tpm: float | None, limit: int | None, model: str | None,
              temperature: float | None, max_tokens: int | None, timeout: float, max_attempts: int,
-             stream: bool | None = None) -> GenerateOptions:
+             stream: bool | None = None, **curation: Any) -> GenerateOptions:
     options = GenerateOptions(concurrency=concurrency, rpm=rpm, tpm=tpm, limit=limit, model=model,
                               temperature=temperature, max_tokens=max_tokens, timeout_s=timeout,
-                              max_attempts=max_attempts, stream=stream)
+                              max_attempts=max_attempts, stream=stream, **curation)
     try:
         options.check()
     except GenerateError as exc:
@@ -94,8 +95,26 @@ def _preview(project: Path, options: GenerateOptions) -> None:
         raise Problem(str(exc)) from None
     for note in plan.notes:
         click.echo(f"note: {note}", err=True)
+    _curation_note(project, options)
     how = f"concurrency {plan.concurrency}" + (", streaming" if plan.stream else "")
     click.echo(f"estimate: {estimate.text} [{how}]", err=True)
+
+
+def _curation_note(project: Path, options: GenerateOptions) -> None:
+    """What a redo or a top-up is about to do, on stderr, before it starts."""
+    if options.redo_cut_off:
+        with open_store(project) as store:
+            n = len(select_work(store, options))
+            cut = store.status_counts().cut_off
+        skipped = f"; {cut - n:,} already redone with {options.max_tokens:,}" if cut > n else ""
+        click.echo(f"redo: {n:,} cut-off completion(s) with max_tokens {options.max_tokens:,}"
+                   f" (each keeps its text until the new one arrives){skipped}", err=True)
+    elif options.top_up is not None:
+        with open_store(project) as store:
+            plan = plan_top_up(store, options.top_up, min_grade=options.min_grade)
+        click.echo(plan.summary(), err=True)
+        if plan.unreachable:
+            click.echo(f"note: no cell of the grid holds {', '.join(plan.unreachable[:3])}", err=True)
 
 
 def _run_here(project: Path, options: GenerateOptions, *, run_id: int | None, detached: bool) -> tuple[RunResult, int | None]:
@@ -159,16 +178,31 @@ def _report(project: Path, result: RunResult, stopped_by: int | None) -> int:
               help="stream replies (default: yes for the local and compatible servers, no for OpenAI)")
 @click.option("--max-attempts", type=int, default=6, show_default=True, help="tries per completion on transient errors")
 @click.option("--detach", is_flag=True, help="run in the background, immune to the terminal closing")
+@click.option("--redo-cut-off", is_flag=True,
+              help="regenerate the completions cut off at max tokens, with --max-tokens N (required)")
+@click.option("--top-up", type=int, default=None, metavar="N",
+              help="first add samples to exactly the cells needed so every value and pair has N kept examples")
+@click.option("--min-grade", type=int, default=None,
+              help="with --top-up: count only examples graded at least N as kept (as export --min-grade)")
 @handle_errors
 def generate_cmd(project: Path, concurrency: int | None, rpm: float | None, tpm: float | None, limit: int | None,
                  model: str | None, temperature: float | None, max_tokens: int | None, timeout: float,
-                 stream: bool | None, max_attempts: int, detach: bool) -> None:
+                 stream: bool | None, max_attempts: int, detach: bool, redo_cut_off: bool, top_up: int | None,
+                 min_grade: int | None) -> None:
     """Generate every pending or failed completion of PROJECT with the teacher model.
 
     Each completion is saved the moment it arrives; run it again to resume.
     Ctrl-C stops cleanly (exit 130). Exit 0 when all is done, 1 when some failed.
+
+    --redo-cut-off --max-tokens N regenerates exactly the completions cut off at
+    max tokens (generated with fewer than N); each keeps its text until the new
+    one arrives, whose grades start afresh. --top-up N adds new samples (new
+    seeds) to the cells the thin values and pairs of `gridtune coverage` need.
     """
-    options = _options(concurrency, rpm, tpm, limit, model, temperature, max_tokens, timeout, max_attempts, stream)
+    if min_grade is not None and top_up is None:
+        raise Problem("--min-grade applies to --top-up only")
+    options = _options(concurrency, rpm, tpm, limit, model, temperature, max_tokens, timeout, max_attempts, stream,
+                       redo_cut_off=redo_cut_off, top_up=top_up, min_grade=min_grade)
     open_store(project).close()  # a missing or broken project is exit 2 before anything starts
     _preview(project, options)
     if detach:
@@ -239,7 +273,8 @@ def _status_text(project: Path, counts: dict[str, Any], run: RunRecord | None) -
         f"{project}: {counts['cells']:,} cells, {counts['completions']:,} completions",
         f"  done {counts['done']:,}  failed {counts['failed']:,}  pending {counts['pending']:,}"
         f"  running {counts['running']:,}",
-        f"  graded {counts['graded']:,} ({grades})  rejected {counts['rejected']:,}",
+        f"  graded {counts['graded']:,} ({grades})  rejected {counts['rejected']:,}"
+        + (f"  cut off {counts['cut_off']:,} (hit max tokens)" if counts.get("cut_off") else ""),
     ]
     if run is not None:
         when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(run.started_at))
