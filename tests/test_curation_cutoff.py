@@ -12,7 +12,7 @@ from click.testing import CliRunner
 
 from gridtune.pipeline.estimate import ServerInfo, training_cost_line
 from gridtune.pipeline.export import export_project
-from gridtune.pipeline.generate import GenerateOptions, redo_completion, run_generation, suggested_redo_max_tokens
+from gridtune.pipeline.generate import GenerateError, GenerateOptions, redo_completion, run_generation, suggested_redo_max_tokens
 from gridtune.pipeline.grading import grade_by_length
 from gridtune.pipeline.grid import GenerationSettings, GridSpec
 from gridtune.pipeline.project import create_project
@@ -212,7 +212,10 @@ def test_redo_skips_those_already_redone_with_as_many_tokens(tmp_path, fake_open
         still = {r.id for r in store.completions() if r.finish_reason == "length"}
     assert still and still <= cut
     fake_openai.requests.clear()
-    asyncio.run(run_generation(path, GenerateOptions(redo_cut_off=True, max_tokens=10, **FAST)))
+    try:  # a run with nothing to do may also be refused up front, saying so
+        asyncio.run(run_generation(path, GenerateOptions(redo_cut_off=True, max_tokens=10, **FAST)))
+    except GenerateError as exc:
+        assert "nothing to redo" in str(exc)
     assert fake_openai.chat_requests() == []
     asyncio.run(run_generation(path, GenerateOptions(redo_cut_off=True, max_tokens=11, **FAST)))
     assert len(fake_openai.chat_requests()) == len(still)
