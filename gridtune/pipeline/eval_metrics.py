@@ -51,8 +51,9 @@ class Estimate:
     high: float
     n: int
 
-    def to_dict(self) -> dict[str, float | int]:
-        return asdict(self)
+    def to_dict(self) -> dict[str, float | int | None]:
+        """As JSON allows: no NaN (an estimate on no answers is null)."""
+        return {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in asdict(self).items()}
 
 
 def wilson(successes: int, n: int) -> Estimate:
@@ -182,7 +183,7 @@ class ModelScores:
     n: int
 
     def to_dict(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"n": self.n, "length_cv": self.length_cv}
+        out: dict[str, Any] = {"n": self.n, "length_cv": self.length_cv if math.isfinite(self.length_cv) else None}
         for name in ("stop_rate", "length_mean", "format_match", "repetition", "faithfulness"):
             out[name] = getattr(self, name).to_dict()
         return out

@@ -179,28 +179,16 @@ class EvalReport:
             "model": self.model, "against": self.against, "setup": self.setup.__dict__ | {"digest": self.setup.digest},
             "cases": self.cases, "samples": self.samples, "asked": self.asked, "failed": self.failed,
             "stopped": self.stopped, "seconds": round(self.seconds, 2),
-            "reference": {"length_mean": self.reference.length_mean, "length_cv": self.reference.length_cv,
-                          "n": self.reference.profile.n},
+            "reference": {"length_mean": _finite(self.reference.length_mean),
+                          "length_cv": _finite(self.reference.length_cv), "n": self.reference.profile.n},
             "tuned": self.tuned.to_dict(), "base": self.base.to_dict(),
-            "comparison": [r.__dict__ for r in self.rows],
+            "comparison": [{k: (_finite(v) if isinstance(v, float) else v) for k, v in r.__dict__.items()}
+                           for r in self.rows],
             "tuned_is_worse": self.worse,
         }
 
     def table(self) -> list[tuple[str, str, str, str, str]]:
-        """(metric, tuned, base, difference, better) as a person reads them."""
-        t, b = self.tuned, self.base
-        out = []
-        for row in self.rows:
-            if row.metric == "length_cv":
-                fmt = lambda v: f"{v:.2f}"  # noqa: E731
-                out.append((f"length spread (data {self.reference.length_cv:.2f})", fmt(row.tuned), fmt(row.base),
-                            f"{row.difference:+.2f}", row.better or "—"))
-                continue
-            te, be = getattr(t, row.metric), getattr(b, row.metric)
-            out.append((LABELS[row.metric], _pct(te), _pct(be), f"{row.difference * 100:+.0f} pts", row.better or "—"))
-        out.insert(1, ("mean length (chars)", f"{t.length_mean.value:.0f}", f"{b.length_mean.value:.0f}",
-                       f"{t.length_mean.value - b.length_mean.value:+.0f}", "—"))
-        return out
+        return table_rows(self.to_dict())
 
     def summary(self) -> str:
         head = (f"eval: {self.model} vs {self.against} on {self.cases} held-out prompt(s) × {self.samples} "
@@ -217,14 +205,47 @@ class EvalReport:
         return "\n".join(lines)
 
 
+def _finite(v: float) -> float | None:
+    return v if math.isfinite(v) else None
+
+
 LABELS = {"stop_rate": "stop rate", "format_match": "format match", "repetition": "repetition loops",
           "faithfulness": "mentions its values"}
 
 
-def _pct(est: Any) -> str:
-    if est.n == 0 or math.isnan(est.value):
+def table_rows(result: dict[str, Any]) -> list[tuple[str, str, str, str, str]]:
+    """(metric, tuned, base, difference, better) as a person reads them, from a report's
+    ``to_dict()`` (also as stored in the project: the TUI shows the latest one)."""
+    t, b = result["tuned"], result["base"]
+    out = []
+    for row in result["comparison"]:
+        metric, better = row["metric"], row["better"] or "—"
+        if metric == "length_cv":
+            data = result["reference"]["length_cv"]
+            out.append((f"length spread (data {_fmt(data, '.2f')})", _fmt(row["tuned"], ".2f"),
+                        _fmt(row["base"], ".2f"), _fmt(row["difference"], "+.2f"), better))
+        else:
+            diff = row["difference"]
+            out.append((LABELS[metric], _pct(t[metric]), _pct(b[metric]),
+                        "—" if diff is None else f"{diff * 100:+.0f} pts", better))
+    tm, bm = t["length_mean"]["value"], b["length_mean"]["value"]
+    out.insert(1, ("mean length (chars)", _num(tm), _num(bm), "—" if tm is None or bm is None else f"{tm - bm:+.0f}",
+                   "—"))
+    return out
+
+
+def _fmt(v: float | None, spec: str) -> str:
+    return "—" if v is None else format(v, spec)
+
+
+def _num(v: float | None) -> str:
+    return "—" if v is None else f"{v:.0f}"
+
+
+def _pct(est: dict[str, Any]) -> str:
+    if not est["n"] or est["value"] is None:
         return "—"
-    return f"{est.value * 100:.0f}% ({est.low * 100:.0f}–{est.high * 100:.0f})"
+    return f"{est['value'] * 100:.0f}% ({est['low'] * 100:.0f}–{est['high'] * 100:.0f})"
 
 
 # -- running ------------------------------------------------------------------------------------
