@@ -33,6 +33,7 @@ from textual_plotext import PlotextPlot
 
 from ..core.errors import one_line
 from ..pipeline.finetune import JobState, default_export_path
+from ..pipeline.options import EXPORT, FINETUNE
 from ..pipeline.validate import ERROR, FIGURE, NOTE, OK, TITLE, WARNING, ReportLine, ValidationReport, show
 from ..tui.events import OpenPlayground
 from ..tui.section import SectionScreen
@@ -60,36 +61,18 @@ class ExportOptions:
 
     @classmethod
     def parse(cls, raw: dict[str, str], default_path: Path) -> "ExportOptions":
+        """The form's text, checked by the settings' one definition (pipeline.options);
+        ValueError (OptionError) names the field."""
         fmt = raw.get("format") or "chat"
         opts = cls(out_path=Path(raw.get("out_path", "").strip() or default_path).expanduser(), format=fmt)
-        text = raw.get("min_grade", "").strip()
-        if text:
-            try:
-                opts.min_grade = int(text)
-            except ValueError:
-                raise ValueError(f"min grade: {text!r} is not a whole number 0-5") from None
-            if not 0 <= opts.min_grade <= 5:
-                raise ValueError(f"min grade: must be within 0..5, not {text}")
+        opts.min_grade = EXPORT["min_grade"].parse(raw.get("min_grade", ""))
+        opts.validation_fraction = EXPORT["validation_fraction"].parse(raw.get("validation_fraction", "") or "0")
+        opts.epochs = FINETUNE["epochs"].parse(raw.get("epochs", ""))
         if fmt == "completion":
             # Typed as a person reads them: \n is a newline.
             opts.separator = _unescape(raw.get("separator", "")) or None
             opts.stop = _unescape(raw.get("stop", "")) or None
-        text = raw.get("validation_fraction", "").strip() or "0"
-        try:
-            opts.validation_fraction = float(text)
-        except ValueError:
-            raise ValueError(f"validation fraction: {text!r} is not a number") from None
-        if not 0 <= opts.validation_fraction < 1:
-            raise ValueError(f"validation fraction: must be in [0, 1), not {text}")
         opts.base_model = raw.get("base_model", "").strip() or None
-        text = raw.get("epochs", "").strip()
-        if text:
-            try:
-                opts.epochs = int(text)
-            except ValueError:
-                raise ValueError(f"epochs: {text!r} is not a whole number") from None
-            if opts.epochs < 1:
-                raise ValueError("epochs: at least 1")
         opts.suffix = raw.get("suffix", "").strip() or None
         return opts
 
@@ -240,7 +223,7 @@ class ExportScreen(SectionScreen):
                 yield Static("export", classes="form-head")
                 yield from self._row("format", Select(FORMATS, value="chat", allow_blank=False, compact=True,
                                                       id="opt-format"))
-                yield from self._row("min grade", Input(id="opt-min_grade", placeholder="all kept", compact=True))
+                yield from self._row("min grade", Input(id="opt-min_grade", placeholder=EXPORT["min_grade"].unset, compact=True))
                 yield from self._row("separator", Input(id="opt-separator", placeholder="auto", compact=True))
                 yield from self._row("stop", Input(id="opt-stop", placeholder="auto", compact=True))
                 yield from self._row("valid frac", Input("0", id="opt-validation_fraction", compact=True))
@@ -249,7 +232,7 @@ class ExportScreen(SectionScreen):
                 yield Static("fine-tune", classes="form-head spaced")
                 yield from self._row("base model", Input(id="opt-base_model", placeholder="backend default",
                                                          compact=True))
-                yield from self._row("epochs", Input(id="opt-epochs", placeholder="auto", compact=True))
+                yield from self._row("epochs", Input(id="opt-epochs", placeholder=FINETUNE["epochs"].unset, compact=True))
                 yield from self._row("suffix", Input(id="opt-suffix", placeholder="none", compact=True))
             with Vertical(id="exp-right"):
                 with VerticalScroll(id="exp-report-box"):
