@@ -1,4 +1,5 @@
-"""Snapshots of the grid, review and help screens at 80x24 (pytest-textual-snapshot).
+"""Snapshots of the grid and help screens at 80x24 (pytest-textual-snapshot); the
+review screen's are in test_snapshots_review.py.
 
 Update the baselines with ``pytest tests/test_snapshots_grid_review.py --snapshot-update``
 after looking at the new rendering. Nothing time-dependent is on screen: the
@@ -34,20 +35,6 @@ async def _steady(pilot) -> None:
         area.cursor_blink = False
     await pilot.pause(0.1)
     await settle(pilot)
-
-
-def test_review_screen(snap_compare, project: Path):
-    assert snap_compare(GridtuneApp(project, start_mode="review"), terminal_size=SIZE, run_before=_steady)
-
-
-def test_review_screen_after_grading(snap_compare, project: Path):
-    async def before(pilot):
-        await _steady(pilot)
-        await pilot.press("4", "d", "j")
-        await pilot.pause(0.2)
-        await _steady(pilot)
-
-    assert snap_compare(GridtuneApp(project, start_mode="review"), terminal_size=SIZE, run_before=before)
 
 
 def test_grid_screen(snap_compare, project: Path):

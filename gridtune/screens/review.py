@@ -82,7 +82,7 @@ class ReviewScreen(SectionScreen):
     ]
 
     # What the bars and the detail pane show: each repaints only when its value changes.
-    counts: reactive[ReviewCounts] = reactive(ReviewCounts, init=False)
+    counts: reactive[ReviewCounts | None] = reactive(None, init=False)  # None: not counted yet
     view_label: reactive[Text] = reactive(Text, init=False)
     rows_label: reactive[str] = reactive("", init=False)
     detail: reactive[tuple[Text, Text]] = reactive(lambda: (Text(), Text()), init=False)
@@ -106,6 +106,7 @@ class ReviewScreen(SectionScreen):
         with Horizontal(classes="info-bar", id="review-bar"):
             yield Static("", id="review-view")
             # The search box takes the view bar's place while it is open: on screen at 80×24.
+            yield Static(Text.assemble(("/", "bold"), " search"), id="review-search-label")
             yield Input(placeholder="search text and values · enter apply · esc close", id="review-search")
             yield Static("", id="review-counts")
         yield LengthHistogram(id="review-histogram")
@@ -130,8 +131,8 @@ class ReviewScreen(SectionScreen):
         self._jobs.put(None)
 
     # -- the reactives' views --------------------------------------------------------
-    def watch_counts(self, counts: ReviewCounts) -> None:
-        self.query_one("#review-counts", Static).update(counts.text())
+    def watch_counts(self, counts: ReviewCounts | None) -> None:
+        self.query_one("#review-counts", Static).update(counts.text() if counts else "")
 
     def watch_view_label(self, label: Text) -> None:
         self.query_one("#review-view", Static).update(label)
@@ -271,7 +272,7 @@ class ReviewScreen(SectionScreen):
     @on(ReviewList.Highlighted)
     def _highlighted(self, event: ReviewList.Highlighted) -> None:
         row_id = event.row[0] if event.row else None
-        if row_id == self._detail_id:
+        if row_id == self._detail_id and row_id is not None:
             return
         self._detail_id = row_id
         if self._detail_timer is not None:
@@ -281,9 +282,16 @@ class ReviewScreen(SectionScreen):
     def _show_detail(self) -> None:
         self._detail_timer = None
         if self._detail_id is None:
-            self.detail = (Text("nothing to show with this filter", style="dim"), Text())
+            self.detail = (Text(self._nothing_shown(), style="dim"), Text())
             return
         self._load_detail(self._detail_id)
+
+    def _nothing_shown(self) -> str:
+        if self.search:
+            return f"nothing matches “{self.search}” (esc clears the search)"
+        if self.filter.key in ("done", "all"):
+            return "nothing generated yet: F3 Generate runs the grid, and each finished completion shows here"
+        return f"nothing here with the filter “{self.filter.label}” (f changes it)"
 
     @work(thread=True, exclusive=True, group="detail", exit_on_error=False)
     def _load_detail(self, completion_id: int) -> None:
@@ -327,7 +335,8 @@ class ReviewScreen(SectionScreen):
             return
         row_id, length, old, status = row
         lst.update_row(index, (row_id, length, grade, status))
-        self.counts = self.counts.changed(old, grade)  # at once; recounted once it is written
+        if self.counts is not None:  # at once; recounted once it is written
+            self.counts = self.counts.changed(old, grade)
         self._push_undo([row_id], f"grade {grade}")
         store = self.ctx.store
         self.submit(lambda: review.grade(store, row_id, grade), lambda _grade: self._refresh_detail(row_id))
