@@ -43,3 +43,49 @@ def test_combinations_leave_every_value_a_training_cell():
 def test_too_many_combinations_is_refused():
     with pytest.raises(HoldOutError, match="only"):
         plan(CELLS, HoldOut(combos=len(CELLS)))
+
+
+def test_a_held_out_value_never_reaches_the_training_file(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    from gridtune.store import Store
+    from gridtune.store import evaluation as evs
+    from tests.bigproject import small_project
+
+    path = small_project(tmp_path / "p.gridtune", done=16)
+    out = tmp_path / "train.jsonl"
+    proc = subprocess.run([sys.executable, "-m", "gridtune", "export", str(path), "-o", str(out),
+                           "--validation-fraction", "0.3", "--hold-out", "place=Oslo", "--hold-out", "year=2050",
+                           "--hold-out-combos", "2", "--json"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode in (0, 1), proc.stderr  # 1: the small file's validation warnings are errors
+    result = json.loads(proc.stdout)
+    held = result["held_out"]
+    # Oslo (4 cells) + 2050 (4 cells, one of them Oslo's) = 7, plus 2 combinations.
+    assert held["cells"] == 9 and len(held["combo_keys"]) == 2 and held["completions"] == 9
+    files = [out, tmp_path / "train.valid.jsonl"]
+    written = "".join(f.read_text() for f in files if f.exists())
+    assert "Oslo" not in written and "2050" not in written
+    for key in held["combo_keys"]:
+        values = json.loads(key)
+        assert f"Place: {values['place']}. Year: {values['year']}" not in written
+    assert result["train"] + result["valid"] == 16 - 9
+    with Store.open(path) as store:
+        cases = evs.cases(store)
+        assert len(cases) == 9 and {c.source for c in cases} == {"held-out"}
+        assert evs.holdout_of(store, result["export_id"])["values"] == {"place": ["Oslo"], "year": [2050]}
+
+
+def test_a_bad_hold_out_is_one_line_and_writes_nothing(tmp_path):
+    import subprocess
+    import sys
+
+    from tests.bigproject import small_project
+
+    path = small_project(tmp_path / "p.gridtune", done=16)
+    out = tmp_path / "train.jsonl"
+    proc = subprocess.run([sys.executable, "-m", "gridtune", "export", str(path), "-o", str(out),
+                           "--hold-out", "place=Paris"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "not a value of place" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and not out.exists()

@@ -28,7 +28,7 @@ from .backend import Backend, resolve_backend
 from .eval_metrics import Answer, Comparison, ModelScores, Reference, compare, score, tuned_is_worse
 from .generate import Reply
 from .grid import GridSpec, cell_key
-from .holdout import HoldOutError, HoldOutPlan
+from .holdout import HoldOutError
 from .playground import build_prompt, coerce_values
 from .project import load_project_spec
 from .request_pool import Pool, PoolOptions, Request
@@ -62,12 +62,6 @@ class EvalOptions:
 
 
 # -- cases -----------------------------------------------------------------------------------
-def add_held_out_cases(store: Store, plan: HoldOutPlan, cells: list[dict[str, Any]]) -> int:
-    """The export's held-out cells become evaluation cases (the export calls this)."""
-    held = plan.keys
-    return ev.add_cases(store, [(cell_key(v), v, "held-out", None) for v in cells if cell_key(v) in held])
-
-
 def parse_case(spec: GridSpec, text: str) -> dict[str, Any]:
     """'place=Bergen year=2045' (or comma-separated) as a full set of values; every
     variable must be given. Values need not be in the grid: that is the point."""

@@ -34,8 +34,10 @@ from typing import Any, AsyncIterator, Iterator
 import aiofiles
 import aiofiles.os
 
-from ..store import Store
+from ..store import Store, evaluation
 from .grid import GridSpec, cell_key
+from .holdout import HoldOut, HoldOutError, add_held_out_cases
+from .holdout import plan as plan_hold_out
 from .project import load_project_spec
 from .estimate import ServerInfo, training_cost_line
 from .validate import ValidationReport, show, validate_file
@@ -72,6 +74,7 @@ class ExportResult:
     n_cut_off: int = 0  # cut-off completions written (train + valid), only with include_cut_off
     n_cut_off_left_out: int = 0  # cut-off completions the export would otherwise have kept
     cost_line: str | None = None  # what training on it costs on the backend in use, when asked
+    held_out: dict[str, Any] | None = None  # what was held out for evaluation (HoldOutPlan.to_dict + completions)
 
     @property
     def ok(self) -> bool:
@@ -96,6 +99,7 @@ class ExportResult:
             "cut_off": self.n_cut_off,
             "cut_off_left_out": self.n_cut_off_left_out,
             "cost_line": self.cost_line,
+            "held_out": self.held_out,
             "report": self.report.to_dict(),
             "valid_report": self.valid_report.to_dict() if self.valid_report else None,
         }
@@ -223,11 +227,13 @@ def _temp_for(path: Path) -> Path:
 
 async def _write(store: Store, spec: GridSpec, tmp_train: Path, tmp_valid: Path | None, *, format: str,
                  min_grade: int | None, separator: str | None, stop: str | None,
-                 fraction: float, cut_off: frozenset[int] = frozenset()) -> tuple[int, int, int, int, int]:
+                 fraction: float, cut_off: frozenset[int] = frozenset(),
+                 held_out: frozenset[str] = frozenset()) -> tuple[int, int, int, int, int, int]:
     """Stream the examples into the temporary files; (n_train, n_valid, n_blank,
-    cut-off in train, cut-off in valid). ``cut_off``: ids of cut-off completions to
-    write (the completion format gives them no stop)."""
-    n_train = n_valid = n_blank = 0
+    cut-off in train, cut-off in valid, held out). ``cut_off``: ids of cut-off
+    completions to write (the completion format gives them no stop); ``held_out``:
+    cell keys whose completions go to neither file (they are the evaluation's)."""
+    n_train = n_valid = n_blank = n_held = 0
     cut_train = cut_valid = 0
     async with aiofiles.open(tmp_train, "w", encoding="utf-8", newline="\n") as ftrain:
         fvalid = await aiofiles.open(tmp_valid, "w", encoding="utf-8", newline="\n") if tmp_valid else None
@@ -236,6 +242,9 @@ async def _write(store: Store, spec: GridSpec, tmp_train: Path, tmp_valid: Path 
                 async for batch in batches:
                     train_lines, valid_lines = [], []
                     for cid, values, text, _grade in batch:
+                        if held_out and cell_key(values) in held_out:
+                            n_held += 1
+                            continue
                         if not text.strip():
                             n_blank += 1  # an empty answer is no training example
                             continue
@@ -261,7 +270,7 @@ async def _write(store: Store, spec: GridSpec, tmp_train: Path, tmp_valid: Path 
         finally:
             if fvalid is not None:
                 await fvalid.close()
-    return n_train, n_valid, n_blank, cut_train, cut_valid
+    return n_train, n_valid, n_blank, cut_train, cut_valid, n_held
 
 
 def _cut_off_candidates(store: Store, min_grade: int | None) -> frozenset[int]:
@@ -288,11 +297,14 @@ async def export_project_async(
     validation_fraction: float = 0.0,
     model: str | None = None,
     include_cut_off: bool = False,
+    hold_out: HoldOut | None = None,
     backend: tuple[str, str, ServerInfo | None] | None = None,
 ) -> ExportResult:
-    """Export the kept completions (see the module's doc). ``backend``: (kind,
-    label, server info) of the backend training would run on, for the result's
-    cost line (estimate.backend_for_costs gives it); None: no cost line."""
+    """Export the kept completions (see the module's doc). ``hold_out``: values and
+    combinations kept out of both files; their cells become evaluation cases and
+    the choice is recorded with the export. ``backend``: (kind, label, server info)
+    of the backend training would run on, for the result's cost line
+    (estimate.backend_for_costs gives it); None: no cost line."""
     out = Path(out_path)
     try:
         _check_args(format, min_grade, validation_fraction, separator, stop, out)
@@ -303,6 +315,11 @@ async def export_project_async(
     except ValueError as exc:
         raise ExportError(str(exc)) from None
     warnings: list[str] = []
+    cells = [values for _id, values in store.cells()]
+    try:
+        held = plan_hold_out(cells, hold_out) if hold_out is not None and not hold_out.empty else None
+    except HoldOutError as exc:
+        raise ExportError(str(exc)) from None
     cut_candidates = _cut_off_candidates(store, min_grade)
     cut_off = cut_candidates if include_cut_off else frozenset()
     if format == "completion":
@@ -312,9 +329,10 @@ async def export_project_async(
     tmp_train = _temp_for(out)
     tmp_valid = _temp_for(valid_out) if valid_out else None
     try:
-        n_train, n_valid, n_blank, cut_train, cut_valid = await _write(
+        n_train, n_valid, n_blank, cut_train, cut_valid, n_held = await _write(
             store, spec, tmp_train, tmp_valid, format=format, min_grade=min_grade,
             separator=separator, stop=stop, fraction=validation_fraction, cut_off=cut_off,
+            held_out=held.keys if held else frozenset(),
         )
         if n_train == 0:
             what = "no finished completion" + (f" graded {min_grade} or more" if min_grade else "")
@@ -360,12 +378,18 @@ async def export_project_async(
         record["valid"] = valid_report.to_dict() if valid_report else None
         record["include_cut_off"] = include_cut_off
         record["cut_off"] = cut_train + cut_valid
+        if held is not None:
+            warnings.append(f"{len(held.keys):,} cell(s) held out for evaluation ({n_held:,} completion(s) "
+                            f"kept out of training): `gridtune eval PROJECT --model TUNED` asks them")
         moves = [(tmp_train, out)] + ([(tmp_valid, valid_out)] if valid_out is not None else [])
         export_id = _record_and_rename(store, moves, dict(
             path=str(out.resolve()), valid_path=str(valid_out.resolve()) if valid_out else None,
             format=format, min_grade=min_grade, separator=separator, stop=stop,
             validation_fraction=float(validation_fraction), n_train=n_train, n_valid=n_valid, report=record,
         ))
+        if held is not None:
+            evaluation.set_holdout(store, export_id, held.to_dict())
+            add_held_out_cases(store, held, cells)
     except OSError as exc:  # an unwritable directory, a full disk, a name too long
         raise ExportError(f"{out}: cannot write: {exc.strerror or exc}") from None
     finally:
@@ -380,6 +404,7 @@ async def export_project_async(
         validation_fraction=float(validation_fraction), warnings=warnings,
         include_cut_off=include_cut_off, n_cut_off=cut_train + cut_valid,
         n_cut_off_left_out=0 if include_cut_off else len(cut_candidates), cost_line=cost_line,
+        held_out=held.to_dict() | {"completions": n_held} if held is not None else None,
     )
 
 

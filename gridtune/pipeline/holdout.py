@@ -15,6 +15,8 @@ import hashlib
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Sequence
 
+from ..store import Store
+from ..store import evaluation
 from .grid import GridSpec, Value, cell_key, render_value
 from .playground import coerce_values
 
@@ -123,3 +125,9 @@ def plan(cells: Sequence[dict[str, Any]], choice: HoldOut) -> HoldOutPlan:
                 f"--hold-out-combos {choice.combos}: only {len(chosen)} combination(s) can be held out while every "
                 f"value keeps a training cell")
     return HoldOutPlan(frozenset(by_value), tuple(chosen), choice)
+
+
+def add_held_out_cases(store: Store, held: HoldOutPlan, cells: Sequence[dict[str, Any]]) -> int:
+    """The held-out cells become evaluation cases (the export calls this after
+    recording itself); cases already there stay as they are."""
+    return evaluation.add_cases(store, [(cell_key(v), v, "held-out", None) for v in cells if cell_key(v) in held.keys])

@@ -9,6 +9,8 @@ import click
 from ..pipeline.coverage import DEFAULT_THIN, coverage
 from ..pipeline.estimate import backend_for_costs
 from ..pipeline.export import ExportError, export_project
+from ..pipeline.holdout import HoldOutError, parse_hold_out
+from ..pipeline.project import load_project_spec
 from ..pipeline.validate import ValidationInputError, validate_file
 from .cli import main
 from .cli_common import Failed, Problem, emit_json, handle_errors, open_store
@@ -53,11 +55,15 @@ def validate_cmd(file: Path, model: str | None, as_json: bool) -> None:
 @click.option("--model", "-m", default=None, help="the model to fine-tune, for token counts and the cost estimate")
 @click.option("--include-cut-off", is_flag=True,
               help="keep completions cut off at max tokens (left out by default; written without the stop)")
+@click.option("--hold-out", "hold_out", multiple=True, metavar="VAR=VALUE",
+              help="keep every cell with this value out of training, for `gridtune eval`; repeatable")
+@click.option("--hold-out-combos", type=click.IntRange(0), default=0,
+              help="also keep N whole combinations out (every value keeps a training cell)")
 @click.option("--json", "as_json", is_flag=True, help="print the result as one JSON object")
 @handle_errors
 def export_cmd(project: Path, output: Path, fmt: str, min_grade: int | None, separator: str | None,
                stop: str | None, validation_fraction: float, model: str | None, include_cut_off: bool,
-               as_json: bool) -> None:
+               hold_out: tuple[str, ...], hold_out_combos: int, as_json: bool) -> None:
     """Write the kept completions of PROJECT as a fine-tuning file, and validate it.
 
     Rejected completions (grade 0) are never exported; completions cut off at max
@@ -66,12 +72,14 @@ def export_cmd(project: Path, output: Path, fmt: str, min_grade: int | None, sep
     """
     with open_store(project) as store:
         try:
+            held = parse_hold_out(load_project_spec(store), hold_out, hold_out_combos) if (
+                hold_out or hold_out_combos) else None
             result = export_project(
                 store, output, format=fmt, min_grade=min_grade, separator=separator, stop=stop,
                 validation_fraction=validation_fraction, model=model, include_cut_off=include_cut_off,
-                backend=backend_for_costs(),
+                hold_out=held, backend=backend_for_costs(),
             )
-        except ExportError as exc:
+        except (ExportError, HoldOutError) as exc:
             raise Problem(str(exc)) from None
     if as_json:
         emit_json(result.to_dict())
