@@ -12,7 +12,7 @@ import pytest
 from click.testing import CliRunner
 
 from gridtune.pipeline import runs
-from gridtune.pipeline.generate import GenerateOptions, run_generation
+from gridtune.pipeline.generate import GenerateOptions, NothingToDo, run_generation
 from gridtune.pipeline.grid import GenerationSettings, GridSpec
 from gridtune.pipeline.project import create_project
 from gridtune.pipeline.tokens import count_message_tokens
@@ -82,7 +82,10 @@ def test_rerun_resumes_only_what_is_left(tmp_path, fake_openai):
     assert second.progress.total == 7 and second.exit_code == 0
     prompts = [r.prompt for r in fake_openai.chat_requests()]
     assert len(prompts) == 12 and len(set(prompts)) == 12  # no cell asked twice
-    assert generate(path).progress.total == 0  # nothing left: no request at all
+    with pytest.raises(NothingToDo, match="nothing left to generate: all 12 completions are done"):
+        generate(path)  # nothing left: no request and no empty run
+    with Store.open(path) as store:
+        assert store.latest_run().id == 2
     assert len(fake_openai.chat_requests()) == 12
 
 

@@ -33,7 +33,6 @@ import concurrent.futures
 import email.utils
 import json
 import logging
-import math
 import os
 import queue
 import random
@@ -97,22 +96,16 @@ class GenerateOptions:
         def bad(name: str, value: Any, need: str) -> GenerateError:
             return GenerateError(f"--{name.replace('_', '-')} must be {need}, not {value}")
 
-        if self.concurrency is not None and self.concurrency < 1:
-            raise bad("concurrency", self.concurrency, "at least 1")
-        for name in ("rpm", "tpm"):
-            value = getattr(self, name)
-            if value is not None and not (0 < value < math.inf):  # also refuses nan
-                raise bad(name, value, "positive")
-        if self.limit is not None and self.limit < 0:
-            raise bad("limit", self.limit, "0 or more")
-        if self.temperature is not None and not 0 <= self.temperature <= 2:
-            raise bad("temperature", self.temperature, "within 0..2")
-        if self.max_tokens is not None and self.max_tokens < 1:
-            raise bad("max_tokens", self.max_tokens, "at least 1")
-        if not 0 < self.timeout_s < math.inf:
-            raise bad("timeout", self.timeout_s, "positive")
-        if self.max_attempts < 1:
-            raise bad("max_attempts", self.max_attempts, "at least 1")
+        from .options import GENERATION, OptionError  # the bounds the spec and the forms share
+
+        settings = {name: getattr(self, name) for name in ("concurrency", "rpm", "tpm", "limit", "temperature",
+                                                           "max_tokens", "max_attempts")}
+        try:
+            for name, value in (settings | {"timeout": self.timeout_s}).items():
+                if value is not None:
+                    GENERATION[name].check(value, "--" + name.replace("_", "-"))
+        except OptionError as exc:
+            raise GenerateError(str(exc)) from None
         if self.rate_period_s <= 0 or self.progress_interval_s <= 0:
             raise GenerateError("rate period and progress interval must be positive")
         modes = [name for name, on in (("--redo-cut-off", self.redo_cut_off), ("a redo of chosen completions",
@@ -241,6 +234,28 @@ def select_work(store: Store, options: GenerateOptions) -> list[WorkItem]:
     else:
         return store.pending_work(options.limit)
     return work if options.limit is None else work[: options.limit]
+
+
+class NothingToDo(GenerateError):
+    """A run was asked for with nothing to generate; no run is recorded."""
+
+
+def nothing_to_generate(store: Store, options: GenerateOptions) -> str | None:
+    """Why a run with ``options`` would have nothing to do, in one line; None when it
+    has work. Every run start asks this first, so a finished project never gets an
+    empty run."""
+    if requests_to_do(store, options):
+        return None
+    if options.redo_cut_off:
+        return f"nothing to redo: no completion cut off at max tokens had fewer than {options.max_tokens:,}"
+    if options.redo_ids is not None:
+        return "nothing to redo"
+    counts = store.status_counts()
+    if options.top_up is not None:
+        return (f"nothing to top up: every value and pair has {options.top_up:,} kept examples, "
+                f"and no completion is pending")
+    return (f"nothing left to generate: all {counts.done:,} completions are done "
+            f"(edit the grid or raise samples for more; review grades them)")
 
 
 def requests_to_do(store: Store, options: GenerateOptions) -> int:
@@ -832,6 +847,8 @@ async def run_generation(
     options = options or GenerateOptions()
     stop_event = stop_event or asyncio.Event()
     with Store.open(Path(store_path)) as store:
+        if run_id is None and (nothing := nothing_to_generate(store, options)):
+            raise NothingToDo(nothing)
         plan = plan_run(store, options, backend)
         host, pid = socket.gethostname(), os.getpid()
         if run_id is None:

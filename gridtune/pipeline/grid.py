@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from ..core.chat import chat_messages
+from .options import GENERATION, SPEC_SETTINGS, OptionError, check_all
 
 DEFAULT_MAX_CELLS = 100_000  # completions (cells x samples) a spec may have unless max_cells says more
 MAX_COMPLETIONS = 1_000_000  # the hard ceiling: max_cells cannot lift a grid past it
@@ -30,11 +31,13 @@ class GridError(ValueError):
 
 @dataclass
 class GenerationSettings:
-    model: str | None = None  # None: the backend's default model
-    temperature: float = 1.0
-    max_tokens: int = 600
-    samples: int = 1
-    top_p: float | None = None
+    """The spec's [generation] defaults (bounds and help: ``options.GENERATION``)."""
+
+    model: str | None = GENERATION["model"].default  # None: the backend's default model
+    temperature: float = GENERATION["temperature"].default
+    max_tokens: int = GENERATION["max_tokens"].default
+    samples: int = GENERATION["samples"].default
+    top_p: float | None = GENERATION["top_p"].default
     seed: int | None = None
 
 
@@ -98,14 +101,10 @@ class GridSpec:
                     raise GridError(f"variable {var!r}: duplicate value {value!r}")
                 seen[text] = value
         s = self.settings
-        if s.samples < 1:
-            raise GridError(f"[generation] samples must be at least 1, not {s.samples}")
-        if s.max_tokens < 1:
-            raise GridError(f"[generation] max_tokens must be at least 1, not {s.max_tokens}")
-        if not 0 <= s.temperature <= 2:
-            raise GridError(f"[generation] temperature must be within 0..2, not {s.temperature}")
-        if s.top_p is not None and not 0 <= s.top_p <= 1:
-            raise GridError(f"[generation] top_p must be within 0..1, not {s.top_p}")
+        try:  # the bounds every form and flag of these settings shares
+            check_all(GENERATION, {k: getattr(s, k) for k in SPEC_SETTINGS}, prefix="[generation] ")
+        except OptionError as exc:
+            raise GridError(str(exc)) from None
         limit = min(self.max_cells, MAX_COMPLETIONS)
         size = self.cell_count * s.samples  # exact integers: no overflow, and nothing is expanded
         if size > limit:
@@ -244,9 +243,9 @@ def parse_spec(text: str, source: str = "spec") -> GridSpec:
 
     settings = GenerationSettings(
         model=setting("model", str, None),
-        temperature=setting("temperature", float, 1.0),
-        max_tokens=setting("max_tokens", int, 600),
-        samples=setting("samples", int, 1),
+        temperature=setting("temperature", float, GENERATION["temperature"].default),
+        max_tokens=setting("max_tokens", int, GENERATION["max_tokens"].default),
+        samples=setting("samples", int, GENERATION["samples"].default),
         top_p=setting("top_p", float, None),
         seed=setting("seed", int, None),
     )

@@ -10,8 +10,9 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import replace
-from typing import Sequence
+from typing import Any, Sequence
 
+from ..store import Store
 from .grid import GridError, GridSpec, Value, render_value
 
 _INT = re.compile(r"[+-]?\d+")
@@ -105,3 +106,25 @@ def new_variable_name(name: str, existing: Sequence[str]) -> str:
     if name in existing:
         raise GridError(f"variable {name!r} already exists")
     return name
+
+
+def save_generation_defaults(store: Store, **values: Any) -> bool:
+    """Save ``values`` (model, temperature, max_tokens, samples, top_p; None: leave
+    as it is; model "": the backend's default) as the grid's defaults, the spec's [generation]; True if it changed.
+
+    A run's own settings are passed per run and recorded on the run; only this
+    (``generate --save-defaults``, ctrl+s in the generate screen's options) makes
+    them what later runs start from. Raises GridError for a value out of bounds;
+    a new ``samples`` adds or removes completions as any edit of the grid does.
+    """
+    from .project import apply_spec, load_project_spec
+
+    spec = load_project_spec(store)
+    given = {k: v for k, v in values.items() if v is not None}
+    if given.get("model") == "":
+        given["model"] = None  # an empty model: the backend's default again
+    settings = replace(spec.settings, **given)
+    if settings == spec.settings:
+        return False
+    apply_spec(store, replace(spec, settings=settings))
+    return True

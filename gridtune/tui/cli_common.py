@@ -17,6 +17,7 @@ import click
 
 from ..pipeline.backend import BackendError
 from ..pipeline.grid import GridError
+from ..pipeline.options import Option, OptionError
 from ..store import Store, StoreError, describe_sqlite_error
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -73,3 +74,25 @@ def open_store(path: str | Path) -> Store:
 def emit_json(obj: dict[str, Any]) -> None:
     """Every --json output is one JSON object on stdout."""
     click.echo(json.dumps(obj, ensure_ascii=False, sort_keys=True))
+
+
+def setting_option(option: Option, *decls: str, **overrides: Any) -> Callable[[F], F]:
+    """A click option for a setting of ``pipeline.options``: its flag, type, default
+    and help from the one definition, and its bounds checked as the spec and the
+    forms check them (out of bounds: one line, exit 2). ``decls`` add short
+    flags; ``overrides`` replace what this command says differently (its help)."""
+
+    def check(_ctx: click.Context, _param: click.Parameter, value: Any) -> Any:
+        if value is None:
+            return None
+        try:
+            return option.check(value, option.flag)
+        except OptionError as exc:
+            fail(str(exc))
+
+    bounds = f" ({option.bounds()})" if option.hi is not None else ""  # lower bounds go without saying
+    kwargs: dict[str, Any] = {
+        "type": option.type, "default": option.default, "help": option.help + bounds,
+        "show_default": option.default is not None, "callback": check,
+    }
+    return click.option(option.flag, *decls, option.name, **(kwargs | overrides))

@@ -11,9 +11,10 @@ from ..pipeline.estimate import backend_for_costs
 from ..pipeline.export import ExportError, export_project
 from ..pipeline.holdout import HoldOutError, parse_hold_out
 from ..pipeline.project import load_project_spec
+from ..pipeline.options import EXPORT
 from ..pipeline.validate import ValidationInputError, validate_file
 from .cli import main
-from .cli_common import Failed, Problem, emit_json, handle_errors, open_store
+from .cli_common import Failed, Problem, emit_json, handle_errors, open_store, setting_option
 
 
 @main.command("validate")
@@ -47,11 +48,10 @@ def validate_cmd(file: Path, model: str | None, as_json: bool) -> None:
               help="the training file to write (FILE.jsonl)")
 @click.option("--format", "fmt", type=click.Choice(["chat", "completion"]), default="chat", show_default=True,
               help="chat messages, or the legacy prompt/completion format")
-@click.option("--min-grade", type=int, default=None, help="keep only completions graded at least N (0..5)")
+@setting_option(EXPORT["min_grade"])
 @click.option("--separator", default=None, help="end every prompt with S (completion format; default: one absent from the data)")
 @click.option("--stop", default=None, help="end every completion with S (completion format; default: one absent from the data)")
-@click.option("--validation-fraction", type=float, default=0.0, show_default=True,
-              help="put this deterministic fraction in [0, 1) into FILE-stem.valid.jsonl")
+@setting_option(EXPORT["validation_fraction"])
 @click.option("--model", "-m", default=None, help="the model to fine-tune, for token counts and the cost estimate")
 @click.option("--include-cut-off", is_flag=True,
               help="keep completions cut off at max tokens (left out by default; written without the stop)")
@@ -91,8 +91,8 @@ def export_cmd(project: Path, output: Path, fmt: str, min_grade: int | None, sep
 
 @main.command("coverage")
 @click.argument("project", type=click.Path(dir_okay=False, path_type=Path))
-@click.option("--min-grade", type=int, default=None,
-              help="count only examples graded at least N as kept (as export --min-grade; default: ungraded count)")
+@setting_option(EXPORT["min_grade"],
+                help="count only examples graded at least N (0..5) as kept (as export --min-grade; default: ungraded count)")
 @click.option("--threshold", type=int, default=DEFAULT_THIN, show_default=True,
               help="a value or pair with fewer kept examples is thin")
 @click.option("--json", "as_json", is_flag=True, help="print the table as one JSON object")

@@ -22,11 +22,14 @@ from rich.progress import Progress as RichProgress
 
 from ..pipeline import runs
 from ..pipeline.coverage import plan_top_up
-from ..pipeline.generate import GenerateError, GenerateOptions, RunResult, preview_run, run_generation, select_work
+from ..pipeline.generate import (GenerateError, GenerateOptions, RunResult, nothing_to_generate, preview_run,
+                                 run_generation, select_work)
+from ..pipeline.grid_edit import save_generation_defaults
+from ..pipeline.options import EXPORT, GENERATION
 from ..pipeline.progress import RETRY_KINDS, Progress, format_duration
 from ..store import RunRecord
 from .cli import main
-from .cli_common import Failed, Problem, emit_json, handle_errors, open_store
+from .cli_common import Failed, Problem, emit_json, handle_errors, open_store, setting_option
 
 EXIT_INTERRUPTED = 130
 PLAIN_EVERY_S = 5.0  # progress line interval when stderr is not a terminal (logs)
@@ -164,31 +167,32 @@ def _report(project: Path, result: RunResult, stopped_by: int | None) -> int:
 
 @main.command("generate")
 @click.argument("project", type=click.Path(dir_okay=False, path_type=Path))
-@click.option("--concurrency", type=int, default=None,
-              help="requests in flight at once (default: as many as the server decodes at once, else 8)")
-@click.option("--rpm", type=float, default=None, help="at most N requests in any 60 seconds")
-@click.option("--tpm", type=float, default=None, help="at most N tokens (prompt + max_tokens) in any 60 seconds")
-@click.option("--limit", type=int, default=None, help="generate at most N completions")
-@click.option("--model", default=None, help="the teacher model (default: the spec's, else the backend's)")
-@click.option("--temperature", type=float, default=None, help="override the spec's temperature")
-@click.option("--max-tokens", type=int, default=None, help="override the spec's max_tokens")
-@click.option("--timeout", type=float, default=120.0, show_default=True,
-              help="seconds per request; when streaming, seconds without a new token")
+@setting_option(GENERATION["concurrency"])
+@setting_option(GENERATION["rpm"])
+@setting_option(GENERATION["tpm"])
+@setting_option(GENERATION["limit"])
+@setting_option(GENERATION["model"])
+@setting_option(GENERATION["temperature"], default=None, show_default=False,
+                help="this run's temperature (within 0..2; default: the spec's)")
+@setting_option(GENERATION["max_tokens"], default=None, show_default=False,
+                help="this run's max tokens (default: the spec's)")
+@click.option("--save-defaults", is_flag=True,
+              help="also save --model, --temperature and --max-tokens as the grid's defaults (the spec's [generation])")
+@setting_option(GENERATION["timeout"])
 @click.option("--stream/--no-stream", default=None,
               help="stream replies (default: yes for the local and compatible servers, no for OpenAI)")
-@click.option("--max-attempts", type=int, default=6, show_default=True, help="tries per completion on transient errors")
+@setting_option(GENERATION["max_attempts"])
 @click.option("--detach", is_flag=True, help="run in the background, immune to the terminal closing")
 @click.option("--redo-cut-off", is_flag=True,
               help="regenerate the completions cut off at max tokens, with --max-tokens N (required)")
-@click.option("--top-up", type=int, default=None, metavar="N",
-              help="first add samples to exactly the cells needed so every value and pair has N kept examples")
-@click.option("--min-grade", type=int, default=None,
-              help="with --top-up: count only examples graded at least N as kept (as export --min-grade)")
+@setting_option(GENERATION["top_up"], metavar="N")
+@setting_option(EXPORT["min_grade"],
+                help="with --top-up: count only examples graded at least N (0..5) as kept (as export --min-grade)")
 @handle_errors
 def generate_cmd(project: Path, concurrency: int | None, rpm: float | None, tpm: float | None, limit: int | None,
-                 model: str | None, temperature: float | None, max_tokens: int | None, timeout: float,
-                 stream: bool | None, max_attempts: int, detach: bool, redo_cut_off: bool, top_up: int | None,
-                 min_grade: int | None) -> None:
+                 model: str | None, temperature: float | None, max_tokens: int | None, save_defaults: bool,
+                 timeout: float, stream: bool | None, max_attempts: int, detach: bool, redo_cut_off: bool,
+                 top_up: int | None, min_grade: int | None) -> None:
     """Generate every pending or failed completion of PROJECT with the teacher model.
 
     Each completion is saved the moment it arrives; run it again to resume.
@@ -198,12 +202,26 @@ def generate_cmd(project: Path, concurrency: int | None, rpm: float | None, tpm:
     max tokens (generated with fewer than N); each keeps its text until the new
     one arrives, whose grades start afresh. --top-up N adds new samples (new
     seeds) to the cells the thin values and pairs of `gridtune coverage` need.
+
+    --model, --temperature and --max-tokens apply to this run (it records them);
+    the spec's [generation] keeps its defaults unless --save-defaults saves them
+    there too. The TUI's generate screen follows the same rule (ctrl+s in its
+    options saves them as the defaults). A project with nothing left to generate
+    says so and starts no run.
     """
     if min_grade is not None and top_up is None:
         raise Problem("--min-grade applies to --top-up only")
     options = _options(concurrency, rpm, tpm, limit, model, temperature, max_tokens, timeout, max_attempts, stream,
                        redo_cut_off=redo_cut_off, top_up=top_up, min_grade=min_grade)
-    open_store(project).close()  # a missing or broken project is exit 2 before anything starts
+    with open_store(project) as store:  # a missing or broken project is exit 2 before anything starts
+        if save_defaults:
+            if save_generation_defaults(store, model=model, temperature=temperature, max_tokens=max_tokens):
+                given = {"model": model, "temperature": temperature, "max_tokens": max_tokens}
+                click.echo("saved as the grid's defaults: "
+                           + ", ".join(f"{k} {v}" for k, v in given.items() if v is not None), err=True)
+        if nothing := nothing_to_generate(store, options):
+            click.echo(nothing)  # not an error: no run is started, exit 0
+            return
     _preview(project, options)
     if detach:
         try:

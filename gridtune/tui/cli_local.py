@@ -8,8 +8,9 @@ from typing import Any, TextIO
 
 import click
 
+from ..pipeline.options import FINETUNE, GENERATION
 from .cli import main
-from .cli_common import Failed, Problem, emit_json, handle_errors, open_store
+from .cli_common import Failed, Problem, emit_json, handle_errors, open_store, setting_option
 
 
 def _read_key_file(path: Path) -> str:
@@ -101,7 +102,7 @@ def _backend():
 @main.command("finetune")
 @click.argument("source", type=click.Path(dir_okay=False, path_type=Path), metavar="PROJECT|FILE.jsonl")
 @click.option("--model", "model", default=None, help="base model to fine-tune (default: the backend's model)")
-@click.option("--epochs", type=click.IntRange(1, 50), default=None, help="epochs (default: auto)")
+@setting_option(FINETUNE["epochs"])
 @click.option("--suffix", default=None, help="a name put into the fine-tuned model id")
 @click.option("--seed", type=int, default=None)
 @click.option("--validation-file", type=click.Path(dir_okay=False, exists=True, path_type=Path), default=None)
@@ -180,8 +181,8 @@ def jobs_cmd(as_json: bool, limit: int) -> None:
 @click.argument("model")
 @click.argument("prompt")
 @click.option("--stop", "stops", multiple=True, help="stop sequence (repeatable, up to 4)")
-@click.option("--temperature", type=click.FloatRange(0, 2), default=None)
-@click.option("--max-tokens", type=click.IntRange(1), default=None)
+@setting_option(GENERATION["temperature"], default=None, show_default=False)
+@setting_option(GENERATION["max_tokens"], default=None, show_default=False, help="the longest the reply may be")
 @click.option("--system", default=None, help="a system message (chat only)")
 @click.option("--legacy", is_flag=True, help="use the legacy completions endpoint (prompt/completion models)")
 @handle_errors
