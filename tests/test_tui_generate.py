@@ -20,6 +20,8 @@ from gridtune.tui.context import ProjectContext
 
 from textual.app import App
 
+from tests.tui_helpers import settle
+
 
 class HostApp(App):
     """Hosts one screen on a real project and records the messages it sends the app."""
@@ -109,7 +111,9 @@ async def test_start_from_keys_generates_every_cell(project, fake_openai):
         assert "4/4" in str(screen.query_one("#gen-fraction").render())
         assert "On: Write about" in str(screen.query_one("#gen-tail").render())
     with Store.open(project) as store:
-        assert load_project_spec(store).settings.model == "fake-model"  # saved into the spec
+        # The run's options are the run's (recorded on it); the grid's defaults stay as they were.
+        assert load_project_spec(store).settings.model is None
+        assert store.latest_run().model == "fake-model"
         done = store.completions(status="done")
         assert len(done) == 4 and all(c.model == "fake-model" for c in done)
 
@@ -132,23 +136,34 @@ async def test_pause_stops_the_detached_run_and_resume_finishes(project, fake_op
         assert await wait_for(pilot, lambda: counts(project).done == 4)
 
 
-async def test_enter_saves_settings_into_the_spec(project):
+async def test_options_are_per_run_and_ctrl_s_saves_them_as_the_grids_defaults(project):
     app = GridtuneApp(project, start_mode="generate")
     async with app.run_test(size=(80, 24)) as pilot:
         screen = app.screen
-        await pilot.pause()
+        await settle(pilot)
         temp = screen.query_one("#set-temperature")
         temp.focus()
         temp.value = "0.3"
-        samples = screen.query_one("#set-samples")
-        samples.value = "2"
-        await pilot.press("enter")
-        await app.workers.wait_for_complete()
-        await pilot.pause()
+        await pilot.press("enter")  # done editing: checked, kept for the next run, not saved
+        await settle(pilot)
+        assert screen.focused is None and screen.error is None
+        with Store.open(project) as store:
+            assert load_project_spec(store).settings.temperature == 1.0
+        # samples is the grid's: a run cannot take it, ctrl+s saves it
+        screen.query_one("#set-samples").value = "2"
+        await pilot.press("s")
+        await settle(pilot)
+        assert "samples is the grid's" in screen.error
+        await pilot.press("ctrl+s")
+        await settle(pilot)
+        assert screen.error is None
+        assert "saved as the grid's defaults" in [n.message for n in app._notifications][-1]
+        assert frozenset({"grid", "settings"}) in app.changes  # the other screens hear of it
     with Store.open(project) as store:
         spec = load_project_spec(store)
         assert spec.settings.temperature == 0.3 and spec.settings.samples == 2
         assert store.status_counts().completions == 8  # 4 cells x 2 samples
+        assert store.latest_run() is None
 
 
 async def test_bad_setting_is_shown_inline_and_nothing_starts(project):
@@ -274,3 +289,79 @@ async def test_starting_the_local_server_shows_a_phase_not_a_frozen_screen(proje
         (server_dir / "server.json").unlink()
         screen.busy = None
         screen._server_start = None
+
+
+# -- rough edges of issue 10 ------------------------------------------------------------------
+
+
+def _record_running_run(path, **progress):
+    with Store.open(path) as store:
+        run_id = store.start_run(pid=os.getpid(), host=socket.gethostname(), model="teacher",
+                                 params={"temperature": 0.3, "max_tokens": 77, "concurrency": 4},
+                                 is_alive=runs.is_alive)
+        store.heartbeat(run_id, {"run_id": run_id, "state": "running", "total": 4, "elapsed_s": 3.0, **progress})
+    return run_id
+
+
+async def test_o_during_a_run_says_why_the_options_are_read_only(project):
+    run_id = _record_running_run(project, done=1, in_flight=1)
+    app = GridtuneApp(project, start_mode="generate")
+    async with app.run_test(size=(80, 24)) as pilot:
+        screen = app.screen
+        assert await wait_for(pilot, lambda: screen._active())
+        await settle(pilot)
+        await pilot.press("o")
+        await pilot.pause()
+        assert screen.focused is None  # nothing to type into
+        message = [n.message for n in app._notifications][-1]
+        assert f"run #{run_id} runs with the options shown (read-only)" in message
+        assert "read-only" in screen.query_one("#gen-settings").border_title
+
+
+async def test_s_on_a_finished_grid_is_a_notice_and_creates_no_run(project):
+    from tests.test_tui_export import fill
+
+    fill(project)
+    app = GridtuneApp(project, start_mode="generate")
+    async with app.run_test(size=(80, 24)) as pilot:
+        screen = app.screen
+        screen.query_one("#set-model").value = "fake-model"
+        await settle(pilot)
+        assert screen.check_action("start", ())
+        await pilot.press("s")
+        assert await wait_for(pilot, lambda: screen.busy is None and app._notifications)
+        message = [n.message for n in app._notifications][-1]
+        assert message.startswith("nothing left to generate: all 4 completions are done")
+        assert screen.error is None
+    with Store.open(project) as store:
+        assert store.latest_run() is None
+
+
+async def test_pending_is_never_negative_when_the_heartbeat_is_behind_the_rows(project):
+    # The last heartbeat still says 2 in flight, but their rows are saved: pending is 0, not -2.
+    from tests.test_tui_export import fill
+
+    fill(project)
+    _record_running_run(project, done=2, in_flight=2)
+    app = GridtuneApp(project, start_mode="generate")
+    async with app.run_test(size=(80, 24)) as pilot:
+        screen = app.screen
+        assert await wait_for(pilot, lambda: screen._active())
+        await settle(pilot)
+        shown = str(screen.query_one("#gen-counts").render())
+        assert "in flight 0" in shown and "pending 0" in shown, shown
+
+
+async def test_a_run_started_elsewhere_appears_through_the_apps_external_change(project):
+    # The real app: its poll of the file's data_version says "external"; the idle screen
+    # (which polls nothing by itself) reads the project again and attaches.
+    from gridtune.tui.app import GridtuneApp as RealApp
+
+    app = RealApp(project, start_mode="generate")
+    async with app.run_test(size=(80, 24)) as pilot:
+        screen = app.screen
+        await settle(pilot)
+        assert isinstance(screen, GenerateScreen) and not screen._active()
+        _record_running_run(project, done=1, in_flight=1)
+        assert await wait_for(pilot, lambda: screen._active(), timeout=10)
+        assert screen.query_one("#set-concurrency").value == "4"

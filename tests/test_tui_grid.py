@@ -174,3 +174,88 @@ async def test_quitting_unsaved_and_confirming_leaves_the_file_alone(project: Pa
         await settle(pilot)
         assert not app.is_running
     assert _spec(project)[0] == before
+
+
+# -- issue 10: help from a text area, focus shown, changes made elsewhere ----------------------
+
+
+async def test_f1_opens_help_from_a_text_area_where_question_mark_is_typed(project: Path):
+    from gridtune.tui.help import HelpScreen
+
+    app = GridtuneApp(project, start_mode="grid")
+    async with app.run_test(size=(80, 24)) as pilot:
+        await settle(pilot)
+        screen = _screen(app)
+        area = screen.query_one("#grid-generation")
+        assert screen.focused is area
+        await pilot.press("question_mark")
+        await settle(pilot)
+        assert area.text.endswith("?") or "?" in area.text  # typed, as in any editor
+        assert not isinstance(app.screen, HelpScreen)
+        await pilot.press("f1")
+        await settle(pilot)
+        assert isinstance(app.screen, HelpScreen)
+        await pilot.press("f1")  # and away again
+        await settle(pilot)
+        assert app.screen is screen
+
+
+async def test_the_focused_field_is_marked(project: Path):
+    app = GridtuneApp(project, start_mode="grid")
+    async with app.run_test(size=(80, 24)) as pilot:
+        await settle(pilot)
+        screen = _screen(app)
+        generation, training = screen.query_one("#grid-generation"), screen.query_one("#grid-training")
+        assert generation.styles.border_top[0] == "heavy" and training.styles.border_top[0] == "round"
+        await pilot.press("tab")
+        await settle(pilot)
+        assert screen.focused is training
+        assert training.styles.border_top[0] == "heavy" and generation.styles.border_top[0] == "round"
+
+
+def _change_spec_elsewhere(path: Path, generation: str) -> None:
+    from dataclasses import replace
+
+    from gridtune.pipeline.project import apply_spec
+
+    with Store.open(path) as store:  # another connection: another process, as far as the app can tell
+        spec = load_project_spec(store)
+        apply_spec(store, replace(spec, generation=generation))
+
+
+async def test_a_spec_changed_elsewhere_is_reloaded_when_nothing_is_unsaved(project: Path):
+    app = GridtuneApp(project, start_mode="grid")
+    async with app.run_test(size=(80, 24)) as pilot:
+        await settle(pilot)
+        screen = _screen(app)
+        _change_spec_elsewhere(project, "Changed elsewhere: {place} in {year}.")
+        area = screen.query_one("#grid-generation")
+        for _ in range(60):
+            await pilot.pause(0.1)
+            if area.text.startswith("Changed elsewhere"):
+                break
+        assert area.text == "Changed elsewhere: {place} in {year}."
+        assert not screen.dirty
+
+
+async def test_a_spec_changed_elsewhere_under_unsaved_edits_is_said_not_loaded(project: Path):
+    app = GridtuneApp(project, start_mode="grid")
+    async with app.run_test(size=(80, 24)) as pilot:
+        await settle(pilot)
+        screen = _screen(app)
+        await pilot.press("end", *" Mine.")
+        await settle(pilot)
+        _change_spec_elsewhere(project, "Changed elsewhere: {place} in {year}.")
+        for _ in range(60):
+            await pilot.pause(0.1)
+            if screen.file_changed:
+                break
+        assert screen.file_changed
+        assert screen.query_one("#grid-generation").text.endswith(" Mine.")  # the edits stay
+        assert "the file changed too" in str(screen.query_one("#grid-dirty").render())
+        assert any("changed in the project file" in n.message for n in app._notifications)
+        await pilot.press("ctrl+s")  # saving puts the edits over it
+        await settle(pilot)
+        assert not screen.file_changed
+    spec, _ = _spec(project)
+    assert spec.generation.endswith(" Mine.")

@@ -2,16 +2,22 @@
 
 Runs start detached (``runs.start_detached``), so quitting the app or losing the
 SSH connection does not stop them; the screen only reads the run row in the
-project file (about twice a second, in a thread) and so attaches to a run that
-is already going when the project is opened again.
+project file and so attaches to a run that is already going when the project is
+opened again, or that the command line started meanwhile (it hears of it through
+``refresh_from_project``, then follows it about twice a second).
+
+The options form follows the rule the command line follows (see
+``pipeline.options``): what it holds is passed to the next run and recorded on
+that run; the grid's defaults (the spec's [generation]) change only by ctrl+s,
+"save as the grid's defaults". While a run is active the form shows that run's
+own settings, read-only.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich.text import Text
 from textual import on, work
@@ -19,13 +25,19 @@ from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
 from textual.message import Message
-from textual.screen import Screen
-from textual.widgets import Footer, Input, Label, ProgressBar, Sparkline, Static
+from textual.timer import Timer
+from textual.widgets import Input, Label, ProgressBar, Sparkline
 
-from ..tui.section import SectionScreen
-from ..tui.widgets import StatusLine
+from ..core.errors import one_line
+from ..pipeline.options import GENERATION
 from ..pipeline.progress import Progress, format_duration
 from ..store import CompletionRecord, RunRecord, StatusCounts
+from ..tui.context import ProjectContext
+from ..tui.section import SectionScreen
+from ..tui.widgets.line import Line
+
+if TYPE_CHECKING:
+    from ..pipeline.generate import GenerateOptions
 
 POLL_S = 0.5
 SPARK_POINTS = 120
@@ -55,80 +67,74 @@ class Polled(Message):
 
 
 class Settings:
-    """The settings form read back into typed values, with one-line errors."""
+    """The options form read back into typed values, with the bounds and one-line
+    errors of ``pipeline.options`` (the command line's flags use the same)."""
 
     FIELDS = ("model", "temperature", "max_tokens", "samples", "concurrency", "rpm", "tpm")
+    PER_RUN = ("model", "temperature", "max_tokens", "concurrency", "rpm", "tpm")
+    """What a run takes from the form; ``samples`` is the grid's (ctrl+s saves it)."""
 
     @staticmethod
     def parse(raw: dict[str, str]) -> dict[str, Any]:
-        out: dict[str, Any] = {"model": raw.get("model", "").strip() or None}
+        return {name: GENERATION[name].parse(raw.get(name, "")) for name in Settings.FIELDS}
 
-        def number(name: str, kind: type, *, optional: bool = False, lo: float | None = None,
-                   hi: float | None = None) -> None:
-            text = raw.get(name, "").strip()
-            label = name.replace("_", " ")
-            if not text or (optional and text.lower() in ("none", "-", "off", "auto")):
-                if optional:
-                    out[name] = None
-                    return
-                raise ValueError(f"{label}: give a number")
-            try:
-                value = kind(text)
-            except ValueError:
-                raise ValueError(f"{label}: {text!r} is not a{'n integer' if kind is int else ' number'}") from None
-            if lo is not None and value < lo or hi is not None and value > hi:
-                rng = f"within {lo:g}..{hi:g}" if hi is not None else f"at least {lo:g}"
-                raise ValueError(f"{label}: must be {rng}, not {text}")
-            out[name] = value
+    @staticmethod
+    def show(values: dict[str, Any]) -> dict[str, str]:
+        """Typed values as the form shows them."""
+        return {name: GENERATION[name].format(value) for name, value in values.items() if name in Settings.FIELDS}
 
-        number("temperature", float, lo=0, hi=2)
-        number("max_tokens", int, lo=1)
-        number("samples", int, lo=1, hi=100)
-        number("concurrency", int, optional=True, lo=1, hi=1024)
-        number("rpm", float, optional=True, lo=0.001)
-        number("tpm", float, optional=True, lo=0.001)
-        return out
+    @staticmethod
+    def options(values: dict[str, Any]) -> GenerateOptions:
+        from ..pipeline.generate import GenerateOptions
+
+        return GenerateOptions(**{name: values[name] for name in Settings.PER_RUN})
 
 
 class GenerateScreen(SectionScreen):
-    MODE = "generate"
-    """The teacher run: settings, controls, progress, rates and a live tail."""
+    """The teacher run: options, controls, progress, rates and a live tail."""
 
+    MODE = "generate"
     CSS_PATH = "generate.tcss"
-    AUTO_FOCUS = ""  # letters are commands until `o` (or tab) enters the settings
+    HELP_TITLE = "Generate"
+    HELP = ("s starts a run with the options shown (o edits them; ctrl+s saves them as the grid's defaults). "
+            "Runs go on in the background when the app quits; p pauses, c cancels, s resumes.")
+    AUTO_FOCUS = ""  # letters are commands until `o` (or tab) enters the options
     BINDINGS = [
         Binding("s", "start", "Start", id="generate.start"),
         Binding("s", "resume", "Resume", id="generate.resume"),
         Binding("p", "pause", "Pause", id="generate.pause"),
         Binding("c", "cancel", "Cancel", id="generate.cancel"),
         Binding("o", "edit_settings", "Options", id="generate.options"),
+        Binding("ctrl+s", "save_defaults", "save defaults", tooltip="save the options as the grid's defaults",
+                id="generate.save_defaults"),
         Binding("escape", "leave_settings", "Done editing", show=False, id="generate.leave"),
     ]
 
-    def __init__(self, ctx) -> None:
+    def __init__(self, ctx: ProjectContext) -> None:
         super().__init__(ctx)
         self.snap: Snapshot | None = None
         self.busy: str | None = None  # "starting" | "stopping" while a control call runs
         self.error: str | None = None
-        self._shown: dict[str, Any] = {}
-        self._attached = False  # the fields show an active run's settings, not the spec's
+        self.defaults: dict[str, str] = {}  # the spec's [generation], as the form shows it
+        self.spec_line: tuple[str, int] = (ctx.path.stem, 0)
+        self._attached = False  # the form shows an active run's settings, not the next run's
+        self._form_before: dict[str, str] | None = None  # the next run's form, kept while attached
         self._rates: list[float] = []
         self._last_elapsed: float | None = None
-        self._timer = None
+        self._timer: Timer | None = None
         self.poll_interval = POLL_S
         self.estimate: str | None = None  # the time estimate for the next run, in words
         self._server_start: float | None = None  # when a start began that must start the local server
-        self._estimate_timer = None
+        self._estimate_timer: Timer | None = None
 
     # -- layout ---------------------------------------------------------------
-    def compose(self) -> ComposeResult:
-        yield StatusLine()
+    def compose_body(self) -> ComposeResult:
         with Vertical(id="gen-body"):
-            yield Static(id="gen-title")
+            yield Line(id="gen-title")
             with Vertical(id="gen-settings"):
                 with Horizontal(classes="form-row"):
                     yield Label("model", classes="field-label")
-                    yield Input(id="set-model", placeholder="backend default", compact=True)
+                    yield Input(id="set-model", placeholder=GENERATION["model"].unset, compact=True)
                     yield Label("temp", classes="field-label")
                     yield Input(id="set-temperature", compact=True, classes="short")
                     yield Label("max tokens", classes="field-label")
@@ -137,84 +143,109 @@ class GenerateScreen(SectionScreen):
                     yield Label("samples", classes="field-label")
                     yield Input(id="set-samples", compact=True, classes="short")
                     yield Label("concurrency", classes="field-label")
-                    yield Input(id="set-concurrency", placeholder="auto", compact=True, classes="short")
+                    yield Input(id="set-concurrency", placeholder=GENERATION["concurrency"].unset, compact=True,
+                                classes="short")
                     yield Label("rpm", classes="field-label")
-                    yield Input(id="set-rpm", placeholder="none", compact=True, classes="short")
+                    yield Input(id="set-rpm", placeholder=GENERATION["rpm"].unset, compact=True, classes="short")
                     yield Label("tpm", classes="field-label")
-                    yield Input(id="set-tpm", placeholder="none", compact=True, classes="short")
-            yield Static(id="gen-state")
+                    yield Input(id="set-tpm", placeholder=GENERATION["tpm"].unset, compact=True, classes="short")
+            yield Line(id="gen-state")
             with Horizontal(id="gen-progress-row"):
                 yield ProgressBar(id="gen-progress", show_eta=False)
-                yield Static(id="gen-fraction")
-            yield Static(id="gen-counts")
-            yield Static(id="gen-rates")
-            yield Static(id="gen-note")
+                yield Line(id="gen-fraction")
+            yield Line(id="gen-counts")
+            yield Line(id="gen-rates")
+            yield Line(id="gen-note")
             with Horizontal(id="gen-spark-row"):
                 yield Label("req/s", id="gen-spark-label")
                 yield Sparkline([], id="gen-spark")
-            yield Static("Newest completions", id="gen-tail-title")
-            yield Static(id="gen-tail")
-            yield Static(id="gen-error")
-        yield Footer(compact=True)
+            yield Line("Newest completions", id="gen-tail-title")
+            yield Line(id="gen-tail")
+            yield Line(id="gen-error")
 
     def on_mount(self) -> None:
         self.query_one("#gen-progress", ProgressBar).can_focus = False
+        self.query_one("#gen-settings").border_title = "options for the next run"
         self.load_settings()
         self.poll()
-        self._timer = self.set_interval(self.poll_interval, self.poll)
+        self._timer = self.set_interval(self.poll_interval, self._tick)
 
     def on_screen_suspend(self) -> None:
         if self._timer is not None:
             self._timer.pause()
 
     def on_screen_resume(self) -> None:
+        super().on_screen_resume()  # catches up on what changed while hidden
         if self._timer is not None:
             self.poll()
             self._timer.resume()
+
+    def _tick(self) -> None:
+        """Follow an active run (its heartbeat) and a start's phase closely; when
+        nothing runs, ``refresh_from_project`` says when to look again."""
+        if self.busy or self._active():
+            self.poll()
+
+    def refresh_from_project(self, what: frozenset[str]) -> None:
+        """A run started or ended elsewhere (the CLI, another app), completions came
+        in, the grid or its defaults changed: read it all again."""
+        self.poll()
+        if not what.isdisjoint({"grid", "settings", "external"}):
+            self.load_settings()
 
     # -- reading the store (threads) --------------------------------------------
     @work(thread=True, exclusive=True, group="gen-settings", exit_on_error=False)
     def load_settings(self) -> None:
         try:
-            spec = self.ctx.spec()
+            spec = self.ctx.reload_spec()
         except Exception as exc:  # noqa: BLE001 - shown inline
-            self.app.call_from_thread(self._show_error, f"cannot read the grid spec: {exc}")
+            self.app.call_from_thread(self._show_error, f"cannot read the grid spec: {one_line(exc)}")
             return
         s = spec.settings
-        values = {"model": s.model or "", "temperature": f"{s.temperature:g}",
-                  "max_tokens": str(s.max_tokens), "samples": str(s.samples)}
+        values = Settings.show({"model": s.model, "temperature": s.temperature, "max_tokens": s.max_tokens,
+                                "samples": s.samples})
         self.app.call_from_thread(self._fill_settings, values, spec.name, spec.cell_count)
 
-    def _fill_settings(self, values: dict[str, str], name: str, cells: int) -> None:
-        if not self._attached:  # an active run's own settings stay shown
-            for key, value in values.items():
-                self.query_one(f"#set-{key}", Input).value = value
-        self._spec_line = (name, cells)
+    def _fill_settings(self, defaults: dict[str, str], name: str, cells: int) -> None:
+        """The spec's defaults into the form, where the form still shows the old ones
+        (what a person typed for the next run stays)."""
+        old, self.defaults = self.defaults, defaults
+        form = self._form_before if self._attached else None
+        for key, value in defaults.items():
+            if form is not None:
+                if form.get(key, "") == old.get(key, ""):
+                    form[key] = value
+                continue
+            field = self.query_one(f"#set-{key}", Input)
+            if field.value == old.get(key, ""):
+                field.value = value
+        self.spec_line = (name, cells)
         self._render_title()
         self.refresh_estimate()
 
     def refresh_estimate(self) -> None:
-        """Estimate the next run with the settings shown (in a thread: it asks the server)."""
+        """Estimate the next run with the options shown (in a thread: it asks the server)."""
+        if self._attached:
+            return
         try:
             values = Settings.parse(self._raw_settings())
         except ValueError:
             return  # the inline error says what is wrong; the last estimate stays
-        self.estimate_run(values)
+        self.estimate_run(Settings.options(values))
 
     @work(thread=True, exclusive=True, group="gen-estimate", exit_on_error=False)
-    def estimate_run(self, values: dict[str, Any]) -> None:
+    def estimate_run(self, options: GenerateOptions) -> None:
         from ..pipeline.estimate import local_server_starting
-        from ..pipeline.generate import GenerateOptions, preview_run
+        from ..pipeline.generate import preview_run
 
-        options = GenerateOptions(concurrency=values["concurrency"], rpm=values["rpm"], tpm=values["tpm"],
-                                  model=values["model"], max_tokens=values["max_tokens"])
         try:
             if local_server_starting():  # never start the server just to estimate
-                text = "no estimate until the local server runs: s starts it (the first start fetches the model, ~1 min)"
+                text = ("no estimate until the local server runs: s starts it "
+                        "(the first start fetches the model, ~1 min)")
             else:
                 text = preview_run(self.ctx.path, options, start_local=False)[1].text
         except Exception as exc:  # noqa: BLE001 - no estimate is not an error
-            text = f"no estimate: {_one_line(exc)}"
+            text = f"no estimate: {one_line(exc)}"
         self.app.call_from_thread(self._show_estimate, text)
 
     def _show_estimate(self, text: str) -> None:
@@ -233,14 +264,12 @@ class GenerateScreen(SectionScreen):
         self.post_message(Polled(Snapshot(run, progress, counts, tail)))
 
     # -- showing it ---------------------------------------------------------------
-    def _set(self, widget_id: str, value: Any) -> None:
-        """Update a Static only when what it shows changed (no needless repaints)."""
-        if self._shown.get(widget_id) != value:
-            self._shown[widget_id] = value
-            self.query_one(f"#{widget_id}", Static).update(value)
+    def _set(self, widget_id: str, text: Text | str) -> None:
+        """Set a line; it repaints only if what it says changed."""
+        self.query_one(f"#{widget_id}", Line).text = text
 
     def _render_title(self) -> None:
-        name, cells = getattr(self, "_spec_line", (self.ctx.path.stem, 0))
+        name, cells = self.spec_line
         total = self.snap.counts.completions if self.snap else 0
         self._set("gen-title", Text.assemble(
             ("Generate", "bold"), f" · {name} · {cells:,} cells · {total:,} completions",
@@ -252,28 +281,7 @@ class GenerateScreen(SectionScreen):
         self._render_title()
         run, p, counts = snap.run, snap.progress, snap.counts
         active = bool(run and run.state in ACTIVE)
-        # State line
-        if run is None:
-            state = Text("no run yet · s to start", style="dim")
-        else:
-            label = "paused" if run.state == "stopped" else run.state
-            if self.busy == "stopping" and active:
-                label = "stopping"
-            style = {"running": "bold green", "starting": "yellow", "stopping": "yellow",
-                     "finished": "bold", "failed": "bold red", "died": "bold red"}.get(run.state, "")
-            state = Text.assemble(("● " if active else "○ ", style), (label, style),
-                                  f"  run #{run.id}")
-            if run.model:
-                state.append(f" · {run.model}")
-            if p is not None:
-                state.append(f" · {format_duration(p.elapsed_s)}")
-            if run.error and not active:
-                state.append(f" · {run.error}", style="red")
-            if p is not None and p.phase and active:
-                state.append(f" · {p.phase}", style="yellow")
-        if self.busy == "starting" and not active:
-            state = Text(self._starting_text(), style="yellow")
-        self._set("gen-state", state)
+        self._set("gen-state", self._state_text(run, p, active))
         # Progress over the whole grid (a resumed run's total is only what was left).
         total = counts.completions or 1
         finished = counts.done + counts.failed
@@ -281,7 +289,10 @@ class GenerateScreen(SectionScreen):
         if (bar.total, bar.progress) != (total, finished):
             bar.update(total=total, progress=finished)
         self._set("gen-fraction", f"{counts.done:,}/{counts.completions:,}")
-        in_flight = p.in_flight if (p and active) else 0
+        # The counts are read now; the run's in-flight figure is its last heartbeat's,
+        # which at the end of a run can still name requests whose rows are done: only
+        # rows still marked running can be in flight, so pending never goes below 0.
+        in_flight = min(p.in_flight, counts.running) if (p and active) else 0
         self._set("gen-counts", Text.assemble(
             ("done ", "dim"), (f"{counts.done:,}", "bold green"),
             ("   failed ", "dim"), (f"{counts.failed:,}", "bold red" if counts.failed else "bold"),
@@ -306,6 +317,27 @@ class GenerateScreen(SectionScreen):
         self._set("gen-tail", self._tail_text(snap.tail))
         self._sync_controls(active)
         self._render_note()
+
+    def _state_text(self, run: RunRecord | None, p: Progress | None, active: bool) -> Text:
+        if self.busy == "starting" and not active:
+            return Text(self._starting_text(), style="yellow")
+        if run is None:
+            return Text("no run yet · s to start", style="dim")
+        label = "paused" if run.state == "stopped" else run.state
+        if self.busy == "stopping" and active:
+            label = "stopping"
+        style = {"running": "bold green", "starting": "yellow", "stopping": "yellow",
+                 "finished": "bold", "failed": "bold red", "died": "bold red"}.get(run.state, "")
+        state = Text.assemble(("● " if active else "○ ", style), (label, style), f"  run #{run.id}")
+        if run.model:
+            state.append(f" · {run.model}")
+        if p is not None:
+            state.append(f" · {format_duration(p.elapsed_s)}")
+        if run.error and not active:
+            state.append(f" · {run.error}", style="red")
+        if p is not None and p.phase and active:
+            state.append(f" · {p.phase}", style="yellow")
+        return state
 
     def _starting_text(self) -> str:
         if self._server_start is None:
@@ -351,34 +383,35 @@ class GenerateScreen(SectionScreen):
         return out
 
     def _sync_controls(self, active: bool) -> None:
-        key = (active, self.busy, self._can_resume())
-        if self._shown.get("_controls") != key:
-            was_active, self._attached = self._attached, active
-            self._shown["_controls"] = key
-            if active and not was_active and self.snap and self.snap.run:
-                self._show_run_settings(self.snap.run)
-            elif was_active and not active:
-                self.load_settings()  # back to the spec's, for the next run
-            for field in Settings.FIELDS:
-                self.query_one(f"#set-{field}", Input).disabled = active
-            self.refresh_bindings()
+        if active and not self._attached and self.snap and self.snap.run:
+            self._attached = True
+            self._form_before = self._raw_settings()  # the next run's options, back when this one ends
+            self._show_run_settings(self.snap.run)
+        elif self._attached and not active:
+            self._attached = False
+            for key, value in (self._form_before or self.defaults).items():
+                self.query_one(f"#set-{key}", Input).value = value
+            self._form_before = None
+            self.refresh_estimate()
+        settings = self.query_one("#gen-settings")
+        settings.border_title = "this run's options (read-only)" if self._attached else "options for the next run"
+        for field in Settings.FIELDS:
+            self.query_one(f"#set-{field}", Input).disabled = self._attached
+        self.refresh_bindings()
 
-    def _show_run_settings(self, run) -> None:
-        """While a run is active, its fields show what it runs with: it may have been
-        started from the command line with other settings than the spec's."""
+    def _show_run_settings(self, run: RunRecord) -> None:
+        """While a run is active, the form shows what it runs with: it may have been
+        started from the command line with other settings than the form's."""
         p = run.params or {}
-        values = {"model": run.model or ""}
-        for key in ("temperature", "max_tokens", "concurrency", "rpm", "tpm"):
-            if key in p:
-                values[key] = "" if p[key] is None else f"{p[key]:g}" if isinstance(p[key], float) else str(p[key])
+        values = Settings.show({"model": run.model, **{k: p[k] for k in Settings.PER_RUN if k in p}})
         for key, value in values.items():
             self.query_one(f"#set-{key}", Input).value = value
 
     def _show_error(self, message: str | None) -> None:
         self.error = message
-        widget = self.query_one("#gen-error", Static)
+        widget = self.query_one("#gen-error", Line)
         widget.display = bool(message)
-        self._set("gen-error", Text(message or "", style="bold red"))
+        widget.text = Text(message or "", style="bold red")
 
     # -- state -----------------------------------------------------------------
     def _active(self) -> bool:
@@ -397,13 +430,23 @@ class GenerateScreen(SectionScreen):
             return resume if action == "resume" else not resume
         if action in ("pause", "cancel"):
             return self._active() and self.busy != "stopping"
-        if action == "edit_settings":
-            return not self._active()
+        if action == "save_defaults":
+            return not self._attached
         return True
 
     # -- intents ------------------------------------------------------------------
     def _raw_settings(self) -> dict[str, str]:
         return {f: self.query_one(f"#set-{f}", Input).value for f in Settings.FIELDS}
+
+    def _parsed(self) -> dict[str, Any] | None:
+        """The form's values, or None after showing what is wrong."""
+        try:
+            values = Settings.parse(self._raw_settings())
+        except ValueError as exc:
+            self._show_error(str(exc))
+            return None
+        self._show_error(None)
+        return values
 
     def action_start(self) -> None:
         self._start()
@@ -412,56 +455,45 @@ class GenerateScreen(SectionScreen):
         self._start()
 
     def _start(self) -> None:
-        try:
-            values = Settings.parse(self._raw_settings())
-        except ValueError as exc:
-            self._show_error(str(exc))
+        values = self._parsed()
+        if values is None:
             return
-        self._show_error(None)
+        if self.defaults and Settings.show({"samples": values["samples"]})["samples"] != self.defaults.get("samples"):
+            self._show_error("samples is the grid's, not a run's: ctrl+s saves it as the grid's default first")
+            return
         self.busy = "starting"
         self.refresh_bindings()
         self._set("gen-state", Text("starting a run…", style="yellow"))
-        self.start_run(values)
+        self.start_run(Settings.options(values))
 
     @work(thread=True, exclusive=True, group="gen-control", exit_on_error=False)
-    def start_run(self, values: dict[str, Any]) -> None:
-        from ..pipeline.generate import GenerateOptions
+    def start_run(self, options: GenerateOptions) -> None:
+        from ..pipeline import runs
+        from ..pipeline.estimate import local_server_starting
+        from ..pipeline.generate import NothingToDo
 
         try:
-            self._save_spec(values)
-            from ..pipeline import runs
-            from ..pipeline.estimate import local_server_starting
-
             if local_server_starting():  # start_detached starts it first: say so, with the time it takes
                 self.app.call_from_thread(setattr, self, "_server_start", time.time())
-            options = GenerateOptions(concurrency=values["concurrency"], rpm=values["rpm"], tpm=values["tpm"])
             runs.start_detached(self.ctx.path, options)
-        except Exception as exc:  # noqa: BLE001 - GenerateError, BackendError, RunConflict: shown inline
-            self.app.call_from_thread(self._control_done, _one_line(exc))
-        else:
+        except NothingToDo as exc:  # not an error: a notice, and no run
+            self.app.call_from_thread(self.notify, str(exc), title="Generate")
             self.app.call_from_thread(self._control_done, None)
+        except Exception as exc:  # noqa: BLE001 - GenerateError, BackendError, RunConflict: shown inline
+            self.app.call_from_thread(self._control_done, one_line(exc))
+        else:
+            self.app.call_from_thread(self._control_done, None, True)
 
-    def _save_spec(self, values: dict[str, Any]) -> bool:
-        """Write model/temperature/max tokens/samples into the spec if they changed."""
-        from ..pipeline.project import apply_spec
-
-        spec = self.ctx.spec()
-        s = spec.settings
-        new = dataclasses.replace(s, model=values["model"], temperature=values["temperature"],
-                                  max_tokens=values["max_tokens"], samples=values["samples"])
-        if new == s:
-            return False
-        apply_spec(self.ctx.store, dataclasses.replace(spec, settings=new))
-        self.ctx.reload_spec()
-        return True
-
-    def _control_done(self, error: str | None) -> None:
+    def _control_done(self, error: str | None, changed: bool = False) -> None:
         self.busy = None
         self._server_start = None
         if error:
             self._show_error(error)
         self.refresh_bindings()
-        self.poll()
+        if changed:
+            self.changed("runs")  # refreshes this screen too
+        else:
+            self.poll()
 
     def action_pause(self) -> None:
         self._stop("paused: s resumes it")
@@ -481,24 +513,54 @@ class GenerateScreen(SectionScreen):
         try:
             run = runs.request_stop(self.ctx.path, wait_s=30.0)
         except Exception as exc:  # noqa: BLE001
-            self.app.call_from_thread(self._control_done, _one_line(exc))
+            self.app.call_from_thread(self._control_done, one_line(exc))
             return
         if run is not None and run.active:
             self.app.call_from_thread(self._control_done, "the run has not stopped yet; it will at its next step")
         else:
-            self.app.call_from_thread(self.app.notify, note, title="Generation")
-            self.app.call_from_thread(self._control_done, None)
+            self.app.call_from_thread(self.notify, note, title="Generate")
+            self.app.call_from_thread(self._control_done, None, True)
 
     def action_edit_settings(self) -> None:
-        # After this key is done with: focusing now would hand the "e" to the input.
+        if self._attached:
+            run = self.snap.run if self.snap else None
+            self.notify(f"run #{run.id if run else '?'} runs with the options shown (read-only); "
+                        "p pauses it, then o edits them for the next run", title="Options")
+            return
+        # After this key is done with: focusing now would hand the "o" to the input.
         self.call_after_refresh(self.query_one("#set-model", Input).focus)
 
     def action_leave_settings(self) -> None:
         self.set_focus(None)
 
+    def action_save_defaults(self) -> None:
+        values = self._parsed()
+        if values is not None:
+            self.save_defaults(values)
+
+    @work(thread=True, exclusive=True, group="gen-settings", exit_on_error=False)
+    def save_defaults(self, values: dict[str, Any]) -> None:
+        from ..pipeline.grid_edit import save_generation_defaults
+
+        try:
+            changed = save_generation_defaults(self.ctx.store, model=values["model"] or "",
+                                               temperature=values["temperature"], max_tokens=values["max_tokens"],
+                                               samples=values["samples"])
+        except Exception as exc:  # noqa: BLE001 - GridError etc.: shown inline
+            self.app.call_from_thread(self._show_error, one_line(exc))
+            return
+        self.app.call_from_thread(self._defaults_saved, changed)
+
+    def _defaults_saved(self, changed: bool) -> None:
+        if not changed:
+            self.notify("the grid's defaults already are these", title="Generate")
+            return
+        self.notify("saved as the grid's defaults (model, temperature, max tokens, samples)", title="Generate")
+        self.changed("grid", "settings")
+
     @on(Input.Changed)
-    def _changed(self, event: Input.Changed) -> None:
-        """Edited settings: estimate again once the typing pauses."""
+    def _input_changed(self, event: Input.Changed) -> None:
+        """Edited options: estimate again once the typing pauses."""
         if self._attached or not self.is_mounted:
             return
         if self._estimate_timer is not None:
@@ -507,27 +569,7 @@ class GenerateScreen(SectionScreen):
 
     @on(Input.Submitted)
     def _submitted(self, event: Input.Submitted) -> None:
-        try:
-            values = Settings.parse(self._raw_settings())
-        except ValueError as exc:
-            self._show_error(str(exc))
-            return
-        self._show_error(None)
-        self.save_settings(values)
-
-    @work(thread=True, exclusive=True, group="gen-settings", exit_on_error=False)
-    def save_settings(self, values: dict[str, Any]) -> None:
-        try:
-            changed = self._save_spec(values)
-        except Exception as exc:  # noqa: BLE001 - GridError etc.
-            self.app.call_from_thread(self._show_error, _one_line(exc))
-            return
-        if changed:
-            self.app.call_from_thread(self.app.notify, "settings saved to the grid spec", title="Generate")
-            self.app.call_from_thread(self.poll)
-        self.app.call_from_thread(self.refresh_estimate)
-
-
-def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__
+        """Enter: done editing; the options are checked (and kept for the next run)."""
+        if self._parsed() is not None:
+            self.set_focus(None)
+            self.refresh_estimate()

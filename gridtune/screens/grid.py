@@ -13,8 +13,7 @@ from textual import on, work
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical, VerticalScroll
-from textual.screen import Screen
-from textual.widgets import Footer, OptionList, Static, TextArea
+from textual.widgets import OptionList, TextArea
 from textual.widgets.option_list import Option
 
 from ..pipeline.grid import GridError, GridSpec, Value
@@ -22,7 +21,7 @@ from ..pipeline.grid_edit import build_spec, cell_at, count_text, new_variable_n
 from ..pipeline.project import apply_spec
 from ..tui.context import ProjectContext
 from ..tui.section import SectionScreen
-from ..tui.widgets import StatusLine
+from ..tui.widgets.line import Line
 from ..tui.widgets.modals import AskModal, ConfirmModal
 
 _TEMPLATES = ("generation", "training", "system")
@@ -35,8 +34,9 @@ class FieldArea(TextArea, inherit_bindings=False):
 
 
 class GridScreen(SectionScreen):
-    MODE = "grid"
     """Edit the grid; see its size, a rendered cell and any error at once."""
+
+    MODE = "grid"
 
     CSS_PATH = "grid.tcss"
     HELP_TITLE = "Grid"
@@ -46,7 +46,8 @@ class GridScreen(SectionScreen):
     BINDINGS = [
         Binding("ctrl+s", "save", "save", id="grid.save", priority=True),
         Binding("ctrl+n", "add_variable", "add var", tooltip="add a variable", id="grid.add_variable"),
-        Binding("ctrl+r", "remove_variable", "remove var", tooltip="remove the selected variable", id="grid.remove_variable"),
+        Binding("ctrl+r", "remove_variable", "remove var", tooltip="remove the selected variable", show=False,
+                id="grid.remove_variable"),  # in help and the palette: the footer keeps room for f1 help
         Binding("ctrl+down,alt+down", "cell(1)", "next cell", key_display="^↓", id="grid.next_cell"),
         Binding("ctrl+up,alt+up", "cell(-1)", "previous cell", key_display="^↑", show=False, id="grid.previous_cell"),
     ]
@@ -62,15 +63,14 @@ class GridScreen(SectionScreen):
         self.error: str | None = None
         self._loading = False
         self._saving = False
-        self._shown: dict[str, str] = {}
+        self.file_changed = False  # the spec in the file changed under unsaved edits
 
     # -- layout ------------------------------------------------------------------
-    def compose(self) -> ComposeResult:
-        yield StatusLine()
+    def compose_body(self) -> ComposeResult:
         with Horizontal(classes="info-bar"):
-            yield Static("", id="grid-count")
-            yield Static("", id="grid-dirty")
-        yield Static("", id="grid-error", classes="error-line")
+            yield Line(id="grid-count")
+            yield Line(id="grid-dirty")
+        yield Line(id="grid-error", classes="error-line")
         with Horizontal(id="grid-body"):
             with Vertical(id="grid-left"):
                 yield OptionList(id="grid-variables")
@@ -79,8 +79,7 @@ class GridScreen(SectionScreen):
                 for which in _TEMPLATES:
                     yield FieldArea(id=f"grid-{which}", soft_wrap=True)
                 with VerticalScroll(id="grid-preview-box"):
-                    yield Static("", id="grid-preview")
-        yield Footer(compact=True)
+                    yield Line(id="grid-preview")
 
     def unsaved_work(self) -> str | None:
         return "The grid has unsaved edits" if self.dirty else None
@@ -101,21 +100,48 @@ class GridScreen(SectionScreen):
         spec = self.ctx.reload_spec()
         self.app.call_from_thread(self._populate, spec)
 
-    def _populate(self, spec: GridSpec) -> None:
+    def _populate(self, spec: GridSpec, *, focus: bool = True) -> None:
         self._loading = True
         try:
             self.saved = spec
+            self.file_changed = False
             self.variables = {k: list(v) for k, v in spec.variables.items()}
             self.query_one("#grid-generation", TextArea).load_text(spec.generation)
             self.query_one("#grid-training", TextArea).load_text(spec.training or "")
             self.query_one("#grid-system", TextArea).load_text(spec.system or "")
-            self.selected = next(iter(self.variables), None)
+            if self.selected not in self.variables:
+                self.selected = next(iter(self.variables), None)
             self._show_variables()
             self._show_values()
         finally:
             self._loading = False
         self.recheck()
-        self.query_one("#grid-generation", TextArea).focus()
+        if focus:
+            self.query_one("#grid-generation", TextArea).focus()
+
+    # -- changes made elsewhere --------------------------------------------------------
+    def refresh_from_project(self, what: frozenset[str]) -> None:
+        """The spec may have changed in the file (the generate screen's defaults,
+        another process): show it if nothing here is unsaved, else say so."""
+        if not what.isdisjoint({"grid", "settings", "external"}) and not self._saving:
+            self._reload()
+
+    @work(thread=True, exclusive=True, group="grid-load", exit_on_error=False)
+    def _reload(self) -> None:
+        spec = self.ctx.reload_spec()
+        self.app.call_from_thread(self._file_spec, spec)
+
+    def _file_spec(self, spec: GridSpec) -> None:
+        if self.saved is None or spec.to_json() == self.saved.to_json():
+            return  # our own save, or a change that did not touch the spec
+        if not self.dirty:
+            self._populate(spec, focus=False)
+            self.notify("the grid changed in the project file: reloaded", title="Grid")
+            return
+        self.file_changed = True
+        self.recheck()
+        self.notify("the grid changed in the project file; ctrl+s saves your edits over it",
+                    title="Grid", severity="warning")
 
     # -- variables ------------------------------------------------------------------
     def _show_variables(self) -> None:
@@ -232,18 +258,19 @@ class GridScreen(SectionScreen):
         self._set("#grid-count", count_text(self.variables))
         dirty = self.current is None or self.current.to_json() != self.saved.to_json()
         self.dirty = dirty
-        self._set("#grid-dirty", "● unsaved · ctrl+s save" if dirty else "saved")
-        error = self.query_one("#grid-error", Static)
+        if dirty and self.file_changed:
+            self._set("#grid-dirty", "● unsaved · the file changed too · ctrl+s save")
+        else:
+            self._set("#grid-dirty", "● unsaved · ctrl+s save" if dirty else "saved")
+        error = self.query_one("#grid-error", Line)
         error.display = self.error is not None
         self._set("#grid-error", f"✗ {self.error}" if self.error else "")
         self.sub_title = "unsaved" if dirty else ""
         self._show_preview()
 
     def _set(self, selector: str, text: str | Text) -> None:
-        key = text if isinstance(text, str) else text.markup
-        if self._shown.get(selector) != key:
-            self._shown[selector] = key
-            self.query_one(selector, Static).update(text)
+        """Set a line; it repaints only if what it says changed."""
+        self.query_one(selector, Line).text = text
 
     def _show_preview(self) -> None:
         box = self.query_one("#grid-preview-box")
@@ -303,6 +330,7 @@ class GridScreen(SectionScreen):
     def _saved(self, spec: GridSpec, counts: dict[str, int]) -> None:
         self._saving = False
         self.saved = spec
+        self.file_changed = False
         self.changed("grid")
         self.notify(
             f"saved: {counts['cells']:,} cells ({counts['added']:,} added, {counts['kept']:,} kept, "

@@ -78,7 +78,9 @@ class GridtuneApp(App[int]):
                     priority=True)
             for s in SECTIONS
         ),
-        Binding("question_mark", "help", "help", key_display="?", id="app.help"),
+        # f1 works from anywhere, a text area too (where ? is typed); the footer shows it.
+        Binding("f1", "help", "help", id="app.help_f1", priority=True),
+        Binding("question_mark", "help", "help", key_display="?", show=False, id="app.help"),
         Binding("q", "quit", "quit", show=False, id="app.quit"),
         Binding("ctrl+q", "quit", "quit", show=False, priority=True, id="app.quit_priority"),
     ]
