@@ -200,7 +200,7 @@ async def test_untrained_combination_when_some_cells_were_left_out(project, fake
 
 async def test_opened_directly_the_latest_tuned_model_is_in_a_and_its_base_in_b(project, fake):
     with Store.open(project) as store:
-        for n, (job_id, tuned) in enumerate((("ftjob-1", "ft:fake-model:old"), ("ftjob-2", "ft:fake-model:new"))):
+        for job_id, tuned in (("ftjob-1", "ft:fake-model:old"), ("ftjob-2", "ft:fake-model:new")):
             store.record_job(id=job_id, base_url=None, model="fake-model", training_file="f", validation_file=None,
                              export_id=None, status="running")
             store.update_job(job_id, status="succeeded", fine_tuned_model=tuned)

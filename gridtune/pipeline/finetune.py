@@ -9,9 +9,10 @@ organisations now) raises :class:`FinetuneRefused` with one clear line.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import openai
 from openai.types import FileObject
@@ -208,7 +209,7 @@ class JobState:
         return self.events[-1] if self.events else None
 
     @classmethod
-    def from_record(cls, record: Any) -> "JobState":
+    def from_record(cls, record: Any) -> JobState:
         """The state a project's job record (store.jobs()) holds: no events, no losses."""
         return cls(id=record.id, status=record.status, model=record.model,
                    fine_tuned_model=record.fine_tuned_model, error=record.error)

@@ -60,7 +60,7 @@ class ExportOptions:
     suffix: str | None = None
 
     @classmethod
-    def parse(cls, raw: dict[str, str], default_path: Path) -> "ExportOptions":
+    def parse(cls, raw: dict[str, str], default_path: Path) -> ExportOptions:
         """The form's text, checked by the settings' one definition (pipeline.options);
         ValueError (OptionError) names the field."""
         fmt = raw.get("format") or "chat"
@@ -223,7 +223,8 @@ class ExportScreen(SectionScreen):
                 yield Static("export", classes="form-head")
                 yield from self._row("format", Select(FORMATS, value="chat", allow_blank=False, compact=True,
                                                       id="opt-format"))
-                yield from self._row("min grade", Input(id="opt-min_grade", placeholder=EXPORT["min_grade"].unset, compact=True))
+                yield from self._row("min grade", Input(id="opt-min_grade", placeholder=EXPORT["min_grade"].unset,
+                                                        compact=True))
                 yield from self._row("separator", Input(id="opt-separator", placeholder="auto", compact=True))
                 yield from self._row("stop", Input(id="opt-stop", placeholder="auto", compact=True))
                 yield from self._row("valid frac", Input("0", id="opt-validation_fraction", compact=True))
@@ -232,7 +233,8 @@ class ExportScreen(SectionScreen):
                 yield Static("fine-tune", classes="form-head spaced")
                 yield from self._row("base model", Input(id="opt-base_model", placeholder="backend default",
                                                          compact=True))
-                yield from self._row("epochs", Input(id="opt-epochs", placeholder=FINETUNE["epochs"].unset, compact=True))
+                yield from self._row("epochs", Input(id="opt-epochs", placeholder=FINETUNE["epochs"].unset,
+                                                     compact=True))
                 yield from self._row("suffix", Input(id="opt-suffix", placeholder="none", compact=True))
             with Vertical(id="exp-right"):
                 with VerticalScroll(id="exp-report-box"):
