@@ -387,3 +387,18 @@ def test_grade_words_for_every_source():
     assert review.grade_words(3, "by-length") == "auto 3 by length"
     assert review.grade_words(0, "dedup") == "auto-rejected as a near-duplicate"
     assert review.grade_words(2, "judge:gpt-x") == "auto 2 by judge gpt-x"
+
+
+async def test_grades_changed_by_another_screen_reach_the_rows(project: Path):
+    app = _app(project)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await settle(pilot)
+        screen = review_screen(app)
+        target = screen.list.rows[3][0]
+        with Store.open(project) as other:  # as another section screen would, through the pipeline
+            review.reject(other, target)
+        screen.post_message(ProjectChanged("grades", forwarded=True))  # the app's copy of its message
+        await wait_until(pilot, lambda: screen.list.rows[screen.list.index_of(target)][2] == 0,
+                         what="the rejection in the list")
+        await wait_until(pilot, lambda: "rejected 1" in str(screen.query_one("#review-counts").render()),
+                         what="the rejection in the counts")

@@ -100,6 +100,7 @@ class ReviewScreen(SectionScreen):
         self._due: set[str] = set()  # what the next throttled reload reads: rows, counts, histogram
         self._reload_timer: Timer | None = None
         self._last_reload = 0.0
+        self._own_grades = 0  # grade changes of ours not yet seen by refresh_from_project
 
     # -- layout ------------------------------------------------------------------
     def compose_body(self) -> ComposeResult:
@@ -190,17 +191,21 @@ class ReviewScreen(SectionScreen):
             self.show_error(message.error, title="could not save")
             self.reload()
             return
+        if message.what == "grades":
+            self._own_grades += 1
         self.changed(message.what)
         if message.callback is not None:
             message.callback(message.result)
 
     # -- following the project -----------------------------------------------------------
     def refresh_from_project(self, what: frozenset[str]) -> None:
-        if what == {"grades"}:
-            # Graded here row by row (or in bulk, reloaded then): the counts are recounted
-            # from the store, so this screen and the status line say the same.
+        if what == {"grades"} and self._own_grades:
+            # Graded here, the rows shown already (a bulk change reloads them): the counts
+            # are recounted from the store, so this screen and the status line say the same.
+            self._own_grades -= 1
             self._reload_soon("counts")
-        else:  # new completions, an edit, another process: anything may have moved
+        else:  # new completions, an edit, another screen or process: anything may have moved
+            self._own_grades = 0  # the rows are read afresh, ours included
             self._reload_soon("rows", "counts", "histogram")
 
     def _reload_soon(self, *parts: str) -> None:
@@ -363,6 +368,8 @@ class ReviewScreen(SectionScreen):
         if index is not None:
             rid, length, old, status = lst.rows[index]
             lst.update_row(index, (rid, length, grade, status))
+            if self.counts is not None:  # at once; recounted from the store next
+                self.counts = self.counts.changed(old, grade)
             lst.set_cursor(index)
         self._refresh_detail(row_id)
 
