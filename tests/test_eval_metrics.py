@@ -73,3 +73,19 @@ def test_a_model_against_itself_differs_by_nothing():
     answers = [Answer(t, "stop", {}) for t in DATA * 3]
     rows = compare(score(answers, ref), score(answers, ref), ref)
     assert all(r.difference == 0 and r.better is None for r in rows)
+
+
+def test_length_spread_is_better_only_beyond_its_noise():
+    from gridtune.pipeline.eval_metrics import cv_interval
+
+    ref = Reference.of(["x" * 100] * 5 + ["x" * 110] * 5)  # the data: a small spread
+    steady = [Answer("x" * n, "stop", {}) for n in [100, 105, 110, 102, 108] * 6]
+    wild = [Answer("x" * n, "stop", {}) for n in [20, 400, 60, 300, 150] * 6]
+    rows = {r.metric: r for r in compare(score(steady, ref), score(wild, ref), ref)}
+    assert rows["length_cv"].better == "tuned"
+    few_a = [Answer("x" * n, "stop", {}) for n in (90, 130, 100)]
+    few_b = [Answer("x" * n, "stop", {}) for n in (60, 150, 100)]
+    rows = {r.metric: r for r in compare(score(few_a, ref), score(few_b, ref), ref)}
+    assert rows["length_cv"].better is None  # three answers each: within noise
+    est = cv_interval([100, 105, 110, 102, 108] * 6)
+    assert est.low <= est.value <= est.high and est == cv_interval([100, 105, 110, 102, 108] * 6)

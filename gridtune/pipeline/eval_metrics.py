@@ -87,6 +87,24 @@ def coefficient_of_variation(values: Sequence[float]) -> float:
     return statistics.stdev(values) / mean if mean else math.inf
 
 
+BOOTSTRAP_RESAMPLES = 400
+
+
+def cv_interval(values: Sequence[float], resamples: int = BOOTSTRAP_RESAMPLES, seed: int = 0) -> Estimate:
+    """The coefficient of variation with a 95% percentile-bootstrap interval (seeded:
+    the same answers give the same interval)."""
+    import random
+
+    n = len(values)
+    cv = coefficient_of_variation(values)
+    if n < 2:
+        return Estimate(cv, cv, cv, n)
+    rng = random.Random(seed)
+    draws = sorted(coefficient_of_variation([values[rng.randrange(n)] for _ in range(n)]) for _ in range(resamples))
+    finite = [d for d in draws if math.isfinite(d)] or [cv]
+    return Estimate(cv, _percentile(finite, 0.025), _percentile(finite, 0.975), n)
+
+
 # -- per answer ----------------------------------------------------------------------
 def words(text: str) -> list[str]:
     return [w.lower() for w in _WORD.findall(text)]
@@ -177,13 +195,15 @@ class ModelScores:
     stop_rate: Estimate
     length_mean: Estimate
     length_cv: float
+    length_cv_spread: Estimate  # the 95% bootstrap interval of length_cv
     format_match: Estimate
     repetition: Estimate
     faithfulness: Estimate
     n: int
 
     def to_dict(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"n": self.n, "length_cv": self.length_cv if math.isfinite(self.length_cv) else None}
+        out: dict[str, Any] = {"n": self.n, "length_cv": self.length_cv if math.isfinite(self.length_cv) else None,
+                               "length_cv_interval": self.length_cv_spread.to_dict()}
         for name in ("stop_rate", "length_mean", "format_match", "repetition", "faithfulness"):
             out[name] = getattr(self, name).to_dict()
         return out
@@ -210,6 +230,7 @@ def score(answers: Sequence[Answer], reference: Reference) -> ModelScores:
         stop_rate=wilson(sum(1 for a in answers if (a.finish_reason or "") in STOPPED), len(answers)),
         length_mean=mean_interval(lengths),
         length_cv=coefficient_of_variation(lengths),
+        length_cv_spread=cv_interval(lengths),
         format_match=mean_interval([reference.profile.match(a.text) for a in answers]),
         repetition=wilson(sum(1 for a in answers if has_loop(a.text)), len(answers)),
         faithfulness=wilson(sum(1 for a in answers if mentions_values(a.text, a.values)), len(answers)),
@@ -243,9 +264,19 @@ def compare(tuned: ModelScores, base: ModelScores, reference: Reference) -> list
         if t.n and b.n and not (t.low <= b.high and b.low <= t.high):
             better = "tuned" if (t.value > b.value) == higher else "base"
         rows.append(Comparison(metric, t.value, b.value, t.value - b.value, better))
-    # Consistency of length: distance of each model's spread from the data's spread.
-    dt, db = abs(tuned.length_cv - reference.length_cv), abs(base.length_cv - reference.length_cv)
-    better_cv = None if math.isclose(dt, db, abs_tol=0.02) else ("tuned" if dt < db else "base")
+    # Consistency of length: how far each model's spread is from the data's, with the
+    # spread's own bootstrap interval; better only when the distance intervals part.
+    def distance(est: Estimate) -> tuple[float, float]:
+        lo, hi = est.low - reference.length_cv, est.high - reference.length_cv
+        return (0.0 if lo <= 0 <= hi else min(abs(lo), abs(hi))), max(abs(lo), abs(hi))
+
+    better_cv: str | None = None
+    if tuned.n > 1 and base.n > 1 and math.isfinite(reference.length_cv):
+        (t_lo, t_hi), (b_lo, b_hi) = distance(tuned.length_cv_spread), distance(base.length_cv_spread)
+        if t_hi < b_lo:
+            better_cv = "tuned"
+        elif b_hi < t_lo:
+            better_cv = "base"
     rows.append(Comparison("length_cv", tuned.length_cv, base.length_cv, tuned.length_cv - base.length_cv,
                            better_cv))
     return rows
