@@ -45,6 +45,7 @@ SECTIONS: tuple[Section, ...] = (
     Section("review", "Review", "f4", "gridtune.screens.review", "ReviewScreen"),
     Section("export", "Export", "f5", "gridtune.screens.export", "ExportScreen"),
     Section("playground", "Playground", "f6", "gridtune.screens.playground", "PlaygroundScreen"),
+    Section("eval", "Eval", "f7", "gridtune.screens.evaluate", "EvalScreen"),
 )
 _SCREENS = Binding.Group("screens", compact=True)
 POLL_INTERVAL_S = 1.0  # how soon a change by another process (a detached run, the CLI) shows
