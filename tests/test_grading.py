@@ -56,7 +56,7 @@ def test_drop_at_or_below_rejects_and_can_be_undone(tmp_path):
 
 
 def run_cli(*args, **kw):
-    return subprocess.run([sys.executable, "-m", "gridtune.tui.cli", *args], capture_output=True, text=True, **kw)
+    return subprocess.run([sys.executable, "-m", "gridtune", *args], capture_output=True, text=True, **kw)
 
 
 def test_cli_new_status_grade(tmp_path):

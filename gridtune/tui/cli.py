@@ -82,5 +82,5 @@ def _register() -> None:
 
 _register()
 
-if __name__ == "__main__":  # `python -m gridtune.tui.cli`, used by tests and detached runs
-    main()
+# `python -m gridtune` is the way to run it as a module (gridtune/__main__.py); run as
+# __main__, this module would register its commands on a second copy of `main`.
