@@ -57,7 +57,7 @@ class CoverageRow:
 
     @property
     def label(self) -> str:
-        return ", ".join(f"{n}={v}" for n, v in zip(self.variables, self.values))
+        return ", ".join(f"{n}={v}" for n, v in zip(self.variables, self.values, strict=True))
 
     def state(self, threshold: int) -> str:
         """'empty', 'thin' or 'ok'."""
@@ -226,7 +226,7 @@ def plan_top_up(store: Store, target: int, *, min_grade: int | None = None) -> T
     cell_units = [_units(spec, values) for _cid, values in cells]
     have: dict[tuple[str, ...], int] = dict.fromkeys(_all_units(spec), 0)
     holders: dict[tuple[str, ...], int] = dict.fromkeys(have, 0)
-    for (cell_id, _values), units in zip(cells, cell_units):
+    for (cell_id, _values), units in zip(cells, cell_units, strict=True):
         k = kept.get(cell_id, 0) + unfinished.get(cell_id, 0)
         for u in units:
             if u in have:

@@ -25,11 +25,11 @@ from __future__ import annotations
 
 import re
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
-from ..store import Store
-from ..store import curation as cur
+from ..store import Store, curation as cur
 
 DEFAULT_THRESHOLD = 0.8
 SHINGLE_WORDS = 3
@@ -77,7 +77,8 @@ def check_threshold(threshold: float) -> float:
 
 
 def near_duplicate_groups(texts: dict[int, str], threshold: float = DEFAULT_THRESHOLD,
-                          *, k: int = SHINGLE_WORDS, num_perm: int = NUM_PERM) -> list[tuple[list[int], dict[int, float]]]:
+                          *, k: int = SHINGLE_WORDS,
+                          num_perm: int = NUM_PERM) -> list[tuple[list[int], dict[int, float]]]:
     """Group ids whose texts are near-copies: [(member ids ascending, id -> highest
     similarity to another member)], groups ordered by their smallest id. Pure: no store."""
     from datasketch import MinHash, MinHashLSH
@@ -91,7 +92,7 @@ def near_duplicate_groups(texts: dict[int, str], threshold: float = DEFAULT_THRE
     signatures = MinHash.bulk([[s.encode() for s in sets[cid]] for cid in ids], num_perm=num_perm)
     lsh = MinHashLSH(threshold=max(0.05, min(0.95, threshold - LSH_MARGIN)), num_perm=num_perm)
     with lsh.insertion_session() as session:
-        for cid, sig in zip(ids, signatures):
+        for cid, sig in zip(ids, signatures, strict=True):
             session.insert(cid, sig, check_duplication=False)
     parent = {cid: cid for cid in ids}
 
@@ -102,7 +103,7 @@ def near_duplicate_groups(texts: dict[int, str], threshold: float = DEFAULT_THRE
         return x
 
     best: dict[int, float] = {}
-    for cid, sig in zip(ids, signatures):
+    for cid, sig in zip(ids, signatures, strict=True):
         for other in lsh.query(sig):
             if other <= cid:  # each pair once
                 continue
@@ -125,7 +126,7 @@ class DedupResult:
     completions: int  # finished completions compared
     groups: list[list[int]]
     seconds: float
-    drop: "DropResult | None" = None
+    drop: DropResult | None = None
 
     @property
     def members(self) -> int:

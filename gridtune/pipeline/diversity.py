@@ -24,11 +24,11 @@ import gzip
 import math
 import random
 from collections import Counter
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any
 
-from ..store import Store
-from ..store import curation as cur
+from ..store import Store, curation as cur
 from .dedup import words
 
 CUT_OFF_REASON = "length"  # store.records.CUT_OFF_REASON: ended at max tokens
@@ -73,7 +73,7 @@ def compression_ratio(texts: Sequence[str]) -> float | None:
 
 
 def ngrams(tokens: Sequence[str], n: int) -> list[tuple[str, ...]]:
-    return list(zip(*(tokens[i:] for i in range(n))))
+    return list(zip(*(tokens[i:] for i in range(n)), strict=False))
 
 
 def distinct_n(token_lists: Iterable[Sequence[str]], n: int) -> float | None:

@@ -23,8 +23,9 @@ import math
 import re
 import statistics
 from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any
 
 Z95 = 1.959964  # two-sided 95%
 
@@ -155,7 +156,7 @@ class ShapeProfile:
     n: int
 
     @classmethod
-    def of(cls, texts: Iterable[str]) -> "ShapeProfile":
+    def of(cls, texts: Iterable[str]) -> ShapeProfile:
         shapes = [shape(t) for t in texts]
         ranges: dict[str, tuple[float, float]] = {}
         for name in SHAPE_FEATURES:
@@ -218,7 +219,7 @@ class Reference:
     profile: ShapeProfile
 
     @classmethod
-    def of(cls, texts: Sequence[str]) -> "Reference":
+    def of(cls, texts: Sequence[str]) -> Reference:
         lengths = [float(len(t)) for t in texts]
         return cls(statistics.fmean(lengths) if lengths else math.nan, coefficient_of_variation(lengths),
                    ShapeProfile.of(texts))

@@ -17,12 +17,12 @@ import hashlib
 import json
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
-from ..store import Store
-from ..store import evaluation as ev
+from ..store import Store, evaluation as ev
 from ..store.records import ExportRecord
 from .backend import Backend, resolve_backend
 from .eval_metrics import Answer, Comparison, ModelScores, Reference, compare, score, tuned_is_worse
@@ -189,7 +189,7 @@ class EvalReport:
                 f"({self.setup.format}, stop {self.setup.stop!r}, temperature {self.setup.temperature:g})")
         rows = [("metric", self.model[:18], self.against[:18], "difference", "better"), *self.table()]
         widths = [max(len(r[i]) for r in rows) for i in range(5)]
-        lines = [head] + ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+        lines = [head] + ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
         if any(self.failed.values()):
             lines.append("failed answers: " + ", ".join(f"{m} {n}" for m, n in self.failed.items() if n))
         if self.stopped:
@@ -294,7 +294,8 @@ async def run_eval(store_path: str | Path, options: EvalOptions, *, backend: Bac
             model, case, k = item
             await asyncio.to_thread(
                 ev.save_answer, store, case_id=case.id, model=model, setup=setup.digest, sample=k,
-                text=None if reply is None else reply.text, finish_reason=None if reply is None else reply.finish_reason,
+                text=None if reply is None else reply.text,
+                finish_reason=None if reply is None else reply.finish_reason,
                 completion_tokens=None if reply is None else reply.completion_tokens, latency_s=latency, error=error)
             answered += 1
             if on_progress is not None:

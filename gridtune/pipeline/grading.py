@@ -16,8 +16,9 @@ more max tokens (`generate --redo-cut-off`) withdraws that grade.
 from __future__ import annotations
 
 from bisect import bisect_right
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 from ..store import Store
 
@@ -84,7 +85,7 @@ def grade_by_length(store: Store) -> GradeResult:
     cutoffs = length_cutoffs(store.done_lengths(finished_only=True))
     targets = store.gradable(include_auto=True)
     cut_off = store.cut_off_among([cid for cid, _ in targets])
-    current = {cid: None for cid, _ in targets}
+    current: dict[int, int | None] = {cid: None for cid, _ in targets}
     for cid, grade, _source in store.current_grades([cid for cid, _ in targets]):
         current[cid] = grade
     pairs = []

@@ -12,9 +12,10 @@ import json
 import math
 import string
 import tomllib
-from dataclasses import dataclass, field, asdict
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from ..core.chat import chat_messages
 from .options import GENERATION, SPEC_SETTINGS, OptionError, check_all
@@ -112,15 +113,16 @@ class GridSpec:
                     f"{self.cell_count:,} cells x {s.samples:,} samples = {size:,} completions")
             how = ("set max_cells in the spec to raise it" if limit < MAX_COMPLETIONS else
                    "this is the hard ceiling; split the grid into several projects")
-            raise GridError(f"grid has {what}, over the limit of {limit:,} ({how}, up to {MAX_COMPLETIONS:,} completions)")
+            raise GridError(f"grid has {what}, over the limit of {limit:,} "
+                            f"({how}, up to {MAX_COMPLETIONS:,} completions)")
 
     # -- cells -------------------------------------------------------------
     def cells(self) -> Iterator[dict[str, Value]]:
         names = list(self.variables)
         for combo in itertools.product(*(self.variables[n] for n in names)):
-            yield dict(zip(names, combo))
+            yield dict(zip(names, combo, strict=True))
 
-    def render(self, values: dict[str, Value]) -> "RenderedPrompt":
+    def render(self, values: dict[str, Value]) -> RenderedPrompt:
         return RenderedPrompt(
             system=render(self.system, values) if self.system else None,
             generation=render(self.generation, values),
@@ -135,13 +137,13 @@ class GridSpec:
         return json.dumps(self.to_dict(), ensure_ascii=False)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "GridSpec":
+    def from_dict(cls, data: dict[str, Any]) -> GridSpec:
         data = dict(data)
         settings = GenerationSettings(**data.pop("settings", {}))
         return cls(settings=settings, **data)
 
     @classmethod
-    def from_json(cls, text: str) -> "GridSpec":
+    def from_json(cls, text: str) -> GridSpec:
         return cls.from_dict(json.loads(text))
 
 
@@ -170,7 +172,8 @@ def placeholders(template: str, which: str = "template") -> list[str]:
     try:
         parsed = list(string.Formatter().parse(template))
     except ValueError as exc:  # "Single '}' encountered in format string", ...
-        raise GridError(f"{which} template: unbalanced braces ({exc}); write {{{{ or }}}} for a literal brace") from None
+        raise GridError(f"{which} template: unbalanced braces ({exc}); "
+                        f"write {{{{ or }}}} for a literal brace") from None
     for _literal, name, spec, conversion in parsed:
         if name is None:
             continue

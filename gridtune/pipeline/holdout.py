@@ -12,11 +12,11 @@ stable hash (the same grid and seed give the same choice on every machine).
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Sequence
+from typing import Any
 
-from ..store import Store
-from ..store import evaluation
+from ..store import Store, evaluation
 from .grid import GridSpec, Value, cell_key, render_value
 from .playground import coerce_values
 
@@ -101,7 +101,7 @@ def plan(cells: Sequence[dict[str, Any]], choice: HoldOut) -> HoldOutPlan:
     remaining: list[tuple[str, dict[str, Any]]] = []
     for values in cells:
         key = cell_key(values)
-        if any(render_value(values.get(name)) in vs for name, vs in held_values.items()):
+        if any(name in values and render_value(values[name]) in vs for name, vs in held_values.items()):
             by_value.add(key)
         else:
             remaining.append((key, values))

@@ -24,12 +24,12 @@ import json
 import math
 import re
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
-from ..store import Store
-from ..store import curation as cur
+from ..store import Store, curation as cur
 from .backend import Backend, resolve_backend
 from .generate import Reply
 from .project import load_project_spec
@@ -261,7 +261,7 @@ def quadratic_weighted_kappa(a: Sequence[int], b: Sequence[int], lo: int = 1, hi
     if n == 0:
         return None
     observed = [[0] * k for _ in range(k)]
-    for x, y in zip(a, b):
+    for x, y in zip(a, b, strict=True):
         observed[x - lo][y - lo] += 1
     rows = [sum(r) for r in observed]
     cols = [sum(observed[i][j] for i in range(k)) for j in range(k)]
@@ -322,7 +322,7 @@ def calibrate(store: Store, model: str) -> Calibration:
     a = [person[i] for i in both]
     b = [judged[i] for i in both]
     result = Calibration(model, len(both), spearman(a, b), quadratic_weighted_kappa(a, b),
-                         sum(x == y for x, y in zip(a, b)) / len(both) if both else None)
+                         sum(x == y for x, y in zip(a, b, strict=True)) / len(both) if both else None)
     if both:
         cur.record_calibration(store, model, n=result.n, spearman=result.spearman, kappa=result.kappa,
                                exact=result.exact)

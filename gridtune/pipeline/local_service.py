@@ -26,15 +26,16 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import httpx
 
 from .. import locations
 from ..core import serverstate
-from ..core.proc import pid_alive
 from ..core.files import private_dir
+from ..core.proc import pid_alive
 from ..core.serverstate import LOG_FILE
 from .backend import Backend, BackendError
 

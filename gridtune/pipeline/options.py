@@ -22,8 +22,8 @@ completions each cell has, so it is saved with the spec, never per run.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 NONE_WORDS = ("", "none", "-", "off", "auto")

@@ -19,8 +19,8 @@ from __future__ import annotations
 
 import random
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Iterable, Iterator
 
 from ..store import Store
 from .ask import Piece, stream_pieces
@@ -67,7 +67,7 @@ def _number_suggestions(values: list[int | float], n: int) -> list[Value]:
     nums = sorted(set(values))
     is_int = all(isinstance(v, int) for v in nums)
     if len(nums) > 1:
-        steps = [b - a for a, b in zip(nums, nums[1:])]
+        steps = [b - a for a, b in zip(nums, nums[1:], strict=False)]
         step = min(steps)
     else:
         step = 1 if is_int or nums[0] == 0 else abs(nums[0]) / 10
@@ -88,7 +88,7 @@ def _number_suggestions(values: list[int | float], n: int) -> list[Value]:
         while lo + k * step < hi and k < 1000:
             add(lo + k * step)
             k += 1
-    for a, b in zip(nums, nums[1:]):
+    for a, b in zip(nums, nums[1:], strict=False):
         if (b - a) > (1 if is_int else 0):
             add(a + (b - a) / 2)
     k = 2
@@ -107,7 +107,8 @@ def _text_suggestions(values: list[str], n: int) -> list[Value]:
         if overlap > best_overlap:
             best, best_overlap = items, overlap
     pool = best if best else GENERIC_TEXT
-    return [item for item in pool if item.casefold() not in lowered][:n]
+    found: list[Value] = [item for item in pool if item.casefold() not in lowered]
+    return found[:n]
 
 
 def suggest_values(spec: GridSpec, n: int = 3) -> dict[str, list[Value]]:

@@ -68,7 +68,7 @@ class Progress:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "Progress":
+    def from_dict(cls, data: dict[str, Any]) -> Progress:
         known = {f.name for f in fields(cls)}
         values = {k: v for k, v in data.items() if k in known}
         values["recent"] = [Finished(**r) for r in values.get("recent") or []]

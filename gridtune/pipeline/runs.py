@@ -21,8 +21,8 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import AsyncIterator
 
 from ..core.proc import is_suspended, pid_alive, process_start_time
 from ..store import RunRecord, Store

@@ -20,9 +20,10 @@ import hashlib
 import json
 import math
 from array import array
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any
 
 from . import cost, tokens
 
@@ -160,7 +161,7 @@ class ValidationReport:
         }
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any] | None) -> "ValidationReport | None":
+    def from_dict(cls, data: dict[str, Any] | None) -> ValidationReport | None:
         """A report back from ``to_dict`` (as an export records it); None when unreadable."""
         if not isinstance(data, dict):
             return None
@@ -373,9 +374,10 @@ class _CompletionChecker(_Checker):
         self.same_prompts = self.same_completions = True
         self.pairs: set[bytes] = set()
         self.completions: set[bytes] = set()
-        self.duplicates, self.duplicate_lines = 0, []
-        self.long, self.long_lines = 0, []
-        self.empty_prompts, self.empty_prompt_lines = 0, []
+        self.duplicates, self.long, self.empty_prompts = 0, 0, 0
+        self.duplicate_lines: list[int] = []
+        self.long_lines: list[int] = []
+        self.empty_prompt_lines: list[int] = []
         self.no_space = 0
         self.prompt_chars = 0
         self.upper = {"prompt": 0, "completion": 0}
@@ -536,7 +538,8 @@ class _CompletionChecker(_Checker):
         if psuf and not self.same_prompts:
             r.notes.append(f"all prompts end with the separator `{show(psuf)}`")
             if len(psuf) > 10:
-                r.warnings.append(f"the common prompt ending `{show(psuf)}` is long; a short separator such as `{show(separator)}` is better")
+                r.warnings.append(f"the common prompt ending `{show(psuf)}` is long; "
+                                  f"a short separator such as `{show(separator)}` is better")
         elif not self.same_prompts:
             r.warnings.append(
                 f"no common separator at the end of the prompts; append one such as `{show(separator)}`"

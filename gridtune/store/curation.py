@@ -10,10 +10,11 @@ for the current grade (a person's first) holds for them like any other.
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any, Iterable, Sequence
+from typing import Any
 
-from .project import Store
+from .project import Store, _new_id
 
 _ACTIVE = "c.cell_id IN (SELECT id FROM cells WHERE active = 1)"
 
@@ -83,7 +84,7 @@ def replace_dup_groups(store: Store, members: Iterable[tuple[int, int, float]], 
             (threshold, shingle, num_perm, completions, len({g for _, g, _ in rows}), len(rows), seconds,
              time.time()),
         )
-        return int(cur.lastrowid)
+        return _new_id(cur)
 
 
 def latest_dedup_pass(store: Store) -> dict[str, Any] | None:
@@ -135,7 +136,7 @@ def dup_markers(store: Store, ids: Sequence[int]) -> dict[int, tuple[int, int]]:
 
 def dup_counts(store: Store) -> dict[str, int]:
     """groups, members (completions in a group) and extra copies (members - groups)."""
-    row = store._one(
+    row = store._row(
         f"SELECT count(DISTINCT d.group_id), count(*) FROM dup_members d JOIN completions c "
         f"ON c.id = d.completion_id WHERE {_ACTIVE}"
     )
@@ -204,7 +205,7 @@ def judged_ids(store: Store, model: str) -> set[int]:
 def judgement_counts(store: Store, model: str | None = None) -> dict[str, int]:
     sql = "SELECT count(DISTINCT CASE WHEN grade IS NOT NULL THEN completion_id END), " \
           "coalesce(sum(grade IS NULL), 0) FROM judgements"
-    row = store._one(sql + (" WHERE model = ?" if model else ""), (model,) if model else ())
+    row = store._row(sql + (" WHERE model = ?" if model else ""), (model,) if model else ())
     return {"judged": row[0], "failures": row[1]}
 
 
@@ -215,7 +216,7 @@ def record_calibration(store: Store, model: str, *, n: int, spearman: float | No
             "INSERT INTO calibrations (model, n, spearman, kappa, exact, created_at) VALUES (?, ?, ?, ?, ?, ?)",
             (model, n, spearman, kappa, exact, time.time()),
         )
-        return int(cur.lastrowid)
+        return _new_id(cur)
 
 
 def latest_calibration(store: Store, model: str | None = None) -> dict[str, Any] | None:

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any
 
 from .project import Store
 
@@ -105,7 +106,8 @@ def record_run(store: Store, *, export_id: int | None, model: str, against: str 
                result: dict[str, Any]) -> int:
     with store.transaction() as c:
         cur = c.execute(
-            "INSERT INTO eval_runs (export_id, model, against, setup, result_json, created_at) VALUES (?, ?, ?, ?, ?, ?)",
+            "INSERT INTO eval_runs (export_id, model, against, setup, result_json, created_at) "
+            "VALUES (?, ?, ?, ?, ?, ?)",
             (export_id, model, against, setup, json.dumps(result, sort_keys=True), time.time()))
         return int(cur.lastrowid or 0)
 

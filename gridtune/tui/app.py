@@ -10,9 +10,9 @@ status line's counts fresh and offers every action by name.
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 from textual import on, work
 from textual.app import App
@@ -50,8 +50,8 @@ SECTIONS: tuple[Section, ...] = (
 )
 _SCREENS = Binding.Group("screens", compact=True)
 POLL_INTERVAL_S = 1.0  # how soon a change by another process (a detached run, the CLI) shows
-BACKEND_RETRY_S = 5.0
-RECOUNT_S = 0.5  # the status line's counts follow changes at most this often  # how often to look again for a local server that was not running
+BACKEND_RETRY_S = 5.0  # how often to look again for a local server that was not running
+RECOUNT_S = 0.5  # the status line's counts follow changes at most this often
 
 
 def section_class(section: Section) -> type[Screen] | None:

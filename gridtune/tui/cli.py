@@ -6,7 +6,6 @@ from pathlib import Path
 
 import click
 
-from .. import locations
 from ..pipeline import grading
 from ..pipeline.grid import load_spec
 from ..pipeline.project import create_project

@@ -12,9 +12,7 @@ from pathlib import Path
 
 import click
 
-from ..pipeline import dedup as dedup_mod
-from ..pipeline import diversity as diversity_mod
-from ..pipeline import judge as judge_mod
+from ..pipeline import dedup as dedup_mod, diversity as diversity_mod, judge as judge_mod
 from ..pipeline.backend import resolve_backend
 from ..pipeline.project import load_project_spec
 from .cli import main

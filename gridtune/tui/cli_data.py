@@ -10,8 +10,8 @@ from ..pipeline.coverage import DEFAULT_THIN, coverage
 from ..pipeline.estimate import backend_for_costs
 from ..pipeline.export import ExportError, export_project
 from ..pipeline.holdout import HoldOutError, parse_hold_out
-from ..pipeline.project import load_project_spec
 from ..pipeline.options import EXPORT
+from ..pipeline.project import load_project_spec
 from ..pipeline.validate import ValidationInputError, validate_file
 from .cli import main
 from .cli_common import Failed, Problem, emit_json, handle_errors, open_store, setting_option
@@ -49,8 +49,10 @@ def validate_cmd(file: Path, model: str | None, as_json: bool) -> None:
 @click.option("--format", "fmt", type=click.Choice(["chat", "completion"]), default="chat", show_default=True,
               help="chat messages, or the legacy prompt/completion format")
 @setting_option(EXPORT["min_grade"])
-@click.option("--separator", default=None, help="end every prompt with S (completion format; default: one absent from the data)")
-@click.option("--stop", default=None, help="end every completion with S (completion format; default: one absent from the data)")
+@click.option("--separator", default=None,
+              help="end every prompt with S (completion format; default: one absent from the data)")
+@click.option("--stop", default=None,
+              help="end every completion with S (completion format; default: one absent from the data)")
 @setting_option(EXPORT["validation_fraction"])
 @click.option("--model", "-m", default=None, help="the model to fine-tune, for token counts and the cost estimate")
 @click.option("--include-cut-off", is_flag=True,
@@ -92,7 +94,8 @@ def export_cmd(project: Path, output: Path, fmt: str, min_grade: int | None, sep
 @main.command("coverage")
 @click.argument("project", type=click.Path(dir_okay=False, path_type=Path))
 @setting_option(EXPORT["min_grade"],
-                help="count only examples graded at least N (0..5) as kept (as export --min-grade; default: ungraded count)")
+                help="count only examples graded at least N (0..5) as kept "
+                     "(as export --min-grade; default: ungraded count)")
 @click.option("--threshold", type=int, default=DEFAULT_THIN, show_default=True,
               help="a value or pair with fewer kept examples is thin")
 @click.option("--json", "as_json", is_flag=True, help="print the table as one JSON object")

@@ -6,8 +6,9 @@ names), so a new key on a screen is a new palette command with no extra code.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from functools import partial
-from typing import TYPE_CHECKING, Iterator
+from typing import TYPE_CHECKING
 
 from textual.binding import Binding
 from textual.command import DiscoveryHit, Hit, Hits, Provider
@@ -66,7 +67,7 @@ class GridtuneCommands(Provider):
                 yield Hit(score, matcher.highlight(name), callback, help=help_text)  # type: ignore[arg-type]
 
 
-async def _run_in_section(app: "GridtuneApp", mode: str, action: str) -> None:
+async def _run_in_section(app: GridtuneApp, mode: str, action: str) -> None:
     """Open the section, then run the action on its screen."""
     if app.current_mode != mode:
         await app.switch_mode(mode)

@@ -32,7 +32,7 @@ class ProjectContext:
         self._lock = threading.RLock()
 
     @classmethod
-    def open(cls, path: Path) -> "ProjectContext":
+    def open(cls, path: Path) -> ProjectContext:
         return cls(path, Store.open(path))
 
     @property
@@ -56,7 +56,7 @@ class ProjectContext:
             return self.spec()
 
     # -- the backend -----------------------------------------------------
-    def backend(self, *, start: bool = True) -> "Backend":
+    def backend(self, *, start: bool = True) -> Backend:
         """The backend the environment selects, resolved on first use.
 
         May start the local server (seconds): call it from a worker. Raises

@@ -73,7 +73,8 @@ def fit_backend_label(label: str, room: int) -> str:
         if len(candidate) <= room:
             return candidate
     short = candidate.replace("local server ", "local ")
-    for form in (short, short.replace("(starts on demand)", "(not started)"), short.replace("(starts on demand)", "(off)")):
+    forms = (short, short.replace("(starts on demand)", "(not started)"), short.replace("(starts on demand)", "(off)"))
+    for form in forms:
         if len(form) <= room:
             return form
     host, sep, port = short.rpartition(":")
