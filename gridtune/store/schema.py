@@ -214,6 +214,28 @@ MIGRATIONS: list[str] = [
         created_at   REAL NOT NULL
     );
     """,
+    # 4: data scaling (issue 11): `finetune --scaling` trains on half and on all of an
+    # export's training file and evaluates both; one row per scaling run, its job ids
+    # recorded as soon as each job is created, so a killed run follows them on rerun.
+    """
+    CREATE TABLE scaling_runs (
+        id           INTEGER PRIMARY KEY,
+        export_id    INTEGER REFERENCES exports(id) ON DELETE CASCADE,
+        base_model   TEXT NOT NULL,
+        settings     TEXT NOT NULL,          -- canonical JSON (epochs, seed, suffix): what a rerun resumes
+        half_path    TEXT NOT NULL,
+        n_half       INTEGER NOT NULL,
+        n_all        INTEGER NOT NULL,
+        half_job     TEXT,                   -- the backend's job ids (also in jobs)
+        all_job      TEXT,
+        state        TEXT NOT NULL CHECK (state IN ('training', 'evaluating', 'finished', 'failed')),
+        error        TEXT,
+        result_json  TEXT,                   -- the comparison, as `finetune --scaling --json` prints it
+        created_at   REAL NOT NULL,
+        updated_at   REAL NOT NULL
+    );
+    CREATE INDEX scaling_runs_export ON scaling_runs(export_id, base_model);
+    """,
 ]
 
 SCHEMA_VERSION = len(MIGRATIONS)

@@ -107,15 +107,29 @@ def _backend():
 @click.option("--seed", type=int, default=None)
 @click.option("--validation-file", type=click.Path(dir_okay=False, exists=True, path_type=Path), default=None)
 @click.option("--wait", is_flag=True, help="follow the job to its end and print the fine-tuned model id")
+@click.option("--scaling", is_flag=True,
+              help="train on half and on all of the latest export's training file (same base, seed and settings), "
+                   "evaluate both on its held-out prompts and print the gain per doubling; a rerun continues")
+@click.option("--samples", type=click.IntRange(1, 100), default=None,
+              help="with --scaling: answers per held-out prompt and model  [default: 3]")
 @click.option("--json", "as_json", is_flag=True, help="print the job as one JSON object")
 @handle_errors
 def finetune_cmd(source: Path, model: str | None, epochs: int | None, suffix: str | None, seed: int | None,
-                 validation_file: Path | None, wait: bool, as_json: bool) -> None:
-    """Upload a training file (or export PROJECT first) and start a fine-tuning job."""
+                 validation_file: Path | None, wait: bool, scaling: bool, samples: int | None, as_json: bool) -> None:
+    """Upload a training file (or export PROJECT first) and start a fine-tuning job.
+
+    With --scaling: how much would more data buy? Two jobs (half and all of the latest
+    export, which must hold values out with --hold-out), both evaluated against the base.
+    """
     from ..pipeline import finetune as ft
 
     if not source.exists():
         raise Problem(f"{source}: no such file")
+    if samples is not None and not scaling:
+        raise Problem("--samples goes with --scaling")
+    if scaling:
+        _scaling(source, model, epochs, suffix, seed, validation_file, samples, as_json)
+        return
     backend = _backend()
     base = model or backend.default_model
     if not base:
@@ -225,6 +239,34 @@ def export_model_cmd(model_id: str, output: Path) -> None:
     except ft.FinetuneError as exc:
         raise Failed(str(exc)) from None
     click.echo(f"wrote {path}")
+
+
+def _scaling(project: Path, model: str | None, epochs: int | None, suffix: str | None, seed: int | None,
+             validation_file: Path | None, samples: int | None, as_json: bool) -> None:
+    """`finetune PROJECT --scaling`: the work is pipeline.scaling's; this prints it."""
+    from ..pipeline import finetune as ft, scaling as sc
+
+    if project.suffix.lower() in (".jsonl", ".json"):
+        raise Problem(f"--scaling works on a project (its latest export and held-out prompts), not {project.name}")
+    open_store(project).close()  # a clear line for a file that is not a project
+    options = sc.ScalingOptions(base=model, epochs=epochs, seed=sc.DEFAULT_SEED if seed is None else seed,
+                                suffix=suffix, validation_path=str(validation_file) if validation_file else None,
+                                samples=samples or sc.DEFAULT_SAMPLES)
+    say = None if as_json else (lambda m: click.echo(m, err=True))
+    try:
+        report = sc.run_scaling(project, options, on_message=say)  # the backend once the input is checked
+    except sc.ScalingError as exc:
+        raise Problem(str(exc)) from None
+    except ft.FinetuneRefused as exc:
+        raise Failed(str(exc)) from None
+    except ft.FinetuneError as exc:
+        raise Problem(str(exc)) from None
+    if as_json:
+        emit_json(report.to_dict())
+    else:
+        click.echo(report.summary())
+    if report.exit_code:
+        raise Failed(report.result.get("failed") or "some evaluation answers are missing; run it again")
 
 
 def _follow_with_progress(backend: Any, job_id: str, *, store: Any = None, quiet: bool = False,

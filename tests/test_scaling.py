@@ -1,0 +1,162 @@
+"""Data scaling: `gridtune finetune PROJECT --scaling` trains on a deterministic,
+stratified half and on all of the latest export, evaluates both against the base on
+the held-out prompts, and stores one comparison; a rerun (also after a kill) follows the
+jobs it recorded instead of creating new ones.
+
+The split is unit-tested; the run uses the real local server and the tiny test model.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections import Counter
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from gridtune.pipeline import scaling as sc
+from gridtune.pipeline.grid import GenerationSettings, GridSpec
+from gridtune.pipeline.project import create_project
+from gridtune.store import Store
+from gridtune.store import scaling as scs
+from gridtune.tui.cli import main
+from tests.server_support import InProcessServer
+from tests.tiny_model import tiny_model_dir  # noqa: F401 - fixture
+
+PLACES = ["Oslo", "Lima", "Rome", "Kyiv"]
+YEARS = [2030, 2040, 2050]
+
+
+def run(*args: str):
+    return CliRunner().invoke(main, list(args), catch_exceptions=False)
+
+
+def _examples(places=PLACES, years=YEARS, samples=1):
+    return [(json.dumps({"p": p, "y": y, "k": k}), {"place": p, "year": y})
+            for p in places for y in years for k in range(samples)]
+
+
+# -- the half -----------------------------------------------------------------------------------
+def test_the_half_is_deterministic_and_independent_of_file_order():
+    examples = _examples(samples=3)
+    first = sc.half_split(examples)
+    assert first == sc.half_split(examples)
+    assert len(first) == len(examples) // 2
+    shuffled = examples[:]
+    random.Random(7).shuffle(shuffled)
+    assert {shuffled[i][0] for i in sc.half_split(shuffled)} == {examples[i][0] for i in first}
+    assert sc.half_split(examples, seed=1) != first  # the seed picks another half
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_the_half_is_stratified_every_value_keeps_about_half_of_its_examples(seed):
+    examples = _examples(samples=2)  # 24: 6 per place, 8 per year
+    chosen = sc.half_split(examples, seed)
+    for name, per_value in (("place", 6), ("year", 8)):
+        counts = Counter(examples[i][1][name] for i in chosen)
+        assert set(counts) == {v for _, values in examples for v in [values[name]]}
+        assert all(abs(n - per_value / 2) <= 1 for n in counts.values()), (name, counts)
+
+
+def test_a_value_with_one_example_still_reaches_the_half():
+    examples = _examples(places=["Oslo", "Lima"], years=[2030, 2040, 2050], samples=2)
+    examples.append(('{"rare": 1}', {"place": "Nuuk", "year": 2030}))
+    for seed in range(8):
+        chosen = sc.half_split(examples, seed)
+        assert any(examples[i][1]["place"] == "Nuuk" for i in chosen), seed
+
+
+def test_examples_without_values_are_still_split():
+    examples = [(f"line {i}", {}) for i in range(9)]
+    assert len(sc.half_split(examples)) == 4
+    assert sc.half_split(examples[:1]) == []
+
+
+# -- refusals -----------------------------------------------------------------------------------
+def _project(path: Path, temperature: float = 0.0) -> Path:
+    spec = GridSpec(name="scaling", generation="Say something about {place} in {year}.",
+                    training="Place: {place}. Year: {year}.", variables={"place": PLACES, "year": YEARS},
+                    settings=GenerationSettings(temperature=temperature, max_tokens=50, samples=1))
+    with create_project(path, spec) as store:
+        for item in store.pending_work():
+            store.save_done(item.completion_id, text="Fine.", model="teacher", params={}, prompt_tokens=5,
+                            completion_tokens=2, latency_s=0.1, finish_reason="stop", attempts=1)
+    return path
+
+
+def test_no_export_with_a_hold_out_is_refused_with_the_command_to_run(tmp_path):
+    project = _project(tmp_path / "p.gridtune")
+    r = run("finetune", str(project), "--scaling")
+    assert r.exit_code == 2
+    assert "no export yet" in r.stderr and "gridtune export" in r.stderr and "--hold-out" in r.stderr
+    out = tmp_path / "p.jsonl"
+    assert run("export", str(project), "-o", str(out)).exit_code == 0
+    r = run("finetune", str(project), "--scaling")
+    assert r.exit_code == 2 and "held nothing out" in r.stderr and "--hold-out" in r.stderr
+    assert not sc.half_path_for(out).exists()
+    with Store.open(project) as store:
+        assert scs.latest(store) is None and store.jobs() == []
+    r = run("finetune", str(out), "--scaling")
+    assert r.exit_code == 2 and "works on a project" in r.stderr
+    r = run("finetune", str(project), "--samples", "2")
+    assert r.exit_code == 2 and "--samples goes with --scaling" in r.stderr
+
+
+# -- on the real local server ---------------------------------------------------------------------
+@pytest.fixture
+def local(tiny_model_dir, tmp_path, _isolated_home):  # noqa: F811
+    with InProcessServer(tiny_model_dir, tmp_path / "srv") as srv:
+        srv.write_state(_isolated_home / "server")
+        yield srv
+        (_isolated_home / "server" / "server.json").unlink(missing_ok=True)
+
+
+def _answers(project: Path) -> int:
+    with Store.open(project) as store:
+        return store._one("SELECT COUNT(*) FROM eval_answers")[0]
+
+
+@pytest.mark.local
+def test_scaling_trains_half_and_all_compares_once_and_a_rerun_creates_no_job(local, tmp_path):
+    project = _project(tmp_path / "p.gridtune")
+    out = tmp_path / "p.jsonl"
+    r = run("export", str(project), "-o", str(out), "--hold-out", "place=Kyiv", "--json")
+    assert json.loads(r.stdout)["train"] == 9, r.output
+
+    # Killed while training: both jobs were created and recorded before either was followed.
+    options = sc.ScalingOptions(epochs=2, samples=1)
+    with pytest.raises(sc.ScalingStopped):
+        sc.run_scaling(project, options, should_stop=lambda: True)
+    with Store.open(project) as store:
+        run_ = scs.latest(store)
+        assert run_ is not None and run_.state == "training" and run_.half_job and run_.all_job
+        assert {j.id for j in store.jobs()} == {run_.half_job, run_.all_job}
+    half = sc.half_path_for(out)
+    assert len(half.read_text().splitlines()) == 4
+
+    r = run("finetune", str(project), "--scaling", "--epochs", "2", "--samples", "1")
+    assert r.exit_code == 0, r.output
+    assert run_.half_job in r.stdout and run_.all_job in r.stdout  # the two job ids, then the table
+    assert "gain/doubling" in r.stdout and "half (4)" in r.stdout and "all (9)" in r.stdout
+    assert "two points give a slope, not a test of linearity" in r.stdout
+    asked = _answers(project)
+    assert asked == 3 * 3  # 3 held-out prompts × 1 sample × (half, all, the base once)
+
+    r = run("finetune", str(project), "--scaling", "--epochs", "2", "--samples", "1", "--json")
+    assert r.exit_code == 0, r.output
+    result = json.loads(r.stdout)
+    assert {arm: job["id"] for arm, job in result["jobs"].items()} == {"half": run_.half_job, "all": run_.all_job}
+    assert not any(job["created"] for job in result["jobs"].values())
+    assert result["n_half"] == 4 and result["n_all"] == 9 and result["cases"] == 3
+    assert [row["metric"] for row in result["rows"]] == [m for m, _, _ in sc.METRICS]
+    assert all(row["expected"] in ("yes", "yes (noise)", "no (noise)", "NO", "flat", "—") for row in result["rows"])
+    stop = next(row for row in result["rows"] if row["metric"] == "stop_rate")
+    assert stop["gain_per_doubling"] == pytest.approx((stop["all"] - stop["half"]) / sc.math.log2(9 / 4))
+    assert _answers(project) == asked  # stored answers: the rerun asked nothing
+    with Store.open(project) as store:
+        assert len(store.jobs()) == 2
+        rows = store._query("SELECT state FROM scaling_runs")
+        assert [r["state"] for r in rows] == ["finished"]
+        assert scs.latest(store).result["rows"] == result["rows"]
