@@ -101,6 +101,14 @@ class FakeOpenAI:
         self.replies: list[tuple[str, str]] = []
         self.in_flight = 0
         self.peak_in_flight = 0
+        # Rate limits enforced over a sliding window, as a provider does (set_limits): a request
+        # past them gets a 429 (a "breach"); every answer carries x-ratelimit-* headers then.
+        self.limit_rpm: int | None = None
+        self.limit_tpm: int | None = None
+        self.limit_window_s = 60.0
+        self.limit_headers = True
+        self.breaches = 0
+        self._admitted: list[tuple[float, int]] = []  # (arrival, tokens charged) within the window
         self._lock = threading.Lock()
         self._rng = random.Random(0)
         self._server: uvicorn.Server | None = None
@@ -148,6 +156,56 @@ class FakeOpenAI:
             self.reject_stream_options = False
             self.replies = []
             self.in_flight = self.peak_in_flight = 0
+            self.limit_rpm = self.limit_tpm = None
+            self.limit_window_s, self.limit_headers, self.breaches, self._admitted = 60.0, True, 0, []
+
+    def set_limits(self, rpm: int | None = None, tpm: int | None = None, window_s: float = 60.0,
+                   headers: bool = True) -> "FakeOpenAI":
+        """Enforce rpm/tpm over a sliding ``window_s`` (tokens charged as ``charged_tokens``);
+        ``headers``: send OpenAI's x-ratelimit-* headers with every answer."""
+        with self._lock:
+            self.limit_rpm, self.limit_tpm, self.limit_window_s, self.limit_headers = rpm, tpm, window_s, headers
+            self._admitted, self.breaches = [], 0
+        return self
+
+    def _admit(self, body: Any) -> tuple[bool, dict[str, str]]:
+        """Count a request against the limits: (admitted, headers: the x-ratelimit-* ones as
+        of its admission, as a provider's limiter computes them, and a 429's retry-after)."""
+        now, tokens = time.monotonic(), charged_tokens(body)
+        with self._lock:
+            self._expire(now)
+            in_window = sum(t for _, t in self._admitted)
+            over_requests = self.limit_rpm is not None and len(self._admitted) + 1 > self.limit_rpm
+            over_tokens = self.limit_tpm is not None and in_window + tokens > self.limit_tpm
+            if not (over_requests or over_tokens):
+                self._admitted.append((now, tokens))
+                return True, self._limit_headers(now)
+            self.breaches += 1
+            oldest = self._admitted[0][0] if self._admitted else now
+            wait = max(oldest + self.limit_window_s - now, 0.001)
+            return False, {"retry-after-ms": str(int(wait * 1000)), "retry-after": str(max(1, round(wait))),
+                           **self._limit_headers(now)}
+
+    def _expire(self, now: float) -> None:
+        edge = now - self.limit_window_s
+        while self._admitted and self._admitted[0][0] <= edge:
+            self._admitted.pop(0)
+
+    def _limit_headers(self, now: float) -> dict[str, str]:
+        """x-ratelimit-* as OpenAI sends them: what remains, and the time until the
+        budget is whole again (the newest admitted request leaves the window)."""
+        if not self.limit_headers:
+            return {}
+        reset = duration(self._admitted[-1][0] + self.limit_window_s - now) if self._admitted else "0s"
+        headers = {}
+        if self.limit_rpm is not None:
+            headers.update({"x-ratelimit-limit-requests": str(self.limit_rpm), "x-ratelimit-reset-requests": reset,
+                            "x-ratelimit-remaining-requests": str(max(0, self.limit_rpm - len(self._admitted)))})
+        if self.limit_tpm is not None:
+            used = sum(t for _, t in self._admitted)
+            headers.update({"x-ratelimit-limit-tokens": str(self.limit_tpm), "x-ratelimit-reset-tokens": reset,
+                            "x-ratelimit-remaining-tokens": str(max(0, self.limit_tpm - used))})
+        return headers
 
     def chat_requests(self) -> list[Recorded]:
         with self._lock:
@@ -197,6 +255,15 @@ class FakeOpenAI:
             return JSONResponse({"error": {"message": "the server is busy: too many requests queued",
                                            "type": "server_busy", "param": None, "code": "server_busy"}},
                                 status_code=429, headers={"retry-after": self.busy_retry_after})
+        if self.limit_rpm is not None or self.limit_tpm is not None:
+            admitted, limit_headers = self._admit(body)
+            if not admitted:
+                record.status, record.fault = 429, "rate_limit"
+                return JSONResponse({"error": {"message": "Rate limit reached", "type": "requests",
+                                               "param": None, "code": "rate_limit_exceeded"}},
+                                    status_code=429, headers=limit_headers)
+        else:
+            limit_headers = {}
         fault = self._pick_fault(prompt)
         record.fault = fault.kind if fault else None
         self._enter()
@@ -210,8 +277,8 @@ class FakeOpenAI:
                     and not (fault and fault.kind == "status")):
                 streaming = True
                 record.status = 200
-                return self._stream(body, prompt, fault)
-            response = self._answer(body, prompt, fault)
+                return self._stream(body, prompt, fault, limit_headers)
+            response = self._answer(body, prompt, fault, limit_headers)
             record.status = response.status_code
             return response
         finally:
@@ -227,7 +294,7 @@ class FakeOpenAI:
         with self._lock:
             self.in_flight -= 1
 
-    def _stream(self, body: dict, prompt: str, fault: Fault | None) -> Response:
+    def _stream(self, body: dict, prompt: str, fault: Fault | None, headers: dict | None = None) -> Response:
         """The reply as server-sent events, a word a chunk, ``chunk_delay_s`` apart."""
         from starlette.responses import StreamingResponse
 
@@ -266,7 +333,7 @@ class FakeOpenAI:
             finally:
                 self._leave()
 
-        return StreamingResponse(events(), media_type="text/event-stream")
+        return StreamingResponse(events(), media_type="text/event-stream", headers=headers)
 
     def _reply(self, body: dict, prompt: str) -> tuple[str, str]:
         # A match "model:NAME" answers every request to that model (a base and a tuned one).
@@ -279,9 +346,9 @@ class FakeOpenAI:
             text, finish = " ".join(words[:max_tokens]), "length"
         return text, finish
 
-    def _answer(self, body: Any, prompt: str, fault: Fault | None) -> Response:
+    def _answer(self, body: Any, prompt: str, fault: Fault | None, limit_headers: dict | None = None) -> Response:
         if fault and fault.kind == "status":
-            headers = {}
+            headers = dict(limit_headers or {})
             if fault.retry_after is not None:
                 headers["retry-after"] = str(fault.retry_after)
             if fault.retry_after_ms is not None:
@@ -297,7 +364,7 @@ class FakeOpenAI:
         text, finish = self._reply(body, prompt)
         choices = [] if fault and fault.kind == "empty" else [
             {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish}]
-        return JSONResponse({
+        return JSONResponse(headers=limit_headers, content={
             "id": f"chatcmpl-{len(self.requests)}", "object": "chat.completion", "created": int(time.time()),
             "model": body.get("model") or self.model, "choices": choices,
             "usage": {"prompt_tokens": len(prompt.split()), "completion_tokens": len(text.split()),
@@ -309,6 +376,8 @@ class FakeOpenAI:
         if data.get("reset"):
             self.reset()
         faults = [Fault(**f) for f in data["faults"]] if "faults" in data else None
+        if "limits" in data:
+            self.set_limits(**data["limits"])
         self.set(latency=data.get("latency"), faults=faults, seed=data.get("seed"),
                  chunk_delay_s=data.get("chunk_delay_s"), gridtune=data.get("gridtune"),
                  max_in_flight=data.get("max_in_flight"), ignore_stream=data.get("ignore_stream"),
@@ -317,6 +386,8 @@ class FakeOpenAI:
 
     async def _requests(self, request: Request) -> Response:
         with self._lock:
+            if request.query_params.get("summary"):  # counts only (a long benchmark run)
+                return JSONResponse({"requests": len(self.requests), "breaches": self.breaches})
             return JSONResponse([asdict(r) for r in self.requests])
 
     # -- lifecycle -------------------------------------------------------------------
@@ -345,6 +416,28 @@ class FakeOpenAI:
             self._server.should_exit = True
         if self._thread is not None:
             self._thread.join(timeout=5)
+
+
+def charged_tokens(body: Any) -> int:
+    """What the fake provider charges a request against its tpm, as providers do up
+    front: about a token per 4 characters of every message (plus 4 a message and 3),
+    and max_tokens for each of the n choices."""
+    if not isinstance(body, dict):
+        return 0
+    messages = body.get("messages") if isinstance(body.get("messages"), list) else []
+    prompt = sum(-(-len(str(m.get("content") or "")) // 4) + 4 for m in messages if isinstance(m, dict)) + 3
+    max_tokens = body.get("max_tokens") if isinstance(body.get("max_tokens"), int) else 16
+    n = body.get("n") if isinstance(body.get("n"), int) else 1
+    return prompt + max_tokens * n
+
+
+def duration(seconds: float) -> str:
+    """A reset time as OpenAI writes it: ``20ms``, ``1.5s``, ``6m0s``."""
+    if seconds < 1:
+        return f"{max(0, int(seconds * 1000))}ms"
+    if seconds < 60:
+        return f"{seconds:.3f}".rstrip("0").rstrip(".") + "s"
+    return f"{int(seconds // 60)}m{seconds % 60:.0f}s"
 
 
 def max_in_window(times: list[float], window_s: float) -> int:

@@ -40,17 +40,25 @@ import socket
 import sqlite3
 import threading
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable
 
+import httpx
 import openai
-from tenacity import AsyncRetrying, retry_if_exception, wait_exponential_jitter
+from tenacity import wait_exponential_jitter
 
 from ..store import RunLost, Store, WorkItem
 from .backend import Backend, resolve_backend
-from .estimate import (Estimate, ServerInfo, estimate_run, mean_prompt_tokens, resolve_concurrency, server_info,
-                       work_to_do)
+from .estimate import (
+    Estimate,
+    ServerInfo,
+    estimate_run,
+    mean_prompt_tokens,
+    resolve_concurrency,
+    server_info,
+    work_to_do,
+)
 from .grid import GridSpec
 from .progress import Progress, Tracker
 from .project import load_project_spec
@@ -62,7 +70,7 @@ log = logging.getLogger(__name__)
 PERMANENT_STATUS = {400, 401, 403, 404, 422}
 TRANSIENT_STATUS = {408, 409, 429}
 RETRY_AFTER_MAX_S = 120.0  # a server asking for longer is honoured only this far per attempt
-BUSY_ATTEMPTS = 60  # 429s (a full queue, a rate limit) are waited out this many times, apart from max_attempts
+RATE_LIMIT_WAIT_S = 3600.0  # 429s (a full queue, a rate limit) are not failed attempts: only this much time ends them
 
 
 class GenerateError(ValueError):
@@ -81,7 +89,8 @@ class GenerateOptions:
     temperature: float | None = None
     max_tokens: int | None = None
     timeout_s: float = 120.0
-    max_attempts: int = 6
+    max_attempts: int = 6  # failed attempts (errors, timeouts, malformed replies); a 429 is not one
+    rate_limit_wait_s: float = RATE_LIMIT_WAIT_S  # a request rate-limited (429) this long after its first send fails
     backoff_initial_s: float = 1.0
     backoff_max_s: float = 60.0
     progress_interval_s: float = 0.5
@@ -395,32 +404,45 @@ class _Wait:
 
 
 class _Stop:
-    """tenacity stop: after ``max_attempts`` failures, but a server saying it is busy
-    or rate-limited (429) is waited out up to BUSY_ATTEMPTS times besides: that is a
-    queue, not a fault, and with Retry-After honoured each wait is what it asked for."""
+    """tenacity stop: after ``max_attempts`` failures; a server saying it is busy or
+    rate-limited (429) is not a failure but a queue, waited out (with Retry-After
+    honoured) until ``max_wait_s`` have passed since the first attempt."""
 
-    def __init__(self, max_attempts: int):
+    def __init__(self, max_attempts: int, max_wait_s: float = RATE_LIMIT_WAIT_S):
         self.max_attempts = max_attempts
+        self.max_wait_s = max_wait_s
         self.busy = 0
 
     def __call__(self, state: Any) -> bool:
         exc = state.outcome.exception() if state.outcome else None
-        if retry_kind(exc) == "rate_limited" and isinstance(exc, openai.APIStatusError):
+        if _rate_limited(exc):
             self.busy += 1
-            return self.busy >= BUSY_ATTEMPTS
+            return (state.seconds_since_start or 0.0) >= self.max_wait_s
         return state.attempt_number - self.busy >= self.max_attempts
+
+
+def _rate_limited(exc: BaseException | None) -> bool:
+    """A 429 that asks us to wait (not one saying the quota is spent)."""
+    return isinstance(exc, openai.APIStatusError) and exc.status_code == 429 and not _insufficient_quota(exc)
+
+
+def backoff_s(failures: int, initial: float, maximum: float) -> float:
+    """Exponential backoff with jitter after ``failures`` (1, 2, ...) failed attempts."""
+    return min(maximum, initial * 2 ** (max(failures, 1) - 1)) + random.random() * initial
 
 
 # -- the run ---------------------------------------------------------------------
 
 
-def _token_estimator(model: str) -> Callable[[list[dict[str, str]]], int]:
+def _token_estimator(model: str, max_tokens: int, n: int = 1) -> Callable[[list[dict[str, str]]], int]:
+    """What a request may be charged by a tpm limit, never under (tokens.request_tokens)."""
     try:
-        from .tokens import count_message_tokens
-    except ImportError:  # the tokens module is optional here: estimate by characters
-        return lambda messages: sum(len(m["content"]) for m in messages) // 4 + 4
+        from .tokens import request_tokens
+    except ImportError:  # the tokens module is optional here: the characters-based bound alone
+        return lambda messages: (sum(-(-len(m["content"]) // 3) + 4 for m in messages) + 3
+                                 + max_tokens * max(1, n))
 
-    return lambda messages: count_message_tokens(messages, model)
+    return lambda messages: request_tokens(messages, model, max_tokens=max_tokens, n=n)
 
 
 def _coster(model: str) -> Callable[[str | None, int, int], float | None]:
@@ -537,18 +559,19 @@ class _Runner:
         self.tracker = Tracker(len(work), run_id, plan.model, estimate_s=estimate.seconds if estimate else None,
                                estimate=estimate.text if estimate else None,
                                expected_tokens=min(mean, max_tokens) if mean else max_tokens)
-        self.queue: asyncio.Queue[WorkItem] = asyncio.Queue()
-        for item in work:
-            self.queue.put_nowait(item)
+        # Ready work, retries first: a request back from waiting out a Retry-After or a
+        # backoff goes ahead of fresh work. A waiting request holds no slot: it sits on
+        # a timer (self.waiting), not in a worker.
+        self.ready: asyncio.PriorityQueue[tuple[int, int, Any]] = asyncio.PriorityQueue()
+        for seq, item in enumerate(work):
+            self.ready.put_nowait((1, seq, item))
+        self._seq = len(work)
+        self.left = len(work)  # neither done nor failed yet
+        self.active: set[_Job] = set()  # started, not ended: released (back to pending) on a stop
+        self.waiting: dict[_Job, asyncio.TimerHandle] = {}
         self.messages = lambda item: plan.spec.render(item.values).generation_messages()
-        self.estimates: dict[int, int] = {}
-        max_request = 0
-        if options.tpm:
-            estimate = _token_estimator(plan.model)
-            for item in work:
-                self.estimates[item.completion_id] = estimate(self.messages(item)) + plan.params["max_tokens"]
-            max_request = max(self.estimates.values(), default=0)
-        self.limits = RateLimits(options.rpm, options.tpm, max_request, options.rate_period_s)
+        self.estimate = _token_estimator(plan.model, plan.params["max_tokens"], plan.params.get("n", 1))
+        self.limits = RateLimits(options.rpm, options.tpm, 0, options.rate_period_s)
         self.cost = _coster(plan.model)
         self.client = plan.backend.async_client(timeout=options.timeout_s)
         self.stop_requested = False
@@ -557,8 +580,8 @@ class _Runner:
         self._progress_failed = False
 
     async def run(self) -> str:
-        workers = [asyncio.create_task(self._worker()) for _ in range(min(self.plan.concurrency,
-                                                                          self.queue.qsize()))]
+        self.workers = min(self.plan.concurrency, self.left)
+        workers = [asyncio.create_task(self._worker()) for _ in range(self.workers)]
         everything = asyncio.gather(*workers)
         stopping = asyncio.create_task(self.stop.wait())
         beating = asyncio.create_task(self._heartbeat())
@@ -576,6 +599,12 @@ class _Runner:
             for task in (stopping, beating, *workers):
                 task.cancel()
             await asyncio.gather(stopping, beating, *workers, everything, return_exceptions=True)
+            for handle in self.waiting.values():
+                handle.cancel()
+            for job in self.active:  # in flight or waiting to retry: back to pending, nothing half-written
+                self.writer.later(self.store.release_running, job.item.completion_id, self.run_id)
+                self.tracker.ended()
+            self.active.clear()
             await self.writer.close()
             await self.client.close()
             if self.writer.error is not None:
@@ -619,83 +648,124 @@ class _Runner:
 
     async def _worker(self) -> None:
         while not self.stop.is_set():
-            try:
-                item = self.queue.get_nowait()
-            except asyncio.QueueEmpty:
+            _priority, _seq, entry = await self.ready.get()
+            if entry is None:  # everything is done or failed
                 return
-            await self._generate(item)
+            await self._attempt(entry if isinstance(entry, _Job) else self._job(entry))
 
-    async def _generate(self, item: WorkItem) -> None:
-        plan, opts, tracker = self.plan, self.options, self.tracker
-        params = plan.params
+    def _job(self, item: WorkItem) -> "_Job":
+        params = self.plan.params
         if "seed" in params and item.sample:
             # A fixed seed would make every sample of a cell the same text.
             params = {**params, "seed": params["seed"] + item.sample}
-        body = {"model": plan.model, "messages": self.messages(item), **params}
-        estimate = self.estimates.get(item.completion_id, 0)
-        attempts = 0
+        job = _Job(item, {"model": self.plan.model, "messages": self.messages(item), **params}, params)
+        self.active.add(job)
         self.writer.later(self.store.mark_running, item.completion_id, self.run_id)
-        tracker.started()
-        retrying = AsyncRetrying(
-            stop=_Stop(opts.max_attempts),
-            wait=_Wait(opts.backoff_initial_s, opts.backoff_max_s),
-            retry=retry_if_exception(is_transient),
-            before_sleep=lambda state: tracker.retried(retry_kind(state.outcome.exception())),
-            reraise=True,
-        )
-        streamed = [0]  # tokens of this completion already counted in the tracker (all attempts)
+        self.tracker.started()
+        return job
+
+    async def _attempt(self, job: "_Job") -> None:
+        """Send one request of ``job``; the reply is saved, or the job waits for a retry
+        (off its worker), or it fails."""
+        tokens = 0
+        if self.limits.needs_token_estimate:
+            if job.tokens is None:
+                job.tokens = self.estimate(job.body["messages"])
+            tokens = job.tokens
+        job.mark = await self.limits.acquire(tokens)
+        started = time.monotonic()
+        if job.first_sent is None:
+            job.first_sent = started
+        job.sends += 1
         try:
-            async for attempt in retrying:
-                with attempt:
-                    attempts += 1
-                    await self.limits.acquire(estimate)
-                    started = time.monotonic()
-                    if self.streaming:
-                        reply = await self._stream_or_plain(body, streamed)
-                    else:
-                        # client.post, the openai client's documented raw-request method:
-                        # the same auth, timeout and error types as chat.completions.create,
-                        # without create()'s TypedDict transform of the request and pydantic
-                        # build of the reply, ~40% of the client's CPU per request here
-                        # (see bench/generate.py). parse_reply checks what we use.
-                        raw = await self.client.post("/chat/completions", body=body, cast_to=bytes)
-                        reply = parse_reply(raw)
-                    latency = time.monotonic() - started
+            if self.streaming:
+                reply = await self._stream_or_plain(job)
+            else:
+                # client.post, the openai client's documented raw-request method: the same
+                # auth, timeout and error types as chat.completions.create, without its
+                # TypedDict transform of the request and pydantic build of the reply (see
+                # bench/generate.py). parse_reply checks what we use.
+                response = await self.client.post("/chat/completions", body=job.body, cast_to=httpx.Response)
+                self.limits.observe(response.headers, job.mark)
+                reply = parse_reply(response.content)
         except asyncio.CancelledError:
-            self.writer.later(self.store.release_running, item.completion_id, self.run_id)
-            tracker.ended()
-            raise
-        except Exception as exc:  # every failure is recorded, never raised out of the run
-            kind = "transient" if is_transient(exc) else "permanent"
-            error = plan.backend.redact(describe(exc))
-            if kind == "transient":
-                error += f" (after {attempts} attempt{'s' if attempts != 1 else ''})"
-            tracker.failed(item.completion_id, error)
-            self.writer.later(self.store.save_failed, item.completion_id, error=error, error_kind=kind,
-                                   attempts=item.attempts + attempts, model=plan.model,
-                                   params=params, run_id=self.run_id)
+            raise  # run() puts every active job back to pending
+        except Exception as exc:  # every failure is retried or recorded, never raised out of the run
+            self._retry_or_fail(job, exc)
             return
+        self._done(job, reply, time.monotonic() - started)
+
+    def _retry_or_fail(self, job: "_Job", exc: Exception) -> None:
+        opts = self.options
+        response = getattr(exc, "response", None)
+        if isinstance(response, httpx.Response):
+            self.limits.observe(response.headers, job.mark)  # a 429 says what is left, and when it resets
+        if not is_transient(exc):
+            return self._fail(job, exc, "permanent")
+        asked = retry_after_s(exc)
+        if _rate_limited(exc):  # a queue, not a fault: only the total time bound ends it
+            job.busy += 1
+            if time.monotonic() - (job.first_sent or 0.0) >= opts.rate_limit_wait_s:
+                return self._fail(job, exc, "transient")
+            delay = backoff_s(job.busy, opts.backoff_initial_s, opts.backoff_max_s) if asked is None else asked
+        else:
+            job.failures += 1
+            if job.failures >= opts.max_attempts:
+                return self._fail(job, exc, "transient")
+            delay = backoff_s(job.failures, opts.backoff_initial_s, opts.backoff_max_s) if asked is None else asked
+        if asked is not None:  # honoured, with a little jitter so waiters do not return in lockstep
+            delay = min(delay, RETRY_AFTER_MAX_S) * (1 + random.random() * 0.1)
+        self.tracker.retried(retry_kind(exc))
+        self.waiting[job] = asyncio.get_running_loop().call_later(delay, self._wake, job)
+
+    def _wake(self, job: "_Job") -> None:
+        """A job has waited out its Retry-After or backoff: ahead of fresh work."""
+        del self.waiting[job]
+        self._seq += 1
+        self.ready.put_nowait((0, self._seq, job))
+
+    def _ended(self, job: "_Job") -> None:
+        self.active.discard(job)
+        self.left -= 1
+        if self.left == 0:  # nothing more will come back: let every worker go
+            for _ in range(self.workers):
+                self._seq += 1
+                self.ready.put_nowait((2, self._seq, None))
+
+    def _fail(self, job: "_Job", exc: Exception, kind: str) -> None:
+        error = self.plan.backend.redact(describe(exc))
+        if kind == "transient":
+            n = job.sends
+            error += f" (after {n} attempt{'s' if n != 1 else ''})"
+        self.tracker.failed(job.item.completion_id, error)
+        self.writer.later(self.store.save_failed, job.item.completion_id, error=error, error_kind=kind,
+                          attempts=job.item.attempts + job.sends, model=self.plan.model,
+                          params=job.params, run_id=self.run_id)
+        self._ended(job)
+
+    def _done(self, job: "_Job", reply: "Reply", latency: float) -> None:
+        plan, item = self.plan, job.item
         cost = None
         if reply.prompt_tokens is not None and reply.completion_tokens is not None:
             cost = self.cost(reply.model, reply.prompt_tokens, reply.completion_tokens)
-        tracker.done(item.completion_id, reply.text, reply.completion_tokens or reply.chunks, cost,
-                     streamed=streamed[0])
+        self.tracker.done(item.completion_id, reply.text, reply.completion_tokens or reply.chunks, cost,
+                          streamed=job.streamed[0])
         # Queued, not awaited: the writer commits it in order and is drained before
         # the run is finished, so a stop arriving now still lets it commit whole.
         self.writer.later(
             self.store.save_redone if self.options.redo else self.store.save_done,
-            item.completion_id, text=reply.text, model=reply.model or plan.model, params=params,
+            item.completion_id, text=reply.text, model=reply.model or plan.model, params=job.params,
             prompt_tokens=reply.prompt_tokens, completion_tokens=reply.completion_tokens,
             latency_s=round(latency, 4), finish_reason=reply.finish_reason,
-            attempts=item.attempts + attempts, run_id=self.run_id,
+            attempts=item.attempts + job.sends, run_id=self.run_id,
         )
+        self._ended(job)
 
-
-    async def _stream_or_plain(self, body: dict[str, Any], streamed: list[int]) -> "Reply":
+    async def _stream_or_plain(self, job: "_Job") -> "Reply":
         """Stream; a server that refuses stream/stream_options with a 400 (older
         compatible servers, old Azure API versions) gets plain requests from then on."""
         try:
-            return await self._stream(body, streamed)
+            return await self._stream(job)
         except openai.APIStatusError as exc:
             if exc.status_code not in (400, 422) or "stream" not in describe(exc).lower():
                 raise
@@ -703,9 +773,11 @@ class _Runner:
                 self.streaming = False
                 log.warning("run #%s: the server refused a streamed request (%s); sending plain requests",
                             self.run_id, self.plan.backend.redact(describe(exc)))
-        return parse_reply(await self.client.post("/chat/completions", body=body, cast_to=bytes))
+        response = await self.client.post("/chat/completions", body=job.body, cast_to=httpx.Response)
+        self.limits.observe(response.headers, job.mark)
+        return parse_reply(response.content)
 
-    async def _stream(self, body: dict[str, Any], streamed: list[int]) -> "Reply":
+    async def _stream(self, job: "_Job") -> "Reply":
         """One streamed request: the reply gathered from its chunks.
 
         The client's timeout is then httpx's read timeout *between* chunks (and the
@@ -715,10 +787,12 @@ class _Runner:
         a pydantic model per token. Content pieces count as tokens in the tracker as
         they arrive (``streamed[0]`` keeps the total across attempts).
         """
-        request = {**body, "stream": True, "stream_options": {"include_usage": True}}
+        streamed = job.streamed
+        request = {**job.body, "stream": True, "stream_options": {"include_usage": True}}
         stream = await self.client.post("/chat/completions", body=request, cast_to=object, stream=True,
                                         stream_cls=openai.AsyncStream[object])
         async with stream:
+            self.limits.observe(stream.response.headers, job.mark)
             content_type = stream.response.headers.get("content-type", "")
             if "event-stream" not in content_type:  # a server that ignores stream=true: one plain body
                 return parse_reply(await stream.response.aread())
@@ -736,6 +810,22 @@ class _Runner:
             except ValueError as exc:  # a chunk that is not JSON
                 raise MalformedResponse(f"a stream chunk is not JSON ({exc})") from None
         return gathered.reply()
+
+
+@dataclass(eq=False)
+class _Job:
+    """One completion on its way: its request, and how its attempts went."""
+
+    item: WorkItem
+    body: dict[str, Any]
+    params: dict[str, Any]  # as stored with the completion
+    tokens: int | None = None  # what a tpm limit may charge it (computed when a limit needs it)
+    sends: int = 0  # requests sent (stored as attempts)
+    failures: int = 0  # failed attempts (errors, timeouts, malformed); 429s are not
+    busy: int = 0  # 429s waited out
+    first_sent: float | None = None
+    mark: tuple[int, float] | None = None  # what the limiter had sent up to its last request (see observe)
+    streamed: list[int] = field(default_factory=lambda: [0])  # tokens already counted in the tracker
 
 
 class _Gathered:

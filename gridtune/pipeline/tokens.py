@@ -135,3 +135,20 @@ def count_message_tokens(messages: Iterable[dict[str, Any]], model: str | None =
 def count_assistant_tokens(messages: Iterable[dict[str, Any]], model: str | None = None) -> int:
     enc = get_encoding(model)
     return sum(_count(enc, m.get("content")) for m in messages if m.get("role") == "assistant")
+
+
+CHARS_PER_TOKEN_BOUND = 3  # a prompt is charged at least len(text) / 3 tokens (see request_tokens)
+
+
+def request_tokens(messages: Iterable[dict[str, Any]], model: str | None = None, *, max_tokens: int = 0,
+                   n: int = 1) -> int:
+    """What a provider's rate limiter charges a chat request, never under: the larger
+    of the encoder's count of the prompt and a characters-based bound (len / 3,
+    rounded up, plus the per-message overhead), plus ``max_tokens`` for each of the
+    ``n`` choices, which providers reserve up front. The bound covers text the
+    encoder counts lower than the provider does (another tokenizer, a local model)."""
+    messages = list(messages)
+    encoded = count_message_tokens(messages, model)
+    chars = sum(len(v) for m in messages for v in m.values() if isinstance(v, str))
+    by_chars = -(-chars // CHARS_PER_TOKEN_BOUND) + 3 + 4 * len(messages)
+    return max(encoded, by_chars) + max(0, max_tokens) * max(1, n)

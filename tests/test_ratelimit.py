@@ -1,0 +1,213 @@
+"""Rate limits and retries of the generation runner (issue 12, part 1): the limiter's
+sliding window and the provider's x-ratelimit-* headers, the token estimate that
+never undercounts, 429s that are not failed attempts, and a waiting request that
+gives its slot to another. Against the real loopback fake server."""
+
+from __future__ import annotations
+
+import asyncio
+from collections import Counter, defaultdict
+
+import pytest
+
+from gridtune.pipeline.grid import GenerationSettings, GridSpec
+from gridtune.pipeline.project import create_project
+from gridtune.pipeline.ratelimit import RateLimits, parse_reset
+from gridtune.pipeline.tokens import count_message_tokens, request_tokens
+from tests.fakeserver import Fault, charged_tokens, duration, max_in_window
+from tests.test_generate import completions, generate, make_project, prompt
+
+
+@pytest.mark.parametrize("text, seconds", [("6m0s", 360.0), ("1s", 1.0), ("20ms", 0.02), ("1h2m3.5s", 3723.5),
+                                           ("8.64s", 8.64), ("0.5", 0.5), ("0s", 0.0)])
+def test_reset_durations_in_openai_formats(text, seconds):
+    assert parse_reset(text) == pytest.approx(seconds)
+    assert parse_reset(duration(seconds)) == pytest.approx(seconds, abs=0.001 if seconds < 60 else 0.5)
+
+
+@pytest.mark.parametrize("text", ["", "soon", "5x", "-1", "1s2", None])
+def test_unreadable_reset_is_none(text):
+    assert parse_reset(text) is None
+
+
+def test_the_window_allows_its_burst_and_then_waits_for_the_oldest():
+    limits = RateLimits(rpm=5, period_s=10.0)
+    for i in range(5):  # a whole window's budget at once
+        assert limits.wait_s(now=100.0 + i * 0.01) == 0
+        limits._record(0, 100.0 + i * 0.01)
+    wait = limits.wait_s(now=101.0)
+    assert 9.0 < wait <= 9.0 + 0.2  # until the first leaves the window (plus the margin)
+    assert limits.wait_s(now=101.0 + wait) == 0
+
+
+def test_tokens_wait_until_enough_have_left_the_window():
+    limits = RateLimits(tpm=1000, period_s=10.0)
+    for t, tokens in ((0.0, 400), (1.0, 400), (2.0, 100)):
+        assert limits.wait_s(tokens, now=t) == 0
+        limits._record(tokens, t)
+    assert limits.wait_s(100, now=3.0) == 0
+    assert 10.0 - 3.0 <= limits.wait_s(500, now=3.0) < 10.0 - 3.0 + 0.2  # the first must leave
+    wait = limits.wait_s(600, now=3.0)  # the first two must leave
+    assert 1.0 + 10.0 - 3.0 <= wait < 1.0 + 10.0 - 3.0 + 0.2
+    assert limits.wait_s(5000, now=3.0) > 0  # larger than the budget: waits for an empty window...
+    assert limits.wait_s(5000, now=30.0) == 0  # ...but is never refused
+
+
+def test_headers_gate_requests_until_their_reset():
+    limits = RateLimits()  # nothing configured: the provider's word alone
+    assert not limits.active
+    limits.observe({"x-ratelimit-limit-requests": "10", "x-ratelimit-remaining-requests": "2",
+                    "x-ratelimit-reset-requests": "1.5s"}, now=50.0)
+    assert limits.active
+    assert limits.wait_s(now=50.0) == 0
+    limits._record(0, 50.0)
+    limits._record(0, 50.1)
+    assert limits.wait_s(now=50.2) == pytest.approx(1.3)  # spent: wait for the reset
+    assert limits.wait_s(now=51.6) == 0  # whole again after it
+    limits.observe({"x-ratelimit-remaining-tokens": "300", "x-ratelimit-reset-tokens": "20ms"}, now=60.0)
+    assert limits.needs_token_estimate
+    assert limits.wait_s(200, now=60.0) == 0 and limits.wait_s(400, now=60.0) == pytest.approx(0.02)
+    limits.observe({"x-request-id": "abc"}, now=61.0)  # no budget in it: changes nothing
+    assert limits.wait_s(400, now=60.0) == pytest.approx(0.02)
+
+
+LONG_PROMPTS = {
+    # The encoder counts these far below a characters-based bound (a provider's counter
+    # may not share our tokenizer) ...
+    "repeated": "a" * 3000,
+    "spaces": "word " + " " * 2500 + "end",
+    # ... and these far above it (many tokens per character).
+    "cjk": "\u6f22\u5b57\u306e\u6587\u7ae0\u3002" * 400,
+    "digits and symbols": "".join(f"{i * 7919 % 1000:03d}#@!" for i in range(600)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(LONG_PROMPTS))
+def test_the_estimate_never_undercounts_a_planted_long_prompt(name):
+    messages = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": LONG_PROMPTS[name]}]
+    body = {"model": "gpt-4o-mini", "messages": messages, "max_tokens": 200, "n": 3}
+    estimate = request_tokens(messages, "gpt-4o-mini", max_tokens=200, n=3)
+    encoded = count_message_tokens(messages, "gpt-4o-mini")
+    assert estimate >= encoded + 600  # max_tokens is reserved for each of the n choices
+    assert estimate >= sum(len(m["content"]) for m in messages) / 3 + 600
+    assert estimate >= charged_tokens(body)  # what the fake provider charges it
+    assert estimate <= max(encoded, sum(len(m["content"]) for m in messages) / 3) * 1.2 + 700  # and not wildly over
+
+
+def test_tpm_enforced_by_the_server_with_a_long_prompt_is_never_breached(tmp_path, fake_openai):
+    # One cell's prompt is long and made of text the encoder counts low; the server counts
+    # characters. An estimate from the encoder alone would breach; ours never does.
+    spec = GridSpec(name="t", generation="Write about {a}.",
+                    variables={"a": ["x" * 2400, *[f"short {i}" for i in range(11)]]},
+                    settings=GenerationSettings(model="gpt-4o-mini", max_tokens=50))
+    path = tmp_path / "long.gridtune"
+    create_project(path, spec).close()
+    fake_openai.set_limits(tpm=900, window_s=1.5, headers=False)
+    result = generate(path, concurrency=8, tpm=900, rate_period_s=1.5)
+    assert result.exit_code == 0 and result.progress.done == 12
+    assert fake_openai.breaches == 0
+    assert Counter(r.status for r in fake_openai.chat_requests()) == {200: 12}
+
+
+def test_a_429_storm_does_not_use_up_max_attempts(tmp_path, fake_openai):
+    path = make_project(tmp_path, n_a=3, n_b=2)
+    # Every request is rate-limited four times before it is answered; max_attempts is 2.
+    fake_openai.set(faults=[Fault(status=429, count=4, match=prompt(a, b), retry_after_ms="20",
+                                  code="rate_limit_exceeded") for a in (1, 2, 3) for b in "pq"])
+    result = generate(path, concurrency=3, max_attempts=2)
+    assert result.exit_code == 0 and result.progress.done == 6 and result.progress.failed == 0
+    assert all(r.attempts == 5 for r in completions(path))
+    assert result.progress.retry_reasons == {"rate_limited": 24}
+
+
+def test_only_the_time_bound_ends_a_rate_limit(tmp_path, fake_openai):
+    path = make_project(tmp_path, n_a=1, n_b=1)
+    fake_openai.set(faults=[Fault(status=429, retry_after_ms="50", code="rate_limit_exceeded")])
+    result = generate(path, max_attempts=2, rate_limit_wait_s=0.5)
+    assert result.progress.failed == 1
+    (record,) = completions(path, "failed")
+    assert "HTTP 429" in record.error and record.attempts >= 5  # far more than max_attempts, then the bound
+
+
+def test_a_failure_other_than_429_still_counts_against_max_attempts(tmp_path, fake_openai):
+    path = make_project(tmp_path, n_a=1, n_b=1)
+    fake_openai.set(faults=[Fault(status=500)])
+    result = generate(path, max_attempts=3)
+    assert result.progress.failed == 1
+    assert len(fake_openai.chat_requests()) == 3
+
+
+def test_a_request_waiting_out_a_retry_after_gives_its_slot_and_comes_back_first(tmp_path, fake_openai):
+    # Concurrency 4. The first four cells are told to come back in 1 s; while they wait,
+    # the others are served at the full concurrency; when they return they go ahead of
+    # the fresh work still queued.
+    path = make_project(tmp_path, n_a=12, n_b=4)  # 48 cells
+    waiting = [prompt(1, b) for b in "pqrs"]
+    fake_openai.set(latency=0.1, faults=[Fault(status=429, count=1, match=p, retry_after="1") for p in waiting])
+    result = generate(path, concurrency=4, max_attempts=2)
+    assert result.exit_code == 0 and result.progress.done == 48
+    requests = sorted(fake_openai.chat_requests(), key=lambda r: r.t)
+    sent = defaultdict(list)
+    for r in requests:
+        sent[r.prompt].append(r.t)
+    told = max(sent[p][0] for p in waiting)
+    back = min(sent[p][1] for p in waiting)
+    assert back - told >= 0.9
+    # While they waited, the server had the whole concurrency busy with other cells.
+    during = [r for r in requests if told + 0.15 < r.t < told + 0.85 and r.prompt not in waiting]
+    assert len(during) >= 16  # 4 slots x ~7 rounds of 0.1 s; a held slot would leave none
+    # Back from waiting, they went before the fresh work that was still queued.
+    later_fresh = [r for r in requests if r.t > back and r.prompt not in waiting]
+    assert later_fresh, "fresh work was still queued when they came back"
+    assert max(sent[p][1] for p in waiting) <= min(r.t for r in later_fresh) + 0.12
+
+
+def test_the_providers_headers_slow_the_runner_without_a_429(tmp_path, fake_openai):
+    # No --rpm: the server enforces 6 requests per 1.5 s and says so in its headers.
+    path = make_project(tmp_path, n_a=5, n_b=3)  # 15 requests
+    fake_openai.set(latency=0.05)
+    fake_openai.set_limits(rpm=6, window_s=1.5)
+    result = generate(path, concurrency=5)
+    assert result.exit_code == 0 and result.progress.done == 15
+    assert fake_openai.breaches == 0
+    times = [r.t for r in fake_openai.chat_requests()]
+    assert len(times) == 15 and max_in_window(times, 1.5) <= 6
+    assert max(times) - min(times) >= 2 * 1.5 - 0.1  # three windows' worth: it waited for the resets
+
+
+def test_without_the_headers_the_same_server_turns_requests_away(tmp_path, fake_openai):
+    # The contrast: a server that enforces the same limit without saying so; the run
+    # still ends with every cell done (429s are waited out), but only after breaches.
+    path = make_project(tmp_path, n_a=5, n_b=3)
+    fake_openai.set(latency=0.05)
+    fake_openai.set_limits(rpm=6, window_s=1.5, headers=False)
+    result = generate(path, concurrency=5)
+    assert result.exit_code == 0 and result.progress.done == 15
+    assert fake_openai.breaches > 0
+
+
+def test_configured_limits_with_a_burst_stay_within_the_window(tmp_path, fake_openai):
+    path = make_project(tmp_path, n_a=6, n_b=3)  # 18 requests at 8 per 1.5 s
+    fake_openai.set_limits(rpm=8, window_s=1.5, headers=False)
+    result = generate(path, concurrency=8, rpm=8, rate_period_s=1.5)
+    assert result.exit_code == 0 and fake_openai.breaches == 0
+    times = sorted(r.t for r in fake_openai.chat_requests())
+    assert max_in_window(times, 1.5) == 8
+    assert times[7] - times[0] < 0.3  # the window's burst is used at once, not paced out
+    assert times[-1] - times[0] < 2 * 1.5 + 0.5  # three bursts: two windows, not 18/8 of one paced
+
+
+def test_request_pool_waits_out_429s_past_max_attempts(fake_openai):
+    from gridtune.pipeline.backend import resolve_backend
+    from gridtune.pipeline.request_pool import Pool, PoolOptions, Request
+
+    fake_openai.set(faults=[Fault(status=429, count=6, retry_after_ms="10", code="rate_limit_exceeded")])
+    got = []
+
+    async def on_result(item, reply, error, latency):
+        got.append((item, reply is not None, error))
+
+    pool = Pool(resolve_backend(), PoolOptions(concurrency=2, max_attempts=2, backoff_initial_s=0.01))
+    body = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+    asyncio.run(pool.run([1, 2], lambda i: Request("/chat/completions", body, 10), on_result))
+    assert sorted(got) == [(1, True, None), (2, True, None)]
