@@ -1,5 +1,5 @@
 """The OpenAI-compatible HTTP app (Starlette): models, chat and legacy completions,
-files and fine-tuning jobs. Wire shapes come from the ``openai`` package's types.
+files, batches and fine-tuning jobs. Wire shapes come from the ``openai`` package's types.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ from starlette.routing import Route
 from gridtune.core.files import private_dir
 from gridtune.core.net import is_loopback
 
+from .batches import BatchManager
 from .engine import Delta, Engine, EngineError, SamplingParams, new_id
 from .errors import APIError, invalid
 from .files import DEFAULT_MAX_BYTES, DEFAULT_QUOTA_BYTES, FileStore
@@ -73,12 +74,13 @@ class ServerState:
     in_flight: int = 0
     reserved: int = 0  # rows admitted by the app and not finished (>= engine.load)
     reserved_tokens: int = 0  # their token budgets, for the Retry-After estimate
+    batches: BatchManager | None = None  # /v1/batches (build_state makes it)
 
     @property
     def idle_for(self) -> float:
         """Seconds with no request in flight, no job queued or running and no generation
         (counted from the end of the last job, not from the last request before it)."""
-        if self.in_flight or self.jobs.active or self.engine.busy:
+        if self.in_flight or self.jobs.active or self.engine.busy or (self.batches and self.batches.active):
             self.last_activity = time.monotonic()
             return 0.0
         return time.monotonic() - self.last_activity
@@ -588,16 +590,7 @@ async def chat_completions(request: Request) -> Response:
         results = await _results_unless_abandoned(request, state, model, prompt, params, n)
         if results is None:
             return Response(status_code=499)  # nobody reads it; the generation was cancelled
-        usage = CompletionUsage(prompt_tokens=len(prompt), completion_tokens=sum(r[2] for r in results),
-                                total_tokens=len(prompt) + sum(r[2] for r in results))
-        resp = ChatCompletion(
-            id=cid, object="chat.completion", created=created, model=model, system_fingerprint="gridtune-local",
-            choices=[{"index": i, "finish_reason": reason, "logprobs": None,
-                      "message": {"role": "assistant", "content": text, "refusal": None}}
-                     for i, (text, reason, _) in enumerate(results)],
-            usage=usage,
-        )
-        return JSONResponse(resp.model_dump(mode="json", exclude_unset=True), headers=headers)
+        return JSONResponse(_chat_body(cid, created, model, prompt, results), headers=headers)
 
     def chunk(choices: list[dict[str, Any]], usage: CompletionUsage | None = None) -> dict[str, str]:
         c = ChatCompletionChunk(id=cid, object="chat.completion.chunk", created=created, model=model,
@@ -627,6 +620,59 @@ async def chat_completions(request: Request) -> Response:
 
     # On a disconnect sse-starlette cancels events(); _merged then closes every engine.generate.
     return EventSourceResponse(events(), sep="\n", headers=headers)
+
+
+def _chat_body(cid: str, created: int, model: str, prompt: list[int],
+               results: list[tuple[str, str, int]]) -> dict[str, Any]:
+    """A non-streamed chat.completion body for ``results`` (text, finish reason, tokens)."""
+    usage = CompletionUsage(prompt_tokens=len(prompt), completion_tokens=sum(r[2] for r in results),
+                            total_tokens=len(prompt) + sum(r[2] for r in results))
+    resp = ChatCompletion(
+        id=cid, object="chat.completion", created=created, model=model, system_fingerprint="gridtune-local",
+        choices=[{"index": i, "finish_reason": reason, "logprobs": None,
+                  "message": {"role": "assistant", "content": text, "refusal": None}}
+                 for i, (text, reason, _) in enumerate(results)],
+        usage=usage,
+    )
+    return resp.model_dump(mode="json", exclude_unset=True)
+
+
+BATCH_WAIT_S = 0.2  # how often a batch line waiting for a place in the queue looks again
+
+
+async def _batch_request(state: ServerState, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+    """One line of a batch: the checks, queue and engine of /v1/chat/completions, except
+    that a full queue is waited out (a batch has 24 hours) instead of answered with 429.
+    Returns (status, body) as the endpoint would have answered."""
+    try:
+        model = _model(state, body)
+        messages = _messages(body)
+        if body.get("tools") or body.get("functions"):
+            raise invalid("tools and functions are not supported by this local server", param="tools")
+        params, n, stream, _usage = _sampling(body)
+        if stream:
+            raise invalid("stream is not allowed in a batch request", param="stream")
+        _check_n(state, n)
+        _check_chars(state, sum(len(m["content"]) + 16 for m in messages), "messages")
+        while max(state.engine.load, state.reserved) + n > state.max_queue:
+            await asyncio.sleep(BATCH_WAIT_S)
+        tokens = n * int(params.max_tokens or state.engine.default_max_tokens)
+        state.reserved += n
+        state.reserved_tokens += tokens
+        try:
+            try:
+                prompt = await asyncio.to_thread(state.engine.chat_prompt, model, messages)
+            except EngineError as exc:
+                raise _engine_error(exc) from None
+            _check_prompt(state, prompt, "messages")
+            _clamp_tokens(state, params, prompt)
+            results = await _collect_n(state.engine, model, prompt, params, n)
+        finally:
+            state.reserved -= n
+            state.reserved_tokens -= tokens
+        return 200, _chat_body(new_id("chatcmpl"), int(time.time()), model, prompt, results)
+    except APIError as exc:
+        return exc.status, exc.body()
 
 
 async def completions(request: Request) -> Response:
@@ -861,6 +907,35 @@ async def export_model(request: Request) -> Response:
     return JSONResponse({"object": "model.export", "model": model, "output_dir": str(path)})
 
 
+# -- batches -------------------------------------------------------------------------------
+
+def _batches(request: Request) -> BatchManager:
+    batches = _state(request).batches
+    if batches is None:
+        raise APIError(404, "this server has no batches")
+    return batches
+
+
+async def create_batch(request: Request) -> Response:
+    body = await _json_body(request)
+    return JSONResponse(_batches(request).create(body))
+
+
+async def list_batches(request: Request) -> Response:
+    data, more = _batches(request).list(request.query_params.get("after"), _limit(request))
+    return JSONResponse({"object": "list", "data": data, "has_more": more,
+                         "first_id": data[0]["id"] if data else None, "last_id": data[-1]["id"] if data else None})
+
+
+async def get_batch(request: Request) -> Response:
+    batches = _batches(request)
+    return JSONResponse(batches.public(batches.get(request.path_params["batch_id"])))
+
+
+async def cancel_batch(request: Request) -> Response:
+    return JSONResponse(await _batches(request).cancel(request.path_params["batch_id"]))
+
+
 # -- the app -------------------------------------------------------------------------------
 
 async def _api_error(request: Request, exc: APIError) -> Response:
@@ -893,6 +968,8 @@ def create_app(state: ServerState, *, on_startup: list | None = None, on_shutdow
     async def lifespan(app: Starlette):
         state.engine.start()
         await state.jobs.start()
+        if state.batches is not None:
+            await state.batches.start()
         # The model is loaded and its speed measured (a second or two) before the server
         # announces itself: the first client then gets real figures for its estimate.
         await asyncio.to_thread(state.engine.wait_ready, 300)
@@ -903,6 +980,8 @@ def create_app(state: ServerState, *, on_startup: list | None = None, on_shutdow
         finally:
             for fn in on_shutdown or []:
                 await fn()
+            if state.batches is not None:
+                await state.batches.close()
             await state.jobs.close()
             await asyncio.to_thread(state.engine.close)
 
@@ -916,6 +995,10 @@ def create_app(state: ServerState, *, on_startup: list | None = None, on_shutdow
         Route("/v1/files/{file_id}", get_file, methods=["GET"]),
         Route("/v1/files/{file_id}", delete_file, methods=["DELETE"]),
         Route("/v1/files/{file_id}/content", file_content, methods=["GET"]),
+        Route("/v1/batches", create_batch, methods=["POST"]),
+        Route("/v1/batches", list_batches, methods=["GET"]),
+        Route("/v1/batches/{batch_id}", get_batch, methods=["GET"]),
+        Route("/v1/batches/{batch_id}/cancel", cancel_batch, methods=["POST"]),
         Route("/v1/fine_tuning/jobs", create_job, methods=["POST"]),
         Route("/v1/fine_tuning/jobs", list_jobs, methods=["GET"]),
         Route("/v1/fine_tuning/jobs/{job_id}", get_job, methods=["GET"]),
@@ -948,10 +1031,21 @@ def build_state(loaded: Any, data_dir: Path, *, api_key: str | None = None, toke
     files = FileStore(Path(data_dir) / "files", max_bytes=max_upload_bytes, quota_bytes=max_files_bytes)
     jobs = JobManager(Path(data_dir), files, base_model_id=engine.base_id,
                       base_model_source=base_source or loaded.name, on_model=engine.register_tuned)
-    files.references = jobs.file_refs
-    return ServerState(engine=engine, files=files, jobs=jobs, api_key=api_key, token=token,
+    state = ServerState(engine=engine, files=files, jobs=jobs, api_key=api_key, token=token,
                        max_queue=max_queue if max_queue else 4 * max_batch, max_body_bytes=max_body_bytes,
                        export_root=Path(export_root) if export_root else Path(data_dir) / "exports",
                        allowed_hosts=frozenset(h.strip().lower() for h in allowed_hosts if h.strip()),
                        allowed_origins=frozenset(o.strip().rstrip("/").lower() for o in allowed_origins
                                                  if o.strip()))
+    batches = BatchManager(Path(data_dir), files, lambda body: _batch_request(state, body),
+                           concurrency=lambda: engine.max_batch)
+    state.batches = batches
+
+    def references() -> dict[str, bool]:  # a file an active job or batch needs is never deleted for room
+        refs = jobs.file_refs()
+        for file_id, needed in batches.file_refs().items():
+            refs[file_id] = refs.get(file_id, False) or needed
+        return refs
+
+    files.references = references
+    return state

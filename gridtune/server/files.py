@@ -28,6 +28,7 @@ from .errors import APIError, invalid, not_found
 log = logging.getLogger("gridtune.server")
 
 PURPOSES = ("fine-tune", "batch")
+OUTPUT_PURPOSES = ("batch_output",)  # files the server writes itself (a batch's results), never uploads
 DEFAULT_MAX_BYTES = 512 * 1024 * 1024
 DEFAULT_QUOTA_BYTES = 2 * 1024 * 1024 * 1024
 
@@ -97,8 +98,8 @@ class FileStore:
     def _valid_id(file_id: str) -> bool:
         return file_id.startswith("file-") and file_id[5:].isalnum() and len(file_id) < 64
 
-    def create(self, src: BinaryIO, *, filename: str, purpose: str) -> dict[str, Any]:
-        if purpose not in PURPOSES:
+    def create(self, src: BinaryIO, *, filename: str, purpose: str, output: bool = False) -> dict[str, Any]:
+        if purpose not in PURPOSES and not (output and purpose in OUTPUT_PURPOSES):
             raise invalid(f"'{purpose}' is not a supported purpose here; use one of: {', '.join(PURPOSES)}",
                           param="purpose")
         private_dir(self.root)
