@@ -40,7 +40,7 @@ class GridtuneCommands(Provider):
 
     def _commands(self) -> Iterator[tuple[str, object, str]]:
         app: GridtuneApp = self.app  # type: ignore[assignment]
-        sections = getattr(app, "sections", {})
+        sections = app.sections  # this provider is GridtuneApp's (App.COMMANDS)
         for mode, section in sections.items():
             yield f"{section.title}: open", partial(app.action_section, mode), f"{section.key.upper()}"
         for mode, section in sections.items():

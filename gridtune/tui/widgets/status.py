@@ -17,10 +17,15 @@ class StatusLine(Widget):
     """
     COMPONENT_CLASSES = {"status-line--tab", "status-line--current", "status-line--key", "status-line--dim"}
 
+    def _gridtune_app(self):  # -> GridtuneApp | None; the app module imports this one
+        from ..app import GridtuneApp
+
+        return self.app if isinstance(self.app, GridtuneApp) else None
+
     def on_mount(self) -> None:
-        app = self.app
-        for name in ("status_counts", "backend_label"):
-            if hasattr(app, name):
+        app = self._gridtune_app()
+        if app is not None:  # a screen hosted alone (a test) has no status line to show
+            for name in ("status_counts", "backend_label"):
                 self.watch(app, name, self._changed, init=False)
 
     def _changed(self, _value: object = None) -> None:
@@ -32,9 +37,11 @@ class StatusLine(Widget):
         return self.screen.MODE if isinstance(self.screen, SectionScreen) else None
 
     def render(self) -> Text:
-        app = self.app
+        app = self._gridtune_app()
+        if app is None:
+            return Text()
         width = self.size.width
-        sections = getattr(app, "sections", {})
+        sections = app.sections
         mine = self._my_mode()
         key_style = self.get_component_rich_style("status-line--key")
         tab_style = self.get_component_rich_style("status-line--tab")
@@ -45,13 +52,13 @@ class StatusLine(Widget):
             style = cur_style if mode == mine else tab_style
             line1.append(f" {section.key.upper()}", key_style if mode != mine else cur_style)
             line1.append(f" {section.title} ", style)
-        project = getattr(getattr(app, "ctx", None), "name", "")
+        project = app.ctx.name
         room = width - line1.cell_len - 1
         if project and room > 4:
             name = project if len(project) <= room else project[: room - 1] + "…"
             line1.append(" " * (room - len(name)) + name + " ", "bold")
-        counts = getattr(app, "status_counts", "") or "…"
-        backend = getattr(app, "backend_label", "")
+        counts = app.status_counts or "…"
+        backend = app.backend_label
         line2 = Text(no_wrap=True, overflow="ellipsis")
         line2.append(f" {counts}")
         room = width - line2.cell_len - 3
