@@ -97,11 +97,15 @@ class GenerateScreen(SectionScreen):
     CSS_PATH = "generate.tcss"
     HELP_TITLE = "Generate"
     HELP = ("s starts a run with the options shown (o edits them; ctrl+s saves them as the grid's defaults). "
-            "Runs go on in the background when the app quits; p pauses, c cancels, s resumes.")
+            "Runs go on in the background when the app quits; p pauses, c cancels, s resumes. "
+            "b sends the pending cells through the provider's Batch API instead (half the price, results "
+            "within 24 h); the batch is followed in the background, and b (or s) picks it up again.")
     AUTO_FOCUS = ""  # letters are commands until `o` (or tab) enters the options
     BINDINGS = [
         Binding("s", "start", "Start", id="generate.start"),
         Binding("s", "resume", "Resume", id="generate.resume"),
+        Binding("b", "start_batch", "Batch", show=False, id="generate.batch",
+                tooltip="generate through the Batch API (half price, within 24 h)"),
         Binding("p", "pause", "Pause", id="generate.pause"),
         Binding("c", "cancel", "Cancel", id="generate.cancel"),
         Binding("o", "edit_settings", "Options", id="generate.options"),
@@ -423,6 +427,8 @@ class GenerateScreen(SectionScreen):
         return bool(snap and snap.run and (snap.counts.pending or snap.counts.failed))
 
     def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
+        if action == "start_batch":
+            return not (self._active() or self.busy)
         if action in ("start", "resume"):
             if self._active() or self.busy:
                 return False
@@ -454,7 +460,10 @@ class GenerateScreen(SectionScreen):
     def action_resume(self) -> None:
         self._start()
 
-    def _start(self) -> None:
+    def action_start_batch(self) -> None:
+        self._start(batch=True)
+
+    def _start(self, batch: bool = False) -> None:
         values = self._parsed()
         if values is None:
             return
@@ -464,18 +473,23 @@ class GenerateScreen(SectionScreen):
         self.busy = "starting"
         self.refresh_bindings()
         self._set("gen-state", Text("starting a run…", style="yellow"))
-        self.start_run(Settings.options(values))
+        self.start_run(Settings.options(values), batch)
 
     @work(thread=True, exclusive=True, group="gen-control", exit_on_error=False)
-    def start_run(self, options: GenerateOptions) -> None:
-        from ..pipeline import runs
+    def start_run(self, options: GenerateOptions, batch: bool = False) -> None:
+        from ..pipeline import batch as batch_api, runs
         from ..pipeline.estimate import local_server_starting
-        from ..pipeline.generate import NothingToDo
+        from ..pipeline.generate import GenerateError, NothingToDo
 
         try:
             if local_server_starting():  # start_detached starts it first: say so, with the time it takes
                 self.app.call_from_thread(setattr, self, "_server_start", time.time())
-            runs.start_detached(self.ctx.path, options)
+            if batch:
+                batch_api.start_detached_batch(self.ctx.path, batch_api.BatchOptions(generate=options))
+            elif note := batch_api.open_batch_note(self.ctx.store):
+                raise GenerateError(note + "; b follows it here")
+            else:
+                runs.start_detached(self.ctx.path, options)
         except NothingToDo as exc:  # not an error: a notice, and no run
             self.app.call_from_thread(self.notify, str(exc), title="Generate")
             self.app.call_from_thread(self._control_done, None)

@@ -236,6 +236,36 @@ MIGRATIONS: list[str] = [
     );
     CREATE INDEX scaling_runs_export ON scaling_runs(export_id, base_model);
     """,
+    # 5: the Batch API (issue 12): each batch sent to a provider's /v1/batches and the
+    # completions it carries (store/batches.py). Never a key: base_url without credentials.
+    """
+    CREATE TABLE batches (
+        id              INTEGER PRIMARY KEY,
+        tag             TEXT NOT NULL UNIQUE,   -- in the provider batch's metadata: found again after a crash
+        batch_id        TEXT,                   -- the provider's id; NULL until created there
+        input_file_id   TEXT,
+        base_url        TEXT,
+        model           TEXT NOT NULL,
+        params_json     TEXT,
+        status          TEXT NOT NULL,          -- 'preparing', then the provider's status
+        requests        INTEGER NOT NULL,
+        output_file_id  TEXT,
+        error_file_id   TEXT,
+        counts_json     TEXT,
+        error           TEXT,
+        created_at      REAL NOT NULL,
+        updated_at      REAL NOT NULL,
+        closed_at       REAL                    -- every result read into its cell
+    );
+
+    CREATE TABLE batch_items (
+        batch_row      INTEGER NOT NULL REFERENCES batches(id) ON DELETE CASCADE,
+        completion_id  INTEGER NOT NULL REFERENCES completions(id) ON DELETE CASCADE,
+        state          TEXT NOT NULL DEFAULT 'sent' CHECK (state IN ('sent', 'done', 'failed', 'missing')),
+        PRIMARY KEY (batch_row, completion_id)
+    );
+    CREATE INDEX batch_items_completion ON batch_items(completion_id);
+    """,
 ]
 
 SCHEMA_VERSION = len(MIGRATIONS)

@@ -20,14 +20,14 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, TextColumn
 from rich.progress import Progress as RichProgress
 
-from ..pipeline import runs
+from ..pipeline import batch as batch_api, runs
 from ..pipeline.coverage import plan_top_up
 from ..pipeline.generate import (GenerateError, GenerateOptions, RunResult, nothing_to_generate, preview_run,
                                  run_generation, select_work)
 from ..pipeline.grid_edit import save_generation_defaults
 from ..pipeline.options import EXPORT, GENERATION
 from ..pipeline.progress import RETRY_KINDS, Progress, format_duration
-from ..store import RunRecord
+from ..store import RunRecord, batches as stored_batches
 from .cli import main
 from .cli_common import Failed, Problem, emit_json, handle_errors, open_store, setting_option
 
@@ -120,7 +120,8 @@ def _curation_note(project: Path, options: GenerateOptions) -> None:
             click.echo(f"note: no cell of the grid holds {', '.join(plan.unreachable[:3])}", err=True)
 
 
-def _run_here(project: Path, options: GenerateOptions, *, run_id: int | None, detached: bool) -> tuple[RunResult, int | None]:
+def _run_here(project: Path, options: GenerateOptions, *, run_id: int | None, detached: bool,
+              batch: batch_api.BatchOptions | None = None) -> tuple[RunResult, int | None]:
     """Run in this process until done or stopped; returns the result and the signal that stopped it."""
     display = ProgressDisplay()
     got: list[int] = []
@@ -136,6 +137,9 @@ def _run_here(project: Path, options: GenerateOptions, *, run_id: int | None, de
         # SIGHUP: a detached run ignores it; a foreground run whose terminal went away stops cleanly.
         for sig in (signal.SIGINT, signal.SIGTERM) + (() if detached else (signal.SIGHUP,)):
             loop.add_signal_handler(sig, on_signal, sig)
+        if batch is not None:
+            return await batch_api.run_batch(project, batch, on_progress=display.update, stop_event=stop,
+                                             run_id=run_id)
         return await run_generation(project, options, on_progress=display.update, stop_event=stop, run_id=run_id)
 
     try:
@@ -183,6 +187,9 @@ def _report(project: Path, result: RunResult, stopped_by: int | None) -> int:
               help="stream replies (default: yes for the local and compatible servers, no for OpenAI)")
 @setting_option(GENERATION["max_attempts"])
 @click.option("--detach", is_flag=True, help="run in the background, immune to the terminal closing")
+@click.option("--batch", "use_batch", is_flag=True,
+              help="through the provider's Batch API: half the price, results within 24 h; run it again (or "
+                   "`gridtune status`) to pick up a batch in progress")
 @click.option("--redo-cut-off", is_flag=True,
               help="regenerate the completions cut off at max tokens, with --max-tokens N (required)")
 @setting_option(GENERATION["top_up"], metavar="N")
@@ -191,8 +198,8 @@ def _report(project: Path, result: RunResult, stopped_by: int | None) -> int:
 @handle_errors
 def generate_cmd(project: Path, concurrency: int | None, rpm: float | None, tpm: float | None, limit: int | None,
                  model: str | None, temperature: float | None, max_tokens: int | None, save_defaults: bool,
-                 timeout: float, stream: bool | None, max_attempts: int, detach: bool, redo_cut_off: bool,
-                 top_up: int | None, min_grade: int | None) -> None:
+                 timeout: float, stream: bool | None, max_attempts: int, detach: bool, use_batch: bool,
+                 redo_cut_off: bool, top_up: int | None, min_grade: int | None) -> None:
     """Generate every pending or failed completion of PROJECT with the teacher model.
 
     Each completion is saved the moment it arrives; run it again to resume.
@@ -208,12 +215,25 @@ def generate_cmd(project: Path, concurrency: int | None, rpm: float | None, tpm:
     there too. The TUI's generate screen follows the same rule (ctrl+s in its
     options saves them as the defaults). A project with nothing left to generate
     says so and starts no run.
+
+    --batch sends the pending cells as batches (split at 50,000 requests or
+    200 MB a file) and follows them until their results are in the cells; errors
+    are retried by a new batch (up to --max-attempts batches a cell). Killed or
+    detached, it loses nothing: `generate --batch` again (or `status`) picks up
+    the batches in progress.
     """
     if min_grade is not None and top_up is None:
         raise Problem("--min-grade applies to --top-up only")
     options = _options(concurrency, rpm, tpm, limit, model, temperature, max_tokens, timeout, max_attempts, stream,
                        redo_cut_off=redo_cut_off, top_up=top_up, min_grade=min_grade)
+    if use_batch:
+        if redo_cut_off or top_up is not None:
+            raise Problem("--batch generates pending cells only; run --redo-cut-off or --top-up without --batch")
+        _batch(project, options, detach=detach, max_attempts=max_attempts)
+        return
     with open_store(project) as store:  # a missing or broken project is exit 2 before anything starts
+        if note := batch_api.open_batch_note(store):
+            raise Problem(note)
         if save_defaults:
             if save_generation_defaults(store, model=model, temperature=temperature, max_tokens=max_tokens):
                 given = {"model": model, "temperature": temperature, "max_tokens": max_tokens}
@@ -233,6 +253,59 @@ def generate_cmd(project: Path, concurrency: int | None, rpm: float | None, tpm:
                    err=True)
         return
     result, stopped_by = _run_here(project, options, run_id=None, detached=False)
+    sys.exit(_report(project, result, stopped_by))
+
+
+def _batch_options(options: GenerateOptions, max_attempts: int) -> batch_api.BatchOptions:
+    bopts = batch_api.BatchOptions(generate=options, max_attempts=min(max_attempts, 3))
+    try:
+        bopts.check()
+    except GenerateError as exc:
+        raise Problem(str(exc)) from None
+    return bopts
+
+
+def _batch(project: Path, options: GenerateOptions, *, detach: bool, max_attempts: int) -> None:
+    """`generate --batch`: the estimate at the batch price, then follow (here or detached)."""
+    bopts = _batch_options(options, max_attempts)
+    with open_store(project) as store:
+        open_ = stored_batches.open_batches(store)
+        if not open_ and (nothing := nothing_to_generate(store, options)):
+            click.echo(nothing)
+            return
+    if open_:
+        click.echo(f"picking up {len(open_)} batch(es) in progress: "
+                   + ", ".join(b.batch_id or f"#{b.id} (not yet sent)" for b in open_), err=True)
+    else:
+        try:
+            plan, _estimate = preview_run(project, options)
+            with open_store(project) as store:
+                click.echo(f"estimate: {batch_api.estimate_text(store, plan, bopts)}", err=True)
+        except GenerateError as exc:
+            raise Problem(str(exc)) from None
+    if detach:
+        try:
+            run_id = batch_api.start_detached_batch(project, bopts)
+        except GenerateError as exc:
+            raise Problem(str(exc)) from None
+        click.echo(f"batch run #{run_id} following in the background (log: {runs.log_path(project)})")
+        click.echo(f"follow it with `gridtune status {project} --watch`; stop following with `gridtune stop "
+                   f"{project}` (the batch goes on at the provider; `generate --batch` picks it up)", err=True)
+        return
+    result, stopped_by = _run_here(project, options, run_id=None, detached=False, batch=bopts)
+    sys.exit(_report(project, result, stopped_by))
+
+
+@main.command("_batch", hidden=True)
+@click.argument("project", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--run-id", type=int, required=True)
+@click.option("--options", "options_json", required=True)
+@handle_errors
+def detached_batch_cmd(project: Path, run_id: int, options_json: str) -> None:
+    """The process behind `generate --batch --detach`: adopts the recorded run and follows the batches."""
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    bopts = batch_api.BatchOptions.from_json(options_json)
+    result, stopped_by = _run_here(project, bopts.generate, run_id=run_id, detached=True, batch=bopts)
     sys.exit(_report(project, result, stopped_by))
 
 
@@ -285,7 +358,19 @@ def _run_dict(run: RunRecord | None) -> dict[str, Any] | None:
             "ended_at": run.ended_at, "error": run.error, "progress": run.progress}
 
 
-def _status_text(project: Path, counts: dict[str, Any], run: RunRecord | None) -> str:
+def _batch_lines(records: list[stored_batches.BatchRecord]) -> list[str]:
+    lines = []
+    for b in records:
+        c = b.counts
+        done = f" {c.get('completed', 0) + c.get('failed', 0):,}/{c.get('total') or b.requests:,}" if c else ""
+        state = "open" if b.open else "results written"
+        lines.append(f"  batch {b.batch_id or '#' + str(b.id)} {b.status}{done} ({b.requests:,} requests, "
+                     f"{state})" + (f": {b.error}" if b.error else ""))
+    return lines
+
+
+def _status_text(project: Path, counts: dict[str, Any], run: RunRecord | None,
+                 batches: list[stored_batches.BatchRecord] | None = None) -> str:
     grades = " ".join(f"{g}:{n}" for g, n in counts["grades"].items())
     lines = [
         f"{project}: {counts['cells']:,} cells, {counts['completions']:,} completions",
@@ -304,6 +389,7 @@ def _status_text(project: Path, counts: dict[str, Any], run: RunRecord | None) -
                 lines.append(f"    estimated at its start: {progress.estimate}")
         if run.error:
             lines.append(f"    error: {run.error}")
+    lines += _batch_lines(batches or [])
     return "\n".join(lines)
 
 
@@ -316,20 +402,26 @@ def status_cmd(project: Path, as_json: bool, watch: bool) -> None:
     """Counts of PROJECT's cells, completions and grades, and its generation run."""
     with open_store(project) as store:
         active = runs.reconcile(store)  # a run whose process died is marked so here
+    note = None
+    if active is None or not active.active:  # a batch nobody follows: write what has arrived
+        note = batch_api.sync_open_batches(project)
     if watch and active is not None and active.active:
         _watch(project, active.id)
     with open_store(project) as store:
         counts = store.status_counts().to_dict()
         run = store.active_run() or store.latest_run()
+        batches = stored_batches.open_batches(store) or stored_batches.latest_batches(store, 1)
     if as_json:
         progress = runs.progress_of(run) if run is not None and run.progress else None
         reasons = {kind: 0 for kind in RETRY_KINDS}
         if progress is not None:
             reasons.update(progress.retry_reasons)
         emit_json({**counts, "retries": progress.retries if progress else 0, "retry_reasons": reasons,
-                   "run": _run_dict(run)})
+                   "run": _run_dict(run), "batches": stored_batches.batch_dicts(batches)})
     else:
-        click.echo(_status_text(project, counts, run))
+        click.echo(_status_text(project, counts, run, batches))
+    if note:
+        click.echo(note, err=True)
 
 
 def _watch(project: Path, run_id: int) -> None:
