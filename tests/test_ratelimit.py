@@ -14,7 +14,7 @@ from gridtune.pipeline.grid import GenerationSettings, GridSpec
 from gridtune.pipeline.project import create_project
 from gridtune.pipeline.ratelimit import RateLimits, parse_reset
 from gridtune.pipeline.tokens import count_message_tokens, request_tokens
-from tests.fakeserver import Fault, charged_tokens, duration, max_in_window
+from tests.fakeserver import TEST_KEY, Fault, charged_tokens, duration, max_in_window
 from tests.test_generate import completions, generate, make_project, prompt
 
 
@@ -211,3 +211,30 @@ def test_request_pool_waits_out_429s_past_max_attempts(fake_openai):
     body = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
     asyncio.run(pool.run([1, 2], lambda i: Request("/chat/completions", body, 10), on_result))
     assert sorted(got) == [(1, True, None), (2, True, None)]
+
+
+# -- the lean HTTP/1.1 client of plain requests (pipeline/http1.py) -----------------------------
+
+
+@pytest.mark.parametrize("lean", ["1", "0"])
+def test_plain_requests_fail_and_retry_alike_through_the_lean_client_and_the_openai_client(
+        tmp_path, fake_openai, monkeypatch, lean):
+    monkeypatch.setenv("GRIDTUNE_LEAN_HTTP", lean)
+    path = make_project(tmp_path, n_a=3, n_b=2)
+    fake_openai.set(faults=[
+        Fault(status=404, match=prompt(1, "p"), code="model_not_found", message="The model does not exist"),
+        Fault(status=429, count=2, match=prompt(1, "q"), retry_after_ms="30", code="rate_limit_exceeded"),
+        Fault(status=503, count=1, match=prompt(2, "p"), retry_after="0"),
+        Fault(kind="malformed", count=1, match=prompt(2, "q")),
+        Fault(kind="stall", count=1, stall_s=1.0, match=prompt(3, "p")),
+        Fault(status=429, match=prompt(3, "q"), code="insufficient_quota", message="You exceeded your quota"),
+    ])
+    result = generate(path, stream=False, concurrency=3, timeout_s=0.4)
+    assert result.progress.done == 4 and result.progress.failed == 2
+    assert sorted(r.error for r in completions(path, "failed")) == [
+        "HTTP 404 [model_not_found]: The model does not exist",
+        "HTTP 429 [insufficient_quota]: You exceeded your quota"]
+    assert result.progress.retry_reasons == {"rate_limited": 2, "server_error": 1, "malformed": 1, "timeout": 1}
+    sent = fake_openai.chat_requests()
+    assert all(r.headers["authorization"] == f"Bearer {TEST_KEY}" for r in sent)
+    assert all(r.body["model"] == "gpt-4o-mini" and r.body["max_tokens"] == 50 for r in sent)

@@ -60,6 +60,7 @@ from .estimate import (
     work_to_do,
 )
 from .grid import GridSpec
+from .http1 import Http1Client
 from .progress import Progress, Tracker
 from .project import load_project_spec
 from .ratelimit import MINUTE, RateLimits
@@ -574,6 +575,10 @@ class _Runner:
         self.limits = RateLimits(options.rpm, options.tpm, 0, options.rate_period_s)
         self.cost = _coster(plan.model)
         self.client = plan.backend.async_client(timeout=options.timeout_s)
+        # Plain requests go through the lean HTTP/1.1 client where it sends exactly what the
+        # openai client would (http1.py); GRIDTUNE_LEAN_HTTP=0 turns it off.
+        self.http = (Http1Client.for_client(self.client, options.timeout_s)
+                     if os.environ.get("GRIDTUNE_LEAN_HTTP", "1") != "0" else None)
         self.stop_requested = False
         self.streaming = plan.stream  # False once the server refused a streamed request
         self.lost: RunLost | None = None  # the run was declared dead / taken over by another process
@@ -606,6 +611,8 @@ class _Runner:
                 self.tracker.ended()
             self.active.clear()
             await self.writer.close()
+            if self.http is not None:
+                await self.http.close()
             await self.client.close()
             if self.writer.error is not None:
                 raise GenerateError(f"saving to the project failed: {self.writer.error}")
@@ -681,13 +688,7 @@ class _Runner:
             if self.streaming:
                 reply = await self._stream_or_plain(job)
             else:
-                # client.post, the openai client's documented raw-request method: the same
-                # auth, timeout and error types as chat.completions.create, without its
-                # TypedDict transform of the request and pydantic build of the reply (see
-                # bench/generate.py). parse_reply checks what we use.
-                response = await self.client.post("/chat/completions", body=job.body, cast_to=httpx.Response)
-                self.limits.observe(response.headers, job.mark)
-                reply = parse_reply(response.content)
+                reply = await self._plain(job)
         except asyncio.CancelledError:
             raise  # run() puts every active job back to pending
         except Exception as exc:  # every failure is retried or recorded, never raised out of the run
@@ -773,6 +774,17 @@ class _Runner:
                 self.streaming = False
                 log.warning("run #%s: the server refused a streamed request (%s); sending plain requests",
                             self.run_id, self.plan.backend.redact(describe(exc)))
+        return await self._plain(job)
+
+    async def _plain(self, job: "_Job") -> "Reply":
+        """One plain request: the lean client's, else the openai client's documented
+        raw-request method (client.post: the same auth, timeout and error types as
+        chat.completions.create, without its TypedDict transform of the request and
+        pydantic build of the reply). parse_reply checks what we use."""
+        if self.http is not None:
+            headers, content = await self.http.post("/chat/completions", job.body)
+            self.limits.observe(headers, job.mark)
+            return parse_reply(content)
         response = await self.client.post("/chat/completions", body=job.body, cast_to=httpx.Response)
         self.limits.observe(response.headers, job.mark)
         return parse_reply(response.content)
