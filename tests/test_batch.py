@@ -235,3 +235,33 @@ async def test_b_on_the_generate_screen_sends_the_grid_as_a_batch_followed_in_th
         run = store.latest_run()
         assert run.params["batch"] is True and run.pid != os.getpid()  # followed by a detached process
         assert len(stored.latest_batches(store, 10)) == 1
+
+
+def test_status_writes_the_results_of_a_batch_nobody_follows(local, tmp_path):
+    project = make_project(tmp_path, places=("Oslo", "Lima"))
+    options = batch_api.BatchOptions(GenerateOptions())
+
+    async def send_only():  # record and create the batch, then stop following (as a dropped SSH session)
+        stop = asyncio.Event()
+
+        async def stop_once_sent():
+            while True:
+                with Store.open(project) as store:
+                    if any(b.batch_id for b in stored.open_batches(store)):
+                        stop.set()
+                        return
+                await asyncio.sleep(0.05)
+
+        watcher = asyncio.create_task(stop_once_sent())
+        result = await batch_api.run_batch(project, options, stop_event=stop)
+        await watcher
+        return result
+
+    assert asyncio.run(send_only()).state == "stopped"
+    [remote] = server_batches(local)
+    wait_for(lambda: local.client().batches.retrieve(remote.id).status == "completed")
+    r = run("status", str(project), "--json")
+    assert r.exit_code == 0, r.output
+    report = json.loads(r.stdout)
+    assert report["done"] == 4 and report["pending"] == 0
+    assert report["batches"][0]["batch_id"] == remote.id and report["batches"][0]["open"] is False
