@@ -19,8 +19,7 @@ from gridtune.pipeline.cost import generation_cost
 from gridtune.pipeline.generate import GenerateOptions
 from gridtune.pipeline.grid import GenerationSettings, GridSpec
 from gridtune.pipeline.project import create_project
-from gridtune.store import Store
-from gridtune.store import batches as stored
+from gridtune.store import Store, batches as stored
 from gridtune.tui.cli import main
 from tests.server_support import InProcessServer, gridtune_cmd, wait_for
 from tests.tiny_model import tiny_model_dir  # noqa: F401 - fixture
@@ -213,8 +212,7 @@ async def _never(body):
 
 
 async def test_b_on_the_generate_screen_sends_the_grid_as_a_batch_followed_in_the_background(local, tmp_path):
-    from tests.test_tui_generate import GridtuneApp
-    from tests.test_tui_generate import wait_for as pilot_wait
+    from tests.test_tui_generate import GridtuneApp, wait_for as pilot_wait
 
     project = make_project(tmp_path)
     app = GridtuneApp(project)
