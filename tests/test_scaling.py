@@ -8,6 +8,8 @@ The split is unit-tested; the run uses the real local server and the tiny test m
 
 from __future__ import annotations
 
+import asyncio
+import io
 import json
 import random
 from collections import Counter
@@ -19,8 +21,7 @@ from click.testing import CliRunner
 from gridtune.pipeline import scaling as sc
 from gridtune.pipeline.grid import GenerationSettings, GridSpec
 from gridtune.pipeline.project import create_project
-from gridtune.store import Store
-from gridtune.store import scaling as scs
+from gridtune.store import Store, scaling as scs
 from gridtune.tui.cli import main
 from tests.server_support import InProcessServer
 from tests.tiny_model import tiny_model_dir  # noqa: F401 - fixture
@@ -144,7 +145,7 @@ def test_scaling_trains_half_and_all_compares_once_and_a_rerun_creates_no_job(lo
     asked = _answers(project)
     assert asked == 3 * 3  # 3 held-out prompts × 1 sample × (half, all, the base once)
 
-    r = run("finetune", str(project), "--scaling", "--epochs", "2", "--samples", "1", "--json")
+    r = run("finetune", str(project), "--scaling", "--epochs", "2", "--samples", "1", "--json")  # a rerun
     assert r.exit_code == 0, r.output
     result = json.loads(r.stdout)
     assert {arm: job["id"] for arm, job in result["jobs"].items()} == {"half": run_.half_job, "all": run_.all_job}
@@ -160,3 +161,36 @@ def test_scaling_trains_half_and_all_compares_once_and_a_rerun_creates_no_job(lo
         rows = store._query("SELECT state FROM scaling_runs")
         assert [r["state"] for r in rows] == ["finished"]
         assert scs.latest(store).result["rows"] == result["rows"]
+    # And from the TUI (its own event loop: the CLI above runs asyncio.run itself).
+    asyncio.run(_tui_shows_and_reruns(project, {run_.half_job, run_.all_job}, asked))
+
+
+async def _tui_shows_and_reruns(project: Path, jobs: set[str], answers: int) -> None:
+    from rich.console import Console
+    from textual.widgets import Input, Static
+
+    from gridtune.tui.app import GridtuneApp
+    from tests.tui_helpers import settle, wait_until
+
+    app = GridtuneApp(project, start_mode="eval")
+    async with app.run_test(size=(80, 24)) as pilot:
+        await settle(pilot)
+        screen = app.screen
+        def table() -> str:
+            console = Console(width=78, record=True, file=io.StringIO())
+            console.print(screen.query_one("#eval-table", Static).content)
+            return console.export_text()
+
+        assert "gain/doubling" not in table()  # the eval table first
+        await pilot.press("v")
+        await settle(pilot)
+        assert "gain/doubling" in table() and "half (4)" in table() and "slope" in table()
+        screen.query_one("#eval-samples", Input).value = "1"
+        await pilot.press("S")  # the CLI's run, continued: its jobs followed, its answers reused
+        await wait_until(pilot, lambda: screen.running is None and screen.state.scaling is not None
+                         and screen.state.scaling.state == "finished", timeout=60, what="the scaling run")
+        await settle(pilot)
+        assert "gain/doubling" in table()
+    with Store.open(project) as store:
+        assert {j.id for j in store.jobs()} == jobs
+    assert _answers(project) == answers

@@ -5,6 +5,9 @@ with intervals and which model is better) and, for the held-out prompt under the
 cursor, both models' answers side by side. ``r`` runs the evaluation through
 ``pipeline.evaluate`` (only answers not stored yet are asked; ``c`` stops it, and
 the next ``r`` resumes). The models default to the latest tuned model and its base.
+``S`` runs the data-scaling comparison (``pipeline.scaling``: half and all of the
+latest export, both against the base) and shows its table in place of the eval
+table; ``v`` switches between the two.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any
 
+from rich.console import Group
 from rich.table import Table
 from rich.text import Text
 from textual import on, work
@@ -25,9 +29,9 @@ from textual.widgets import Input, Label, OptionList, Static
 from textual.widgets.option_list import Option
 
 from ..core.errors import one_line
-from ..pipeline import evaluate as ev
+from ..pipeline import evaluate as ev, scaling as sc
 from ..pipeline.grid import render_value
-from ..store import evaluation as evs
+from ..store import evaluation as evs, scaling as scs
 from ..tui.section import SectionScreen
 
 
@@ -41,11 +45,12 @@ class EvalState:
     latest: dict[str, Any] | None = None
     answers: dict[str, dict[tuple[int, int], evs.EvalAnswer]] = field(default_factory=dict)
     has_export: bool = False
+    scaling: scs.ScalingRun | None = None  # the latest data-scaling run
 
 
 def load_state(store: Any) -> EvalState:
     state = EvalState(cases=evs.cases(store), latest=evs.latest_run(store),
-                      has_export=store.latest_export() is not None)
+                      has_export=store.latest_export() is not None, scaling=scs.latest(store))
     done = [j for j in store.jobs() if j.status == "succeeded" and j.fine_tuned_model]
     if done:
         state.tuned, state.base = done[-1].fine_tuned_model or "", done[-1].model
@@ -65,15 +70,23 @@ class EvalScreen(SectionScreen):
     HELP_TITLE = "Eval"
     HELP = ("The tuned model and its base answer every held-out prompt (values and combinations the export kept "
             "out of training, and values you add with `gridtune eval --case`). r runs (only what is not stored "
-            "is asked), c stops; the table says which model is better where the intervals do not overlap.")
+            "is asked), c stops; the table says which model is better where the intervals do not overlap. "
+            "S trains on half and on all of the latest export and evaluates both against the base (the base "
+            "field; empty: the backend's model): the gain per doubling, metric by metric, against the recipe's "
+            "'more data helps about linearly per doubling'; c stops following, S resumes; v switches tables.")
     BINDINGS = [
         Binding("r", "run", "run eval", id="eval.run"),
         Binding("c", "stop", "stop", id="eval.stop"),
         Binding("bracketright", "next_sample", "next sample", key_display="]", id="eval.next_sample"),
+        Binding("S", "scaling", "scaling", tooltip="train on half and all, evaluate both: the gain per doubling",
+                show=False, id="eval.scaling"),
+        Binding("v", "switch_table", "eval/scaling", tooltip="switch between the eval and the scaling table",
+                show=False, id="eval.switch_table"),
     ]
 
     running: reactive[str | None] = reactive(None)
     sample: reactive[int] = reactive(0)
+    show_scaling: reactive[bool] = reactive(False)
 
     def __init__(self, ctx: Any) -> None:
         super().__init__(ctx)
@@ -81,6 +94,8 @@ class EvalScreen(SectionScreen):
         self._stop: asyncio.Event | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._lock = threading.Lock()
+        self._scaling_stop = threading.Event()
+        self._scaling_on = False
 
     def compose_body(self) -> ComposeResult:
         yield Static("", id="eval-title")
@@ -139,7 +154,14 @@ class EvalScreen(SectionScreen):
     def _show_title(self) -> None:
         s = self.state
         if self.running:
-            text = Text.assemble(("running ", "bold"), self.running, "  c stops; r resumes later")
+            again = "S" if self._scaling_on else "r"
+            text = Text.assemble(("running ", "bold"), self.running, f"  c stops; {again} resumes later")
+        elif self.show_scaling and s.scaling is not None:
+            run = s.scaling
+            what = {"finished": ("", ""), "failed": (f" failed: {run.error or ''}", "red")}.get(
+                run.state, (f" {run.state}: S continues", "yellow"))
+            text = Text.assemble(("scaling ", "bold"), f"{run.n_half}/{run.n_all} examples", what,
+                                 ("  v: eval table", "dim"))
         elif not s.has_export:
             text = Text("no export yet: export with a hold-out first (F5, or gridtune export --hold-out VAR=VALUE)")
         elif not s.cases:
@@ -156,6 +178,9 @@ class EvalScreen(SectionScreen):
     def _show_table(self) -> None:
         latest = self.state.latest
         widget = self.query_one("#eval-table", Static)
+        if self.show_scaling:
+            self._show_scaling(widget)
+            return
         if not latest:
             widget.update("")
             return
@@ -167,6 +192,23 @@ class EvalScreen(SectionScreen):
             style = {"tuned": "green", "base": "red"}.get(better, "")
             table.add_row(metric, tuned, base, diff, Text(better, style))
         widget.update(table)
+
+    def _show_scaling(self, widget: Static) -> None:
+        run = self.state.scaling
+        result = run.result if run is not None else None
+        if not result or not result.get("rows"):
+            widget.update(Text("no scaling comparison yet: S trains on half and on all of the latest export",
+                               "dim") if run is None or run.state != "failed" else "")
+            return
+        table = Table(box=None, pad_edge=False, expand=True, show_edge=False)
+        for name, justify in zip(sc.table_header(result), ("left", "right", "right", "right", "left"), strict=True):
+            table.add_column(name, justify=justify, no_wrap=True)  # type: ignore[arg-type]
+        for *cells, expected in sc.table_rows(result):
+            style = "green" if expected == "yes" else "red" if expected == "NO" else ""
+            table.add_row(*cells, Text(expected, style))
+        linearity = result.get("linearity", {})
+        verdict = linearity.get("verdict", "") if linearity.get("tested") else "two points: a slope, not a line"
+        widget.update(Group(table, Text(f"{sc.RECIPE}? {verdict}"[:78], "dim")))
 
     def _show_answers(self) -> None:
         s = self.state
@@ -206,9 +248,14 @@ class EvalScreen(SectionScreen):
             self._show_title()
             self.refresh_bindings()
 
+    def watch_show_scaling(self) -> None:
+        if self.is_mounted:
+            self._show_table()
+            self._show_title()
+
     # -- actions ----------------------------------------------------------------------------
     def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
-        if action == "run":
+        if action in ("run", "scaling"):
             return self.running is None
         if action == "stop":
             return self.running is not None
@@ -233,7 +280,23 @@ class EvalScreen(SectionScreen):
         self.running = "…"
         self._run(options)
 
+    def action_switch_table(self) -> None:
+        self.show_scaling = not self.show_scaling
+
+    def action_scaling(self) -> None:
+        last = self.state.scaling  # its settings: S after a CLI run follows the same jobs
+        kept = last.settings if last is not None else {}
+        base = self.query_one("#eval-against", Input).value.strip() or (last.base_model if last else None)
+        samples = int(self.query_one("#eval-samples", Input).value.strip() or ev.DEFAULT_SAMPLES)
+        options = sc.ScalingOptions(base=base, samples=max(1, samples), epochs=kept.get("epochs"),
+                                    seed=kept.get("seed", sc.DEFAULT_SEED), suffix=kept.get("suffix"))
+        self._scaling_stop.clear()
+        self._scaling_on = self.show_scaling = True
+        self.running = "scaling…"
+        self._scale(options)
+
     def action_stop(self) -> None:
+        self._scaling_stop.set()
         with self._lock:
             if self._stop is not None and self._loop is not None:
                 self._loop.call_soon_threadsafe(self._stop.set)
@@ -259,7 +322,22 @@ class EvalScreen(SectionScreen):
                 self._stop = self._loop = None
         self.app.call_from_thread(self._ran, error)
 
+    @work(thread=True, exclusive=True, group="eval-scaling", exit_on_error=False)
+    def _scale(self, options: sc.ScalingOptions) -> None:
+        def say(message: str) -> None:
+            self.app.call_from_thread(setattr, self, "running", f"scaling: {message}"[:44])
+
+        error: str | None = None
+        try:
+            sc.run_scaling(self.ctx.path, options, on_message=say, should_stop=self._scaling_stop.is_set)
+        except sc.ScalingStopped:
+            pass
+        except Exception as exc:  # noqa: BLE001 - one line on the screen, never a crash
+            error = one_line(exc)
+        self.app.call_from_thread(self._ran, error)
+
     def _ran(self, error: str | None) -> None:
+        self._scaling_on = False
         self.running = None
         if error:
             self.show_error(error, title="Eval")
