@@ -75,6 +75,38 @@ def test_examples_without_values_are_still_split():
     assert sc.half_split(examples[:1]) == []
 
 
+# -- the comparison --------------------------------------------------------------------------------
+def _scores(stop: float, width: float = 0.05, length: float = 100.0) -> dict:
+    est = lambda v: {"value": v, "low": v - width, "high": v + width, "n": 30}  # noqa: E731
+    return {"stop_rate": est(stop), "length_mean": est(length), "length_cv": 0.3,
+            "length_cv_interval": {"value": 0.3, "low": 0.25, "high": 0.35, "n": 30}, "format_match": est(0.5),
+            "repetition": est(0.5 - stop / 2), "faithfulness": est(0.5)}
+
+
+def test_the_gain_per_doubling_is_checked_against_the_direction_the_recipe_expects():
+    reference = {"length_mean": 90.0, "length_cv": 0.3}
+    rows = {r["metric"]: r for r in sc.compare_points(_scores(0.4, length=150), _scores(0.8, length=120), reference,
+                                                      5, 10)}
+    assert rows["stop_rate"]["gain_per_doubling"] == pytest.approx(0.4)
+    assert rows["stop_rate"]["expected"] == "yes" and rows["stop_rate"]["next_doubling"] == 1.0  # clamped
+    assert rows["repetition"]["expected"] == "yes"  # lower is better: it fell
+    assert rows["length_mean"]["expected"] == "yes"  # nearer the data's 90
+    assert rows["format_match"]["expected"] == "flat"
+    worse = {r["metric"]: r for r in sc.compare_points(_scores(0.5), _scores(0.45), reference, 5, 10)}
+    assert worse["stop_rate"]["expected"] == "no (noise)"  # the intervals overlap
+    uneven = {r["metric"]: r for r in sc.compare_points(_scores(0.4), _scores(0.8), reference, 4, 9)}
+    assert uneven["stop_rate"]["gain_per_doubling"] == pytest.approx(0.4 / sc.math.log2(9 / 4))
+
+
+def test_two_sizes_give_a_slope_and_a_third_tests_linearity():
+    two = sc.linearity([{"n": 5, "scores": _scores(0.4)}, {"n": 10, "scores": _scores(0.6)}])
+    assert not two["tested"] and "two points give a slope, not a test of linearity" in two["verdict"]
+    line = sc.linearity([{"n": n, "scores": _scores(v)} for n, v in ((5, 0.4), (10, 0.6), (20, 0.8))])
+    assert line["tested"] and line["per_metric"]["stop_rate"] == "linear within noise"
+    bent = sc.linearity([{"n": n, "scores": _scores(v, width=0.01)} for n, v in ((5, 0.2), (10, 0.8), (20, 0.8))])
+    assert bent["per_metric"]["stop_rate"] == "not linear" and "not linear on" in bent["verdict"]
+
+
 # -- refusals -----------------------------------------------------------------------------------
 def _project(path: Path, temperature: float = 0.0) -> Path:
     spec = GridSpec(name="scaling", generation="Say something about {place} in {year}.",
