@@ -89,3 +89,12 @@ def test_length_spread_is_better_only_beyond_its_noise():
     assert rows["length_cv"].better is None  # three answers each: within noise
     est = cv_interval([100, 105, 110, 102, 108] * 6)
     assert est.low <= est.value <= est.high and est == cv_interval([100, 105, 110, 102, 108] * 6)
+
+
+def test_identical_scores_still_carry_their_uncertainty():
+    from gridtune.pipeline.eval_metrics import score_interval
+
+    few = score_interval([0.6, 0.6, 0.6])
+    assert few.value == pytest.approx(0.6) and few.high - few.low > 0.4  # three answers say little
+    many = score_interval([0.6] * 300)
+    assert many.high - many.low < 0.12

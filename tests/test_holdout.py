@@ -89,3 +89,20 @@ def test_a_bad_hold_out_is_one_line_and_writes_nothing(tmp_path):
                            "--hold-out", "place=Paris"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "not a value of place" in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1 and not out.exists()
+
+
+def test_finetune_on_a_project_repeats_the_latest_exports_hold_out(tmp_path):
+    from gridtune.pipeline.export import export_project
+    from gridtune.pipeline.finetune import export_for_finetune
+    from gridtune.store import Store
+    from tests.bigproject import small_project
+
+    path = small_project(tmp_path / "p.gridtune", done=16)
+    with Store.open(path) as store:
+        export_project(store, tmp_path / "first.jsonl", format="completion",
+                       hold_out=HoldOut(values={"place": ["Oslo"]}, combos=1))
+        train, _valid, export_id = export_for_finetune(store)
+        latest = store.latest_export()
+    text = train.read_text()
+    assert latest.id == export_id and latest.format == "completion"
+    assert "Oslo" not in text and len(text.splitlines()) == 16 - 4 - 1

@@ -80,6 +80,18 @@ def mean_interval(values: Sequence[float]) -> Estimate:
     return Estimate(mean, mean - half, mean + half, n)
 
 
+def score_interval(scores: Sequence[float]) -> Estimate:
+    """The mean of scores in [0, 1] with a Wilson interval on n (the mean read as a
+    proportion). A normal interval has zero width when every answer scores the same,
+    which would call three identical answers a certain difference."""
+    n = len(scores)
+    if n == 0:
+        return Estimate(math.nan, math.nan, math.nan, 0)
+    mean = statistics.fmean(scores)
+    est = wilson(round(mean * n), n)
+    return Estimate(mean, min(est.low, mean), max(est.high, mean), n)
+
+
 def coefficient_of_variation(values: Sequence[float]) -> float:
     """Spread relative to size: stdev / mean (0 for fewer than two values)."""
     if len(values) < 2:
@@ -232,7 +244,7 @@ def score(answers: Sequence[Answer], reference: Reference) -> ModelScores:
         length_mean=mean_interval(lengths),
         length_cv=coefficient_of_variation(lengths),
         length_cv_spread=cv_interval(lengths),
-        format_match=mean_interval([reference.profile.match(a.text) for a in answers]),
+        format_match=score_interval([reference.profile.match(a.text) for a in answers]),
         repetition=wilson(sum(1 for a in answers if has_loop(a.text)), len(answers)),
         faithfulness=wilson(sum(1 for a in answers if mentions_values(a.text, a.values)), len(answers)),
         n=len(answers),

@@ -310,12 +310,28 @@ def default_export_path(project_path: str | Path) -> Path:
 
 
 def export_for_finetune(store: Any, validation: Path | None = None) -> tuple[Path, Path | None, int | None]:
-    """Export a project's kept examples for training: (train path, validation path, export id)."""
+    """Export a project's kept examples for training: (train path, validation path, export id).
+
+    With an earlier export, its choices are repeated — format, min grade, separator,
+    stop, validation fraction, cut-off choice and above all its held-out values and
+    combinations, which must never reach training behind the evaluation's back."""
+    from ..store import evaluation
     from .export import ExportError, export_project
+    from .holdout import HoldOut
 
     out = default_export_path(store.path)
+    kwargs: dict[str, Any] = {}
+    latest = store.latest_export()
+    if latest is not None:
+        kwargs = dict(format=latest.format, min_grade=latest.min_grade, separator=latest.separator, stop=latest.stop,
+                      validation_fraction=latest.validation_fraction,
+                      include_cut_off=bool((latest.report or {}).get("include_cut_off")))
+        held = evaluation.holdout_of(store, latest.id)
+        if held:
+            kwargs["hold_out"] = HoldOut(values=held.get("values") or {}, combos=int(held.get("combos") or 0),
+                                         seed=int(held.get("seed") or 0))
     try:
-        result = export_project(store, out)
+        result = export_project(store, out, **kwargs)
     except ExportError as exc:
         raise FinetuneError(str(exc)) from None
     if not result.report.ok:
