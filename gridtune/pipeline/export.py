@@ -378,6 +378,10 @@ async def export_project_async(
         record["valid"] = valid_report.to_dict() if valid_report else None
         record["include_cut_off"] = include_cut_off
         record["cut_off"] = cut_train + cut_valid
+        # Recorded so the export screen shows them after a restart, as every other part of the report.
+        record["cut_off_left_out"] = 0 if include_cut_off else len(cut_candidates)
+        record["cost_line"] = cost_line
+        record["held_out"] = held.to_dict() | {"completions": n_held} if held is not None else None
         if held is not None:
             warnings.append(f"{len(held.keys):,} cell(s) held out for evaluation ({n_held:,} completion(s) "
                             f"kept out of training): `gridtune eval PROJECT --model TUNED` asks them")
@@ -440,6 +444,44 @@ def _record_and_rename(store: Store, moves: list[tuple[Path, Path]], record: dic
             with contextlib.suppress(OSError):
                 backup.unlink()
     return export_id
+
+
+def exported_texts(export: Any) -> list[str]:
+    """The answers an export wrote (training file, then validation file), read back
+    as the model sees them: no leading space or stop in the completion format."""
+    texts: list[str] = []
+    for path in (export.path, export.valid_path):
+        if not path or not Path(path).exists():
+            continue
+        with open(path, encoding="utf-8") as fh:
+            for line in fh:
+                if not line.strip():
+                    continue
+                example = json.loads(line)
+                if "messages" in example:
+                    texts.append(example["messages"][-1].get("content") or "")
+                    continue
+                text = example.get("completion") or ""
+                if export.stop and text.endswith(export.stop):
+                    text = text[: -len(export.stop)]
+                texts.append(text[1:] if text.startswith(" ") else text)
+    return texts
+
+
+def record_diversity(store: Store, export: Any) -> dict[str, Any]:
+    """The lexical diversity of what ``export`` wrote ("kept") against every finished
+    completion of the project ("all"), stored with the export's report (key
+    "diversity", as DiversityStats.to_dict). Seconds on a large project: call it
+    from a worker, after the export."""
+    from ..store import curation
+    from .diversity import DiversityStats, measure
+
+    kept = measure(exported_texts(export))
+    every = measure([r.text for r in curation.finished_rows(store)])
+    data = DiversityStats(export.min_grade, kept, every).to_dict()
+    data["kept_definition"] = "the examples this export wrote (training and validation files)"
+    store.update_export_report(export.id, diversity=data)
+    return data
 
 
 def export_project(store: Store, out_path: str | Path, **kwargs: Any) -> ExportResult:

@@ -124,6 +124,13 @@ WHERE id = ?
 # undoing the drop brings the automatic grade back.
 
 _ACTIVE = "cell_id IN (SELECT id FROM cells WHERE active = 1)"
+# Cells a person added (a playground answer promoted into the data, `gridtune add`)
+# are numbered from PERSON_ORDINAL on, after every grid cell (sync_grid numbers those
+# 0..N-1, and a grid is far smaller). sync_grid never fills them with teacher work,
+# and a cell holding a person's answer stays active when a grid edit drops its values:
+# the answer is data a person chose, and is never lost to an edit.
+PERSON_ORDINAL = 1 << 40
+_PERSON_ADDED = "json_extract(params_json, '$.added_by') = 'person' AND status = 'done'"
 _CUT_OFF = "coalesce(c.finish_reason, '') = 'length'"  # records.CUT_OFF_REASON; needs the alias c
 # A runner's write, given its run id (twice), lands only while its run is active: a
 # run declared dead by another process (which may have taken the project over)
@@ -282,7 +289,9 @@ class Store:
         """Store the spec and make the cells exactly ``cells`` (key, values_json).
 
         Cells that left the grid are deactivated, not deleted: their completions
-        come back if the cell does. Each active cell gets ``samples`` completions.
+        come back if the cell does. A cell that holds an answer a person added stays
+        active, as a person cell (see PERSON_ORDINAL). Each grid cell gets ``samples``
+        completions; person cells get none from here.
         """
         now = time.time()
         with self.transaction() as c:
@@ -306,18 +315,24 @@ class Store:
                 "values_json = excluded.values_json",
                 rows(),
             )
+            # A cell out of the grid that holds a person's answer stays, as a person cell.
+            c.execute(
+                "UPDATE cells SET active = 1, ordinal = ? + id WHERE active = 0 AND id IN "
+                f"(SELECT cell_id FROM completions WHERE {_PERSON_ADDED})", (PERSON_ORDINAL,))
+            kept_by_person = [r[0] for r in c.execute("SELECT key FROM cells WHERE active = 1 AND ordinal >= ?",
+                                                      (PERSON_ORDINAL,))]
             # Unfinished samples beyond the new count are dropped; finished ones are data.
             c.execute("DELETE FROM completions WHERE sample >= ? AND status != 'done'", (samples,))
             c.execute(
                 """
                 WITH RECURSIVE s(n) AS (SELECT 0 UNION ALL SELECT n + 1 FROM s WHERE n + 1 < ?)
                 INSERT INTO completions (cell_id, sample, status, created_at, updated_at)
-                SELECT cells.id, s.n, 'pending', ?, ? FROM cells, s WHERE cells.active = 1
+                SELECT cells.id, s.n, 'pending', ?, ? FROM cells, s WHERE cells.active = 1 AND cells.ordinal < ?
                 ON CONFLICT (cell_id, sample) DO NOTHING
                 """,
-                (samples, now, now),
+                (samples, now, now, PERSON_ORDINAL),
             )
-        after = set(keys)
+        after = set(keys) | set(kept_by_person)
         return {
             "cells": len(after),
             "added": len(after - before),
@@ -1023,6 +1038,55 @@ class Store:
                         "VALUES (?, ?, 'pending', ?, ?)", (cell_id, sample, now, now))
                     new.append(_new_id(cur))
         return new
+
+    # -- what a person adds (pipeline/promote.py) ------------------------------
+    def add_person_completion(self, key: str, values_json: str, *, text: str, model: str | None, grade: int,
+                              params: dict[str, Any] | None = None,
+                              finish_reason: str | None = None) -> tuple[int, str]:
+        """A finished completion a person adds with these values, graded by them, in
+        one transaction. It goes on the cell with ``key`` (the next sample number) when
+        the project has one, else on a new person cell (see PERSON_ORDINAL); an inactive
+        cell (its values left the grid) becomes an active person cell again. Returns
+        (completion id, where): "grid", "person" (an existing person cell), "new" or
+        "revived". ``params`` is recorded with ``added_by: person``, the mark sync_grid
+        keeps such cells by."""
+        if not 0 <= grade <= 5:
+            raise ValueError(f"grade must be 0..5, not {grade}")
+        now = time.time()
+        with self.transaction() as c:
+            row = c.execute("SELECT id, active, ordinal FROM cells WHERE key = ?", (key,)).fetchone()
+            if row is None:
+                cur = c.execute("INSERT INTO cells (key, values_json, ordinal, active) VALUES (?, ?, ?, 1)",
+                                (key, values_json, PERSON_ORDINAL))
+                cell_id, where = _new_id(cur), "new"
+                c.execute("UPDATE cells SET ordinal = ? + id WHERE id = ?", (PERSON_ORDINAL, cell_id))
+            else:
+                cell_id = row["id"]
+                where = "grid" if row["active"] and row["ordinal"] < PERSON_ORDINAL else "person"
+                if not row["active"]:
+                    c.execute("UPDATE cells SET active = 1, ordinal = ? + id WHERE id = ?", (PERSON_ORDINAL, cell_id))
+                    where = "revived"
+            sample = c.execute("SELECT coalesce(max(sample), -1) + 1 FROM completions WHERE cell_id = ?",
+                               (cell_id,)).fetchone()[0]
+            cur = c.execute(
+                "INSERT INTO completions (cell_id, sample, status, text, length, model, params_json, finish_reason, "
+                "attempts, created_at, updated_at) VALUES (?, ?, 'done', ?, ?, ?, ?, ?, 0, ?, ?)",
+                (cell_id, sample, text, len(text), model, _dumps({**(params or {}), "added_by": "person"}),
+                 finish_reason, now, now))
+            completion_id = _new_id(cur)
+            self.set_grades([(completion_id, grade)], "person")  # joins this transaction
+        return completion_id, where
+
+    def update_export_report(self, export_id: int, **fields: Any) -> None:
+        """Merge ``fields`` into an export's recorded report (e.g. a measure computed
+        after the export, such as its diversity)."""
+        with self.transaction() as c:
+            row = c.execute("SELECT report_json FROM exports WHERE id = ?", (export_id,)).fetchone()
+            if row is None:
+                raise StoreError(f"no export #{export_id} in {self.path}")
+            report = json.loads(row[0]) if row[0] else {}
+            report.update(fields)
+            c.execute("UPDATE exports SET report_json = ? WHERE id = ?", (_dumps(report), export_id))
 
 
 def _completion(row: sqlite3.Row) -> CompletionRecord:

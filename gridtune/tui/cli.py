@@ -76,7 +76,7 @@ def grade_cmd(project: Path, by_length: bool, as_json: bool) -> None:
 
 def _register() -> None:
     # Each area keeps its commands in its own module; importing registers them.
-    from . import cli_curation, cli_data, cli_eval, cli_generate, cli_local  # noqa: F401
+    from . import cli_curation, cli_data, cli_eval, cli_generate, cli_local, cli_promote  # noqa: F401
 
 
 _register()
