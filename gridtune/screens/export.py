@@ -16,6 +16,7 @@ work is the pipeline's: ``export_project``, ``start_finetune`` and a
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -32,13 +33,19 @@ from textual.worker import get_current_worker
 from textual_plotext import PlotextPlot
 
 from ..core.errors import one_line
+from ..pipeline.diversity import DiversityStats
 from ..pipeline.finetune import JobState, default_export_path
+from ..pipeline.grid import GridSpec, render_value
+from ..pipeline.holdout import HoldOut, HoldOutError, parse_hold_out
 from ..pipeline.options import EXPORT, FINETUNE
 from ..pipeline.validate import ERROR, FIGURE, NOTE, OK, TITLE, WARNING, ReportLine, ValidationReport, show
 from ..tui.events import OpenPlayground
 from ..tui.section import SectionScreen
 
 FORMATS = [("chat", "chat"), ("completion", "completion")]
+CUT_OFF_CHOICES = [("leave out", "no"), ("include", "yes")]  # completions that hit max tokens
+# "place=New York year=2040" or "place=Oslo, year=2040": a new item starts at NAME=.
+_HOLD_OUT_ITEM = re.compile(r"[,\s]+(?=[^\s=,]+=)")
 # The loss curves' colours, shared by the chart and its legend line above it.
 TRAIN_RGB, VALID_RGB = (64, 160, 255), (255, 166, 0)
 REPORT_STYLES = {TITLE: "bold", OK: "bold green", ERROR: "red", WARNING: "yellow", NOTE: "", FIGURE: ""}
@@ -58,6 +65,9 @@ class ExportOptions:
     base_model: str | None = None
     epochs: int | None = None
     suffix: str | None = None
+    include_cut_off: bool = False
+    hold_out: list[str] | None = None  # VAR=VALUE items, checked against the grid by hold_out_choice
+    hold_out_combos: int = 0
 
     @classmethod
     def parse(cls, raw: dict[str, str], default_path: Path) -> ExportOptions:
@@ -74,7 +84,33 @@ class ExportOptions:
             opts.stop = _unescape(raw.get("stop", "")) or None
         opts.base_model = raw.get("base_model", "").strip() or None
         opts.suffix = raw.get("suffix", "").strip() or None
+        opts.include_cut_off = raw.get("include_cut_off", "no") == "yes"
+        opts.hold_out = split_hold_out(raw.get("hold_out", ""))
+        combos = raw.get("hold_out_combos", "").strip() or "0"
+        if not combos.isdigit():
+            raise ValueError(f"combos: a whole number of combinations to hold out (0 or more), not {combos!r}")
+        opts.hold_out_combos = int(combos)
         return opts
+
+    def hold_out_choice(self, spec: GridSpec) -> HoldOut | None:
+        """The hold-out fields as parse_hold_out checks them (None: nothing held out);
+        a one-line ValueError in the form's words."""
+        if not self.hold_out and not self.hold_out_combos:
+            return None
+        try:
+            return parse_hold_out(spec, self.hold_out or [], self.hold_out_combos)
+        except HoldOutError as exc:
+            raise ValueError(_form_words(str(exc))) from None
+
+
+def split_hold_out(text: str) -> list[str]:
+    """The hold-out field's items: 'place=Oslo year=2040' -> ['place=Oslo', 'year=2040']."""
+    return [item.strip(" ,") for item in _HOLD_OUT_ITEM.split(text.strip()) if item.strip(" ,")]
+
+
+def _form_words(message: str) -> str:
+    """The pipeline's message about a command-line option, about the form's field."""
+    return message.replace("--hold-out-combos", "combos").replace("--hold-out", "hold out")
 
 
 def _unescape(text: str) -> str:
@@ -103,9 +139,13 @@ def fit_path(path: str | Path, width: int, cwd: str | Path | None = None) -> str
     return text[: keep - tail] + "…" + text[-tail:]
 
 
-def report_lines(export: Any, width: int, warnings: list[str] | None = None) -> list[ReportLine]:
-    """What the report pane shows for an export record: where it went, then the
-    validation report of the file (and of the validation split), then the verdict."""
+def report_lines(export: Any, width: int, warnings: list[str] | None = None,
+                 measuring: bool = False) -> list[ReportLine]:
+    """What the report pane shows for an export record: where it went, what it left
+    out (cut off) and held out (for evaluation), then the validation report of the
+    file (and of the validation split), the cost of training on it, the verdict, and
+    the diversity of what it kept against all finished completions (``measuring``:
+    that is being measured now)."""
     where = fit_path(export.path, width - 2)
     out = [ReportLine(TITLE, f"export #{export.id} · {export.format} · {export.n_train:,} train"
                              f"{f' / {export.n_valid:,} valid' if export.valid_path else ''}"),
@@ -114,8 +154,12 @@ def report_lines(export: Any, width: int, warnings: list[str] | None = None) -> 
         out.append(ReportLine(NOTE, f"→ {fit_path(export.valid_path, width - 2)}"))
     if export.format == "completion":
         out.append(ReportLine(FIGURE, f"separator `{show(export.separator or '')}` · stop `{show(export.stop or '')}`"))
-    out += [ReportLine(WARNING, f"warning: {w}") for w in warnings or []]
     data = export.report or {}
+    out += _kept_lines(data)
+    said = (("cut-off completion(s) left out", bool(data.get("cut_off_left_out"))),
+            ("held out for evaluation", bool(data.get("held_out"))))
+    out += [ReportLine(WARNING, f"warning: {w}") for w in warnings or []
+            if not any(marker in w and shown for marker, shown in said)]  # said above, from the record
     ok = True
     for part, title in ((data, None), (data.get("valid"), "validation file")):
         report = ValidationReport.from_dict(part)
@@ -124,8 +168,47 @@ def report_lines(export: Any, width: int, warnings: list[str] | None = None) -> 
         report = replace(report, path=title)  # the path is shown above, fitted
         ok = ok and report.ok
         out += report.lines()
+    if data.get("cost_line"):
+        out.append(ReportLine(FIGURE, f"cost: {data['cost_line']}"))
     out += [ReportLine(TITLE, ""), ReportLine(OK, "ready to fine-tune: f starts a job") if ok
             else ReportLine(ERROR, "fix the errors above before fine-tuning", heading=True)]
+    return out + diversity_lines(data.get("diversity"), measuring)
+
+
+def _kept_lines(data: dict[str, Any]) -> list[ReportLine]:
+    """What the export left out at max tokens, and what it held out for evaluation."""
+    out = []
+    left_out, included = data.get("cut_off_left_out") or 0, data.get("cut_off") or 0
+    if left_out:
+        out.append(ReportLine(WARNING, f"cut-off: {left_out:,} left out (they hit max tokens); "
+                                       f"the cut-off option includes them"))
+    elif data.get("include_cut_off") and included:
+        out.append(ReportLine(WARNING, f"cut-off: {included:,} included, written as they are (never given a stop)"))
+    held = data.get("held_out")
+    if held:
+        what = [f"{name}={render_value(v)}" for name, values in (held.get("values") or {}).items() for v in values]
+        if held.get("combos"):
+            what.append(f"{held['combos']} combination(s)")
+        out.append(ReportLine(NOTE, f"held out for evaluation: {held.get('cells', 0):,} cell(s), "
+                                    f"{held.get('completions', 0):,} completion(s) ({' · '.join(what)}), "
+                                    f"in neither file; F7 Eval asks them"))
+    return out
+
+
+def diversity_lines(data: dict[str, Any] | None, measuring: bool = False) -> list[ReportLine]:
+    """The diversity table, kept vs all finished (DiversityStats.rows), its labels
+    shortened to fit the pane; ↓ lower is more varied, ↑ higher is."""
+    if data is None:
+        return [ReportLine(TITLE, ""), ReportLine(NOTE, "diversity: measuring kept vs all…")] if measuring else []
+    stats = DiversityStats(data.get("min_grade"), data["kept"], data["all"])
+    out = [ReportLine(TITLE, ""), ReportLine(TITLE, "diversity of the kept examples"),
+           ReportLine(FIGURE, f"{'':<15}{'kept':>9}{'all':>9}")]
+    for label, kept, every in stats.rows():
+        short, _, why = label.partition(" (")
+        arrow = " ↓" if why.startswith("lower") else " ↑" if why.startswith("higher") else ""
+        short = short.replace("compression ratio", "compression")
+        out.append(ReportLine(FIGURE, f"{short + arrow:<15}{kept:>9}{every:>9}"))
+    out.append(ReportLine(NOTE, "↓ lower / ↑ higher is more varied; all: every finished completion"))
     return out
 
 
@@ -166,6 +249,13 @@ class JobChanged(Message):
         return isinstance(message, JobChanged) and not message.recorded
 
 
+class DiversityDone(Message):
+    def __init__(self, export_id: int, error: str | None) -> None:
+        super().__init__()
+        self.export_id = export_id
+        self.error = error
+
+
 class Loaded(Message):
     def __init__(self, title: Text, export: Any, latest_job: Any) -> None:
         super().__init__()
@@ -186,6 +276,7 @@ class ExportScreen(SectionScreen):
         Binding("c", "cancel_job", "Cancel job", id="export.cancel_job"),
         Binding("p", "playground", "Try model", id="export.playground"),
         Binding("o", "edit_options", "Options", id="export.options"),
+        Binding("d", "diversity", "Measure diversity", show=False, id="export.diversity"),
         Binding("escape", "leave_options", "Done editing", show=False, id="export.leave"),
         # The report is taller than its box at 80x24 (token statistics, cost, verdict):
         # these keys scroll it from anywhere, as the hint on the job pane's top rule says.
@@ -202,6 +293,8 @@ class ExportScreen(SectionScreen):
     job: reactive[JobState] = reactive(JobState, init=False, bindings=True)
     error: reactive[str] = reactive("", init=False)
     busy: reactive[str | None] = reactive(None, bindings=True)  # exporting | uploading | cancelling
+    measuring: reactive[int | None] = reactive(None, init=False, bindings=True)
+    """The export whose diversity a worker is measuring (None: none)."""
 
     def __init__(self, ctx) -> None:
         super().__init__(ctx)
@@ -230,6 +323,11 @@ class ExportScreen(SectionScreen):
                 yield from self._row("valid frac", Input("0", id="opt-validation_fraction", compact=True))
                 yield from self._row("output", Input(fit_path(self.default_path, 10_000), id="opt-out_path",
                                                      compact=True))
+                yield from self._row("cut-off", Select(CUT_OFF_CHOICES, value="no", allow_blank=False, compact=True,
+                                                       id="opt-include_cut_off"))
+                yield from self._row("hold out", Input(id="opt-hold_out", placeholder="none · place=Oslo",
+                                                       compact=True))
+                yield from self._row("combos", Input(id="opt-hold_out_combos", placeholder="0", compact=True))
                 yield Static("fine-tune", classes="form-head spaced")
                 yield from self._row("base model", Input(id="opt-base_model", placeholder="backend default",
                                                          compact=True))
@@ -274,6 +372,9 @@ class ExportScreen(SectionScreen):
     def watch_note(self) -> None:
         self._render_report()
 
+    def watch_measuring(self) -> None:
+        self._render_report()
+
     def watch_job(self) -> None:
         self._render_job()
 
@@ -296,7 +397,8 @@ class ExportScreen(SectionScreen):
             text = Text("e exports and validates: nothing is uploaded before you see this report.", style="dim")
         else:
             warnings = self.result.warnings if self.result and self.result.export_id == self.export.id else None
-            text = styled(report_lines(self.export, self._report_width(), warnings))
+            measuring = self.measuring is not None and self.measuring == self.export.id
+            text = styled(report_lines(self.export, self._report_width(), warnings, measuring))
         report = self.query_one("#exp-report", Static)
         if str(report.render()) != str(text):  # a new report starts at its top
             self.query_one("#exp-report-box").scroll_home(animate=False)
@@ -370,6 +472,7 @@ class ExportScreen(SectionScreen):
     def _raw(self) -> dict[str, str]:
         raw = {w.id.removeprefix("opt-"): w.value for w in self.query(Input) if w.id and w.id.startswith("opt-")}
         raw["format"] = str(self.query_one("#opt-format", Select).value)
+        raw["include_cut_off"] = str(self.query_one("#opt-include_cut_off", Select).value)
         return raw
 
     def _sync_format(self, fmt: str) -> None:
@@ -389,6 +492,12 @@ class ExportScreen(SectionScreen):
         self.query_one("#opt-stop", Input).value = _escape(export.stop)
         self.query_one("#opt-validation_fraction", Input).value = f"{export.validation_fraction:g}"
         self.query_one("#opt-out_path", Input).value = fit_path(export.path, 10_000)
+        data = export.report or {}
+        self.query_one("#opt-include_cut_off", Select).value = "yes" if data.get("include_cut_off") else "no"
+        held = data.get("held_out") or {}
+        self.query_one("#opt-hold_out", Input).value = " ".join(
+            f"{name}={render_value(v)}" for name, values in (held.get("values") or {}).items() for v in values)
+        self.query_one("#opt-hold_out_combos", Input).value = str(held["combos"]) if held.get("combos") else ""
 
     def action_edit_options(self) -> None:
         self.call_after_refresh(self.query_one("#opt-format", Select).focus)
@@ -436,6 +545,8 @@ class ExportScreen(SectionScreen):
         job_running = bool(self.job.id) and not self.job.finished
         if action == "export":
             return None if self.busy else True
+        if action == "diversity":
+            return self.export is not None and self.measuring is None
         if action == "finetune":
             if job_running:
                 return False
@@ -450,23 +561,26 @@ class ExportScreen(SectionScreen):
     def action_export(self) -> None:
         try:
             opts = ExportOptions.parse(self._raw(), self.default_path)
+            hold_out = opts.hold_out_choice(self.ctx.spec())
         except ValueError as exc:
             self.error = str(exc)
             return
         self.error = ""
         self.busy = "exporting"
         self.note = f"exporting to {fit_path(opts.out_path, self._report_width() - 13)} and validating…"
-        self.run_export(opts)
+        self.run_export(opts, hold_out)
 
     @work(thread=True, exclusive=True, group="exp-export", exit_on_error=False)
-    def run_export(self, opts: ExportOptions) -> None:
+    def run_export(self, opts: ExportOptions, hold_out: HoldOut | None = None) -> None:
+        from ..pipeline.estimate import backend_for_costs
         from ..pipeline.export import export_project
 
         try:
             result = export_project(
                 self.ctx.store, opts.out_path, format=opts.format, min_grade=opts.min_grade,
                 separator=opts.separator, stop=opts.stop, validation_fraction=opts.validation_fraction,
-                model=opts.base_model,
+                model=opts.base_model, include_cut_off=opts.include_cut_off, hold_out=hold_out,
+                backend=backend_for_costs(),
             )
         except Exception as exc:  # noqa: BLE001 - ExportError, a locked file...: one line, inline
             self.post_message(ExportDone(None, one_line(exc)))
@@ -484,6 +598,39 @@ class ExportScreen(SectionScreen):
         self.app.notify(f"exported {self.result.n_train:,} example(s) to {fit_path(self.result.path, 60)}",
                         title="Export")
         self.changed("exports")  # the report comes back from the store, as every other screen sees it
+        self.measuring = self.result.export_id
+        self.measure_diversity(self.result.export_id)
+
+    # -- diversity ---------------------------------------------------------------
+    def action_diversity(self) -> None:
+        """Measure (again) the diversity of the latest export: for one the CLI made."""
+        if self.export is not None:
+            self.measuring = self.export.id
+            self.measure_diversity(self.export.id)
+
+    @work(thread=True, exclusive=True, group="exp-diversity", exit_on_error=False)
+    def measure_diversity(self, export_id: int) -> None:
+        """Seconds on a large project (Self-BLEU over a sample, distinct-n and gzip over
+        every text): here, never on the event loop; the result is stored with the export."""
+        from ..pipeline.export import record_diversity
+
+        error = None
+        try:
+            export = next((e for e in self.ctx.store.exports() if e.id == export_id), None)
+            if export is not None:
+                record_diversity(self.ctx.store, export)
+        except Exception as exc:  # noqa: BLE001 - a file gone, a locked project: said inline
+            error = one_line(exc)
+        self.post_message(DiversityDone(export_id, error))
+
+    @on(DiversityDone)
+    def _diversity_done(self, message: DiversityDone) -> None:
+        if self.measuring == message.export_id:
+            self.measuring = None
+        if message.error:
+            self.error = f"diversity: {message.error}"
+        else:
+            self.changed("exports")
 
     # -- fine-tuning ------------------------------------------------------------
     def action_finetune(self) -> None:

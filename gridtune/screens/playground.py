@@ -11,6 +11,13 @@ separator and stop (the title says which export), and the latest tuned model goe
 in A with its base model in B. A new export or job (``ProjectChanged`` "exports",
 "jobs", or another process's change) moves it along; ``OpenPlayground`` from the
 export screen puts that screen's tuned model in A.
+
+From the playground back into the data (issue 11): ``a`` adds a finished answer
+to the training data with the values it was asked with (pipeline.promote: marked
+as written by its model, graded by the person, default 5; a new cell, kept through
+grid edits, when the values are not in the grid), and ``w`` adds those values to
+the evaluation set as a case to watch, with a note. Both ask first in a small
+dialog; the store is written by the pipeline in a worker, then ``changed(...)``.
 """
 
 from __future__ import annotations
@@ -28,12 +35,13 @@ from textual.message import Message
 from textual.reactive import reactive
 from textual.screen import ModalScreen
 from textual.suggester import SuggestFromList
-from textual.widgets import Input, Label, OptionList, Static
+from textual.widgets import Input, Label, OptionList, Select, Static
 from textual.worker import get_current_worker
 
 from ..core.errors import one_line
 from ..pipeline import playground as pg
 from ..pipeline.grid import render_value
+from ..pipeline.promote import DEFAULT_GRADE
 from ..pipeline.validate import show
 from ..tui.events import OpenPlayground
 from ..tui.section import SectionScreen
@@ -123,6 +131,100 @@ class ModelPicker(ModalScreen[str | None]):
         self.dismiss(self.models[event.option_index])
 
 
+@dataclass
+class Asked:
+    """What a run asked: the values and settings, for the answers it gets."""
+
+    values: dict[str, Any]
+    format: str
+    params: dict[str, Any]
+
+
+class AnswerDialog(ModalScreen[dict[str, Any] | None]):
+    """Add an answer to the data (a grade) or its values to the evaluation set (a note).
+
+    Returns {"pane": "a"|"b", "grade": int} or {"pane": ..., "note": str}; None on escape.
+    A bad grade is said in one line and the dialog stays.
+    """
+
+    BINDINGS = [Binding("escape", "dismiss(None)", "Cancel", id="playground.dialog.cancel")]
+    DEFAULT_CSS = """
+    AnswerDialog { align: center middle; }
+    AnswerDialog > Vertical { width: 64; height: auto; border: round $primary; background: $surface;
+                              padding: 0 1; }
+    AnswerDialog .form-row { height: 1; }
+    AnswerDialog .field-label { width: 8; color: $text-muted; }
+    AnswerDialog .form-row Input, AnswerDialog .form-row Select { width: 1fr; }
+    AnswerDialog #dlg-error { color: $error; text-style: bold; height: auto; }
+    AnswerDialog #dlg-hint { color: $text-muted; }
+    """
+
+    def __init__(self, kind: str, values_text: str, panes: dict[str, str], default_note: dict[str, str]) -> None:
+        super().__init__()
+        self.kind = kind  # "promote" | "watch"
+        self.values_text = values_text
+        self.panes = panes  # pane -> model of a finished answer
+        self.default_note = default_note
+
+    def compose(self) -> ComposeResult:
+        title = ("Add this answer to the training data" if self.kind == "promote"
+                 else "Watch these values in the evaluation set")
+        first = next(iter(self.panes))
+        with Vertical():
+            yield Label(Text(title, style="bold"))
+            yield Label(Text(self.values_text, no_wrap=True, overflow="ellipsis"), id="dlg-values")
+            if len(self.panes) > 1:
+                with Horizontal(classes="form-row"):
+                    yield Label("answer", classes="field-label")
+                    yield Select([(f"{p.upper()} · {m}", p) for p, m in self.panes.items()], value=first,
+                                 allow_blank=False, compact=True, id="dlg-pane")
+            else:
+                yield Label(Text(f"answer {first.upper()} · {self.panes[first]}", style="dim"))
+            with Horizontal(classes="form-row"):
+                if self.kind == "promote":
+                    yield Label("grade", classes="field-label")
+                    yield Input(str(DEFAULT_GRADE), id="dlg-grade", compact=True)
+                else:
+                    yield Label("note", classes="field-label")
+                    yield Input(self.default_note.get(first, ""), id="dlg-note", compact=True)
+            yield Static(id="dlg-error")
+            yield Label("enter adds · esc cancels", id="dlg-hint")
+
+    def on_mount(self) -> None:
+        self.query_one("#dlg-grade" if self.kind == "promote" else "#dlg-note", Input).focus()
+
+    def _pane(self) -> str:
+        selects = self.query("#dlg-pane")
+        return str(selects.first(Select).value) if selects else next(iter(self.panes))
+
+    @on(Select.Changed, "#dlg-pane")
+    def _pane_changed(self, event: Select.Changed) -> None:
+        if self.kind == "watch":
+            self.query_one("#dlg-note", Input).value = self.default_note.get(str(event.value), "")
+
+    @on(Input.Submitted)
+    def _submitted(self, event: Input.Submitted) -> None:
+        event.stop()
+        if self.kind == "watch":
+            self.dismiss({"pane": self._pane(), "note": event.value.strip()})
+            return
+        text = event.value.strip()
+        if not (text.isdigit() and 1 <= int(text) <= 5):
+            self.query_one("#dlg-error", Static).update(f"grade: a whole number 1-5, not {text!r}")
+            return
+        self.dismiss({"pane": self._pane(), "grade": int(text)})
+
+
+class Added(Message):
+    """A promotion or a watched case reached the project (or failed: ``error``)."""
+
+    def __init__(self, kind: str, summary: str, error: str | None = None) -> None:
+        super().__init__()
+        self.kind = kind
+        self.summary = summary
+        self.error = error
+
+
 class PlaygroundScreen(SectionScreen):
     MODE = "playground"
     """Try a model on held-out values, two models side by side."""
@@ -138,6 +240,8 @@ class PlaygroundScreen(SectionScreen):
         Binding("b", "pick_model('b')", "Model B", show=False, id="playground.model_b"),
         Binding("f", "toggle_format", "Chat/legacy", show=False, id="playground.format"),
         Binding("s", "stop_streams", "Stop", id="playground.stop"),
+        Binding("a", "promote", "Add", id="playground.promote"),
+        Binding("w", "watch", "Watch", id="playground.watch"),
         Binding("o", "edit", "Fields", show=False, id="playground.fields"),
         Binding("escape", "leave_fields", "Done editing", show=False, id="playground.leave"),
     ]
@@ -159,6 +263,7 @@ class PlaygroundScreen(SectionScreen):
         self._cycle = {"n": 0, "h": 0, "t": 0}
         self._run = 0
         self._streams: dict[str, dict[str, Any]] = {}
+        self._asked: Asked | None = None  # what the latest run asked (its answers' values)
 
     @property
     def separator(self) -> str | None:
@@ -381,6 +486,8 @@ class PlaygroundScreen(SectionScreen):
             return self._streaming()
         if action == "run":
             return None if self._streaming() else True
+        if action in ("promote", "watch"):
+            return bool(self._answers()) and not self._streaming()
         if action in ("held_out_values", "held_out_combination", "trained_combination"):
             if self.spec is None:
                 return None
@@ -465,6 +572,8 @@ class PlaygroundScreen(SectionScreen):
         self.error = ""
         prompt = pg.build_prompt(self.spec, values, self.format, self.separator)
         stops = parse_stops(self.query_one("#pg-stop", Input).value)
+        self._asked = Asked(dict(values), self.format, {"temperature": temperature, "max_tokens": max_tokens,
+                                                        "stop": stops or None})
         self._run += 1
         self._streams = {}
         for pane in PANES:
@@ -536,7 +645,86 @@ class PlaygroundScreen(SectionScreen):
             warnings.append(("\n" if warnings else "") + f"⚠ {rep.summary()}", style="bold yellow")
         stream["repetition"] = rep
         stream["finish_reason"] = finish_reason
+        stream["finished"] = not stopped and not error
         self.query_one(f"#pg-warn-{pane}", Static).update(warnings)
         box = self.query_one(f"#pg-pane-{pane}")
         words = len(text.split())
         box.border_subtitle = ("stopped" if stopped else f"{finish_reason or 'ended'} · {words} words")
+
+    # -- back into the data ------------------------------------------------------------
+    def _answers(self) -> dict[str, dict[str, Any]]:
+        """Panes whose answer finished with text (not stopped, not failed)."""
+        return {pane: st for pane, st in self._streams.items()
+                if st.get("done") and st.get("finished") and st["text"].strip()}
+
+    def _values_text(self, kind: str) -> str:
+        assert self._asked is not None
+        shown = " · ".join(f"{k}={render_value(v)}" for k, v in self._asked.values.items())
+        new = kind == "promote" and pg.classify(self.spec, self._asked.values, self.trained)[0] == pg.HELD_OUT
+        return shown + (" (new values: a new cell)" if new else "")
+
+    def _open_dialog(self, kind: str) -> None:
+        answers = self._answers()
+        if not answers or self._asked is None:
+            return
+        notes = {}
+        for pane, st in answers.items():
+            problems = []
+            if pg.ran_out(st.get("finish_reason")):
+                problems.append("ran to max tokens")
+            if st.get("repetition") is not None and st["repetition"].found:
+                problems.append("repeats itself")
+            notes[pane] = f"{st['model']}: {', '.join(problems) or 'watch'}"
+        dialog = AnswerDialog(kind, self._values_text(kind), {p: st["model"] for p, st in answers.items()}, notes)
+        asked = self._asked
+
+        def chosen(result: dict[str, Any] | None) -> None:
+            if result is None:
+                return
+            stream = answers[result["pane"]]
+            if kind == "promote":
+                self.promote(asked, stream["text"], stream["model"], stream.get("finish_reason"), result["grade"])
+            else:
+                self.watch_case(asked, result["note"] or None)
+
+        self.app.push_screen(dialog, chosen)
+
+    def action_promote(self) -> None:
+        self._open_dialog("promote")
+
+    def action_watch(self) -> None:
+        self._open_dialog("watch")
+
+    @work(thread=True, group="pg-add", exit_on_error=False)
+    def promote(self, asked: Asked, text: str, model: str, finish_reason: str | None, grade: int) -> None:
+        from ..pipeline.promote import promote_answer
+
+        try:
+            done = promote_answer(self.ctx.store, self.spec, dict(asked.values), text, model=model, grade=grade,
+                                  finish_reason=finish_reason, params={**asked.params, "format": asked.format})
+        except Exception as exc:  # noqa: BLE001 - PromoteError, a locked file: one line
+            self.post_message(Added("promote", "", one_line(exc)))
+        else:
+            self.post_message(Added("promote", done.summary()))
+
+    @work(thread=True, group="pg-add", exit_on_error=False)
+    def watch_case(self, asked: Asked, note: str | None) -> None:
+        from ..pipeline.promote import watch_answer
+
+        try:
+            new = watch_answer(self.ctx.store, self.spec, dict(asked.values), note)
+        except Exception as exc:  # noqa: BLE001 - PromoteError, a locked file: one line
+            self.post_message(Added("watch", "", one_line(exc)))
+            return
+        shown = " ".join(f"{k}={render_value(v)}" for k, v in asked.values.items())
+        self.post_message(Added("watch", f"{shown}: added to the evaluation set; F7 Eval asks it" if new
+                                else f"{shown} is already in the evaluation set"))
+
+    @on(Added)
+    def _added(self, message: Added) -> None:
+        if message.error:
+            self.error = f"{'add to data' if message.kind == 'promote' else 'watch'}: {message.error}"
+            return
+        self.error = ""
+        self.app.notify(message.summary, title="Added to the data" if message.kind == "promote" else "Eval")
+        self.changed(*(("completions", "grades") if message.kind == "promote" else ("eval",)))

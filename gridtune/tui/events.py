@@ -11,9 +11,9 @@ from __future__ import annotations
 
 from textual.message import Message
 
-# The parts of a project a change can touch. "external" means another process
-# wrote to the file: it may be any of them.
-PARTS = frozenset({"grid", "completions", "grades", "runs", "exports", "jobs", "settings", "external"})
+# The parts of a project a change can touch ("eval": the evaluation set and its
+# answers). "external" means another process wrote to the file: it may be any of them.
+PARTS = frozenset({"grid", "completions", "grades", "runs", "exports", "jobs", "settings", "eval", "external"})
 
 
 class ProjectChanged(Message):
