@@ -1,6 +1,7 @@
 """The review loop's logic, without UI: grading, editing, filters, sorts, undoable
-bulk grading, the length histogram, the grade history in words and the one-line
-preview of a completion.
+bulk grading, the length histogram, the grade history in words, the one-line
+preview of a completion and what curation marks on it (cut off at max tokens, a
+near-duplicate group), the curation counts and the judge's agreement in words.
 
 The review screen makes every change through these; tests call them too.
 """
@@ -11,8 +12,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from ..store import Store
-from ..store.records import GradeRecord
+from ..store import Store, curation as cur
+from ..store.records import CompletionRecord, GradeRecord
 from .grading import BY_LENGTH, GradeResult, drop_at_or_below, grade_by_length, length_cutoffs
 
 PERSON = "person"
@@ -35,6 +36,8 @@ FILTERS: tuple[Filter, ...] = (
     Filter("ge4", "grade ≥ 4", "all", 4),
     Filter("ge5", "grade 5", "all", 5),
     Filter("failed", "failed", "failed"),
+    Filter("cut_off", "cut off", "cut_off"),
+    Filter("duplicates", "near-duplicates", "duplicates"),
     Filter("all", "all, pending too"),
 )
 SORTS: tuple[tuple[str, str], ...] = (("length", "length"), ("grade", "grade"), ("grid", "grid order"))
@@ -58,10 +61,66 @@ def next_sort(key: str) -> str:
 
 
 def rows(store: Store, filt: Filter, search: str | None, sort: str, descending: bool):
-    """The light rows (id, length, grade, status) the review list shows."""
+    """The light rows (id, length, grade, status) the review list shows.
+
+    The "duplicates" filter lists the finished members of the stored near-duplicate
+    groups, each group together (in the order its first member has in the sort),
+    so twins are compared side by side."""
+    if filt.where == "duplicates":
+        groups = cur.dup_groups(store)
+        group = {cid: gid for gid, members in groups.items() for cid in members}
+        listed = [r for r in store.review_rows(where="done", min_grade=filt.min_grade, search=search or None,
+                                               sort=sort, descending=descending) if r[0] in group]
+        first: dict[int, int] = {}
+        for i, r in enumerate(listed):
+            first.setdefault(group[r[0]], i)
+        return sorted(listed, key=lambda r: first[group[r[0]]])
     return store.review_rows(
         where=filt.where, min_grade=filt.min_grade, search=search or None, sort=sort, descending=descending
     )
+
+
+@dataclass(frozen=True)
+class ListPreview:
+    """What the list shows of one row beyond its id, length and grade: fetched for
+    the visible rows only."""
+
+    text: str  # the cell's values, then the text's start (see preview_text)
+    cut_off: bool = False  # finished because it hit max tokens
+    dup_size: int = 0  # members of its near-duplicate group (0: none)
+
+
+def list_previews(store: Store, ids: Sequence[int]) -> dict[int, ListPreview]:
+    """Previews and curation marks of ``ids``: three queries for a screenful."""
+    from .dedup import markers
+
+    raw = store.review_previews(ids)
+    cut = store.cut_off_among(ids)
+    dups = markers(store, ids)
+    out = {}
+    for cid in ids:
+        values, text = raw.get(cid, ({}, ""))
+        out[cid] = ListPreview(preview_text(values, text) if cid in raw else "", cid in cut,
+                               dups[cid][1] if cid in dups else 0)
+    return out
+
+
+def cut_off_words(record: CompletionRecord) -> str | None:
+    """"cut off at max tokens: 300 tokens" for a completion that hit its limit, else None."""
+    if not record.cut_off:
+        return None
+    limit = (record.params or {}).get("max_tokens")
+    tokens = limit if isinstance(limit, int) else record.completion_tokens
+    return f"cut off at max tokens: {tokens:,} tokens" if tokens is not None else "cut off at max tokens"
+
+
+def group_words(members: Sequence[int], completion_id: int) -> str | None:
+    """"near-duplicate of #4, #9 (group of 3)" for a member of a group, else None."""
+    others = [m for m in members if m != completion_id]
+    if not others:
+        return None
+    shown = ", ".join(f"#{m}" for m in others[:6]) + (f" +{len(others) - 6}" if len(others) > 6 else "")
+    return f"near-duplicate of {shown} (group of {len(members)})"
 
 
 # -- one completion -----------------------------------------------------------
@@ -132,11 +191,22 @@ class ReviewCounts:
     graded: int = 0  # any grade, rejections included
     kept: int = 0  # grade 1..5
     rejected: int = 0
+    cut_off: int = 0  # finished at max tokens
+    dup_groups: int = 0  # stored near-duplicate groups
+    dup_members: int = 0  # completions in them
+    dedup_run: bool = False  # whether near-duplicates were ever looked for
+    judge: str = ""  # the newest calibration in words ("" when there is none)
 
     @classmethod
     def from_store(cls, store: Store) -> ReviewCounts:
+        from .dedup import duplicate_count, latest_pass
+        from .judge import latest_calibration
+
         c = store.status_counts()
-        return cls(done=c.done, graded=c.graded, kept=sum(c.grades.values()), rejected=c.rejected)
+        dups = duplicate_count(store)
+        return cls(done=c.done, graded=c.graded, kept=sum(c.grades.values()), rejected=c.rejected,
+                   cut_off=c.cut_off, dup_groups=dups["groups"], dup_members=dups["members"],
+                   dedup_run=latest_pass(store) is not None, judge=calibration_words(latest_calibration(store)))
 
     def changed(self, old: int | None, new: int | None) -> ReviewCounts:
         """The counts once one completion's grade goes from ``old`` to ``new``."""
@@ -153,6 +223,28 @@ class ReviewCounts:
 
     def text(self) -> str:
         return f"graded {self.graded:,}/{self.done:,} · kept {self.kept:,} · rejected {self.rejected:,}"
+
+    def cut_off_text(self) -> str:
+        return f"{self.cut_off:,} cut off" if self.cut_off else "none cut off"
+
+    def dup_text(self) -> str:
+        if not self.dedup_run:
+            return "near-duplicates not looked for"
+        if not self.dup_groups:
+            return "no near-duplicates"
+        return f"{self.dup_members:,} near-dups in {self.dup_groups:,} group(s)"
+
+
+def calibration_words(cal: Any) -> str:
+    """A judge's agreement with the person, short: "judge gpt-x: κ 0.71, ρ 0.80, n 40"
+    ("" without a calibration; "–" for a measure that is undefined)."""
+    if cal is None or not cal.n:
+        return ""
+
+    def fmt(v: float | None) -> str:
+        return "–" if v is None else f"{v:.2f}"
+
+    return f"judge {cal.model}: κ {fmt(cal.kappa)}, ρ {fmt(cal.spearman)}, n {cal.n:,}"
 
 
 # -- grade history in words ------------------------------------------------------
@@ -246,3 +338,51 @@ def preview_text(values: dict[str, Any], text: str) -> str:
     head = "·".join(str(v) for v in values.values())
     body = " ".join(text.split())
     return f"{head} — {body}" if body else head
+
+
+# -- curation from the review ------------------------------------------------------------
+def parse_max_tokens(text: str) -> int:
+    """The max tokens a person typed for a redo, bounded as ``--max-tokens`` is (ValueError: one line)."""
+    from .options import GENERATION
+
+    return int(GENERATION["max_tokens"].parse(text.strip(), "max tokens"))
+
+
+def parse_top_up(text: str) -> int:
+    """The kept examples a top-up aims at (``--top-up N``): a whole number of at least 1."""
+    try:
+        value = int(text.strip())
+    except ValueError:
+        raise ValueError(f"the top-up target must be a whole number, not {text.strip()!r}") from None
+    if value < 1:
+        raise ValueError(f"the top-up target must be at least 1, not {value}")
+    return value
+
+
+def redo_words(record: CompletionRecord | None, result: Any) -> tuple[str, str]:
+    """What a redo of one completion came to, and a notice severity: the new length
+    and whether it ended on its own or was cut off again."""
+    if result.state != "finished" or record is None:
+        why = f": {result.error}" if getattr(result, "error", None) else ""
+        return f"the regeneration {result.state}{why}; the old text is kept", "warning"
+    if record.status != "done":
+        return f"#{record.id} failed: {record.error or 'no reply'}; the old text is kept", "error"
+    if record.cut_off:
+        return (f"#{record.id} regenerated ({record.length or 0:,} chars) but cut off again: "
+                f"{cut_off_words(record)}", "warning")
+    return f"#{record.id} regenerated: {record.length or 0:,} chars, finished ({record.finish_reason})", "information"
+
+
+def find_duplicates(store: Store) -> Any:
+    """A near-duplicate pass at the last pass's threshold (else the default)."""
+    from .dedup import DEFAULT_THRESHOLD, find_duplicates as find, latest_pass
+
+    last = latest_pass(store)
+    return find(store, (last or {}).get("threshold") or DEFAULT_THRESHOLD)
+
+
+def drop_duplicates(store: Store) -> Any:
+    """Keep the best-graded of each stored group; the DropResult's ``rejected`` ids undo it."""
+    from .dedup import drop_duplicates as drop
+
+    return drop(store)

@@ -7,11 +7,20 @@ were pressed, and is then announced with ``changed(...)``. The graded row and
 the counts update at once; the counts are then recounted from the store, and
 the rows, counts and histogram follow every other change to the project (a run,
 another process) at most once a second, the cursor staying on its row.
+
+Curation (issue 9) shows here too: the list marks cut-off completions (✂) and
+near-duplicate groups (≈N), the curation bar counts them with the judge's
+agreement, the detail says why, and keys redo with more max tokens (R one, C all
+as a detached run), find (D) and drop (X) near-duplicates, jump to a twin (t),
+open the coverage panel (v) and top it up (T, a detached run). Runs started here
+are the generate screen's runs: it shows them.
 """
 
 from __future__ import annotations
 
+import asyncio
 import queue
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -28,12 +37,14 @@ from textual.timer import Timer
 from textual.widgets import Input, Static
 from textual.worker import get_current_worker
 
+from ..core.errors import one_line
 from ..pipeline import review
 from ..pipeline.review import Filter, ReviewCounts, UndoStack
 from ..tui.context import ProjectContext
 from ..tui.section import SectionScreen
 from ..tui.widgets import LengthHistogram
-from ..tui.widgets.modals import ConfirmModal, EditModal, GradePickModal
+from ..tui.widgets.modals import AskModal, ConfirmModal, EditModal, GradePickModal
+from .coverage_panel import CoveragePanel
 from .review_list import ReviewList, Row
 
 _GRADE_KEYS = Binding.Group("grade", compact=True)
@@ -62,9 +73,12 @@ class ReviewScreen(SectionScreen):
     CSS_PATH = "review.tcss"
     HELP_TITLE = "Review"
     HELP = ("Grade each completion 1–5 (the cursor moves on); 0 or d rejects it. Sorted by length, shortest "
-            "first: length is the cheap proxy for detail. a grades everything no person graded by length "
-            "quintile; x rejects everything at or below a grade. u undoes, also bulk changes.")
-    QUIET_WORKER_GROUPS = frozenset({"review-writer"})  # its errors come back as JobDone
+            "first: length is the cheap proxy for detail, but only for completions that ended on their own: "
+            "✂ marks one cut off at max tokens (R regenerates it with more, C all of them). a grades everything "
+            "no person graded by length quintile; x rejects everything at or below a grade. D finds "
+            "near-duplicates (≈N: a group of N), t jumps to the twin, X keeps the best-graded of each group. "
+            "v shows the coverage per value and pair; T tops up the thin ones. u undoes, also bulk changes.")
+    QUIET_WORKER_GROUPS = frozenset({"review-writer", "redo"})  # they report their own errors
     BINDINGS = [
         *(Binding(str(g), f"grade({g})", f"grade {g}", id=f"review.grade{g}", group=_GRADE_KEYS) for g in range(1, 6)),
         Binding("0,d", "grade(0)", "reject", key_display="d", id="review.reject"),
@@ -79,6 +93,19 @@ class ReviewScreen(SectionScreen):
         Binding("s", "cycle_sort", "sort", show=False, id="review.sort"),
         Binding("r", "reverse", "reverse", show=False, id="review.reverse"),
         Binding("escape", "clear_search", "clear search", show=False, id="review.clear_search"),
+        # Curation: named in the curation bar and the detail pane where they apply.
+        Binding("R", "redo", "redo", tooltip="regenerate this completion with more max tokens", show=False,
+                id="review.redo"),
+        Binding("C", "redo_cut_off", "redo cut off", tooltip="regenerate every cut-off completion (a run)",
+                show=False, id="review.redo_cut_off"),
+        Binding("t", "twin", "twin", tooltip="jump to the near-duplicate twin", show=False, id="review.twin"),
+        Binding("D", "dedup", "find dups", tooltip="find near-duplicates", show=False, id="review.dedup"),
+        Binding("X", "drop_duplicates", "drop dups", tooltip="drop near-duplicates, keeping the best-graded",
+                show=False, id="review.drop_duplicates"),
+        Binding("v", "coverage", "coverage", tooltip="coverage per value and pair (toggle)", show=False,
+                id="review.coverage"),
+        Binding("T", "top_up", "top up", tooltip="top up thin values and pairs (a run)", show=False,
+                id="review.top_up"),
     ]
 
     # What the bars and the detail pane show: each repaints only when its value changes.
@@ -86,6 +113,7 @@ class ReviewScreen(SectionScreen):
     view_label: reactive[Text] = reactive(Text, init=False)
     rows_label: reactive[str] = reactive("", init=False)
     detail: reactive[tuple[Text, Text]] = reactive(lambda: (Text(), Text()), init=False)
+    coverage_open: reactive[bool] = reactive(False, init=False)
 
     def __init__(self, ctx: ProjectContext):
         super().__init__(ctx)
@@ -101,6 +129,8 @@ class ReviewScreen(SectionScreen):
         self._reload_timer: Timer | None = None
         self._last_reload = 0.0
         self._own_grades = 0  # grade changes of ours not yet seen by refresh_from_project
+        self._redo: tuple[asyncio.AbstractEventLoop, asyncio.Event] | None = None  # a redo under way
+        self._redo_lock = threading.Lock()
 
     # -- layout ------------------------------------------------------------------
     def compose_body(self) -> ComposeResult:
@@ -110,12 +140,15 @@ class ReviewScreen(SectionScreen):
             yield Static(Text.assemble(("/", "bold"), " search"), id="review-search-label")
             yield Input(placeholder="search text and values · enter apply · esc close", id="review-search")
             yield Static("", id="review-counts")
+        yield Static("", id="review-curation", classes="info-bar")
         yield LengthHistogram(id="review-histogram")
         with Horizontal(id="review-body"):
-            yield ReviewList(self.ctx.store.review_previews, id="review-list")
+            store = self.ctx.store
+            yield ReviewList(lambda ids: review.list_previews(store, ids), id="review-list")
             with VerticalScroll(id="review-detail"):
                 yield Static("", id="review-detail-head")
                 yield Static("", id="review-detail-text")
+        yield CoveragePanel(id="review-coverage")
 
     @property
     def list(self) -> ReviewList:
@@ -130,10 +163,16 @@ class ReviewScreen(SectionScreen):
 
     def on_unmount(self) -> None:
         self._jobs.put(None)
+        with self._redo_lock:
+            if self._redo is not None:  # a redo under way stops; its completion keeps the old text
+                loop, event = self._redo
+                loop.call_soon_threadsafe(event.set)
 
     # -- the reactives' views --------------------------------------------------------
     def watch_counts(self, counts: ReviewCounts | None) -> None:
         self.query_one("#review-counts", Static).update(counts.text() if counts else "")
+        self.query_one("#review-curation", Static).update(curation_text(counts, self.app.size.width - 2)
+                                                          if counts else "")
 
     def watch_view_label(self, label: Text) -> None:
         self.query_one("#review-view", Static).update(label)
@@ -206,7 +245,12 @@ class ReviewScreen(SectionScreen):
             self._reload_soon("counts")
         else:  # new completions, an edit, another screen or process: anything may have moved
             self._own_grades = 0  # the rows are read afresh, ours included
-            self._reload_soon("rows", "counts", "histogram")
+            parts = ["rows", "counts", "histogram"]
+            if not what <= {"grades", "runs"}:  # texts or curation marks may have changed too
+                parts.append("previews")
+            self._reload_soon(*parts)
+        if self.coverage_open:
+            self._reload_soon("coverage")
 
     def _reload_soon(self, *parts: str) -> None:
         """Reload ``parts`` now, or once a second has passed since the last reload."""
@@ -222,9 +266,13 @@ class ReviewScreen(SectionScreen):
     def _reload_due(self) -> None:
         self._reload_timer = None
         due, self._due = self._due, set()
+        if "previews" in due:
+            self.list.refresh_previews()
+        if "coverage" in due and self.coverage_open:
+            self._load_coverage()
         if "rows" in due:
             self.reload(histogram="histogram" in due)
-        elif due:
+        elif due & {"counts", "histogram"}:
             self._last_reload = time.monotonic()
             self._load_counts(histogram="histogram" in due)
         if self._detail_id is not None and "rows" in due:
@@ -301,11 +349,14 @@ class ReviewScreen(SectionScreen):
     @work(thread=True, exclusive=True, group="detail", exit_on_error=False)
     def _load_detail(self, completion_id: int) -> None:
         store = self.ctx.store
+        from ..pipeline.dedup import group_of
+
         record = store.get_completion(completion_id)
         history = store.grade_history(completion_id)
+        group = group_of(store, completion_id)
         if record is None or get_current_worker().is_cancelled:
             return
-        texts = detail_texts(record, history)
+        texts = detail_texts(record, history, group)
         self.app.call_from_thread(self._detail_loaded, completion_id, texts)
 
     def _detail_loaded(self, completion_id: int, texts: tuple[Text, Text]) -> None:
@@ -318,7 +369,9 @@ class ReviewScreen(SectionScreen):
 
     # -- grading -------------------------------------------------------------------------
     def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
-        if action in ("grade", "edit"):
+        if action in _LIST_ACTIONS and self.coverage_open:
+            return None  # the list is hidden: its keys would act on a row nobody sees
+        if action in ("grade", "edit", "redo", "twin"):
             row = self.list.current if self.is_mounted else None
             return None if row is None or row[3] != "done" else True
         if action == "undo":
@@ -463,6 +516,218 @@ class ReviewScreen(SectionScreen):
         self.notify(f"rejected {len(ids):,} completion(s) graded at or below {grade}")
         self._after_bulk()
 
+    # -- curation: cut off, near-duplicates, coverage ---------------------------------------------
+    def action_redo(self) -> None:
+        row = self.list.current
+        if row is None or row[3] != "done":
+            return
+        with self._redo_lock:
+            busy = self._redo is not None
+        if busy:
+            self.notify("a regeneration is under way; wait for it to finish", title="Redo")
+            return
+        self._ask_max_tokens([row[0]])
+
+    def action_redo_cut_off(self) -> None:
+        counts = self.counts
+        if counts is not None and not counts.cut_off:
+            self.notify("no completion is cut off at max tokens", title="Redo")
+            return
+        self._ask_max_tokens(None)
+
+    @work(thread=True, group="redo-ask", exit_on_error=False)
+    def _ask_max_tokens(self, ids: list[int] | None) -> None:
+        from ..pipeline.generate import suggested_redo_max_tokens
+
+        suggested = suggested_redo_max_tokens(self.ctx.store)
+        self.app.call_from_thread(self._push_max_tokens, ids, suggested)
+
+    def _push_max_tokens(self, ids: list[int] | None, suggested: int) -> None:
+        if ids is None:
+            n = self.counts.cut_off if self.counts is not None else 0
+            question = (f"Regenerate all {n:,} cut-off completion(s) with how many max tokens? A run starts "
+                        f"(F3 Generate follows it); each keeps its old text until the new one arrives.")
+            title = "Redo cut off"
+        else:
+            question = (f"Regenerate #{ids[0]} with how many max tokens? Its grades are withdrawn once the "
+                        f"new text arrives.")
+            title = "Redo"
+
+        def answered(value: str | None) -> None:
+            if value is None:
+                return
+            try:
+                max_tokens = review.parse_max_tokens(value)
+            except ValueError as exc:
+                self.show_error(str(exc), title=title)
+                return
+            if ids is None:
+                self._start_run("redo", max_tokens)
+            else:
+                self._redo_one(ids[0], max_tokens)
+
+        self.app.push_screen(AskModal(question, str(suggested), title=title, placeholder="max tokens"), answered)
+
+    @work(thread=True, group="redo", exit_on_error=False)
+    def _redo_one(self, completion_id: int, max_tokens: int) -> None:
+        from ..pipeline.generate import redo_completion
+
+        loop = asyncio.new_event_loop()
+        with self._redo_lock:
+            if self._redo is not None:
+                loop.close()
+                return
+            stop = asyncio.Event()
+            self._redo = (loop, stop)
+        self.app.call_from_thread(self.notify, f"regenerating #{completion_id} with max_tokens {max_tokens:,}…",
+                                  title="Redo")
+        try:
+            result = loop.run_until_complete(redo_completion(self.ctx.path, completion_id, max_tokens=max_tokens,
+                                                             stop_event=stop))
+        except Exception as exc:  # noqa: BLE001 - GenerateError, RunConflict, a backend: one line on screen
+            self.app.call_from_thread(self.show_error, one_line(exc), "Redo")
+            return
+        finally:
+            with self._redo_lock:
+                self._redo = None
+            loop.close()
+        record = self.ctx.store.get_completion(completion_id)
+        self.app.call_from_thread(self._redone, completion_id, review.redo_words(record, result))
+
+    def _redone(self, completion_id: int, words: tuple[str, str]) -> None:
+        text, severity = words
+        self.notify(text, title="Redo", severity=severity)  # type: ignore[arg-type]
+        self.changed("completions")
+        self._refresh_detail(completion_id)
+
+    def _start_run(self, kind: str, value: int) -> None:
+        self.notify("starting a run…", title="Redo" if kind == "redo" else "Top up")
+        self._start_detached(kind, value)
+
+    @work(thread=True, exclusive=True, group="review-run", exit_on_error=False)
+    def _start_detached(self, kind: str, value: int) -> None:
+        from ..pipeline import runs
+        from ..pipeline.generate import GenerateOptions, NothingToDo, redo_options
+
+        title = "Redo" if kind == "redo" else "Top up"
+        options = redo_options(None, value) if kind == "redo" else GenerateOptions(top_up=value)
+        try:
+            run_id = runs.start_detached(self.ctx.path, options)
+        except NothingToDo as exc:  # not an error: a notice, and no run
+            self.app.call_from_thread(self.notify, str(exc), title=title)
+        except Exception as exc:  # noqa: BLE001 - GenerateError, RunConflict: one line on screen
+            self.app.call_from_thread(self.show_error, one_line(exc), title)
+        else:
+            self.app.call_from_thread(self._run_started, title, run_id)
+
+    def _run_started(self, title: str, run_id: int) -> None:
+        self.changed("runs")
+        self.notify(f"run #{run_id} started; F4 comes back to the review", title=title)
+        self.call_later(self.app.run_action, "section('generate')")  # the generate screen follows the run
+
+    def action_twin(self) -> None:
+        row = self.list.current
+        if row is not None:
+            self._find_twin(row[0])
+
+    @work(thread=True, group="twin", exit_on_error=False)
+    def _find_twin(self, completion_id: int) -> None:
+        from ..pipeline.dedup import twin_of
+
+        twin = twin_of(self.ctx.store, completion_id)
+        self.app.call_from_thread(self._go_to_twin, completion_id, twin)
+
+    def _go_to_twin(self, completion_id: int, twin: int | None) -> None:
+        if twin is None:
+            self.notify(f"#{completion_id} has no near-duplicate" + ("" if self.counts and self.counts.dedup_run
+                                                                      else " found yet (D looks for them)"))
+            return
+        index = self.list.index_of(twin)
+        if index is None:
+            self.notify(f"its twin #{twin} is not listed with this filter or search (f: near-duplicates)")
+            return
+        self.list.set_cursor(index)
+
+    def action_dedup(self) -> None:
+        self.notify("looking for near-duplicates…", title="Near-duplicates")
+        store = self.ctx.store
+        self.submit(lambda: review.find_duplicates(store), self._deduped, what="completions")
+
+    def _deduped(self, result: Any) -> None:
+        self.notify(result.summary(), title="Near-duplicates", timeout=8)
+
+    def action_drop_duplicates(self) -> None:
+        counts = self.counts
+        if counts is None or not counts.dup_groups:
+            self.notify("no near-duplicate groups" + ("" if counts and counts.dedup_run else ": D looks for them"),
+                        title="Near-duplicates")
+            return
+        extra = counts.dup_members - counts.dup_groups
+
+        def answered(yes: bool | None) -> None:
+            if yes:
+                store = self.ctx.store
+                self.submit(lambda: review.drop_duplicates(store), self._duplicates_dropped)
+
+        self.app.push_screen(
+            ConfirmModal(f"Keep the best-graded completion of each of {counts.dup_groups:,} near-duplicate "
+                         f"group(s) and reject the other {extra:,}? A person's grade is left alone; they stay in "
+                         f"the project (u undoes this) but are never exported.", title="Drop near-duplicates"),
+            answered,
+        )
+
+    def _duplicates_dropped(self, result: Any) -> None:
+        self._push_undo(result.rejected, "drop near-duplicates")
+        self.notify(result.summary(), title="Near-duplicates", timeout=8)
+        self._after_bulk()
+
+    def action_coverage(self) -> None:
+        self.coverage_open = not self.coverage_open
+
+    def watch_coverage_open(self, open_: bool) -> None:
+        self.set_class(open_, "-coverage")
+        panel = self.query_one(CoveragePanel)
+        panel.border_title = "coverage: kept examples per value and pair"
+        panel.border_subtitle = "T top up · v back to the list"
+        if open_:
+            panel.show(panel.coverage)
+            self._load_coverage()
+            panel.focus()
+        else:
+            self.list.focus()
+        self.refresh_bindings()
+
+    @work(thread=True, exclusive=True, group="coverage", exit_on_error=False)
+    def _load_coverage(self) -> None:
+        from ..pipeline.coverage import coverage
+
+        try:
+            cov = coverage(self.ctx.store)
+        except ValueError as exc:
+            self.app.call_from_thread(self.query_one(CoveragePanel).show, None, one_line(exc))
+            return
+        if not get_current_worker().is_cancelled:
+            self.app.call_from_thread(self.query_one(CoveragePanel).show, cov)
+
+    def action_top_up(self) -> None:
+        from ..pipeline.coverage import DEFAULT_THIN
+
+        def answered(value: str | None) -> None:
+            if value is None:
+                return
+            try:
+                target = review.parse_top_up(value)
+            except ValueError as exc:
+                self.show_error(str(exc), title="Top up")
+                return
+            self._start_run("top_up", target)
+
+        self.app.push_screen(
+            AskModal("Generate new samples until every value and pair has how many kept examples? A run starts "
+                     "(F3 Generate follows it).", str(DEFAULT_THIN), title="Top up", placeholder="examples"),
+            answered,
+        )
+
     # -- view: filter, sort, search ----------------------------------------------------------------
     def _view_changed(self) -> None:
         self._show_view()
@@ -520,7 +785,35 @@ class ReviewScreen(SectionScreen):
             self._close_search()
 
 
-def detail_texts(record, history) -> tuple[Text, Text]:
+_LIST_ACTIONS = frozenset({"grade", "edit", "redo", "twin", "auto_grade", "drop", "search", "cycle_filter",
+                           "cycle_sort", "reverse"})
+
+
+def curation_text(counts: ReviewCounts, width: int) -> Text:
+    """The curation bar: cut off, near-duplicates, the judge's agreement and the keys
+    for each; shortened, then the coverage key and the judge left out, until it fits ``width``."""
+    cut_long = Text.assemble(("✂ ", "yellow"), counts.cut_off_text())
+    cut_short = cut_long.copy()
+    if counts.cut_off:
+        cut_long.append_text(Text.assemble(": ", ("R", "bold"), "/", ("C", "bold"), " redo"))
+    if counts.dup_groups:
+        dup_long = Text.assemble(("≈ ", "cyan"), counts.dup_text(), ": ", ("t", "bold"), " twin ",
+                                 ("X", "bold"), " drop")
+        dup_short = Text.assemble(("≈ ", "cyan"), f"{counts.dup_members:,} dups/{counts.dup_groups:,} groups")
+    elif counts.dedup_run:
+        dup_long = dup_short = Text.assemble(("≈ ", "cyan"), "no near-dups (", ("D", "bold"), " again)")
+    else:
+        dup_long = dup_short = Text.assemble(("≈ ", "cyan"), ("D", "bold"), " finds near-dups")
+    judge = [Text(counts.judge)] if counts.judge else []
+    cover = [Text.assemble(("v", "bold"), " coverage")]
+    for parts in ([cut_long, dup_long, *judge, *cover], [cut_long, dup_short, *judge, *cover],
+                  [cut_short, dup_short, *judge, *cover], [cut_short, dup_short, *judge], [cut_short, dup_short]):
+        if sum(p.cell_len for p in parts) + 3 * (len(parts) - 1) <= width:
+            break
+    return Text(" · ", style="dim").join(parts)
+
+
+def detail_texts(record, history, group: list[int] | None = None) -> tuple[Text, Text]:
     """The detail pane's header and body for one completion (no UI state)."""
     head = Text()
     head.append(f"#{record.id}", "bold")
@@ -551,5 +844,11 @@ def detail_texts(record, history) -> tuple[Text, Text]:
         head.append(" · ".join(meta) + "\n", "dim")
     if record.status == "failed" and record.error:
         head.append(f"error: {record.error}\n", "red")
+    if cut := review.cut_off_words(record):
+        head.append(f"✂ {cut}", "bold yellow")
+        head.append_text(Text.assemble(" · ", ("R", "bold"), " redo\n"))
+    if twins := review.group_words(group or [], record.id):
+        head.append(f"≈ {twins}", "cyan")
+        head.append_text(Text.assemble(" · ", ("t", "bold"), " twin\n"))
     body = Text(record.text or "")
     return head, body

@@ -2,8 +2,10 @@
 
 Built like Toolong's log view: a ScrollView holding only light rows
 (id, length, grade, status) and rendering the visible lines in ``render_line``;
-no widget per row. Previews (the cell's values and the text's start) are
-fetched for the visible rows only, in a thread, and cached.
+no widget per row. Previews (the cell's values and the text's start) and the
+curation marks (✂ cut off at max tokens, ≈N a near-duplicate group of N) are
+fetched for the visible rows only, in a thread, and cached; ``refresh_previews``
+fetches them again (the old ones stay drawn until the new ones arrive).
 """
 
 from __future__ import annotations
@@ -19,21 +21,21 @@ from textual.message import Message
 from textual.scroll_view import ScrollView
 from textual.strip import Strip
 
-from ..pipeline.review import preview_text
+from ..pipeline.review import ListPreview
 
 Row = tuple[int, int, "int | None", str]  # id, length, grade, status
-PreviewFetcher = Callable[[Sequence[int]], dict]
+PreviewFetcher = Callable[[Sequence[int]], "dict[int, ListPreview]"]
 
 _GRADE_CLASSES = {g: f"review-list--grade{g}" for g in range(0, 6)}
 _PREVIEW_CACHE_MAX = 20_000
 
 
 class ReviewList(ScrollView, can_focus=True):
-    """The completions, one per line: grade, length, preview."""
+    """The completions, one per line: grade, length, marks (✂ cut off, ≈N near-duplicates), preview."""
 
     COMPONENT_CLASSES = {
         "review-list--cursor", "review-list--length", "review-list--preview", "review-list--dim",
-        "review-list--failed", *_GRADE_CLASSES.values(),
+        "review-list--failed", "review-list--cut", "review-list--dup", *_GRADE_CLASSES.values(),
     }
     BINDINGS = [
         Binding("j,down", "move(1)", "down", show=False, id="review.down"),
@@ -53,16 +55,18 @@ class ReviewList(ScrollView, can_focus=True):
             self.row = row
 
     class PreviewsLoaded(Message):
-        def __init__(self, previews: dict[int, str]):
+        def __init__(self, previews: dict[int, ListPreview], generation: int):
             super().__init__()
             self.previews = previews
+            self.generation = generation
 
     def __init__(self, fetch_previews: PreviewFetcher, *, id: str | None = None):
         super().__init__(id=id)
         self._fetch_previews = fetch_previews
         self.rows: list[Row] = []
         self.cursor = 0
-        self._previews: dict[int, str] = {}
+        self._previews: dict[int, tuple[int, ListPreview]] = {}  # id -> (generation, preview)
+        self._generation = 0  # previews of an older generation are drawn, and fetched again
         self._wanted: set[int] = set()
         self._inflight: set[int] = set()
         self._index: dict[int, int] | None = None
@@ -108,6 +112,13 @@ class ReviewList(ScrollView, can_focus=True):
         index = self.index_of(row_id)
         if index is not None:
             self.refresh_line(index)
+
+    def refresh_previews(self) -> None:
+        """Texts or marks may have changed (a run, a redo, a dedup pass): fetch the
+        visible rows' previews again, drawing the old ones meanwhile."""
+        self._generation += 1
+        self._inflight.clear()
+        self.refresh()
 
     # -- cursor ----------------------------------------------------------------
     def set_cursor(self, index: int) -> None:
@@ -171,15 +182,18 @@ class ReviewList(ScrollView, can_focus=True):
         else:
             mark, mark_style = f" {grade} ", self._style(_GRADE_CLASSES[grade])
         length_text = f"{length:>7,} " if status == "done" else " " * 8
-        preview = self._previews.get(row_id)
-        if preview is None:
+        entry = self._previews.get(row_id)
+        if entry is None or entry[0] != self._generation:
             self._want(row_id)
-            preview = ""
-        room = max(0, width - 3 - 8 - 1)
-        preview = preview[:room].ljust(room)
+        shown = entry[1] if entry is not None else ListPreview("")
+        dup = f"≈{min(shown.dup_size, 99)}" if shown.dup_size else ""
+        room = max(0, width - 3 - 8 - 4 - 1)
+        preview = shown.text[:room].ljust(room)
         segments = [
             Segment(mark, base + mark_style),
             Segment(length_text, base + self._style("review-list--length")),
+            Segment("✂" if shown.cut_off else " ", base + self._style("review-list--cut")),
+            Segment(f"{dup:<3}", base + self._style("review-list--dup")),
             Segment(preview + " ", base + self._style("review-list--preview")),
         ]
         if index == self.cursor:
@@ -204,17 +218,17 @@ class ReviewList(ScrollView, can_focus=True):
 
     @work(thread=True, group="previews", exit_on_error=False)
     def _load_previews(self, ids: list[int]) -> None:
-        raw = self._fetch_previews(ids)
-        previews = {cid: preview_text(values, text) for cid, (values, text) in raw.items()}
+        generation = self._generation
+        previews = self._fetch_previews(ids)
         for cid in ids:
-            previews.setdefault(cid, "")
-        self.post_message(self.PreviewsLoaded(previews))
+            previews.setdefault(cid, ListPreview(""))
+        self.post_message(self.PreviewsLoaded(previews, generation))
 
     @on(PreviewsLoaded)
     def _previews_loaded(self, message: ReviewList.PreviewsLoaded) -> None:
         message.stop()
         if len(self._previews) > _PREVIEW_CACHE_MAX:
             self._previews.clear()
-        self._previews.update(message.previews)
+        self._previews.update((cid, (message.generation, p)) for cid, p in message.previews.items())
         self._inflight.difference_update(message.previews)
         self.refresh()
