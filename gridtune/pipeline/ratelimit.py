@@ -34,6 +34,7 @@ from typing import Any
 MINUTE = 60.0
 WINDOW_MARGIN = 0.01  # a window is kept as period * (1 + margin) + SKEW_S: clocks and networks jitter
 SKEW_S = 0.05
+REORDER_MARGIN = 0.01  # of a reported budget, kept unused (see wait_s)
 POLL_S = 0.1  # a waiter looks again this often: a fresher report may let it go sooner
 
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|h|m|s)")
@@ -77,7 +78,8 @@ class _Report:
     remaining: float
     reset_at: float  # monotonic time when the budget is whole again
     limit: float | None
-    sent_at_read: float  # our running total (requests or tokens) when we read it
+    sent_at_read: float  # our running total (requests or tokens) up to the request answered
+    expired_at_read: float  # our running total that had left the window when we read it
     rolled: bool = False  # reset_at passed without a fresher report
 
 
@@ -95,8 +97,10 @@ class RateLimits:
     tpm: float | None = None
     max_request_tokens: int = 0
     period_s: float = MINUTE
-    _log: deque = field(default_factory=deque, init=False, repr=False)  # (sent at, tokens) within the window
-    _window_tokens: float = field(default=0.0, init=False, repr=False)
+    _log: deque = field(default_factory=deque, init=False, repr=False)  # (sent at, charge, tokens) in the window
+    _window_tokens: float = field(default=0.0, init=False, repr=False)  # the charges in the log
+    _expired_requests: int = field(default=0, init=False, repr=False)  # sent and out of the window since
+    _expired_tokens: float = field(default=0.0, init=False, repr=False)
     _sent_requests: int = field(default=0, init=False, repr=False)
     _sent_tokens: float = field(default=0.0, init=False, repr=False)
     _requests_report: _Report | None = field(default=None, init=False, repr=False)
@@ -123,6 +127,7 @@ class RateLimits:
         if not self.active:
             self._sent_requests += 1
             self._sent_tokens += tokens
+            self._expired_requests, self._expired_tokens = self._sent_requests, self._sent_tokens  # nothing logged
             return self._sent_requests, self._sent_tokens
         if self._lock is None:
             self._lock = asyncio.Lock()
@@ -150,7 +155,7 @@ class RateLimits:
             excess = self._window_tokens + charge - self.tpm
             if excess > 0:
                 freed = 0.0
-                for sent, size in log:  # the oldest first: wait until enough of them leave the window
+                for sent, size, _tokens in log:  # the oldest first: wait until enough of them leave the window
                     freed += size
                     if freed >= excess - 1e-9:
                         wait = max(wait, sent + self._window - now)
@@ -166,24 +171,38 @@ class RateLimits:
                 # a period later without a fresher report, whole for good.
                 if report.rolled:
                     report.sent_at_read = sent
+                    report.expired_at_read = self._expired_requests if report is self._requests_report \
+                        else self._expired_tokens
                 report.remaining, report.reset_at, report.rolled = report.limit, now + self.period_s, True
-            left = report.remaining - (sent - report.sent_at_read)
-            if left < (min(need, report.limit) if report.limit else need):
-                wait = max(wait, report.reset_at - now)
+            # What was left, less what went since, plus what has since left the window of
+            # what the report had counted (a sliding window, or a bucket refilling at least
+            # as fast, gives it back a period after it was sent).
+            expired = self._expired_requests if report is self._requests_report else self._expired_tokens
+            freed = min(expired, report.sent_at_read) - min(report.expired_at_read, report.sent_at_read)
+            left = report.remaining - (sent - report.sent_at_read) + freed
+            # A margin for requests that reached the server in another order than we sent them.
+            margin = (report.limit or 0) * REORDER_MARGIN
+            if report is self._requests_report:
+                margin = max(1.0, margin)
+            if left - margin < (min(need, report.limit) if report.limit else need):
+                next_leaves = log[0][0] + self._window if log else math.inf  # may free enough sooner
+                wait = max(wait, min(report.reset_at, next_leaves) - now)
         return wait
 
     def _record(self, tokens: int, now: float) -> None:
         self._sent_requests += 1
         self._sent_tokens += tokens
-        if self.rpm or self.tpm:
-            charge = min(float(tokens), self.tpm) if self.tpm else 0.0
-            self._log.append((now, charge))
-            self._window_tokens += charge
+        charge = min(float(tokens), self.tpm) if self.tpm else 0.0
+        self._log.append((now, charge, tokens))
+        self._window_tokens += charge
 
     def _expire(self, now: float) -> None:
         log, edge = self._log, now - self._window
         while log and log[0][0] <= edge:
-            self._window_tokens -= log.popleft()[1]
+            _, charge, tokens = log.popleft()
+            self._window_tokens -= charge
+            self._expired_requests += 1
+            self._expired_tokens += tokens
 
     def observe(self, headers: Mapping[str, Any] | None, mark: tuple[int, float] | None = None,
                 now: float | None = None) -> None:
@@ -211,8 +230,10 @@ class RateLimits:
             last = self._requests_report if which == "requests" else self._tokens_report
             if last is not None and not last.rolled and last.sent_at_read > sent:
                 continue  # a request sent later has already reported
+            self._expire(now)
             report = _Report(left, now + (reset if reset is not None else self.period_s),
-                             _number(get(f"x-ratelimit-limit-{which}")), sent)
+                             _number(get(f"x-ratelimit-limit-{which}")), sent,
+                             self._expired_requests if which == "requests" else self._expired_tokens)
             if which == "requests":
                 self._requests_report = report
             else:
