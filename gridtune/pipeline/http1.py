@@ -37,6 +37,19 @@ _STATUS_ERRORS: dict[int, type[openai.APIStatusError]] = {
 MAX_HEADER_BYTES = 64 * 1024
 
 
+def _ssl_context() -> ssl.SSLContext:
+    """Verified TLS with the CA bundle httpx would use (SSL_CERT_FILE/DIR, else certifi's)."""
+    cafile, capath = os.environ.get("SSL_CERT_FILE"), os.environ.get("SSL_CERT_DIR")
+    if not cafile and not capath:
+        try:
+            import certifi
+
+            cafile = certifi.where()
+        except ImportError:
+            pass
+    return ssl.create_default_context(cafile=cafile, capath=capath)
+
+
 class _Conn:
     __slots__ = ("reader", "writer")
 
@@ -63,7 +76,7 @@ class Http1Client:
         self.port = url.port or (443 if self.tls else 80)
         self.prefix = url.path.rstrip("/")
         self.timeout_s = timeout_s
-        self._ssl = ssl.create_default_context() if self.tls else None
+        self._ssl = _ssl_context() if self.tls else None
         host_header = self.host if url.port is None else f"{self.host}:{url.port}"
         if ":" in self.host and url.port is not None:  # an IPv6 literal
             host_header = f"[{self.host}]:{url.port}"
