@@ -30,9 +30,6 @@ import logging
 import os
 import secrets
 import socket
-import subprocess
-import sys
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
@@ -488,7 +485,7 @@ async def run_batch(
 def start_detached_batch(project: str | os.PathLike[str], options: BatchOptions) -> int:
     """``run_batch`` in its own session (immune to the terminal closing), as
     ``runs.start_detached`` does for a live run; returns the run id once adopted."""
-    from .runs import ADOPT_TIMEOUT_S, is_alive, log_path
+    from .runs import is_alive, launch_detached
 
     options.check()
     project = Path(project).resolve()
@@ -499,28 +496,7 @@ def start_detached_batch(project: str | os.PathLike[str], options: BatchOptions)
         run_id = store.start_run(pid=os.getpid(), host=socket.gethostname(), model=plan.model,
                                  params={**run_params(plan, options.generate), "batch": True},
                                  is_alive=is_alive, state="starting")
-        log = log_path(project)
-        cmd = [sys.executable, "-m", "gridtune", "_batch", str(project), "--run-id", str(run_id),
-               "--options", options.to_json()]
-        with open(log, "ab") as out:
-            out.write(f"--- {time.strftime('%Y-%m-%d %H:%M:%S')} batch run #{run_id}\n".encode())
-            out.flush()
-            proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                                    start_new_session=True, close_fds=True,
-                                    env=dict(os.environ, PYTHONUNBUFFERED="1"))
-        threading.Thread(target=proc.wait, daemon=True).start()
-        deadline = time.monotonic() + ADOPT_TIMEOUT_S
-        while time.monotonic() < deadline:
-            run = store.get_run(run_id)
-            if run is not None and run.pid == proc.pid:
-                return run_id
-            if proc.poll() is not None:
-                break
-            time.sleep(0.05)
-        if proc.poll() is None:
-            proc.terminate()
-        store.finish_run(run_id, "failed", error="the detached process did not start")
-        raise GenerateError(f"the detached batch run did not start (log: {log})")
+        return launch_detached(store, project, run_id, ["_batch", "--options", options.to_json()], what="batch run")
 
 
 def sync_open_batches(store_path: str | os.PathLike[str]) -> str | None:

@@ -117,29 +117,34 @@ def start_detached(project: str | os.PathLike[str], options: GenerateOptions) ->
         plan = plan_run(store, options)
         run_id = store.start_run(pid=os.getpid(), host=socket.gethostname(), model=plan.model,
                                  params=run_params(plan, options), is_alive=is_alive, state="starting")
-        log = log_path(project)
-        cmd = [sys.executable, "-m", "gridtune", "_run", str(project),
-               "--run-id", str(run_id), "--options", options.to_json()]
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
-        with open(log, "ab") as out:
-            out.write(f"--- {time.strftime('%Y-%m-%d %H:%M:%S')} run #{run_id}\n".encode())
-            out.flush()
-            proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                                    start_new_session=True, close_fds=True, env=env)
-        # Reap it when it ends if this process outlives it (the TUI), so no zombie stays.
-        threading.Thread(target=proc.wait, daemon=True).start()
-        deadline = time.monotonic() + ADOPT_TIMEOUT_S
-        while time.monotonic() < deadline:
-            run = store.get_run(run_id)
-            if run is not None and run.pid == proc.pid:
-                return run_id
-            if proc.poll() is not None:
-                break
-            time.sleep(0.05)
-        if proc.poll() is None:
-            proc.terminate()
-        store.finish_run(run_id, "failed", error="the detached process did not start")
-        raise GenerateError(f"the detached run did not start: {_last_line(log) or 'no output'} (log: {log})")
+        return launch_detached(store, project, run_id, ["_run", "--options", options.to_json()], what="run")
+
+
+def launch_detached(store: Store, project: Path, run_id: int, args: list[str], *, what: str) -> int:
+    """Start ``python -m gridtune CMD PROJECT --run-id N ...`` in its own session (immune
+    to the terminal closing), logging beside the project, and wait until it adopts
+    the run record. The run is marked failed, with the log's last line, if it does not."""
+    log = log_path(project)
+    cmd = [sys.executable, "-m", "gridtune", args[0], str(project), "--run-id", str(run_id), *args[1:]]
+    with open(log, "ab") as out:
+        out.write(f"--- {time.strftime('%Y-%m-%d %H:%M:%S')} {what} #{run_id}\n".encode())
+        out.flush()
+        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True, close_fds=True, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    # Reap it when it ends if this process outlives it (the TUI), so no zombie stays.
+    threading.Thread(target=proc.wait, daemon=True).start()
+    deadline = time.monotonic() + ADOPT_TIMEOUT_S
+    while time.monotonic() < deadline:
+        run = store.get_run(run_id)
+        if run is not None and run.pid == proc.pid:
+            return run_id
+        if proc.poll() is not None:
+            break
+        time.sleep(0.05)
+    if proc.poll() is None:
+        proc.terminate()
+    store.finish_run(run_id, "failed", error="the detached process did not start")
+    raise GenerateError(f"the detached {what} did not start: {_last_line(log) or 'no output'} (log: {log})")
 
 
 def _last_line(path: Path) -> str:
