@@ -8,8 +8,9 @@ tells the playground whether the reply ran to max tokens.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any
 
 import openai
 

@@ -68,7 +68,8 @@ class Backend:
     @property
     def label(self) -> str:
         """Which backend, for a person: never with credentials."""
-        return {"openai": "OpenAI", "compatible": self.public_url, "local": f"local server {self.public_url}"}[self.kind]
+        labels = {"openai": "OpenAI", "compatible": self.public_url, "local": f"local server {self.public_url}"}
+        return labels[self.kind]
 
     @property
     def public_url(self) -> str:

@@ -281,7 +281,7 @@ class _Follower:
             if exc.status_code not in PERMANENT_STATUS:
                 self.phase = f"batch #{b.id}: {self.plan.backend.redact(describe(exc))} (asking again)"
                 return
-            error = self.plan.backend.redact(describe(exc))
+            error: str | None = self.plan.backend.redact(describe(exc))
             if b.batch_id is None:  # refused before it existed: the run cannot go on
                 stored.forget_batch(self.store, b.id)
                 raise GenerateError(f"the batch API refused the batch: {error}") from None

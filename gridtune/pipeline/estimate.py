@@ -47,7 +47,7 @@ class ServerInfo:
     train_tokens_per_s: float | None = None  # trained tokens/s, when the server has measured it
 
     @classmethod
-    def from_dict(cls, data: Any) -> "ServerInfo | None":
+    def from_dict(cls, data: Any) -> ServerInfo | None:
         if not isinstance(data, dict):
             return None
 

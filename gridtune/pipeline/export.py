@@ -25,21 +25,21 @@ import hashlib
 import itertools
 import json
 import os
-from contextlib import aclosing
+from collections.abc import AsyncGenerator, Generator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import aclosing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, AsyncIterator, Iterator
+from typing import Any
 
 import aiofiles
 import aiofiles.os
 
 from ..store import Store, evaluation
-from .grid import GridSpec, cell_key
-from .holdout import HoldOut, HoldOutError, add_held_out_cases
-from .holdout import plan as plan_hold_out
-from .project import load_project_spec
 from .estimate import ServerInfo, training_cost_line
+from .grid import GridSpec, cell_key
+from .holdout import HoldOut, HoldOutError, add_held_out_cases, plan as plan_hold_out
+from .project import load_project_spec
 from .validate import ValidationReport, show, validate_file
 
 FORMATS = ("chat", "completion")
@@ -167,12 +167,15 @@ def _check_args(format: str, min_grade: int | None, fraction: float, separator: 
         raise ExportError(f"{out_path}: give a file name ending in .jsonl (not .valid.jsonl)")
 
 
+ExportRow = tuple[int, dict[str, Any], str, int | None]
+
+
 async def _rows(store: Store, min_grade: int | None,
-                include_cut_off: bool = False) -> AsyncIterator[list[tuple[int, dict[str, Any], str, int | None]]]:
+                include_cut_off: bool = False) -> AsyncGenerator[list[ExportRow]]:
     """The store's export rows in batches, read on one worker thread (sqlite
     connections stay on the thread that made them) so the event loop never blocks."""
     loop = asyncio.get_running_loop()
-    gen: Iterator[Any] = store.iter_export_rows(min_grade, batch=_BATCH, include_cut_off=include_cut_off)
+    gen: Generator[ExportRow] = store.iter_export_rows(min_grade, batch=_BATCH, include_cut_off=include_cut_off)
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="gridtune-export") as pool:
         try:
             while batch := await loop.run_in_executor(pool, lambda: list(itertools.islice(gen, _BATCH))):
@@ -337,7 +340,8 @@ async def export_project_async(
         if n_train == 0:
             what = "no finished completion" + (f" graded {min_grade} or more" if min_grade else "")
             if n_valid:
-                raise ExportError(f"all {n_valid} example(s) fell into the validation split; lower --validation-fraction")
+                raise ExportError(f"all {n_valid} example(s) fell into the validation split; "
+                                  "lower --validation-fraction")
             if cut_candidates and not include_cut_off:
                 what += (f"; {len(cut_candidates):,} cut-off completion(s) left out (regenerate them with "
                          f"`gridtune generate PROJECT --redo-cut-off --max-tokens N`, or --include-cut-off)")
@@ -385,7 +389,9 @@ async def export_project_async(
         if held is not None:
             warnings.append(f"{len(held.keys):,} cell(s) held out for evaluation ({n_held:,} completion(s) "
                             f"kept out of training): `gridtune eval PROJECT --model TUNED` asks them")
-        moves = [(tmp_train, out)] + ([(tmp_valid, valid_out)] if valid_out is not None else [])
+        moves: list[tuple[Path, Path]] = [(tmp_train, out)]
+        if tmp_valid is not None and valid_out is not None:
+            moves.append((tmp_valid, valid_out))
         export_id = _record_and_rename(store, moves, dict(
             path=str(out.resolve()), valid_path=str(valid_out.resolve()) if valid_out else None,
             format=format, min_grade=min_grade, separator=separator, stop=stop,

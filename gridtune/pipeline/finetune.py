@@ -67,7 +67,7 @@ def upload_file(backend: Backend, path: str | Path, purpose: str = "fine-tune") 
     path = Path(path)
     try:
         with backend.client() as client, open(path, "rb") as fh:
-            return client.files.create(file=(path.name, fh), purpose=purpose)  # type: ignore[arg-type]
+            return client.files.create(file=(path.name, fh), purpose=purpose)
     except OSError as exc:
         raise FinetuneError(f"{path}: cannot read: {exc.strerror or exc}") from None
     except openai.OpenAIError as exc:
@@ -257,7 +257,8 @@ class JobTracker:
         self._state = replace(
             self._state, events=tuple(self._events),
             total_steps=int(total) if isinstance(total, (int, float)) else self._state.total_steps,
-            **{name: tuple(values) for name, values in curves.items()})
+            steps=tuple(curves["steps"]), losses=tuple(curves["losses"]),
+            valid_steps=tuple(curves["valid_steps"]), valid_losses=tuple(curves["valid_losses"]))
 
     def on_job(self, job: FineTuningJob) -> bool:
         error = _first_line(job.error.message) if job.error is not None and job.error.message else None

@@ -85,7 +85,8 @@ def update_batch(store: Store, row_id: int, **fields: Any) -> None:
     """Set provider facts: batch_id, input_file_id, status, output_file_id, error_file_id,
     counts (a dict), error."""
     allowed = {"batch_id", "input_file_id", "status", "output_file_id", "error_file_id", "error"}
-    sets, values = ["updated_at = ?"], [time.time()]
+    sets: list[str] = ["updated_at = ?"]
+    values: list[Any] = [time.time()]
     for key, value in fields.items():
         if key == "counts":
             sets.append("counts_json = ?")

@@ -12,7 +12,7 @@ import os
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -845,7 +845,7 @@ class Store:
 
     # -- export rows ----------------------------------------------------------
     def iter_export_rows(self, min_grade: int | None, batch: int = 1000, *,
-                         include_cut_off: bool = False) -> Iterator[tuple[int, dict[str, Any], str, int | None]]:
+                         include_cut_off: bool = False) -> Generator[tuple[int, dict[str, Any], str, int | None]]:
         """(id, values, text, grade) of finished completions to export, in grid order.
 
         Rejected completions (grade 0) are never exported; ``min_grade`` keeps

@@ -17,13 +17,19 @@ from typing import Any
 
 import click
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, TextColumn
-from rich.progress import Progress as RichProgress
+from rich.progress import BarColumn, MofNCompleteColumn, Progress as RichProgress, TextColumn
 
 from ..pipeline import batch as batch_api, runs
 from ..pipeline.coverage import plan_top_up
-from ..pipeline.generate import (GenerateError, GenerateOptions, RunResult, nothing_to_generate, preview_run,
-                                 run_generation, select_work)
+from ..pipeline.generate import (
+    GenerateError,
+    GenerateOptions,
+    RunResult,
+    nothing_to_generate,
+    preview_run,
+    run_generation,
+    select_work,
+)
 from ..pipeline.grid_edit import save_generation_defaults
 from ..pipeline.options import EXPORT, GENERATION
 from ..pipeline.progress import RETRY_KINDS, Progress, format_duration
