@@ -24,11 +24,11 @@ if str(ROOT) not in sys.path:
 
 
 def _greedy_equality(tmp: Path) -> bool:
+    import torch
+
     from gridtune.server.engine import Engine, SamplingParams
     from gridtune.server.model import load_model
     from tests.tiny_model import make_tiny_model
-
-    import torch
 
     loaded = load_model(str(make_tiny_model(tmp / "tiny")), device="cuda")
     loaded.model.float()

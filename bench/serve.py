@@ -50,12 +50,12 @@ def _prompts(n: int) -> list[list[dict[str, str]]]:
 
 class _Server:
     def __init__(self, model: str | None, data_dir: Path, max_batch: int):
+        import secrets
+
         import uvicorn
 
         from gridtune.server.app import build_state, create_app
         from gridtune.server.model import load_model
-
-        import secrets
 
         self.model_arg = model
         self.loaded = load_model(model)
@@ -98,7 +98,7 @@ def _hf_eager(loaded, prompt_ids: list[int], max_tokens: int, rounds: int) -> fl
     with torch.inference_mode():
         loaded.model.generate(torch.tensor([prompt_ids]), max_new_tokens=4, do_sample=True,
                               pad_token_id=loaded.tokenizer.pad_token_id)  # warm-up
-        for r in range(rounds):
+        for _r in range(rounds):
             t = time.perf_counter()
             out = loaded.model.generate(torch.tensor([prompt_ids]), max_new_tokens=max_tokens, do_sample=True,
                                         temperature=1.0, top_p=1.0, pad_token_id=loaded.tokenizer.pad_token_id)
@@ -207,7 +207,7 @@ def _lora_adapter(loaded, path: Path) -> Path:
     return path
 
 
-def _generation(srv: "_Server", gguf: Path | None, max_tokens: int, streams: list[int], rounds: int,
+def _generation(srv: _Server, gguf: Path | None, max_tokens: int, streams: list[int], rounds: int,
                 tmp: Path) -> dict:
     loaded = srv.loaded
     messages = _prompts(1)[0]
@@ -306,7 +306,8 @@ def main() -> None:
         print(f"  baseline: llama.cpp skipped: {g['llama_cpp_skipped']}")
     cpp = g.get("llama_cpp_tokens_per_s")
     for n, r in g["server"].items():
-        line = f"  gridtune server over HTTP, {n:>2} stream{'s' if n != '1' else ' '}      : {r['tokens_per_s']:>7.1f} tok/s"
+        streams = f"{n:>2} stream{'s' if n != '1' else ' '}"
+        line = f"  gridtune server over HTTP, {streams}      : {r['tokens_per_s']:>7.1f} tok/s"
         if n == "1":
             line += f"  {g['ratio_one_stream_vs_hf_eager']:.2f}x eager"
             if cpp:

@@ -154,7 +154,7 @@ def run(model_dir_or_none: str | None = None, n_examples: int = 64, seq_len: int
             base.tokenizer.save_pretrained(plain)
             del base
             model_ref = str(plain)
-        from gridtune.server.model import resolve_source, load_tokenizer
+        from gridtune.server.model import load_tokenizer, resolve_source
 
         tokenizer = load_tokenizer(*resolve_source(model_ref)[1:])
         rows = synthetic_rows(n_examples, seq_len, tokenizer)

@@ -12,7 +12,13 @@ from click.testing import CliRunner
 
 from gridtune.pipeline.estimate import ServerInfo, training_cost_line
 from gridtune.pipeline.export import export_project
-from gridtune.pipeline.generate import GenerateError, GenerateOptions, redo_completion, run_generation, suggested_redo_max_tokens
+from gridtune.pipeline.generate import (
+    GenerateError,
+    GenerateOptions,
+    redo_completion,
+    run_generation,
+    suggested_redo_max_tokens,
+)
 from gridtune.pipeline.grading import grade_by_length
 from gridtune.pipeline.grid import GenerationSettings, GridSpec
 from gridtune.pipeline.project import create_project

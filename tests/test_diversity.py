@@ -33,7 +33,7 @@ def test_distinct_n_by_hand():
 
 def test_compression_ratio():
     texts = ["one two three", "four five"]
-    data = "one two three\nfour five".encode()
+    data = b"one two three\nfour five"
     assert d.compression_ratio(texts) == pytest.approx(len(data) / len(gzip.compress(data, 9, mtime=0)))
     repetitive = ["the same sentence again and again."] * 50
     rng = random.Random(0)

@@ -7,7 +7,16 @@ import math
 import pytest
 
 from gridtune.pipeline.eval_metrics import (
-    Answer, Reference, compare, has_loop, mean_interval, mentions_values, score, shape, tuned_is_worse, wilson,
+    Answer,
+    Reference,
+    compare,
+    has_loop,
+    mean_interval,
+    mentions_values,
+    score,
+    shape,
+    tuned_is_worse,
+    wilson,
 )
 
 DATA = [

@@ -15,8 +15,7 @@ from gridtune.pipeline import evaluate as ev
 from gridtune.pipeline.export import export_project
 from gridtune.pipeline.holdout import HoldOutError
 from gridtune.pipeline.request_pool import PoolOptions
-from gridtune.store import Store
-from gridtune.store import evaluation as evs
+from gridtune.store import Store, evaluation as evs
 from tests.bigproject import small_project
 from tests.fakeserver import Fault
 

@@ -45,7 +45,7 @@ def test_grade_by_length_never_touches_a_persons_grade(tmp_path):
 
 def test_drop_at_or_below_rejects_and_can_be_undone(tmp_path):
     store = create_project(tmp_path / "p.gridtune", demo_spec())
-    ids = fill(store, [10 * (i + 1) for i in range(50)])
+    fill(store, [10 * (i + 1) for i in range(50)])
     grade_by_length(store)
     dropped = drop_at_or_below(store, 2)
     assert len(dropped) == 20

@@ -50,8 +50,7 @@ def test_a_held_out_value_never_reaches_the_training_file(tmp_path):
     import subprocess
     import sys
 
-    from gridtune.store import Store
-    from gridtune.store import evaluation as evs
+    from gridtune.store import Store, evaluation as evs
     from tests.bigproject import small_project
 
     path = small_project(tmp_path / "p.gridtune", done=16)

@@ -14,8 +14,7 @@ import pytest
 from gridtune.pipeline import judge as j
 from gridtune.pipeline.grid import demo_spec
 from gridtune.pipeline.project import create_project
-from gridtune.store import Store
-from gridtune.store import curation as cur
+from gridtune.store import Store, curation as cur
 from tests.fakeserver import Fault
 
 MODEL = "fake-judge"

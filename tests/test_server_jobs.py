@@ -11,7 +11,6 @@ import time
 import openai
 import pytest
 
-from tests.tiny_model import tiny_model_dir  # noqa: F401 - fixture
 from tests.server_support import (
     InProcessServer,
     chat_examples,
@@ -19,6 +18,7 @@ from tests.server_support import (
     wait_for,
     write_jsonl,
 )
+from tests.tiny_model import tiny_model_dir  # noqa: F401 - fixture
 
 pytestmark = pytest.mark.local
 

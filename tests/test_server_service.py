@@ -78,7 +78,7 @@ def test_two_gridtune_processes_share_one_auto_started_server(tiny_model_dir, tm
                                   env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
                  for _ in range(2)]
         outs = [p.communicate(timeout=240) for p in procs]
-        for p, (out, err) in zip(procs, outs):
+        for p, (_out, err) in zip(procs, outs):
             assert p.returncode == 0, err
         assert any("starting the local server" in err for _, err in outs)
         state = json.loads((data / "server.json").read_text())

@@ -10,8 +10,7 @@ from textual.widgets import Input, OptionList, Static
 from gridtune.pipeline import evaluate as ev
 from gridtune.pipeline.export import export_project
 from gridtune.pipeline.project import load_project_spec
-from gridtune.store import Store
-from gridtune.store import evaluation as evs
+from gridtune.store import Store, evaluation as evs
 from gridtune.tui.app import GridtuneApp
 
 from .bigproject import small_project

@@ -3,23 +3,20 @@ checked in the project file."""
 
 from __future__ import annotations
 
-import asyncio
 import os
 import socket
 import time
 
 import pytest
-
-from gridtune.pipeline.grid import GenerationSettings, GridSpec
-from gridtune.pipeline.project import create_project, load_project_spec
-from gridtune.pipeline import runs
-from gridtune.screens.generate import GenerateScreen, Settings
-from gridtune.store import Store
-from gridtune.tui.events import OpenPlayground, ProjectChanged
-from gridtune.tui.context import ProjectContext
-
 from textual.app import App
 
+from gridtune.pipeline import runs
+from gridtune.pipeline.grid import GenerationSettings, GridSpec
+from gridtune.pipeline.project import create_project, load_project_spec
+from gridtune.screens.generate import GenerateScreen, Settings
+from gridtune.store import Store
+from gridtune.tui.context import ProjectContext
+from gridtune.tui.events import OpenPlayground, ProjectChanged
 from tests.tui_helpers import settle
 
 

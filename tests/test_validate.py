@@ -298,14 +298,14 @@ def test_report_lines_say_what_each_line_is_and_render_text_prints_them():
     report.warnings.append("a warning added by another check")
     lines = report.lines()
     assert lines[0].kind == TITLE
-    assert [(l.kind, l.heading) for l in lines if l.text.endswith("error(s):")] == [(ERROR, True)]
-    assert any(l.kind == ERROR and "example_missing_assistant_message: 1" in l.text for l in lines)
-    warnings = [l.text for l in lines if l.kind == WARNING and not l.heading]
+    assert [(ln.kind, ln.heading) for ln in lines if ln.text.endswith("error(s):")] == [(ERROR, True)]
+    assert any(ln.kind == ERROR and "example_missing_assistant_message: 1" in ln.text for ln in lines)
+    warnings = [ln.text for ln in lines if ln.kind == WARNING and not ln.heading]
     assert "  - a warning added by another check" in warnings and "  - 2 example(s) missing a system message" in warnings
-    assert any(l.kind == FIGURE and l.text.startswith("tokens per example") for l in lines)
-    assert report.render_text() == "\n".join(l.text for l in lines)
+    assert any(ln.kind == FIGURE and ln.text.startswith("tokens per example") for ln in lines)
+    assert report.render_text() == "\n".join(ln.text for ln in lines)
     clean = validate_examples([{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "ok."}]}])
-    assert [l.kind for l in clean.lines()][:2] == [TITLE, OK]
+    assert [ln.kind for ln in clean.lines()][:2] == [TITLE, OK]
     again = ValidationReport.from_dict(json.loads(json.dumps(report.to_dict())))
     assert again is not None and again.render_text() == report.render_text()
     assert ValidationReport.from_dict(None) is None and ValidationReport.from_dict({"errors": 3}) is None
