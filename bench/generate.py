@@ -9,6 +9,8 @@ Three clients, in alternating rounds in one sitting, each measured the same way
 - gridtune: run_generation, committing every completion to a project file;
 - naive: asyncio.gather under a semaphore with the plain AsyncOpenAI client (its
   default retries, which honour Retry-After), saving nothing;
+- gridtune-stream (on request): the same, streaming each reply (as it does from
+  the local and compatible servers: the openai client's SSE reader, no lean path);
 - cookbook: a faithful minimal version of OpenAI's api_request_parallel_processor
   (bench/cookbook_parallel.py; aiohttp), writing its JSONL file. Skipped without aiohttp.
 
@@ -96,10 +98,11 @@ def bodies(values: list[str]) -> list[dict]:
 # -- the three clients: each returns (wall seconds, failed, lost) ----------------------------------
 
 
-def run_gridtune(workdir: Path, tag: str, values: list[str], concurrency: int, limits: dict) -> tuple[float, int, int]:
+def run_gridtune(workdir: Path, tag: str, values: list[str], concurrency: int, limits: dict,
+                 stream: bool = False) -> tuple[float, int, int]:
     path = workdir / f"bench-{tag}.gridtune"
     create_project(path, spec(values)).close()
-    options = GenerateOptions(concurrency=concurrency, stream=False, rpm=limits.get("rpm"), tpm=limits.get("tpm"),
+    options = GenerateOptions(concurrency=concurrency, stream=stream, rpm=limits.get("rpm"), tpm=limits.get("tpm"),
                               rate_period_s=limits.get("window", 60.0))
     start = time.perf_counter()
     result = asyncio.run(run_generation(path, options))
@@ -164,8 +167,9 @@ def scenario(name: str, args: argparse.Namespace, base_url: str, workdir: Path, 
             control(base_url, reset=True, seed=n, latency=args.latency, **setup)
             c0 = time.process_time()
             tag = f"{name}-{client}-{n}"
-            if client == "gridtune":
-                wall, failed, lost = run_gridtune(workdir, tag, values, concurrency, limits)
+            if client.startswith("gridtune"):
+                wall, failed, lost = run_gridtune(workdir, tag, values, concurrency, limits,
+                                                  stream=client == "gridtune-stream")
             elif client == "naive":
                 wall, failed, lost = run_naive(base_url, values, concurrency)
             else:
@@ -176,7 +180,7 @@ def scenario(name: str, args: argparse.Namespace, base_url: str, workdir: Path, 
             row["failed"].append(failed)
             row["lost"].append(lost)
             row["breaches"].append(breaches(base_url) if name == "limited" else 0)
-            print(f"  [{name} round {n + 1}] {client:8s} {wall:7.2f} s  {len(values) / wall:6.1f} req/s  "
+            print(f"  [{name} round {n + 1}] {client:15s} {wall:7.2f} s  {len(values) / wall:6.1f} req/s  "
                   f"failed {failed}  lost {lost}  breaches {row['breaches'][-1]}", file=sys.stderr, flush=True)
     requests = len(values)
     print(f"\n{name}: {requests} requests, concurrency {concurrency}, latency {args.latency * 1000:.0f} ms, "
@@ -202,7 +206,7 @@ def scenario(name: str, args: argparse.Namespace, base_url: str, workdir: Path, 
         extra = f"  breaches {summary[client]['breaches']} (worst round)" if name == "limited" else ""
         if name == "limited":
             extra += f"  {wall / even:.2f}x even pacing"
-        print(f"  {client:8s} {wall:7.2f} s  {requests / wall:6.1f} req/s  client CPU {cpu_ms:.2f} ms/request  "
+        print(f"  {client:15s} {wall:7.2f} s  {requests / wall:6.1f} req/s  client CPU {cpu_ms:.2f} ms/request  "
               f"failed {summary[client]['failed']}  lost {summary[client]['lost']} (worst round){extra}")
     g = summary["gridtune"]
     for other in clients[1:]:
@@ -225,7 +229,9 @@ def scenario(name: str, args: argparse.Namespace, base_url: str, workdir: Path, 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--scenarios", default="open,limited,faults")
-    ap.add_argument("--clients", default="gridtune,naive,cookbook")
+    ap.add_argument("--clients", default="gridtune,naive,cookbook",
+                    help="gridtune first; also gridtune-stream (the runner streaming, as it does from local and "
+                         "compatible servers)")
     ap.add_argument("--rounds", type=int, default=2, help="alternating rounds of each client; medians reported")
     ap.add_argument("--concurrency", type=int, default=100)
     ap.add_argument("--latency", type=float, default=0.2)
