@@ -109,6 +109,7 @@ class FakeOpenAI:
         self.limit_headers = True
         self.breaches = 0
         self._admitted: list[tuple[float, int]] = []  # (arrival, tokens charged) within the window
+        self._epoch = 0
         self._lock = threading.Lock()
         self._rng = random.Random(0)
         self._server: uvicorn.Server | None = None
@@ -156,6 +157,7 @@ class FakeOpenAI:
             self.reject_stream_options = False
             self.replies = []
             self.in_flight = self.peak_in_flight = 0
+            self._epoch += 1  # a request of before the reset that ends after it no longer counts
             self.limit_rpm = self.limit_tpm = None
             self.limit_window_s, self.limit_headers, self.breaches, self._admitted = 60.0, True, 0, []
 
@@ -266,7 +268,7 @@ class FakeOpenAI:
             limit_headers = {}
         fault = self._pick_fault(prompt)
         record.fault = fault.kind if fault else None
-        self._enter()
+        epoch = self._enter()
         streaming = False
         try:
             if fault and fault.kind == "stall":
@@ -283,16 +285,18 @@ class FakeOpenAI:
             return response
         finally:
             if not streaming:
-                self._leave()
+                self._leave(epoch)
 
-    def _enter(self) -> None:
+    def _enter(self) -> int:
         with self._lock:
             self.in_flight += 1
             self.peak_in_flight = max(self.peak_in_flight, self.in_flight)
+            return self._epoch
 
-    def _leave(self) -> None:
+    def _leave(self, epoch: int) -> None:
         with self._lock:
-            self.in_flight -= 1
+            if epoch == self._epoch:
+                self.in_flight -= 1
 
     def _stream(self, body: dict, prompt: str, fault: Fault | None, headers: dict | None = None) -> Response:
         """The reply as server-sent events, a word a chunk, ``chunk_delay_s`` apart."""
@@ -300,6 +304,7 @@ class FakeOpenAI:
 
         text, finish = self._reply(body, prompt)
         words = text.split(" ")
+        epoch = self._epoch
         cid, created, model = f"chatcmpl-{len(self.requests)}", int(time.time()), body.get("model") or self.model
         usage_wanted = (body.get("stream_options") or {}).get("include_usage")
 
@@ -331,7 +336,7 @@ class FakeOpenAI:
                                      "total_tokens": len(prompt.split()) + n})
                 yield b"data: [DONE]\n\n"
             finally:
-                self._leave()
+                self._leave(epoch)
 
         return StreamingResponse(events(), media_type="text/event-stream", headers=headers)
 

@@ -13,7 +13,7 @@ import pytest
 
 from gridtune.pipeline.grid import GenerationSettings, GridSpec
 from gridtune.pipeline.project import create_project
-from gridtune.pipeline.ratelimit import RateLimits, parse_reset
+from gridtune.pipeline.ratelimit import SKEW_S, RateLimits, parse_reset
 from gridtune.pipeline.tokens import count_message_tokens, request_tokens
 from tests.fakeserver import TEST_KEY, Fault, charged_tokens, duration, max_in_window
 from tests.test_generate import completions, generate, make_project, prompt
@@ -37,7 +37,7 @@ def test_the_window_allows_its_burst_and_then_waits_for_the_oldest():
         assert limits.wait_s(now=100.0 + i * 0.01) == 0
         limits._record(0, 100.0 + i * 0.01)
     wait = limits.wait_s(now=101.0)
-    assert 9.0 < wait <= 9.0 + 0.2  # until the first leaves the window (plus the margin)
+    assert 9.0 < wait <= 9.0 + 0.4  # until the first leaves the window (plus the margin)
     assert limits.wait_s(now=101.0 + wait) == 0
 
 
@@ -47,9 +47,9 @@ def test_tokens_wait_until_enough_have_left_the_window():
         assert limits.wait_s(tokens, now=t) == 0
         limits._record(tokens, t)
     assert limits.wait_s(100, now=3.0) == 0
-    assert 10.0 - 3.0 <= limits.wait_s(500, now=3.0) < 10.0 - 3.0 + 0.2  # the first must leave
+    assert 10.0 - 3.0 <= limits.wait_s(500, now=3.0) < 10.0 - 3.0 + 0.4  # the first must leave
     wait = limits.wait_s(600, now=3.0)  # the first two must leave
-    assert 1.0 + 10.0 - 3.0 <= wait < 1.0 + 10.0 - 3.0 + 0.2
+    assert 1.0 + 10.0 - 3.0 <= wait < 1.0 + 10.0 - 3.0 + 0.4
     assert limits.wait_s(5000, now=3.0) > 0  # larger than the budget: waits for an empty window...
     assert limits.wait_s(5000, now=30.0) == 0  # ...but is never refused
 
@@ -64,13 +64,13 @@ def test_headers_gate_requests_until_their_reset():
     assert limits.wait_s(now=50.0) == 0
     limits._record(0, 50.0)
     limits._record(0, 50.1)
-    assert limits.wait_s(now=50.2) == pytest.approx(1.3)  # spent: wait for the reset
-    assert limits.wait_s(now=51.6) == 0  # whole again after it
+    assert limits.wait_s(now=50.2) == pytest.approx(1.3 + SKEW_S)  # spent: wait for the reset
+    assert limits.wait_s(now=51.8) == 0  # whole again after it
     limits.observe({"x-ratelimit-remaining-tokens": "300", "x-ratelimit-reset-tokens": "20ms"}, now=60.0)
     assert limits.needs_token_estimate
-    assert limits.wait_s(300, now=60.0) == 0 and limits.wait_s(400, now=60.0) == pytest.approx(0.02)
+    assert limits.wait_s(300, now=60.0) == 0 and limits.wait_s(400, now=60.0) == pytest.approx(0.02 + SKEW_S)
     limits.observe({"x-request-id": "abc"}, now=61.0)  # no budget in it: changes nothing
-    assert limits.wait_s(400, now=60.0) == pytest.approx(0.02)
+    assert limits.wait_s(400, now=60.0) == pytest.approx(0.02 + SKEW_S)
 
 
 LONG_PROMPTS = {
@@ -285,3 +285,51 @@ def test_lean_client_reads_chunked_and_close_delimited_replies_and_reconnects():
     assert got[0][0]["x-ratelimit-remaining-requests"] == "7"
     assert len(connections) == 3  # kept alive once, then a new connection after each close
     assert error.status_code == 429 and error.response.headers["retry-after"] == "2"
+
+
+# -- --max-cost (issue 12, part 3; the pipeline side) ------------------------------------------
+
+
+def test_max_cost_stops_before_spending_more_and_a_rerun_resumes(tmp_path, fake_openai):
+    from gridtune.pipeline.cost import generation_cost
+    from gridtune.pipeline.tokens import request_tokens
+
+    path = make_project(tmp_path, n_a=4, n_b=3)  # 12 cells of gpt-4o-mini, max_tokens 50
+    messages = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": prompt(1, "p")}]
+    worst = generation_cost("gpt-4o-mini", request_tokens(messages, "gpt-4o-mini"), 50)
+    budget = 4.5 * worst  # room for about four requests at their worst
+    result = generate(path, concurrency=2, max_cost=budget)
+    assert result.state == "stopped" and result.budget_reached and result.exit_code == 0
+    done = completions(path, "done")
+    assert 4 <= len(done) < 12 and result.spent <= budget
+    assert result.spent == pytest.approx(sum(generation_cost("gpt-4o-mini", r.prompt_tokens, r.completion_tokens)
+                                             for r in done))
+    assert len(completions(path, "pending")) == 12 - len(done)  # nothing lost, nothing half-written
+    again = generate(path, concurrency=2, max_cost=100.0)
+    assert again.state == "finished" and not again.budget_reached and again.progress.done == 12 - len(done)
+
+
+def test_max_cost_needs_a_priced_model_and_a_positive_amount(tmp_path, fake_openai):
+    from gridtune.pipeline.generate import GenerateError
+
+    path = make_project(tmp_path, n_a=1, n_b=1, model="my-local-model")
+    with pytest.raises(GenerateError, match="--max-cost needs a priced model: no price is known for my-local-model"):
+        generate(path, max_cost=1.0)
+    for bad in (0, -1.0, float("inf"), float("nan"), True):
+        with pytest.raises(GenerateError, match="--max-cost must be a positive amount in USD"):
+            generate(path, max_cost=bad)
+    assert fake_openai.chat_requests() == []
+
+
+def test_cli_generate_max_cost_shows_the_bound_and_stops_at_the_budget(tmp_path, fake_openai):
+    from click.testing import CliRunner
+
+    from gridtune.tui.cli import main
+
+    path = make_project(tmp_path, n_a=4, n_b=3)
+    out = CliRunner().invoke(main, ["generate", str(path), "--concurrency", "2", "--max-cost", "0.0001"])
+    assert out.exit_code == 0, out.output
+    assert "cost: at most about $0.000" in out.output and "stops cleanly before it would pass $0.0001" in out.output
+    assert 0 < len(completions(path, "done")) < 12
+    out = CliRunner().invoke(main, ["generate", str(path), "--max-cost", "-1"])
+    assert out.exit_code == 2 and "--max-cost must be a positive amount in USD" in out.output

@@ -101,6 +101,7 @@ class GenerateOptions:
     redo_ids: list[int] | None = None  # regenerate exactly these completions
     top_up: int | None = None  # first add samples so every value and pair has this many kept examples
     min_grade: int | None = None  # what "kept" means for top_up (as the export's --min-grade)
+    max_cost: float | None = None  # USD: send nothing that could take the run's spending past it (a priced model)
 
     def check(self) -> None:
         def bad(name: str, value: Any, need: str) -> GenerateError:
@@ -131,6 +132,9 @@ class GenerateOptions:
             raise bad("top_up", self.top_up, "at least 1")
         if self.min_grade is not None and not 0 <= self.min_grade <= 5:
             raise bad("min_grade", self.min_grade, "within 0..5")
+        if self.max_cost is not None and (isinstance(self.max_cost, bool) or not isinstance(self.max_cost, (int, float))
+                                          or not 0 < self.max_cost < float("inf")):
+            raise bad("max_cost", self.max_cost, "a positive amount in USD")
 
     @property
     def redo(self) -> bool:
@@ -141,7 +145,7 @@ class GenerateOptions:
         return json.dumps(asdict(self))
 
     @classmethod
-    def from_json(cls, text: str) -> "GenerateOptions":
+    def from_json(cls, text: str) -> GenerateOptions:
         data = json.loads(text)
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in known})
@@ -154,6 +158,8 @@ class RunResult:
     progress: Progress
     error: str | None = None
     stop_requested: bool = False  # stopped through the store (`gridtune stop`), not stop_event
+    budget_reached: bool = False  # stopped before a request could take spending past --max-cost
+    spent: float | None = None  # USD spent by this run, as far as the price table knows (with --max-cost)
 
     @property
     def exit_code(self) -> int:
@@ -177,7 +183,7 @@ class Plan:
     notes: tuple[str, ...] = ()  # things to tell the user before the run (a capped concurrency)
 
 
-def run_params(plan: "Plan", options: GenerateOptions) -> dict[str, Any]:
+def run_params(plan: Plan, options: GenerateOptions) -> dict[str, Any]:
     """What a run is recorded with: the request parameters and its limits, so a
     screen attaching to it later shows what it really runs with (never a key)."""
     return {**plan.params, "concurrency": plan.concurrency, "rpm": options.rpm, "tpm": options.tpm,
@@ -224,6 +230,8 @@ def plan_run(store: Store, options: GenerateOptions, backend: Backend | None = N
         params["top_p"] = s.top_p
     if s.seed is not None:
         params["seed"] = s.seed
+    if options.max_cost is not None and _coster(model)(None, 1, 1) is None:
+        raise GenerateError(f"--max-cost needs a priced model: no price is known for {model}")
     info = server_info(backend, model)
     concurrency, note = resolve_concurrency(options.concurrency, info)
     return Plan(spec, backend, model, params, concurrency=concurrency, stream=_use_stream(backend, options),
@@ -290,6 +298,25 @@ def estimate_plan(store: Store, plan: Plan, options: GenerateOptions, requests: 
                         prompt_tokens=mean_prompt_tokens(plan.spec), concurrency=plan.concurrency,
                         backend_kind=plan.backend.kind, backend_label=plan.backend.label, info=plan.server,
                         rpm=options.rpm, tpm=options.tpm)
+
+
+def budget_line(store: Store, plan: Plan, options: GenerateOptions) -> str | None:
+    """Before a run with --max-cost: what the work could cost at most (every request's
+    prompt at the never-under estimate, max_tokens each) and what the budget does; None
+    without --max-cost."""
+    if options.max_cost is None:
+        return None
+    requests = requests_to_do(store, options)
+    prompt = 0
+    for item in select_work(store, options)[:50] if not options.top_up else []:
+        prompt = max(prompt, _token_estimator(plan.model, 0)(plan.spec.render(item.values).generation_messages()))
+    prompt = prompt or int(mean_prompt_tokens(plan.spec) * 4 / 3) + 16  # a top-up's cells are not rows yet
+    completion = plan.params["max_tokens"] * max(1, plan.params.get("n", 1))
+    most = (_coster(plan.model)(None, prompt, completion) or 0.0) * requests
+    verdict = ("within the budget" if most <= options.max_cost else
+               f"the run stops cleanly before it would pass ${options.max_cost:,.4g} (run it again to resume)")
+    return (f"cost: at most about ${most:,.4f} for {requests:,} request(s) at max_tokens {completion:,} "
+            f"(--max-cost ${options.max_cost:,.4g}: {verdict})")
 
 
 def preview_run(store_path: str | os.PathLike[str], options: GenerateOptions,
@@ -487,7 +514,7 @@ class _Writer:
         """Queue a write; it is committed in order, as soon as the writer is free."""
         self._queue.put((fn, args, kwargs, None))
 
-    def call(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> "asyncio.Future[Any]":
+    def call(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> asyncio.Future[Any]:
         """Queue a write whose result the caller awaits."""
         done: concurrent.futures.Future[Any] = concurrent.futures.Future()
         self._queue.put((fn, args, kwargs, done))
@@ -534,7 +561,7 @@ class _Writer:
             for *_, done in ops:
                 self._failed(exc, done)
 
-    def _failed(self, exc: BaseException, done: "concurrent.futures.Future[Any] | None") -> None:
+    def _failed(self, exc: BaseException, done: concurrent.futures.Future[Any] | None) -> None:
         if done is not None:
             if not done.done():
                 done.set_exception(exc)
@@ -582,6 +609,8 @@ class _Runner:
         self.stop_requested = False
         self.streaming = plan.stream  # False once the server refused a streamed request
         self.lost: RunLost | None = None  # the run was declared dead / taken over by another process
+        # --max-cost: what replies cost so far, and the most the requests in flight may still cost.
+        self.spent, self.reserved, self.budget_reached = 0.0, 0.0, False
         self._progress_failed = False
 
     async def run(self) -> str:
@@ -594,7 +623,7 @@ class _Runner:
             await asyncio.wait({everything, stopping}, return_when=asyncio.FIRST_COMPLETED)
             if everything.done():
                 everything.result()  # a worker's unexpected error ends the run as failed
-                return "finished"
+                return "stopped" if self.budget_reached else "finished"
             # Stop: no new requests; in-flight ones are cancelled and go back to pending.
             for task in workers:
                 task.cancel()
@@ -660,7 +689,7 @@ class _Runner:
                 return
             await self._attempt(entry if isinstance(entry, _Job) else self._job(entry))
 
-    def _job(self, item: WorkItem) -> "_Job":
+    def _job(self, item: WorkItem) -> _Job:
         params = self.plan.params
         if "seed" in params and item.sample:
             # A fixed seed would make every sample of a cell the same text.
@@ -671,9 +700,11 @@ class _Runner:
         self.tracker.started()
         return job
 
-    async def _attempt(self, job: "_Job") -> None:
+    async def _attempt(self, job: _Job) -> None:
         """Send one request of ``job``; the reply is saved, or the job waits for a retry
         (off its worker), or it fails."""
+        if self.options.max_cost is not None and not self._reserve(job):
+            return self._over_budget()
         tokens = 0
         if self.limits.needs_token_estimate:
             if job.tokens is None:
@@ -692,11 +723,46 @@ class _Runner:
         except asyncio.CancelledError:
             raise  # run() puts every active job back to pending
         except Exception as exc:  # every failure is retried or recorded, never raised out of the run
+            self._settle(job, job.reserved if isinstance(exc, MalformedResponse) else 0.0)  # a 200 may be billed
             self._retry_or_fail(job, exc)
             return
         self._done(job, reply, time.monotonic() - started)
 
-    def _retry_or_fail(self, job: "_Job", exc: Exception) -> None:
+    def _worst_cost(self, job: _Job) -> float:
+        """The most one request of ``job`` can cost: its prompt at the never-under
+        estimate, and max_tokens for each choice."""
+        n = job.params.get("n", 1)
+        completion = job.params["max_tokens"] * max(1, n)
+        prompt = self.estimate(job.body["messages"]) - completion
+        return self.cost(None, prompt, completion) or 0.0
+
+    def _reserve(self, job: _Job) -> bool:
+        """Whether the budget allows sending ``job`` now (then its worst cost is held)."""
+        worst = self._worst_cost(job)
+        if self.spent + self.reserved + worst > self.options.max_cost + 1e-12:
+            return False
+        self.reserved += worst
+        job.reserved = worst
+        return True
+
+    def _settle(self, job: _Job, cost: float) -> None:
+        """A request of ``job`` is over: release what it held, count what it cost."""
+        self.reserved -= job.reserved
+        job.reserved = 0.0
+        self.spent += cost
+
+    def _over_budget(self) -> None:
+        """The next request could take spending past --max-cost: send nothing more. The
+        requests in flight finish (their cost was held); what is left stays pending."""
+        if not self.budget_reached:
+            self.budget_reached = True
+            log.info("run #%s: stopping before spending more than $%s (spent $%.4f)", self.run_id,
+                     self.options.max_cost, self.spent)
+            for _ in range(self.workers):
+                self._seq += 1
+                self.ready.put_nowait((-1, self._seq, None))
+
+    def _retry_or_fail(self, job: _Job, exc: Exception) -> None:
         opts = self.options
         response = getattr(exc, "response", None)
         if isinstance(response, httpx.Response):
@@ -719,13 +785,13 @@ class _Runner:
         self.tracker.retried(retry_kind(exc))
         self.waiting[job] = asyncio.get_running_loop().call_later(delay, self._wake, job)
 
-    def _wake(self, job: "_Job") -> None:
+    def _wake(self, job: _Job) -> None:
         """A job has waited out its Retry-After or backoff: ahead of fresh work."""
         del self.waiting[job]
         self._seq += 1
         self.ready.put_nowait((0, self._seq, job))
 
-    def _ended(self, job: "_Job") -> None:
+    def _ended(self, job: _Job) -> None:
         self.active.discard(job)
         self.left -= 1
         if self.left == 0:  # nothing more will come back: let every worker go
@@ -733,7 +799,7 @@ class _Runner:
                 self._seq += 1
                 self.ready.put_nowait((2, self._seq, None))
 
-    def _fail(self, job: "_Job", exc: Exception, kind: str) -> None:
+    def _fail(self, job: _Job, exc: Exception, kind: str) -> None:
         error = self.plan.backend.redact(describe(exc))
         if kind == "transient":
             n = job.sends
@@ -744,11 +810,13 @@ class _Runner:
                           params=job.params, run_id=self.run_id)
         self._ended(job)
 
-    def _done(self, job: "_Job", reply: "Reply", latency: float) -> None:
+    def _done(self, job: _Job, reply: Reply, latency: float) -> None:
         plan, item = self.plan, job.item
         cost = None
         if reply.prompt_tokens is not None and reply.completion_tokens is not None:
             cost = self.cost(reply.model, reply.prompt_tokens, reply.completion_tokens)
+        if self.options.max_cost is not None:
+            self._settle(job, job.reserved if cost is None else cost)
         self.tracker.done(item.completion_id, reply.text, reply.completion_tokens or reply.chunks, cost,
                           streamed=job.streamed[0])
         # Queued, not awaited: the writer commits it in order and is drained before
@@ -762,7 +830,7 @@ class _Runner:
         )
         self._ended(job)
 
-    async def _stream_or_plain(self, job: "_Job") -> "Reply":
+    async def _stream_or_plain(self, job: _Job) -> Reply:
         """Stream; a server that refuses stream/stream_options with a 400 (older
         compatible servers, old Azure API versions) gets plain requests from then on."""
         try:
@@ -776,7 +844,7 @@ class _Runner:
                             self.run_id, self.plan.backend.redact(describe(exc)))
         return await self._plain(job)
 
-    async def _plain(self, job: "_Job") -> "Reply":
+    async def _plain(self, job: _Job) -> Reply:
         """One plain request: the lean client's, else the openai client's documented
         raw-request method (client.post: the same auth, timeout and error types as
         chat.completions.create, without its TypedDict transform of the request and
@@ -789,7 +857,7 @@ class _Runner:
         self.limits.observe(response.headers, job.mark)
         return parse_reply(response.content)
 
-    async def _stream(self, job: "_Job") -> "Reply":
+    async def _stream(self, job: _Job) -> Reply:
         """One streamed request: the reply gathered from its chunks.
 
         The client's timeout is then httpx's read timeout *between* chunks (and the
@@ -837,6 +905,7 @@ class _Job:
     busy: int = 0  # 429s waited out
     first_sent: float | None = None
     mark: tuple[int, float] | None = None  # what the limiter had sent up to its last request (see observe)
+    reserved: float = 0.0  # USD held for its request in flight (--max-cost)
     streamed: list[int] = field(default_factory=lambda: [0])  # tokens already counted in the tracker
 
 
@@ -875,7 +944,7 @@ class _Gathered:
         self.chunks += pieces
         return pieces
 
-    def reply(self) -> "Reply":
+    def reply(self) -> Reply:
         if not self.seen:
             raise MalformedResponse("the stream ended before any chunk")
         if self.finish_reason is None:
@@ -981,7 +1050,9 @@ async def run_generation(
         final = runner.snapshot(state)
         store.finish_run(run_id, state, progress=final.to_dict())
         runner.emit(final)
-        return RunResult(run_id, state, final, stop_requested=runner.stop_requested)
+        return RunResult(run_id, state, final, stop_requested=runner.stop_requested,
+                         budget_reached=runner.budget_reached,
+                         spent=runner.spent if options.max_cost is not None else None)
 
 
 # -- curation helpers for the review screen (issue 9) --------------------------------

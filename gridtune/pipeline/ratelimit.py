@@ -33,7 +33,7 @@ from typing import Any
 
 MINUTE = 60.0
 WINDOW_MARGIN = 0.01  # a window is kept as period * (1 + margin) + SKEW_S: clocks and networks jitter
-SKEW_S = 0.05
+SKEW_S = 0.25  # also covers a first request that leaves late (a new connection, a TLS handshake)
 REORDER_MARGIN = 0.01  # of a reported budget, kept unused (see wait_s)
 POLL_S = 0.1  # a waiter looks again this often: a fresher report may let it go sooner
 
@@ -231,7 +231,7 @@ class RateLimits:
             if last is not None and not last.rolled and last.sent_at_read > sent:
                 continue  # a request sent later has already reported
             self._expire(now)
-            report = _Report(left, now + (reset if reset is not None else self.period_s),
+            report = _Report(left, now + SKEW_S + (reset if reset is not None else self.period_s),
                              _number(get(f"x-ratelimit-limit-{which}")), sent,
                              self._expired_requests if which == "requests" else self._expired_tokens)
             if which == "requests":

@@ -25,6 +25,7 @@ from ..pipeline.generate import (
     GenerateError,
     GenerateOptions,
     RunResult,
+    budget_line,
     nothing_to_generate,
     preview_run,
     run_generation,
@@ -107,6 +108,9 @@ def _preview(project: Path, options: GenerateOptions) -> None:
     _curation_note(project, options)
     how = f"concurrency {plan.concurrency}" + (", streaming" if plan.stream else "")
     click.echo(f"estimate: {estimate.text} [{how}]", err=True)
+    if options.max_cost is not None:
+        with open_store(project) as store:
+            click.echo(budget_line(store, plan, options), err=True)
 
 
 def _curation_note(project: Path, options: GenerateOptions) -> None:
@@ -170,6 +174,9 @@ def _report(project: Path, result: RunResult, stopped_by: int | None) -> int:
                f"{counts.pending + counts.running:,} pending")
     for error, n in failures:
         click.echo(f"  {n:,} x {error}", err=True)
+    if result.budget_reached:
+        click.echo(f"stopped before spending more than --max-cost (spent about ${result.spent or 0:.4f}); "
+                   f"run it again to go on", err=True)
     if result.state == "stopped" and stopped_by == signal.SIGINT:
         return EXIT_INTERRUPTED
     return result.exit_code
@@ -192,6 +199,8 @@ def _report(project: Path, result: RunResult, stopped_by: int | None) -> int:
 @click.option("--stream/--no-stream", default=None,
               help="stream replies (default: yes for the local and compatible servers, no for OpenAI)")
 @setting_option(GENERATION["max_attempts"])
+@click.option("--max-cost", type=float, default=None, metavar="USD",
+              help="stop cleanly before the run could spend more than USD (a priced model; the bound is shown first)")
 @click.option("--detach", is_flag=True, help="run in the background, immune to the terminal closing")
 @click.option("--batch", "use_batch", is_flag=True,
               help="through the provider's Batch API: half the price, results within 24 h; run it again (or "
@@ -205,7 +214,7 @@ def _report(project: Path, result: RunResult, stopped_by: int | None) -> int:
 def generate_cmd(project: Path, concurrency: int | None, rpm: float | None, tpm: float | None, limit: int | None,
                  model: str | None, temperature: float | None, max_tokens: int | None, save_defaults: bool,
                  timeout: float, stream: bool | None, max_attempts: int, detach: bool, use_batch: bool,
-                 redo_cut_off: bool, top_up: int | None, min_grade: int | None) -> None:
+                 redo_cut_off: bool, top_up: int | None, min_grade: int | None, max_cost: float | None) -> None:
     """Generate every pending or failed completion of PROJECT with the teacher model.
 
     Each completion is saved the moment it arrives; run it again to resume.
@@ -231,7 +240,7 @@ def generate_cmd(project: Path, concurrency: int | None, rpm: float | None, tpm:
     if min_grade is not None and top_up is None:
         raise Problem("--min-grade applies to --top-up only")
     options = _options(concurrency, rpm, tpm, limit, model, temperature, max_tokens, timeout, max_attempts, stream,
-                       redo_cut_off=redo_cut_off, top_up=top_up, min_grade=min_grade)
+                       redo_cut_off=redo_cut_off, top_up=top_up, min_grade=min_grade, max_cost=max_cost)
     if use_batch:
         if redo_cut_off or top_up is not None:
             raise Problem("--batch generates pending cells only; run --redo-cut-off or --top-up without --batch")
