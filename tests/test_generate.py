@@ -40,7 +40,7 @@ def prompt(a: int, b: str) -> str:
     return f"Write about {a} and {b}."
 
 
-def generate(path: Path, **kw) -> "asyncio.Future":
+def generate(path: Path, **kw) -> asyncio.Future:
     options = GenerateOptions(**{**FAST, **kw})
     return asyncio.run(run_generation(path, options))
 
@@ -454,7 +454,8 @@ def test_concurrency_defaults_to_what_the_server_batches(tmp_path, fake_openai):
 
 def test_no_gridtune_field_means_the_old_default(tmp_path, fake_openai):
     path = make_project(tmp_path, n_a=5, n_b=4)
-    fake_openai.set(latency=0.2)
+    # Long enough that all eight are in flight together even on a loaded machine.
+    fake_openai.set(latency=1.0)
     assert generate(path).exit_code == 0
     assert fake_openai.peak_in_flight == 8
 
@@ -489,7 +490,7 @@ def test_streamed_and_plain_runs_on_the_local_server_store_the_same_replies_and_
         with Store.open(path) as store:
             assert store.latest_run().params["stream"] is stream
     assert outcomes[True] == outcomes[False]  # greedy: the same text, finish reason and usage either way
-    for _values, text, finish, prompt_tokens, completion_tokens in outcomes[True]:
+    for _values, _text, finish, prompt_tokens, completion_tokens in outcomes[True]:
         assert finish in ("stop", "length") and prompt_tokens > 0 and 0 < completion_tokens <= 12
 
 
