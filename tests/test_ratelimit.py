@@ -215,7 +215,7 @@ def test_request_pool_waits_out_429s_past_max_attempts(fake_openai):
     assert sorted(got) == [(1, True, None), (2, True, None)]
 
 
-# -- the lean HTTP/1.1 client of plain requests (pipeline/http1.py) -----------------------------
+# -- the lean HTTP client of plain requests (pipeline/lean_http.py) -----------------------------
 
 
 @pytest.mark.parametrize("lean", ["1", "0"])
@@ -243,7 +243,7 @@ def test_plain_requests_fail_and_retry_alike_through_the_lean_client_and_the_ope
 
 
 def test_lean_client_reads_chunked_and_close_delimited_replies_and_reconnects():
-    from gridtune.pipeline.http1 import Http1Client
+    from gridtune.pipeline.lean_http import LeanHttpClient
 
     replies = [
         b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nX-Ratelimit-Remaining-Requests: 7\r\n\r\n"
@@ -272,7 +272,7 @@ def test_lean_client_reads_chunked_and_close_delimited_replies_and_reconnects():
 
         server = await asyncio.start_server(serve, "127.0.0.1", 0)
         port = server.sockets[0].getsockname()[1]
-        client = Http1Client(f"http://127.0.0.1:{port}/v1", {"Authorization": "Bearer k"}, timeout_s=5)
+        client = LeanHttpClient(f"http://127.0.0.1:{port}/v1", {"Authorization": "Bearer k"}, timeout_s=5)
         got = [await client.post("/x", {"n": i}) for i in range(3)]
         with pytest.raises(__import__("openai").RateLimitError) as caught:
             await client.post("/x", {})

@@ -60,7 +60,7 @@ from .estimate import (
     work_to_do,
 )
 from .grid import GridSpec
-from .http1 import Http1Client
+from .lean_http import LeanHttpClient
 from .progress import Progress, Tracker
 from .project import load_project_spec
 from .ratelimit import MINUTE, RateLimits
@@ -602,9 +602,9 @@ class _Runner:
         self.limits = RateLimits(options.rpm, options.tpm, 0, options.rate_period_s)
         self.cost = _coster(plan.model)
         self.client = plan.backend.async_client(timeout=options.timeout_s)
-        # Plain requests go through the lean HTTP/1.1 client where it sends exactly what the
-        # openai client would (http1.py); GRIDTUNE_LEAN_HTTP=0 turns it off.
-        self.http = (Http1Client.for_client(self.client, options.timeout_s)
+        # Plain requests go through the lean HTTP client where it sends exactly what the
+        # openai client would (lean_http.py); GRIDTUNE_LEAN_HTTP=0 turns it off.
+        self.http = (LeanHttpClient.for_client(self.client, options.timeout_s, plan.concurrency)
                      if os.environ.get("GRIDTUNE_LEAN_HTTP", "1") != "0" else None)
         self.stop_requested = False
         self.streaming = plan.stream  # False once the server refused a streamed request

@@ -1,0 +1,141 @@
+"""A lean keep-alive HTTP client (aiohttp) for the runner's plain (non-streamed) requests.
+
+Why: at a hundred requests in flight, the openai client's own path (request
+options copied and transformed, httpx's models, httpcore's pool scanning every
+connection for every request) costs ~1.5 ms of client CPU per request; an
+aiohttp session posting pre-serialised JSON costs a fraction of that
+(bench/generate.py measures both). It sends what ``client.post(path, body=...)``
+sends (the client's own default headers: auth, organisation, user agent) and
+raises the openai package's own exception types (APIStatusError subclasses with
+a real httpx.Response, APITimeoutError, APIConnectionError), so retries,
+Retry-After and error messages work unchanged.
+
+It is used only where it is a plain HTTP(S) request and nothing else: a plain
+``openai.AsyncOpenAI`` client (not Azure), no proxy in the environment, no
+custom query. Anything else goes through the openai client (``for_client`` then
+returns None). The timeout bounds the whole request (connect, send, the reply).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import ssl
+from collections.abc import Mapping
+from typing import Any
+from urllib.parse import urlsplit
+
+import aiohttp
+import httpx
+import openai
+from yarl import URL
+
+_PROXY_VARS = ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy", "all_proxy")
+_STATUS_ERRORS: dict[int, type[openai.APIStatusError]] = {
+    400: openai.BadRequestError, 401: openai.AuthenticationError, 403: openai.PermissionDeniedError,
+    404: openai.NotFoundError, 409: openai.ConflictError, 422: openai.UnprocessableEntityError,
+    429: openai.RateLimitError,
+}
+MAX_HEADER_BYTES = 64 * 1024
+DNS_CACHE_S = 300
+
+
+def _ssl_context() -> ssl.SSLContext:
+    """Verified TLS with the CA bundle httpx would use (SSL_CERT_FILE/DIR, else certifi's)."""
+    cafile, capath = os.environ.get("SSL_CERT_FILE"), os.environ.get("SSL_CERT_DIR")
+    if not cafile and not capath:
+        try:
+            import certifi
+
+            cafile = certifi.where()
+        except ImportError:
+            pass
+    return ssl.create_default_context(cafile=cafile, capath=capath)
+
+
+class LeanHttpClient:
+    """POST JSON to one server over pooled keep-alive connections (one aiohttp session,
+    opened on the first request inside the running loop, closed by ``close``)."""
+
+    def __init__(self, base_url: str, headers: Mapping[str, str], timeout_s: float, connections: int = 100):
+        url = urlsplit(base_url)
+        if url.scheme not in ("http", "https") or not url.hostname:
+            raise ValueError(f"not an http(s) URL: {base_url}")
+        self.base_url = base_url.rstrip("/")
+        self.timeout_s = timeout_s
+        self.connections = max(1, connections)
+        self._ssl: ssl.SSLContext | bool = _ssl_context() if url.scheme == "https" else True
+        skip = {"host", "accept", "content-type", "content-length", "connection", "transfer-encoding"}
+        self._headers = {"Accept": "application/json", "Content-Type": "application/json",
+                         **{k: v for k, v in headers.items() if k.lower() not in skip and v is not None}}
+        self._urls: dict[str, URL] = {}
+        self._session: aiohttp.ClientSession | None = None
+        self._closed = False
+
+    @classmethod
+    def for_client(cls, client: Any, timeout_s: float, connections: int = 100) -> LeanHttpClient | None:
+        """A lean client sending what ``client`` would, or None where it would differ."""
+        if type(client) is not openai.AsyncOpenAI or any(os.environ.get(v) for v in _PROXY_VARS):
+            return None
+        try:
+            both = {**client.default_headers, **client.auth_headers}  # the key stays in memory, as in the client
+            headers = {k: v for k, v in both.items() if isinstance(v, str)}
+            if getattr(client, "_custom_query", None):
+                return None
+            return cls(str(client.base_url), headers, timeout_s, connections)
+        except (ValueError, AttributeError):
+            return None
+
+    def _open(self) -> aiohttp.ClientSession:
+        if self._closed:
+            raise RuntimeError("the lean HTTP client is closed")
+        connector = aiohttp.TCPConnector(limit=self.connections, ttl_dns_cache=DNS_CACHE_S, ssl=self._ssl)
+        self._session = aiohttp.ClientSession(
+            connector=connector, headers=self._headers, timeout=aiohttp.ClientTimeout(total=self.timeout_s),
+            skip_auto_headers=("Accept-Encoding",),  # as before: replies come uncompressed
+            cookie_jar=aiohttp.DummyCookieJar(), max_line_size=MAX_HEADER_BYTES, max_field_size=MAX_HEADER_BYTES)
+        return self._session
+
+    async def post(self, path: str, body: Any) -> tuple[dict[str, str], bytes]:
+        """The reply's headers (lower-case names) and body; an openai exception for an
+        error status, a timeout or a broken connection."""
+        session = self._session or self._open()
+        url = self._urls.get(path)
+        if url is None:
+            url = self._urls[path] = URL(self.base_url + path)
+        data = json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode()
+        try:
+            async with session.post(url, data=data, allow_redirects=False) as response:
+                content = await response.read()
+                status = response.status
+                headers = {k.lower(): v for k, v in response.headers.items()}
+        except TimeoutError:  # aiohttp's timeouts are TimeoutError subclasses too
+            raise openai.APITimeoutError(request=self._request(path)) from None
+        except (aiohttp.ClientError, OSError, ValueError) as exc:
+            raise openai.APIConnectionError(message=f"Connection error: {exc or type(exc).__name__}",
+                                            request=self._request(path)) from exc
+        if status >= 400:
+            raise self._status_error(path, status, headers, content)
+        return headers, content
+
+    def _request(self, path: str) -> httpx.Request:
+        return httpx.Request("POST", self.base_url + path)
+
+    def _status_error(self, path: str, status: int, headers: dict[str, str], content: bytes) -> Exception:
+        """The exception the openai client raises for this status, with the same body."""
+        decoded = {k: v for k, v in headers.items() if k != "content-encoding"}  # aiohttp decompressed it
+        response = httpx.Response(status, headers=decoded, content=content, request=self._request(path))
+        try:
+            body: Any = json.loads(content)
+        except ValueError:
+            body = content.decode(errors="replace") or None
+        message = f"Error code: {status} - {body}"
+        inner = body.get("error", body) if isinstance(body, dict) else body
+        cls = _STATUS_ERRORS.get(status, openai.InternalServerError if status >= 500 else openai.APIStatusError)
+        return cls(message, response=response, body=inner)
+
+    async def close(self) -> None:
+        self._closed = True
+        session, self._session = self._session, None
+        if session is not None:
+            await session.close()
