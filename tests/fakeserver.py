@@ -129,7 +129,7 @@ class FakeOpenAI:
     def set(self, *, latency: float | None = None, faults: list[Fault] | None = None,
             seed: int | None = None, chunk_delay_s: float | None = None, gridtune: dict | None = None,
             max_in_flight: int | None = None, ignore_stream: bool | None = None,
-            replies: list[tuple[str, str]] | None = None) -> "FakeOpenAI":
+            replies: list[tuple[str, str]] | None = None) -> FakeOpenAI:
         with self._lock:
             if replies is not None:
                 self.replies = [tuple(r) for r in replies]
@@ -162,7 +162,7 @@ class FakeOpenAI:
             self.limit_window_s, self.limit_headers, self.breaches, self._admitted = 60.0, True, 0, []
 
     def set_limits(self, rpm: int | None = None, tpm: int | None = None, window_s: float = 60.0,
-                   headers: bool = True) -> "FakeOpenAI":
+                   headers: bool = True) -> FakeOpenAI:
         """Enforce rpm/tpm over a sliding ``window_s`` (tokens charged as ``charged_tokens``);
         ``headers``: send OpenAI's x-ratelimit-* headers with every answer."""
         with self._lock:
@@ -396,7 +396,7 @@ class FakeOpenAI:
             return JSONResponse([asdict(r) for r in self.requests])
 
     # -- lifecycle -------------------------------------------------------------------
-    def start(self) -> "FakeOpenAI":
+    def start(self) -> FakeOpenAI:
         # IPPROTO_TCP, not 0: asyncio sets TCP_NODELAY only on sockets that say they are TCP;
         # without it Nagle + delayed ACK add ~40 ms to every keep-alive request.
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)

@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from textual.widgets import TextArea
+from textual.widgets import Input, TextArea
 
 from gridtune.tui.app import GridtuneApp
 
@@ -40,7 +40,14 @@ def test_command_palette_lists_sections_and_actions(snap_compare, project: Path)
         await _steady(pilot)
         await pilot.press("ctrl+p")
         await settle(pilot)
-        await pilot.pause(0.2)
+        for field in pilot.app.screen.query(Input):
+            field.cursor_blink = False  # a blinking cursor is two different pictures
+        # With no query the palette lists each provider's commands in the order their
+        # discovery finishes (Textual's system commands race ours): a word makes it stable.
+        await pilot.press(*"open")
+        for _ in range(3):
+            await settle(pilot)
+            await pilot.pause(0.3)
 
     assert snap_compare(GridtuneApp(project, start_mode="review"), terminal_size=(80, 24), run_before=open_palette)
 
@@ -50,9 +57,14 @@ def test_command_palette_filtered_by_a_word(snap_compare, project: Path):
         await _steady(pilot)
         await pilot.press("ctrl+p")
         await settle(pilot)
-        await pilot.press(*"export")
+        for field in pilot.app.screen.query(Input):
+            field.cursor_blink = False  # a blinking cursor is two different pictures
         await settle(pilot)
-        await pilot.pause(0.3)
+        await pilot.press(*"export")
+        # The palette searches in a worker and redraws its list when the hits are in.
+        for _ in range(3):
+            await settle(pilot)
+            await pilot.pause(0.3)
 
     assert snap_compare(GridtuneApp(project, start_mode="review"), terminal_size=(80, 24), run_before=search)
 

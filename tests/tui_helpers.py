@@ -12,7 +12,8 @@ async def settle(pilot: Pilot, rounds: int = 4) -> None:
     app = pilot.app
     for _ in range(rounds):
         await pilot.pause()
-        busy = [w for w in app.workers if w.group not in LONG_LIVED_GROUPS and w.is_running]
+        # Pending workers too: one scheduled but not started yet is work still to come.
+        busy = [w for w in app.workers if w.group not in LONG_LIVED_GROUPS and not w.is_finished]
         if busy:
             await app.workers.wait_for_complete(busy)
         for mode in getattr(app, "sections", {}):

@@ -40,9 +40,10 @@ import socket
 import sqlite3
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import httpx
 import openai
@@ -616,11 +617,11 @@ class _Runner:
     async def run(self) -> str:
         self.workers = min(self.plan.concurrency, self.left)
         workers = [asyncio.create_task(self._worker()) for _ in range(self.workers)]
-        everything = asyncio.gather(*workers)
-        stopping = asyncio.create_task(self.stop.wait())
+        everything: asyncio.Future[Any] = asyncio.gather(*workers)
+        stopping: asyncio.Task[Any] = asyncio.create_task(self.stop.wait())
         beating = asyncio.create_task(self._heartbeat())
         try:
-            await asyncio.wait({everything, stopping}, return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait([everything, stopping], return_when=asyncio.FIRST_COMPLETED)
             if everything.done():
                 everything.result()  # a worker's unexpected error ends the run as failed
                 return "stopped" if self.budget_reached else "finished"
@@ -630,8 +631,9 @@ class _Runner:
             await asyncio.gather(*workers, return_exceptions=True)
             return "stopped"
         finally:
-            for task in (stopping, beating, *workers):
-                task.cancel()
+            tasks: list[asyncio.Future[Any]] = [stopping, beating, *workers]
+            for pending_task in tasks:
+                pending_task.cancel()
             await asyncio.gather(stopping, beating, *workers, everything, return_exceptions=True)
             for handle in self.waiting.values():
                 handle.cancel()
@@ -739,6 +741,7 @@ class _Runner:
     def _reserve(self, job: _Job) -> bool:
         """Whether the budget allows sending ``job`` now (then its worst cost is held)."""
         worst = self._worst_cost(job)
+        assert self.options.max_cost is not None  # only called with a budget
         if self.spent + self.reserved + worst > self.options.max_cost + 1e-12:
             return False
         self.reserved += worst
@@ -764,9 +767,10 @@ class _Runner:
 
     def _retry_or_fail(self, job: _Job, exc: Exception) -> None:
         opts = self.options
-        response = getattr(exc, "response", None)
-        if isinstance(response, httpx.Response):
-            self.limits.observe(response.headers, job.mark)  # a 429 says what is left, and when it resets
+        # The openai package's own HTTP types (httpx or, in openai 3, httpx2): read the headers.
+        headers = getattr(getattr(exc, "response", None), "headers", None)
+        if headers is not None:
+            self.limits.observe(headers, job.mark)  # a 429 says what is left, and when it resets
         if not is_transient(exc):
             return self._fail(job, exc, "permanent")
         asked = retry_after_s(exc)

@@ -110,10 +110,10 @@ class LeanHttpClient:
                 status = response.status
                 headers = {k.lower(): v for k, v in response.headers.items()}
         except TimeoutError:  # aiohttp's timeouts are TimeoutError subclasses too
-            raise openai.APITimeoutError(request=self._request(path)) from None
+            raise openai.APITimeoutError(request=self._request(path)) from None  # type: ignore[arg-type]
         except (aiohttp.ClientError, OSError, ValueError) as exc:
             raise openai.APIConnectionError(message=f"Connection error: {exc or type(exc).__name__}",
-                                            request=self._request(path)) from exc
+                                            request=self._request(path)) from exc  # type: ignore[arg-type]
         if status >= 400:
             raise self._status_error(path, status, headers, content)
         return headers, content
@@ -132,7 +132,9 @@ class LeanHttpClient:
         message = f"Error code: {status} - {body}"
         inner = body.get("error", body) if isinstance(body, dict) else body
         cls = _STATUS_ERRORS.get(status, openai.InternalServerError if status >= 500 else openai.APIStatusError)
-        return cls(message, response=response, body=inner)
+        # openai types these against the HTTP package it bundles (httpx, or httpx2 in openai 3);
+        # it reads only status, headers and content, which httpx's objects have too.
+        return cls(message, response=response, body=inner)  # type: ignore[arg-type]
 
     async def close(self) -> None:
         self._closed = True

@@ -14,8 +14,9 @@ import base64
 import functools
 import gzip
 import hashlib
+from collections.abc import Iterable
 from importlib import resources
-from typing import Any, Iterable
+from typing import Any
 
 import tiktoken
 
@@ -32,7 +33,7 @@ _ENDOFPROMPT = "<|endofprompt|>"
 _SPECS: dict[str, dict[str, Any]] = {
     CL100K: {
         "sha256": "223921b76ee99bde995b7ff738513eef100fb51d18c93597a113bcffe865b2a7",
-        "pat_str": r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}++|\p{N}{1,3}+| ?[^\s\p{L}\p{N}]++[\r\n]*+|\s++$|\s*[\r\n]|\s+(?!\S)|\s""",
+        "pat_str": r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}++|\p{N}{1,3}+| ?[^\s\p{L}\p{N}]++[\r\n]*+|\s++$|\s*[\r\n]|\s+(?!\S)|\s""",  # noqa: E501 - tiktoken's pattern, verbatim
         "special_tokens": {
             _ENDOFTEXT: 100257, _FIM_PREFIX: 100258, _FIM_MIDDLE: 100259,
             _FIM_SUFFIX: 100260, _ENDOFPROMPT: 100276,
@@ -91,7 +92,7 @@ def _read_ranks(name: str) -> dict[bytes, int]:
     return ranks
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def encoding_by_name(name: str) -> tiktoken.Encoding:
     if name not in _SPECS:
         raise ValueError(f"unknown encoding {name!r} (known: {', '.join(_SPECS)})")

@@ -338,6 +338,7 @@ class PlaygroundScreen(SectionScreen):
             self._fill(pg.held_out_values(self.spec, 0))
         self.export = loaded.export
         self._follow_jobs(first)
+        self.refresh_bindings()  # the held-out keys depend on the spec and the trained cells
         self._update_mark()
 
     def watch_export(self, old: Any, new: Any) -> None:
