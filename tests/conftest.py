@@ -24,6 +24,16 @@ os.environ.setdefault("GRIDTUNE_DTYPE", "float32")
 
 
 @pytest.fixture(autouse=True)
+def _steady_cursors(monkeypatch):
+    """Cursors do not blink in tests: a blinking cursor is two pictures, and a snapshot
+    taken on a loaded machine would catch either."""
+    from textual.widgets import Input, TextArea
+
+    monkeypatch.setattr(Input, "_toggle_cursor", lambda self: None)
+    monkeypatch.setattr(TextArea, "_toggle_cursor_blink_visible", lambda self: None)
+
+
+@pytest.fixture(autouse=True)
 def _isolated_home(tmp_path_factory, monkeypatch):
     """Each test gets a fresh GRIDTUNE_HOME and no OpenAI settings from the caller's shell.
 

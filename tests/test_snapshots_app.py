@@ -19,7 +19,8 @@ from .tui_helpers import settle
 
 
 @pytest.fixture
-def project(tmp_path: Path) -> Path:
+def project(tmp_path: Path, monkeypatch) -> Path:
+    monkeypatch.chdir(tmp_path)  # the export form shows its output path relative to here: stable
     return small_project(tmp_path / "small.gridtune", done=12)
 
 
