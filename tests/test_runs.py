@@ -165,7 +165,9 @@ def test_a_key_the_server_echoes_reaches_neither_the_project_nor_the_log(tmp_pat
 
 def test_second_run_is_refused_naming_the_first_and_stop_ends_it(tmp_path, fake_openai, detached_pids):
     path = make_project(tmp_path, n_a=6, n_b=5)
-    fake_openai.set(latency=0.3)
+    # 30 requests one at a time take 30 s: still running when `stop` comes, even when the
+    # CLI calls before it are slow on a loaded machine (stop waits for 2 done only).
+    fake_openai.set(latency=1.0)
     assert gridtune("generate", str(path), "--detach", "--concurrency", "1").returncode == 0
     detached_pids.append(latest(path).pid)
     second = gridtune("generate", str(path))

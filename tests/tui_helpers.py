@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from textual.pilot import Pilot
+from textual.worker import WorkerCancelled
 
 LONG_LIVED_GROUPS = {"review-writer"}
 
@@ -15,7 +16,10 @@ async def settle(pilot: Pilot, rounds: int = 4) -> None:
         # Pending workers too: one scheduled but not started yet is work still to come.
         busy = [w for w in app.workers if w.group not in LONG_LIVED_GROUPS and not w.is_finished]
         if busy:
-            await app.workers.wait_for_complete(busy)
+            try:
+                await app.workers.wait_for_complete(busy)
+            except WorkerCancelled:
+                pass  # an exclusive worker replaced by a newer one: that one is waited for next round
         for mode in getattr(app, "sections", {}):
             try:
                 stack = app.get_screen_stack(mode)
