@@ -111,7 +111,7 @@ class GenerateOptions:
         from .options import GENERATION, OptionError  # the bounds the spec and the forms share
 
         settings = {name: getattr(self, name) for name in ("concurrency", "rpm", "tpm", "limit", "temperature",
-                                                           "max_tokens", "max_attempts")}
+                                                           "max_tokens", "max_attempts", "max_cost")}
         try:
             for name, value in (settings | {"timeout": self.timeout_s}).items():
                 if value is not None:
@@ -133,9 +133,6 @@ class GenerateOptions:
             raise bad("top_up", self.top_up, "at least 1")
         if self.min_grade is not None and not 0 <= self.min_grade <= 5:
             raise bad("min_grade", self.min_grade, "within 0..5")
-        if self.max_cost is not None and (isinstance(self.max_cost, bool) or not isinstance(self.max_cost, (int, float))
-                                          or not 0 < self.max_cost < float("inf")):
-            raise bad("max_cost", self.max_cost, "a positive amount in USD")
 
     @property
     def redo(self) -> bool:
@@ -188,7 +185,7 @@ def run_params(plan: Plan, options: GenerateOptions) -> dict[str, Any]:
     """What a run is recorded with: the request parameters and its limits, so a
     screen attaching to it later shows what it really runs with (never a key)."""
     return {**plan.params, "concurrency": plan.concurrency, "rpm": options.rpm, "tpm": options.tpm,
-            "stream": plan.stream}
+            "max_cost": options.max_cost, "stream": plan.stream}
 
 
 def _use_stream(backend: Backend, options: GenerateOptions) -> bool:
@@ -301,19 +298,25 @@ def estimate_plan(store: Store, plan: Plan, options: GenerateOptions, requests: 
                         rpm=options.rpm, tpm=options.tpm)
 
 
-def budget_line(store: Store, plan: Plan, options: GenerateOptions) -> str | None:
-    """Before a run with --max-cost: what the work could cost at most (every request's
-    prompt at the never-under estimate, max_tokens each) and what the budget does; None
-    without --max-cost."""
-    if options.max_cost is None:
-        return None
+def worst_cost(store: Store, plan: Plan, options: GenerateOptions) -> tuple[float, int, int]:
+    """What the work of a run could cost at most in USD (every request's prompt at the
+    never-under estimate, max_tokens each; 0 for an unpriced model), with the number
+    of requests and the completion tokens each may take."""
     requests = requests_to_do(store, options)
     prompt = 0
     for item in select_work(store, options)[:50] if not options.top_up else []:
         prompt = max(prompt, _token_estimator(plan.model, 0)(plan.spec.render(item.values).generation_messages()))
     prompt = prompt or int(mean_prompt_tokens(plan.spec) * 4 / 3) + 16  # a top-up's cells are not rows yet
     completion = plan.params["max_tokens"] * max(1, plan.params.get("n", 1))
-    most = (_coster(plan.model)(None, prompt, completion) or 0.0) * requests
+    return (_coster(plan.model)(None, prompt, completion) or 0.0) * requests, requests, completion
+
+
+def budget_line(store: Store, plan: Plan, options: GenerateOptions) -> str | None:
+    """Before a run with --max-cost: what the work could cost at most (``worst_cost``)
+    and what the budget does; None without --max-cost."""
+    if options.max_cost is None:
+        return None
+    most, requests, completion = worst_cost(store, plan, options)
     verdict = ("within the budget" if most <= options.max_cost else
                f"the run stops cleanly before it would pass ${options.max_cost:,.4g} (run it again to resume)")
     return (f"cost: at most about ${most:,.4f} for {requests:,} request(s) at max_tokens {completion:,} "

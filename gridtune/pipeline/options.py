@@ -11,12 +11,15 @@ every message about it reads the same::
                                              # OptionError: --max-tokens must be at least 1, not 0
 
 Which settings a run takes, and where they are kept: a run's model, temperature,
-max tokens and limits are passed per run (``GenerateOptions``, from the command
-line's flags or the generate screen's form) and recorded on the run; the grid
-spec's ``[generation]`` table holds the defaults a run starts from, and changes
-only when a person saves it as such (the grid spec itself, or ``ctrl+s`` in the
-generate screen's form). ``samples`` belongs to the grid: it sets how many
-completions each cell has, so it is saved with the spec, never per run.
+max tokens, limits and budget (``max_cost``) are passed per run (``GenerateOptions``,
+from the command line's flags or the generate screen's form) and recorded on the
+run; the grid spec's ``[generation]`` table holds the defaults a run starts from,
+and changes only when a person saves it as such (the grid spec itself, or
+``ctrl+s`` in the generate screen's form). ``samples`` belongs to the grid: it sets
+how many completions each cell has, so it is saved with the spec, never per run.
+The limits (``concurrency``, ``rpm``, ``tpm``, ``limit``) and the budget are a
+run's only: the spec never holds them, so ``--save-defaults`` and ``ctrl+s`` leave
+them out.
 """
 
 from __future__ import annotations
@@ -38,7 +41,8 @@ class OptionError(ValueError):
 class Option:
     """One setting. ``lo``/``hi`` bound it (``lo_open``/``hi_open``: the bound itself
     is excluded); ``default`` None means it may be left unset (``unset`` says what
-    that means)."""
+    that means). ``must_be`` words what a value must be where the bounds alone would
+    not say it ("a positive amount in USD"); every message about it then says that."""
 
     name: str
     type: type  # int, float or str
@@ -50,6 +54,7 @@ class Option:
     hi_open: bool = False
     unit: str = ""
     unset: str = ""  # what leaving it unset means, in a word or two ("auto", "none")
+    must_be: str = ""  # what a value must be, in words, instead of its kind and bounds
 
     @property
     def flag(self) -> str:
@@ -66,7 +71,10 @@ class Option:
         return self.default is None
 
     def bounds(self) -> str:
-        """The bounds in words: ``within 0..2``, ``at least 1``, ``positive``, ``in [0, 1)``."""
+        """The bounds in words: ``within 0..2``, ``at least 1``, ``positive``, ``in [0, 1)``
+        (``must_be`` instead, where it is given)."""
+        if self.must_be:
+            return self.must_be
         lo, hi = self.lo, self.hi
         if lo is not None and hi is not None:
             if self.lo_open or self.hi_open:
@@ -89,9 +97,9 @@ class Option:
                 raise OptionError(f"{name} must be a non-empty name, not {value!r}")
             return value
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise OptionError(f"{name} must be {self._kind()}, not {value!r}")
+            raise OptionError(f"{name} must be {self.must_be or self._kind()}, not {value!r}")
         if self.type is int and not float(value).is_integer():
-            raise OptionError(f"{name} must be {self._kind()}, not {value!r}")
+            raise OptionError(f"{name} must be {self.must_be or self._kind()}, not {value!r}")
         if not self._within(value):
             raise OptionError(f"{name} must be {self.bounds()}, not {value}")
         return value
@@ -106,11 +114,12 @@ class Option:
         if self.type is str:
             return self.check(raw, name)
         if not raw:
-            raise OptionError(f"{name}: give {self._kind()} ({self.bounds()})")
+            raise OptionError(f"{name}: give {self.must_be or f'{self._kind()} ({self.bounds()})'}")
         try:
             value = int(raw) if self.type is int else float(raw)
         except ValueError:
-            raise OptionError(f"{name} must be {self._kind()} {self.bounds()}, not {raw!r}") from None
+            need = self.must_be or f"{self._kind()} {self.bounds()}"
+            raise OptionError(f"{name} must be {need}, not {raw!r}") from None
         try:
             return self.check(value, name)
         except OptionError:
@@ -156,6 +165,9 @@ GENERATION: Mapping[str, Option] = _table(
            unset="none"),
     Option("tpm", float, None, "at most N tokens (prompt + max_tokens) in any 60 seconds", lo=0, lo_open=True,
            unit="tokens/min", unset="none"),
+    Option("max_cost", float, None, "stop cleanly before the run could spend more than this many US dollars "
+           "(a priced model only; unset: no budget)", lo=0, lo_open=True, unit="USD", unset="none",
+           must_be="a positive amount in USD"),
     Option("limit", int, None, "generate at most N completions", lo=0, unset="all"),
     Option("timeout", float, 120.0, "seconds per request; when streaming, seconds without a new token", lo=0,
            lo_open=True, unit="s"),

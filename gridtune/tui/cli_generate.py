@@ -199,8 +199,8 @@ def _report(project: Path, result: RunResult, stopped_by: int | None) -> int:
 @click.option("--stream/--no-stream", default=None,
               help="stream replies (default: yes for the local and compatible servers, no for OpenAI)")
 @setting_option(GENERATION["max_attempts"])
-@click.option("--max-cost", type=float, default=None, metavar="USD",
-              help="stop cleanly before the run could spend more than USD (a priced model; the bound is shown first)")
+@setting_option(GENERATION["max_cost"], metavar="USD",
+                help="stop cleanly before the run could spend more than USD (a priced model; the bound is shown first)")
 @click.option("--detach", is_flag=True, help="run in the background, immune to the terminal closing")
 @click.option("--batch", "use_batch", is_flag=True,
               help="through the provider's Batch API: half the price, results within 24 h; run it again (or "
@@ -244,6 +244,9 @@ def generate_cmd(project: Path, concurrency: int | None, rpm: float | None, tpm:
     if use_batch:
         if redo_cut_off or top_up is not None:
             raise Problem("--batch generates pending cells only; run --redo-cut-off or --top-up without --batch")
+        if max_cost is not None:  # a batch is sent whole: nothing could stop it part-way
+            raise Problem("--max-cost applies to live runs, not --batch (a batch is sent whole; its estimate "
+                          "gives the price first)")
         _batch(project, options, detach=detach, max_attempts=max_attempts)
         return
     with open_store(project) as store:  # a missing or broken project is exit 2 before anything starts
