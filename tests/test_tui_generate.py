@@ -83,7 +83,7 @@ def test_settings_parse_errors_name_the_field():
             "concurrency": "4", "rpm": "", "tpm": "none"}
     parsed = Settings.parse(good)
     assert parsed == {"model": None, "temperature": 0.7, "max_tokens": 100, "samples": 2,
-                      "concurrency": 4, "rpm": None, "tpm": None}
+                      "concurrency": 4, "rpm": None, "tpm": None, "max_cost": None}
     with pytest.raises(ValueError, match="temperature"):
         Settings.parse(good | {"temperature": "3"})
     with pytest.raises(ValueError, match="max tokens"):

@@ -70,9 +70,10 @@ class Settings:
     """The options form read back into typed values, with the bounds and one-line
     errors of ``pipeline.options`` (the command line's flags use the same)."""
 
-    FIELDS = ("model", "temperature", "max_tokens", "samples", "concurrency", "rpm", "tpm")
-    PER_RUN = ("model", "temperature", "max_tokens", "concurrency", "rpm", "tpm")
-    """What a run takes from the form; ``samples`` is the grid's (ctrl+s saves it)."""
+    FIELDS = ("model", "temperature", "max_tokens", "samples", "concurrency", "rpm", "tpm", "max_cost")
+    PER_RUN = ("model", "temperature", "max_tokens", "concurrency", "rpm", "tpm", "max_cost")
+    """What a run takes from the form; ``samples`` is the grid's (ctrl+s saves it).
+    The limits and the budget (``max_cost``) are a run's only: ctrl+s leaves them out."""
 
     @staticmethod
     def parse(raw: dict[str, str]) -> dict[str, Any]:
@@ -88,6 +89,22 @@ class Settings:
         from ..pipeline.generate import GenerateOptions
 
         return GenerateOptions(**{name: values[name] for name in Settings.PER_RUN})
+
+
+def usd(amount: float) -> str:
+    """Dollars as a person reads them: ``$5``, ``$1,234.50``, ``$0.00005`` (never ``5e-05``)."""
+    if amount >= 1:
+        return "$" + f"{amount:,.2f}".removesuffix(".00")
+    return "$" + (f"{amount:.6f}".rstrip("0").rstrip(".") if amount >= 5e-7 else "0")
+
+
+def budget_text(max_cost: float, most: float, requests: int) -> str | None:
+    """The next run's budget in one line (80 columns): what its work could cost at
+    most, and whether the run stops before passing the max cost; None with no work."""
+    if not requests:
+        return None
+    head = f"max cost {usd(max_cost)}: up to {usd(most)} for {requests:,} request{'s' * (requests != 1)}"
+    return head + (", within it" if most <= max_cost else "; stops short of it")
 
 
 class GenerateScreen(SectionScreen):
@@ -128,6 +145,7 @@ class GenerateScreen(SectionScreen):
         self._timer: Timer | None = None
         self.poll_interval = POLL_S
         self.estimate: str | None = None  # the time estimate for the next run, in words
+        self.budget: str | None = None  # with a max cost: what the next run could cost, and what the budget does
         self._server_start: float | None = None  # when a start began that must start the local server
         self._estimate_timer: Timer | None = None
 
@@ -143,9 +161,9 @@ class GenerateScreen(SectionScreen):
                     yield Input(id="set-temperature", compact=True, classes="short")
                     yield Label("max tokens", classes="field-label")
                     yield Input(id="set-max_tokens", compact=True, classes="short")
-                with Horizontal(classes="form-row"):
                     yield Label("samples", classes="field-label")
                     yield Input(id="set-samples", compact=True, classes="short")
+                with Horizontal(classes="form-row"):  # how the run goes: the run's only
                     yield Label("concurrency", classes="field-label")
                     yield Input(id="set-concurrency", placeholder=GENERATION["concurrency"].unset, compact=True,
                                 classes="short")
@@ -153,6 +171,9 @@ class GenerateScreen(SectionScreen):
                     yield Input(id="set-rpm", placeholder=GENERATION["rpm"].unset, compact=True, classes="short")
                     yield Label("tpm", classes="field-label")
                     yield Input(id="set-tpm", placeholder=GENERATION["tpm"].unset, compact=True, classes="short")
+                    yield Label("max cost $", classes="field-label")
+                    yield Input(id="set-max_cost", placeholder=GENERATION["max_cost"].unset, compact=True,
+                                classes="short")
             yield Line(id="gen-state")
             with Horizontal(id="gen-progress-row"):
                 yield ProgressBar(id="gen-progress", show_eta=False)
@@ -240,20 +261,24 @@ class GenerateScreen(SectionScreen):
     @work(thread=True, exclusive=True, group="gen-estimate", exit_on_error=False)
     def estimate_run(self, options: GenerateOptions) -> None:
         from ..pipeline.estimate import local_server_starting
-        from ..pipeline.generate import preview_run
+        from ..pipeline.generate import preview_run, worst_cost
 
+        budget = None
         try:
             if local_server_starting():  # never start the server just to estimate
                 text = ("no estimate until the local server runs: s starts it "
                         "(the first start fetches the model, ~1 min)")
             else:
-                text = preview_run(self.ctx.path, options, start_local=False)[1].text
+                plan, estimate = preview_run(self.ctx.path, options, start_local=False)
+                text = estimate.text
+                if options.max_cost is not None:
+                    budget = budget_text(options.max_cost, *worst_cost(self.ctx.store, plan, options)[:2])
         except Exception as exc:  # noqa: BLE001 - no estimate is not an error
             text = f"no estimate: {one_line(exc)}"
-        self.app.call_from_thread(self._show_estimate, text)
+        self.app.call_from_thread(self._show_estimate, text, budget)
 
-    def _show_estimate(self, text: str) -> None:
-        self.estimate = text
+    def _show_estimate(self, text: str, budget: str | None = None) -> None:
+        self.estimate, self.budget = text, budget
         self._render_note()
 
     @work(thread=True, exclusive=True, group="gen-poll", exit_on_error=False)
@@ -365,6 +390,9 @@ class GenerateScreen(SectionScreen):
             if estimate[0].isdigit() or estimate.startswith(("about", "up to", "at least")):
                 note.append("estimate: ", style="dim")
             note.append(estimate)
+            if self.budget and not active:
+                note.append("\n")
+                note.append(self.budget)
         if p is not None and p.retries:
             if note.plain:
                 note.append("\n")
@@ -407,7 +435,9 @@ class GenerateScreen(SectionScreen):
         """While a run is active, the form shows what it runs with: it may have been
         started from the command line with other settings than the form's."""
         p = run.params or {}
-        values = Settings.show({"model": run.model, **{k: p[k] for k in Settings.PER_RUN if k in p}})
+        # A run recorded without a max cost had none (runs before it was recorded too).
+        values = Settings.show({"model": run.model, "max_cost": None,
+                                **{k: p[k] for k in Settings.PER_RUN if k in p}})
         for key, value in values.items():
             self.query_one(f"#set-{key}", Input).value = value
 
@@ -469,6 +499,9 @@ class GenerateScreen(SectionScreen):
             return
         if self.defaults and Settings.show({"samples": values["samples"]})["samples"] != self.defaults.get("samples"):
             self._show_error("samples is the grid's, not a run's: ctrl+s saves it as the grid's default first")
+            return
+        if batch and values["max_cost"] is not None:  # a batch is sent whole: nothing could stop it part-way
+            self._show_error("max cost applies to live runs (s), not to a batch (b): a batch is sent whole")
             return
         self.busy = "starting"
         self.refresh_bindings()
