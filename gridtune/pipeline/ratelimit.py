@@ -1,28 +1,37 @@
 """Requests-per-minute and tokens-per-minute limits, the configured ones and the
 provider's own.
 
-Configured limits (``--rpm``/``--tpm``) are kept over every sliding window: the
-limiter logs what it sent and admits a request when the last ``period_s`` (plus a
-small margin for the network's jitter between our clock and the server's) holds
-room for it. That is the most a provider enforcing a sliding minute accepts, and it
-also suits one that refills a bucket steadily (every sequence that keeps each
-window within L keeps such a bucket from running dry). Unlike a leaky bucket
-sized to the window, it may send a window's whole budget at once: 600 rpm and a
-1,500-request run take two minutes, not two and a half.
+Configured limits (``--rpm``/``--tpm``) are kept over every sliding window, as the
+server sees it. The server counts a request from when it *received* it, which we
+never see; but it cannot answer before it has it, so a request counts in our log
+from when it was sent until a window after its first reply byte (or, while no
+reply has come, until a window after ``LAG_CAP_S`` past its sending: a request
+that takes longer to reach the server than that is the one case we cannot cover).
+So a request held up on its way (a busy event loop, a loaded server) never leaves
+our window before it leaves the server's. A request is admitted when the log
+leaves room for it. That is the most a provider enforcing a sliding minute
+accepts, and it also suits one that refills a bucket steadily. Unlike a leaky
+bucket sized to the window, it may send a window's whole budget at once: 600 rpm
+and a 1,500-request run take two minutes, not two and a half.
 
 The provider's remaining budget, when it reports one (OpenAI's
 ``x-ratelimit-remaining-requests`` / ``-tokens``, with ``x-ratelimit-reset-*``
 like ``6m0s``, ``1s``, ``20ms``: the time until the budget is back to its initial
-state), is a second gate: a request goes only while the last report, less what was
-sent since it was read, leaves room for it; once spent, nothing goes until the
-reported reset, after which the budget counts as full again (less what was sent
-since). Every reply brings a fresher report. This assumes the server computes the
-report when it answers, as OpenAI and the fake test server do.
+state), is a second gate. A report, computed when the server answered request R,
+tells what the server had counted then; what others (another process on the same
+key) had used is that, less those of ours it surely counted. Until the reported
+reset, a request goes only while ``remaining + ours surely counted - ours in the
+window`` leaves room for it; after the reset, while ``limit - ours in the
+window`` does. "Surely counted" are the requests sent up to R that had been
+answered before R was sent (or were sent more than ``LAG_CAP_S`` before it) and
+that cannot yet have left the server's window: requests reaching the server in
+another order than we sent them cannot make us overspend.
 """
 
 from __future__ import annotations
 
 import asyncio
+import heapq
 import math
 import re
 import time
@@ -32,9 +41,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 MINUTE = 60.0
-WINDOW_MARGIN = 0.01  # a window is kept as period * (1 + margin) + SKEW_S: clocks and networks jitter
-SKEW_S = 0.25  # also covers a first request that leaves late (a new connection, a TLS handshake)
-REORDER_MARGIN = 0.01  # of a reported budget, kept unused (see wait_s)
+WINDOW_MARGIN = 0.01  # a window is kept as period * (1 + margin) + SLACK_S after the reply: clocks differ in rate
+SLACK_S = 0.05
+LAG_CAP_S = 2.0  # the longest a request is assumed to take to reach the server (see the module's note)
+SKEW_S = 0.25  # added to a reported reset: the report was computed before we read it, but clocks jitter
+TOKEN_MARGIN = 0.01  # of a reported token budget, kept unused: the server's count may differ from ours
 POLL_S = 0.1  # a waiter looks again this often: a fresher report may let it go sooner
 
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|h|m|s)")
@@ -71,6 +82,20 @@ def _number(value: str | None) -> float | None:
     return number if math.isfinite(number) and number >= 0 else None
 
 
+@dataclass(eq=False, slots=True)
+class _Sent:
+    """One request in the window."""
+
+    seq: int  # 1, 2, ... in the order sent
+    at: float  # when it was sent
+    tokens: int  # its estimate
+    upto: float  # the tokens sent up to and with it
+    charge: float  # what it counts toward the configured tpm (never more than the whole budget)
+    leaves: float  # when it leaves the window
+    answered: float | None = None  # its first reply byte
+    gone: bool = False
+
+
 @dataclass
 class _Report:
     """The provider's last word on one budget (requests or tokens)."""
@@ -78,9 +103,9 @@ class _Report:
     remaining: float
     reset_at: float  # monotonic time when the budget is whole again
     limit: float | None
-    sent_at_read: float  # our running total (requests or tokens) up to the request answered
-    expired_at_read: float  # our running total that had left the window when we read it
-    rolled: bool = False  # reset_at passed without a fresher report
+    seq: int  # the request whose reply said it
+    sure: float  # of ours in the window then, what the server surely counted
+    since: float  # our running total (requests or tokens) before the first request it may not have counted
 
 
 @dataclass
@@ -97,10 +122,12 @@ class RateLimits:
     tpm: float | None = None
     max_request_tokens: int = 0
     period_s: float = MINUTE
-    _log: deque = field(default_factory=deque, init=False, repr=False)  # (sent at, charge, tokens) in the window
-    _window_tokens: float = field(default=0.0, init=False, repr=False)  # the charges in the log
-    _expired_requests: int = field(default=0, init=False, repr=False)  # sent and out of the window since
-    _expired_tokens: float = field(default=0.0, init=False, repr=False)
+    _order: deque = field(default_factory=deque, init=False, repr=False)  # _Sent in the window, oldest first
+    _heap: list = field(default_factory=list, init=False, repr=False)  # (leaves, seq, _Sent); stale rows skipped
+    _by_seq: dict = field(default_factory=dict, init=False, repr=False)
+    _live: int = field(default=0, init=False, repr=False)  # requests in the window
+    _live_tokens: float = field(default=0.0, init=False, repr=False)  # their estimates
+    _window_tokens: float = field(default=0.0, init=False, repr=False)  # their charges
     _sent_requests: int = field(default=0, init=False, repr=False)
     _sent_tokens: float = field(default=0.0, init=False, repr=False)
     _requests_report: _Report | None = field(default=None, init=False, repr=False)
@@ -108,7 +135,7 @@ class RateLimits:
     _lock: asyncio.Lock | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
-        self._window = self.period_s * (1 + WINDOW_MARGIN) + SKEW_S
+        self._window = self.period_s * (1 + WINDOW_MARGIN) + SLACK_S
 
     @property
     def needs_token_estimate(self) -> bool:
@@ -122,13 +149,12 @@ class RateLimits:
 
     async def acquire(self, tokens: int = 0) -> tuple[int, float]:
         """Wait until one request of about ``tokens`` tokens may be sent; first come,
-        first served. Returns the request's mark for ``observe``: what had been sent up
-        to and with it."""
-        if not self.active:
-            self._sent_requests += 1
-            self._sent_tokens += tokens
-            self._expired_requests, self._expired_tokens = self._sent_requests, self._sent_tokens  # nothing logged
-            return self._sent_requests, self._sent_tokens
+        first served. Returns the request's mark for ``observe``: its number and the
+        tokens sent up to and with it."""
+        if not self.active:  # logged all the same: a first report must know what went before it
+            now = time.monotonic()
+            self._expire(now)
+            return self._record(tokens, now)
         if self._lock is None:
             self._lock = asyncio.Lock()
         async with self._lock:
@@ -138,80 +164,124 @@ class RateLimits:
                 if wait <= 0:
                     break
                 await asyncio.sleep(min(wait, POLL_S))
-            self._record(tokens, now)
-            return self._sent_requests, self._sent_tokens
+            return self._record(tokens, now)
 
     def wait_s(self, tokens: int = 0, now: float | None = None) -> float:
         """How long a request of ``tokens`` must wait before it may go (0: now)."""
         now = time.monotonic() if now is None else now
         self._expire(now)
         wait = 0.0
-        log = self._log
-        if self.rpm and log and len(log) + 1 > self.rpm:
-            oldest_to_leave = min(math.ceil(len(log) + 1 - self.rpm), len(log)) - 1
-            wait = max(wait, log[oldest_to_leave][0] + self._window - now)
+        if self.rpm and self._live and self._live + 1 > self.rpm:
+            must_leave = min(math.ceil(self._live + 1 - self.rpm), self._live)
+            wait = max(wait, heapq.nsmallest(must_leave, (leaves for leaves, _ in self._leaving()))[-1] - now)
         if self.tpm:
             charge = min(float(tokens), self.tpm)
             excess = self._window_tokens + charge - self.tpm
             if excess > 0:
                 freed = 0.0
-                for sent, size, _tokens in log:  # the oldest first: wait until enough of them leave the window
-                    freed += size
+                for leaves, sent in sorted(self._leaving(), key=lambda row: row[0]):
+                    freed += sent.charge
                     if freed >= excess - 1e-9:
-                        wait = max(wait, sent + self._window - now)
+                        wait = max(wait, leaves - now)
                         break
-        for report, need, sent in ((self._requests_report, 1.0, self._sent_requests),
-                                   (self._tokens_report, float(tokens), self._sent_tokens)):
+        for report, need, ours, sent in ((self._requests_report, 1.0, float(self._live), float(self._sent_requests)),
+                                         (self._tokens_report, float(tokens), self._live_tokens, self._sent_tokens)):
             if report is None or need <= 0:
                 continue
-            if now >= report.reset_at:
+            # Two bounds on what we used that the report did not count: ours in the window
+            # less those it surely counted, and all we sent from the first it may have missed.
+            if now >= report.reset_at:  # what it counted has left the server's window
                 if report.limit is None:  # no limit known: the report has said all it could
                     continue
-                # Whole again, less what went since the report (still in the server's window);
-                # a period later without a fresher report, whole for good.
-                if report.rolled:
-                    report.sent_at_read = sent
-                    report.expired_at_read = self._expired_requests if report is self._requests_report \
-                        else self._expired_tokens
-                report.remaining, report.reset_at, report.rolled = report.limit, now + self.period_s, True
-            # What was left, less what went since, plus what has since left the window of
-            # what the report had counted (a sliding window, or a bucket refilling at least
-            # as fast, gives it back a period after it was sent).
-            expired = self._expired_requests if report is self._requests_report else self._expired_tokens
-            freed = min(expired, report.sent_at_read) - min(report.expired_at_read, report.sent_at_read)
-            left = report.remaining - (sent - report.sent_at_read) + freed
-            # A margin for requests that reached the server in another order than we sent them.
-            margin = (report.limit or 0) * REORDER_MARGIN
-            if report is self._requests_report:
-                margin = max(1.0, margin)
+                left = report.limit - min(ours, sent - report.since)
+            else:
+                left = report.remaining - min(ours - report.sure, sent - report.since)
+            margin = (report.limit or report.remaining) * TOKEN_MARGIN if report is self._tokens_report else 0.0
             if left - margin < (min(need, report.limit) if report.limit else need):
-                next_leaves = log[0][0] + self._window if log else math.inf  # may free enough sooner
-                wait = max(wait, min(report.reset_at, next_leaves) - now)
+                next_leaves = self._heap[0][0] if self._heap else math.inf  # may free enough sooner
+                until = next_leaves if now >= report.reset_at else min(report.reset_at, next_leaves)
+                wait = max(wait, until - now)
         return wait
 
-    def _record(self, tokens: int, now: float) -> None:
+    def _leaving(self):
+        """(when it leaves, the request) for each request in the window: its current row."""
+        return ((leaves, sent) for leaves, _, sent in self._heap if not sent.gone and leaves == sent.leaves)
+
+    def _record(self, tokens: int, now: float) -> tuple[int, float]:
         self._sent_requests += 1
         self._sent_tokens += tokens
         charge = min(float(tokens), self.tpm) if self.tpm else 0.0
-        self._log.append((now, charge, tokens))
+        sent = _Sent(self._sent_requests, now, tokens, self._sent_tokens, charge, now + LAG_CAP_S + self._window)
+        self._order.append(sent)
+        heapq.heappush(self._heap, (sent.leaves, sent.seq, sent))
+        self._by_seq[sent.seq] = sent
+        self._live += 1
+        self._live_tokens += tokens
         self._window_tokens += charge
+        return self._sent_requests, self._sent_tokens
+
+    def _answered(self, seq: int, now: float) -> _Sent | None:
+        """The first byte of request ``seq``'s reply came: the server had it by now."""
+        sent = self._by_seq.get(seq)
+        if sent is None or sent.answered is not None:
+            return sent
+        sent.answered = now
+        if now + self._window < sent.leaves:
+            sent.leaves = now + self._window
+            heapq.heappush(self._heap, (sent.leaves, seq, sent))
+        return sent
 
     def _expire(self, now: float) -> None:
-        log, edge = self._log, now - self._window
-        while log and log[0][0] <= edge:
-            _, charge, tokens = log.popleft()
-            self._window_tokens -= charge
-            self._expired_requests += 1
-            self._expired_tokens += tokens
+        heap = self._heap
+        while heap and (heap[0][0] <= now or heap[0][2].gone or heap[0][0] != heap[0][2].leaves):
+            leaves, seq, sent = heapq.heappop(heap)
+            if sent.gone or leaves != sent.leaves:
+                continue  # a row the request's answer made stale
+            sent.gone = True
+            del self._by_seq[seq]
+            self._live -= 1
+            self._live_tokens -= sent.tokens
+            self._window_tokens -= sent.charge
+        order = self._order
+        while order and order[0].gone:
+            order.popleft()
+
+    def _surely_counted(self, answered: _Sent, now: float) -> tuple[float, float, float, float]:
+        """Of ours in the window, the requests and tokens the server surely counted in
+        the report it computed for ``answered`` (see the module's note): sent up to
+        it, there before it (answered before it was sent, or sent ``LAG_CAP_S``
+        before it), and not possibly out of the server's window by the report. Then
+        our running totals of requests and tokens before the first it may not have
+        counted."""
+        requests, tokens = float(self._live), self._live_tokens
+        first: _Sent | None = None  # the first it may not have counted
+        low = answered.seq + 1
+        for sent in reversed(self._order):  # the newest first, down to those surely there before it
+            if sent.seq < answered.seq and sent.at <= answered.at - LAG_CAP_S:
+                break
+            low = sent.seq
+            missed = sent.seq > answered.seq or (sent.seq < answered.seq and not (
+                sent.answered is not None and sent.answered <= answered.at))
+            if missed:
+                first = sent
+            if not sent.gone and (missed or sent.at + self.period_s <= now):
+                requests, tokens = requests - 1, tokens - sent.tokens
+        for sent in self._order:  # the oldest: maybe out of the server's window already
+            if sent.seq >= low or sent.at + self.period_s > now:
+                break
+            if not sent.gone:
+                requests, tokens = requests - 1, tokens - sent.tokens
+        since = (first.seq - 1, first.upto - first.tokens) if first is not None else (answered.seq, answered.upto)
+        return max(requests, 0.0), max(tokens, 0.0), float(since[0]), since[1]
 
     def observe(self, headers: Mapping[str, Any] | None, mark: tuple[int, float] | None = None,
                 now: float | None = None) -> None:
-        """Take the provider's budget from a response's x-ratelimit-* headers (of a
-        reply or of a 429); headers without them change nothing. ``mark``: what
-        ``acquire`` returned for the request answered: its report counts what was sent
-        up to it, not what went while it was answered (a provider's limiter reports as
-        of admission; one that reports later only makes us more careful). The report
-        of the request sent last wins."""
+        """A reply (or its headers, or a 429) to the request ``acquire`` marked
+        ``mark`` came: it counts in the window from now on, and its x-ratelimit-*
+        headers, if any, are the provider's budget. The report of the request sent
+        last wins."""
+        now = time.monotonic() if now is None else now
+        answered = self._answered(mark[0], now) if mark is not None else None
         if not headers:
             return
         get = headers.get
@@ -219,22 +289,23 @@ class RateLimits:
         remaining_tokens = get("x-ratelimit-remaining-tokens")
         if remaining_requests is None and remaining_tokens is None:
             return
-        now = time.monotonic() if now is None else now
-        for which, remaining in (("requests", remaining_requests), ("tokens", remaining_tokens)):
+        self._expire(now)
+        seq = mark[0] if mark is not None else self._sent_requests
+        if answered is not None and not answered.gone:
+            sure = self._surely_counted(answered, now)
+        else:  # unknown to the log: nothing of ours counts as surely counted, all after it as missed
+            sure = (0.0, 0.0, float(seq), mark[1] if mark is not None else self._sent_tokens)
+        for index, which, remaining in ((0, "requests", remaining_requests), (1, "tokens", remaining_tokens)):
             left = _number(remaining)
             if left is None:
                 continue
-            reset = parse_reset(get(f"x-ratelimit-reset-{which}"))
-            index = 0 if which == "requests" else 1
-            sent = mark[index] if mark is not None else (self._sent_requests, self._sent_tokens)[index]
-            last = self._requests_report if which == "requests" else self._tokens_report
-            if last is not None and not last.rolled and last.sent_at_read > sent:
+            last = self._requests_report if index == 0 else self._tokens_report
+            if last is not None and last.seq > seq:
                 continue  # a request sent later has already reported
-            self._expire(now)
+            reset = parse_reset(get(f"x-ratelimit-reset-{which}"))
             report = _Report(left, now + SKEW_S + (reset if reset is not None else self.period_s),
-                             _number(get(f"x-ratelimit-limit-{which}")), sent,
-                             self._expired_requests if which == "requests" else self._expired_tokens)
-            if which == "requests":
+                             _number(get(f"x-ratelimit-limit-{which}")), seq, sure[index], sure[2 + index])
+            if index == 0:
                 self._requests_report = report
             else:
                 self._tokens_report = report
