@@ -455,7 +455,7 @@ def test_concurrency_defaults_to_what_the_server_batches(tmp_path, fake_openai):
 def test_no_gridtune_field_means_the_old_default(tmp_path, fake_openai):
     path = make_project(tmp_path, n_a=5, n_b=4)
     # Long enough that all eight are in flight together even on a loaded machine.
-    fake_openai.set(latency=1.0)
+    fake_openai.set(latency=2.5)
     assert generate(path).exit_code == 0
     assert fake_openai.peak_in_flight == 8
 
