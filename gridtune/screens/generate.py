@@ -240,7 +240,8 @@ class GenerateScreen(SectionScreen):
             if form is not None:
                 if form.get(key, "") == old.get(key, ""):
                     form[key] = value
-                continue
+                if key in Settings.PER_RUN:  # shown from the active run; samples is the grid's
+                    continue
             field = self.query_one(f"#set-{key}", Input)
             if field.value == old.get(key, ""):
                 field.value = value
