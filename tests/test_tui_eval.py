@@ -67,6 +67,18 @@ async def test_without_an_export_the_screen_says_what_to_do(tmp_path: Path):
         assert "no export yet" in _text(app.screen, "#eval-title")
 
 
+async def test_an_export_that_holds_nothing_out_says_where_to_set_it(tmp_path: Path):
+    # The demo's path: an export at its defaults holds nothing out.
+    path = small_project(tmp_path / "p.gridtune", done=8)
+    with Store.open(path) as store:
+        export_project(store, tmp_path / "train.jsonl", format="chat")
+    app = GridtuneApp(path, start_mode="eval")
+    async with app.run_test(size=(80, 24)) as pilot:
+        await settle(pilot)
+        title = _text(app.screen, "#eval-title")
+        assert "nothing held out" in title and "F5" in title and "combos" in title
+
+
 def test_eval_section_snapshot(snap_compare, project, fake_openai):
     fake_openai.set(replies=[("model:tuned", TUNED), ("model:base", BASE)])
     ev.evaluate(project, ev.EvalOptions(model="tuned", against="base", samples=2))

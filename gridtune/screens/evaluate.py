@@ -165,7 +165,8 @@ class EvalScreen(SectionScreen):
         elif not s.has_export:
             text = Text("no export yet: export with a hold-out first (F5, or gridtune export --hold-out VAR=VALUE)")
         elif not s.cases:
-            text = Text("no held-out prompts: export with --hold-out VAR=VALUE or --hold-out-combos N")
+            # The demo's export holds nothing out: say where to set it, in this app's words.
+            text = Text("nothing held out: set hold out or combos in the F5 export, or w in playground")
         elif not s.latest:
             text = Text(f"{len(s.cases)} held-out prompt(s); r asks both models")
         else:
