@@ -67,12 +67,17 @@ async def test_without_an_export_the_screen_says_what_to_do(tmp_path: Path):
         assert "no export yet" in _text(app.screen, "#eval-title")
 
 
-async def test_an_export_that_holds_nothing_out_says_where_to_set_it(tmp_path: Path):
-    # The demo's path: an export at its defaults holds nothing out.
+@pytest.fixture
+def nothing_held_out(tmp_path: Path) -> Path:
+    """The demo's path: an export at its defaults holds nothing out."""
     path = small_project(tmp_path / "p.gridtune", done=8)
     with Store.open(path) as store:
         export_project(store, tmp_path / "train.jsonl", format="chat")
-    app = GridtuneApp(path, start_mode="eval")
+    return path
+
+
+async def test_an_export_that_holds_nothing_out_says_where_to_set_it(nothing_held_out: Path):
+    app = GridtuneApp(nothing_held_out, start_mode="eval")
     async with app.run_test(size=(80, 24)) as pilot:
         await settle(pilot)
         title = _text(app.screen, "#eval-title")
