@@ -35,7 +35,7 @@ def _app(path: Path) -> GridtuneApp:
 async def _steady(pilot) -> None:
     app = pilot.app
     await settle(pilot)
-    await wait_until(pilot, lambda: review_screen(app)._reload_timer is None, what="the pending reload")
+    await wait_until(pilot, lambda: not review_screen(app)._reload_throttle.pending, what="the pending reload")
     await settle(pilot)
     app.refresh_status()  # count now, not on the status line's next tick
     app.backend_label = "backend: test"

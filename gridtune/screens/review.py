@@ -21,7 +21,6 @@ from __future__ import annotations
 import asyncio
 import queue
 import threading
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -42,6 +41,7 @@ from ..pipeline import review
 from ..pipeline.review import Filter, ReviewCounts, UndoStack
 from ..tui.context import ProjectContext
 from ..tui.section import SectionScreen
+from ..tui.throttle import Throttle
 from ..tui.widgets import LengthHistogram
 from ..tui.widgets.modals import AskModal, ConfirmModal, EditModal, GradePickModal
 from .coverage_panel import CoveragePanel
@@ -126,8 +126,7 @@ class ReviewScreen(SectionScreen):
         self._detail_id: int | None = None
         self._detail_timer: Timer | None = None
         self._due: set[str] = set()  # what the next throttled reload reads: rows, counts, histogram
-        self._reload_timer: Timer | None = None
-        self._last_reload = 0.0
+        self._reload_throttle = Throttle(self, RELOAD_INTERVAL_S, self._reload_due)
         self._own_grades = 0  # grade changes of ours not yet seen by refresh_from_project
         self._redo: tuple[asyncio.AbstractEventLoop, asyncio.Event] | None = None  # a redo under way
         self._redo_lock = threading.Lock()
@@ -255,16 +254,9 @@ class ReviewScreen(SectionScreen):
     def _reload_soon(self, *parts: str) -> None:
         """Reload ``parts`` now, or once a second has passed since the last reload."""
         self._due.update(parts)
-        if self._reload_timer is not None:
-            return
-        wait = self._last_reload + RELOAD_INTERVAL_S - time.monotonic()
-        if wait <= 0:
-            self._reload_due()
-        else:
-            self._reload_timer = self.set_timer(wait, self._reload_due)
+        self._reload_throttle.soon()
 
     def _reload_due(self) -> None:
-        self._reload_timer = None
         due, self._due = self._due, set()
         if "previews" in due:
             self.list.refresh_previews()
@@ -273,14 +265,13 @@ class ReviewScreen(SectionScreen):
         if "rows" in due:
             self.reload(histogram="histogram" in due)
         elif due & {"counts", "histogram"}:
-            self._last_reload = time.monotonic()
             self._load_counts(histogram="histogram" in due)
         if self._detail_id is not None and "rows" in due:
             self._load_detail(self._detail_id)
 
     def reload(self, histogram: bool = False) -> None:
         """Read the rows (the cursor stays on its row), the counts and, if asked, the lengths."""
-        self._last_reload = time.monotonic()
+        self._reload_throttle.ran()
         current = self.list.current
         self._load_rows(self.filter, self.search, self.sort, self.descending,
                         current[0] if current else None, histogram)

@@ -19,7 +19,6 @@ from textual.app import App
 from textual.binding import Binding
 from textual.reactive import reactive
 from textual.screen import Screen
-from textual.timer import Timer
 
 from .. import locations
 from ..pipeline.project import open_or_create_demo
@@ -28,6 +27,7 @@ from .commands import GridtuneCommands
 from .context import LOCAL_NOT_RUNNING, ProjectContext
 from .events import OpenPlayground, ProjectChanged
 from .section import SectionScreen
+from .throttle import Throttle
 from .widgets.modals import ConfirmModal
 
 
@@ -98,8 +98,8 @@ class GridtuneApp(App[int]):
         self.ctx = ctx or open_context(project_path)
         self.start_mode = start_mode
         self._data_version: int | None = None
-        self._recount_timer: Timer | None = None
-        self._last_recount = 0.0
+        # The count scans the project (about 0.2 s at 100,000 completions).
+        self._recount = Throttle(self, RECOUNT_S, self.refresh_status)
         self.sections: dict[str, Section] = {}
         for section in SECTIONS:
             cls = section_class(section)
@@ -143,7 +143,7 @@ class GridtuneApp(App[int]):
         every other section screen; each refreshes itself from the store."""
         if message.forwarded:
             return  # our own copy, bubbling back from the screen it was sent to
-        self._recount_soon()
+        self._recount.soon()
         for screen in self._section_screens():
             if screen is not message._sender:
                 screen.post_message(ProjectChanged(*message.what, forwarded=True))
@@ -180,26 +180,6 @@ class GridtuneApp(App[int]):
         return True
 
     # -- status line ---------------------------------------------------------
-    def _recount_soon(self) -> None:
-        """Recount at most every RECOUNT_S: the count scans the project (about 0.2 s at
-        100,000 completions) and a person grades several completions a second."""
-        import time
-
-        if self._recount_timer is not None:
-            return  # one is already due; it will see this change too
-        wait = RECOUNT_S - (time.monotonic() - self._last_recount)
-        if wait <= 0:
-            self._recount_now()
-        else:
-            self._recount_timer = self.set_timer(wait, self._recount_now)
-
-    def _recount_now(self) -> None:
-        import time
-
-        self._recount_timer = None
-        self._last_recount = time.monotonic()
-        self.refresh_status()
-
     @work(thread=True, exclusive=True, group="status", exit_on_error=False)
     def refresh_status(self) -> None:
         c = self.ctx.store.status_counts()
