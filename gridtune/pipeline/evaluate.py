@@ -30,7 +30,7 @@ from .generate import Reply
 from .grid import GridSpec, cell_key
 from .holdout import HoldOutError
 from .playground import build_prompt, coerce_values
-from .project import load_project_spec
+from .project import open_with_spec
 from .request_pool import Pool, PoolOptions, Request
 
 DEFAULT_SAMPLES = 3
@@ -258,11 +258,7 @@ async def run_eval(store_path: str | Path, options: EvalOptions, *, backend: Bac
     compare. ``on_progress(answered, to_ask)`` after each answer."""
     options.check()
     started = time.monotonic()
-    with Store.open(Path(store_path)) as store:
-        try:
-            spec = load_project_spec(store)
-        except ValueError as exc:
-            raise EvalError(str(exc)) from None
+    with open_with_spec(store_path, EvalError) as (store, spec):
         export = store.latest_export()
         if export is None:
             raise EvalError("no export yet: export with --hold-out VAR=VALUE or --hold-out-combos N first")

@@ -32,7 +32,7 @@ from typing import Any
 from ..store import Store, curation as cur
 from .backend import Backend, resolve_backend
 from .generate import Reply
-from .project import load_project_spec
+from .project import open_with_spec
 from .ratelimit import MINUTE
 from .request_pool import Pool, PoolOptions, Request
 
@@ -184,11 +184,7 @@ async def run_judge(store_path: str | Path, options: JudgeOptions, *, backend: B
     """
     options.check()
     started = time.monotonic()
-    with Store.open(Path(store_path)) as store:
-        try:
-            spec = load_project_spec(store)
-        except ValueError as exc:
-            raise JudgeError(str(exc)) from None
+    with open_with_spec(store_path, JudgeError) as (store, spec):
         backend = backend or resolve_backend()
         rubric = get_rubric(store)
         done = cur.judged_ids(store, options.model)

@@ -6,6 +6,7 @@ import contextlib
 import json
 import os
 import secrets
+from collections.abc import Iterator
 from pathlib import Path
 
 from ..store import Store, StoreError
@@ -62,6 +63,18 @@ def load_project_spec(store: Store) -> GridSpec:
     if text is None:
         raise ValueError(f"{store.path}: project has no grid spec")
     return GridSpec.from_json(text)
+
+
+@contextlib.contextmanager
+def open_with_spec(path: str | Path, error: type[Exception]) -> Iterator[tuple[Store, GridSpec]]:
+    """Open a project and read its grid spec, for a pass beside the run (the judge,
+    the evaluation); a spec that does not load raises ``error`` with its message."""
+    with Store.open(Path(path)) as store:
+        try:
+            spec = load_project_spec(store)
+        except ValueError as exc:
+            raise error(str(exc)) from None
+        yield store, spec
 
 
 def open_or_create_demo(path: str | Path) -> Store:
