@@ -50,6 +50,8 @@ from .generate import (
     NothingToDo,
     Plan,
     RunResult,
+    cell_params,
+    chat_request,
     describe,
     nothing_to_generate,
     parse_reply,
@@ -57,6 +59,7 @@ from .generate import (
     run_params,
     select_work,
 )
+from .grid import GridSpec
 from .progress import Finished, Progress
 
 log = logging.getLogger(__name__)
@@ -114,18 +117,10 @@ class BatchOptions:
 # -- the input file ----------------------------------------------------------------
 
 
-def request_params(params: dict[str, Any], item: WorkItem) -> dict[str, Any]:
-    """A cell's request parameters, as the live runner sends them (a fixed seed moves
-    with the sample, so the samples of a cell differ)."""
-    if "seed" in params and item.sample:
-        return {**params, "seed": params["seed"] + item.sample}
-    return params
-
-
-def input_line(plan_spec: Any, model: str, params: dict[str, Any], item: WorkItem) -> bytes:
-    """One line of a batch input file: custom_id = the completion id, body = the chat request."""
-    body = {"model": model, "messages": plan_spec.render(item.values).generation_messages(),
-            **request_params(params, item)}
+def input_line(spec: GridSpec, model: str, params: dict[str, Any], item: WorkItem) -> bytes:
+    """One line of a batch input file: custom_id = the completion id, body = the chat
+    request the live runner sends (not streamed)."""
+    body, _ = chat_request(spec, model, params, item)
     line = {"custom_id": str(item.completion_id), "method": "POST", "url": ENDPOINT, "body": body}
     return json.dumps(line, ensure_ascii=False, separators=(",", ":")).encode() + b"\n"
 
@@ -359,7 +354,7 @@ class _Follower:
             for cid, item in list(sent.items()):
                 if stored.save_item_failed(self.store, b.id, cid, state="missing", run_id=self.run_id,
                                            error=why[:500], error_kind="transient", attempts=item.attempts + 1,
-                                           model=b.model, params=request_params(b.params, item)):
+                                           model=b.model, params=cell_params(b.params, item)):
                     self.note_failure(cid, why, permanent=False)
             stored.close_batch(self.store, b.id)
         self.phase = f"batch {b.batch_id} {final.status}: results written"
@@ -374,7 +369,7 @@ class _Follower:
         item = sent.pop(cid, None)
         if item is None:  # not this batch's, or written already
             return
-        params = request_params(b.params, item)
+        params = cell_params(b.params, item)
         response = line.get("response") if isinstance(line.get("response"), dict) else {}
         status = response.get("status_code")
         body = response.get("body")

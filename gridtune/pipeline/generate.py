@@ -466,6 +466,21 @@ def backoff_s(failures: int, initial: float, maximum: float) -> float:
 # -- the run ---------------------------------------------------------------------
 
 
+def cell_params(params: dict[str, Any], item: WorkItem) -> dict[str, Any]:
+    """One sample's request parameters: a fixed seed moves with the sample, or every
+    sample of a cell would be the same text."""
+    if "seed" in params and item.sample:
+        return {**params, "seed": params["seed"] + item.sample}
+    return params
+
+
+def chat_request(spec: GridSpec, model: str, params: dict[str, Any], item: WorkItem
+                 ) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The chat request for one sample of a cell, live or in a batch, and its parameters."""
+    params = cell_params(params, item)
+    return {"model": model, "messages": spec.render(item.values).generation_messages(), **params}, params
+
+
 def _token_estimator(model: str, max_tokens: int, n: int = 1) -> Callable[[list[dict[str, str]]], int]:
     """What a request may be charged by a tpm limit, never under (tokens.request_tokens)."""
     try:
@@ -601,7 +616,6 @@ class _Runner:
         self.left = len(work)  # neither done nor failed yet
         self.active: set[_Job] = set()  # started, not ended: released (back to pending) on a stop
         self.waiting: dict[_Job, asyncio.TimerHandle] = {}
-        self.messages = lambda item: plan.spec.render(item.values).generation_messages()
         self.estimate = _token_estimator(plan.model, plan.params["max_tokens"], plan.params.get("n", 1))
         self.limits = RateLimits(options.rpm, options.tpm, 0, options.rate_period_s)
         self.cost = _coster(plan.model)
@@ -695,11 +709,8 @@ class _Runner:
             await self._attempt(entry if isinstance(entry, _Job) else self._job(entry))
 
     def _job(self, item: WorkItem) -> _Job:
-        params = self.plan.params
-        if "seed" in params and item.sample:
-            # A fixed seed would make every sample of a cell the same text.
-            params = {**params, "seed": params["seed"] + item.sample}
-        job = _Job(item, {"model": self.plan.model, "messages": self.messages(item), **params}, params)
+        body, params = chat_request(self.plan.spec, self.plan.model, self.plan.params, item)
+        job = _Job(item, body, params)
         self.active.add(job)
         self.writer.later(self.store.mark_running, item.completion_id, self.run_id)
         self.tracker.started()
