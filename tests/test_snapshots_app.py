@@ -15,7 +15,7 @@ from textual.widgets import Input, TextArea
 from gridtune.tui.app import GridtuneApp
 
 from .bigproject import small_project
-from .tui_helpers import settle
+from .tui_helpers import settle, steady
 
 
 @pytest.fixture
@@ -25,16 +25,7 @@ def project(tmp_path: Path, monkeypatch) -> Path:
 
 
 async def _steady(pilot) -> None:
-    await settle(pilot)
-    pilot.app.refresh_status()
-    await settle(pilot)
-    for area in pilot.app.screen.query(TextArea):
-        area.cursor_blink = False
-    await pilot.pause(0.1)
-    await settle(pilot)
-    pilot.app.clear_notifications()
-    await pilot.pause()
-
+    await steady(pilot, label=None)
 
 def test_command_palette_lists_sections_and_actions(snap_compare, project: Path):
     async def open_palette(pilot) -> None:

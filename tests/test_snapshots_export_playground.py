@@ -20,7 +20,7 @@ from gridtune.tui.app import GridtuneApp
 from tests.test_tui_export import fill
 from tests.test_tui_generate import small_spec
 from tests.test_tui_playground import fake, streaming_server  # noqa: F401 - fixtures
-from tests.tui_helpers import settle, wait_until
+from tests.tui_helpers import settle, steady, wait_until
 
 SIZE = (80, 24)
 LOSSES = [2.5, 2.1, 1.8, 1.5, 1.3, 1.1]
@@ -49,15 +49,7 @@ def record_job(project, status="succeeded", tuned="ft:fake-model:tiny:9", export
 
 
 async def _steady(pilot) -> None:
-    await settle(pilot)
-    pilot.app.refresh_status()
-    await settle(pilot)
-    pilot.app.backend_label = "backend: test"
-    await pilot.pause(0.1)
-    await settle(pilot)
-    pilot.app.clear_notifications()  # toasts time out: never in a baseline
-    await pilot.pause()
-
+    await steady(pilot)
 
 def export_app(project):
     return GridtuneApp(project, start_mode="export")

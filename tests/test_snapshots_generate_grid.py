@@ -13,7 +13,6 @@ import os
 import socket
 
 import pytest
-from textual.widgets import TextArea
 
 from gridtune.pipeline import runs
 from gridtune.pipeline.grid import demo_spec
@@ -22,7 +21,7 @@ from gridtune.store import Store
 from gridtune.tui.app import GridtuneApp
 from tests.test_tui_export import fill
 from tests.test_tui_generate import small_spec
-from tests.tui_helpers import settle
+from tests.tui_helpers import steady
 
 SIZE = (80, 24)
 
@@ -42,18 +41,7 @@ def project(tmp_path):
 
 
 async def _steady(pilot, *, keep_toasts: bool = False) -> None:
-    await settle(pilot)
-    pilot.app.refresh_status()
-    await settle(pilot)
-    pilot.app.backend_label = "backend: test"
-    for area in pilot.app.screen.query(TextArea):
-        area.cursor_blink = False
-    await pilot.pause(0.1)
-    await settle(pilot)
-    if not keep_toasts:
-        pilot.app.clear_notifications()  # toasts time out: in a baseline only when they are the point
-    await pilot.pause()
-
+    await steady(pilot, keep_toasts=keep_toasts)
 
 def _run(path, state: str, progress: dict, *, error: str | None = None, pending_last: bool = True) -> int:
     """A run recorded by this process: active ("running") or ended with ``state``."""

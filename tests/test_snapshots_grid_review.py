@@ -12,12 +12,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from textual.widgets import TextArea
 
 from gridtune.tui.app import GridtuneApp
 
 from .bigproject import small_project
-from .tui_helpers import settle
+from .tui_helpers import steady
 
 SIZE = (80, 24)
 
@@ -28,14 +27,7 @@ def project(tmp_path: Path) -> Path:
 
 
 async def _steady(pilot) -> None:
-    await settle(pilot)
-    pilot.app.refresh_status()  # count now, not on the status line's next tick
-    await settle(pilot)
-    for area in pilot.app.screen.query(TextArea):
-        area.cursor_blink = False
-    await pilot.pause(0.1)
-    await settle(pilot)
-
+    await steady(pilot, label=None)
 
 def test_grid_screen(snap_compare, project: Path):
     assert snap_compare(GridtuneApp(project, start_mode="grid"), terminal_size=SIZE, run_before=_steady)

@@ -20,7 +20,7 @@ from gridtune.store import Store
 from gridtune.tui.app import GridtuneApp
 from tests.test_tui_export import fill
 from tests.test_tui_generate import small_spec
-from tests.tui_helpers import settle
+from tests.tui_helpers import settle, steady
 
 SIZE = (80, 24)
 
@@ -34,15 +34,7 @@ def project(tmp_path, monkeypatch):
 
 
 async def _steady(pilot) -> None:
-    await settle(pilot)
-    pilot.app.refresh_status()
-    await settle(pilot)
-    pilot.app.backend_label = "backend: test"
-    await pilot.pause(0.1)
-    await settle(pilot)
-    pilot.app.clear_notifications()  # toasts time out: never in a baseline
-    await pilot.pause()
-
+    await steady(pilot)
 
 def test_generate_screen_attached_to_a_running_run(snap_compare, project):
     fill(project)

@@ -18,7 +18,7 @@ from gridtune.store import Store
 from gridtune.tui.app import GridtuneApp
 
 from .bigproject import small_project
-from .tui_helpers import review_screen, settle, wait_until
+from .tui_helpers import review_screen, settle, steady
 
 SIZE = (80, 24)
 
@@ -33,18 +33,7 @@ def _app(path: Path) -> GridtuneApp:
 
 
 async def _steady(pilot) -> None:
-    app = pilot.app
-    await settle(pilot)
-    await wait_until(pilot, lambda: not review_screen(app)._reload_throttle.pending, what="the pending reload")
-    await settle(pilot)
-    app.refresh_status()  # count now, not on the status line's next tick
-    app.backend_label = "backend: test"
-    await settle(pilot)
-    await pilot.pause(0.1)  # the detail pane waits a moment after the cursor moves
-    await settle(pilot)
-    app.clear_notifications()  # toasts time out: never in a baseline
-    await pilot.pause()
-
+    await steady(pilot)
 
 def _keys(*keys: str):
     async def before(pilot) -> None:

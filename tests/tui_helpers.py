@@ -49,3 +49,28 @@ async def wait_until(pilot: Pilot, predicate, timeout: float = 20.0, what: str =
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
         await pilot.pause(0.05)
+
+
+async def steady(pilot: Pilot, *, label: str | None = "backend: test", keep_toasts: bool = False) -> None:
+    """Bring a screen to rest for a snapshot: its work done, the status line counted
+    now (not on its next tick), the backend ``label`` fixed (None: left as the app
+    shows it), and toasts gone unless ``keep_toasts`` (they time out: in a baseline
+    only when they are the point)."""
+    from textual.widgets import TextArea
+
+    app = pilot.app
+    await settle(pilot)
+    if app.current_mode == "review":  # a reload it has put off (once a second) is still to come
+        await wait_until(pilot, lambda: not review_screen(app)._reload_throttle.pending, what="the pending reload")
+        await settle(pilot)
+    app.refresh_status()
+    await settle(pilot)
+    if label is not None:
+        app.backend_label = label
+    for area in app.screen.query(TextArea):
+        area.cursor_blink = False
+    await pilot.pause(0.1)  # the review's detail pane waits a moment after the cursor moves
+    await settle(pilot)
+    if not keep_toasts:
+        app.clear_notifications()
+    await pilot.pause()
