@@ -129,6 +129,8 @@ async def test_a_budget_typed_in_the_form_is_shown_first_and_the_run_stops_at_it
         assert await wait_for(pilot, lambda: screen.snap and screen.snap.run
                               and screen.snap.run.state == "stopped", timeout=60)
         assert screen.error is None
+        state = str(screen.query_one("#gen-state").render())
+        assert "paused" in state and f"stopped at max cost ${budget:g}" in state  # says why, not just paused
     with Store.open(path) as store:
         run = store.latest_run()
         assert run.params["max_cost"] == budget  # the run took it from the form, and recorded it

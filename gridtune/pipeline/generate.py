@@ -1066,6 +1066,8 @@ async def run_generation(
             store.finish_run(run_id, state, error=error, progress=progress.to_dict())
             raise
         final = runner.snapshot(state)
+        if runner.budget_reached:
+            final.stopped_by = f"stopped at max cost ${options.max_cost:g} (spent about ${runner.spent:.4f})"
         store.finish_run(run_id, state, progress=final.to_dict())
         runner.emit(final)
         return RunResult(run_id, state, final, stop_requested=runner.stop_requested,

@@ -54,6 +54,7 @@ class Progress:
     eta_s: float | None = None
     elapsed_s: float = 0.0
     model: str | None = None
+    stopped_by: str | None = None  # why a run ended before its work did, when not a person's stop
     recent: list[Finished] = field(default_factory=list)
 
     @property
@@ -88,6 +89,8 @@ class Progress:
             parts.append(self.retry_text())
         if self.phase:
             parts.append(self.phase)
+        if self.stopped_by:
+            parts.append(self.stopped_by)
         return f"run #{self.run_id} {self.state}: " + ", ".join(parts)
 
     def retry_text(self) -> str:

@@ -365,6 +365,8 @@ class GenerateScreen(SectionScreen):
             state.append(f" · {format_duration(p.elapsed_s)}")
         if run.error and not active:
             state.append(f" · {run.error}", style="red")
+        elif p is not None and p.stopped_by and not active:
+            state.append(f" · {p.stopped_by}", style="yellow")
         if p is not None and p.phase and active:
             state.append(f" · {p.phase}", style="yellow")
         return state
