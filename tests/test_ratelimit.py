@@ -245,9 +245,9 @@ def test_configured_limits_with_a_burst_stay_within_the_window(tmp_path, fake_op
     assert result.exit_code == 0 and fake_openai.breaches == 0
     times = sorted(r.t for r in fake_openai.chat_requests())
     assert max_in_window(times, 1.5) == 8
-    assert times[7] - times[0] < 0.3  # the window's burst is used at once, not paced out
+    assert times[7] - times[0] < 0.8  # the window's burst is used at once, not paced out (1.3 s)
     # Three bursts: two windows (each counted from a reply, with the limiter's margin), not 18/8 of one paced.
-    assert times[-1] - times[0] < 2 * (1.5 * (1 + WINDOW_MARGIN) + SLACK_S + 0.25) + 0.5
+    assert times[-1] - times[0] < 2 * (1.5 * (1 + WINDOW_MARGIN) + SLACK_S + 0.25) + 1.0  # room for a loaded machine
 
 
 def test_request_pool_waits_out_429s_past_max_attempts(fake_openai):
