@@ -97,26 +97,41 @@ def test_headers_gate_requests_until_their_reset():
     assert limits.wait_s(400, now=60.0) == pytest.approx(0.02 + SKEW_S)
 
 
-def test_a_report_does_not_count_requests_that_may_not_have_reached_the_server():
-    # Three sent at once, the third answered first: the server may have counted the
-    # third alone, so its "1 left" leaves room for one only after the other two
-    # have left the window, not for one more now.
+def test_a_report_is_read_right_whatever_order_ours_reached_the_server_in():
+    # Three sent at once, the third answered first, having reached the server alone:
+    # "3 of 4 left". Ours are the only ones on the key, so what is left is the limit
+    # less our three in the window: one more, not three.
     limits = RateLimits()
     marks = [limits._record(0, 10.0 + i * 0.001) for i in range(3)]
-    limits.observe({"x-ratelimit-limit-requests": "4", "x-ratelimit-remaining-requests": "1",
+    limits.observe({"x-ratelimit-limit-requests": "4", "x-ratelimit-remaining-requests": "3",
                     "x-ratelimit-reset-requests": "60s"}, marks[2], now=10.1)
-    assert limits.wait_s(now=10.1) > 0  # remaining 1 + surely counted 1 - ours 3 < 1
-    # Reported by the first, answered before the others went: the others are new since.
+    assert limits.wait_s(now=10.1) == 0
+    limits._record(0, 10.1)
+    assert limits.wait_s(now=10.2) > 0
+
+
+def test_a_report_keeps_room_for_what_others_on_the_key_used():
+    # Answered before the next two went: "1 of 4 left" with one of ours in the window
+    # means others used two. Two more of ours leave nothing.
     limits = RateLimits()
     first = limits._record(0, 10.0)
     limits.observe(None, first, now=10.05)
     limits._record(0, 10.1)
+    limits.observe({"x-ratelimit-limit-requests": "4", "x-ratelimit-remaining-requests": "1",
+                    "x-ratelimit-reset-requests": "60s"}, first, now=10.2)
+    assert limits.wait_s(now=10.2) > 0  # 4 - 2 others - 2 ours
+    # Without others: "3 of 4 left" after the first leaves room for two beside the second.
+    limits = RateLimits()
+    first = limits._record(0, 10.0)
+    limits.observe(None, first, now=10.05)
     limits._record(0, 10.1)
     limits.observe({"x-ratelimit-limit-requests": "4", "x-ratelimit-remaining-requests": "3",
                     "x-ratelimit-reset-requests": "60s"}, first, now=10.2)
-    assert limits.wait_s(now=10.2) == 0  # 3 + 1 - 3 = 1 left
+    assert limits.wait_s(now=10.2) == 0
     limits._record(0, 10.2)
-    assert limits.wait_s(now=10.3) > 0
+    assert limits.wait_s(now=10.3) == 0
+    limits._record(0, 10.3)
+    assert limits.wait_s(now=10.4) > 0
 
 
 LONG_PROMPTS = {

@@ -15,17 +15,19 @@ bucket sized to the window, it may send a window's whole budget at once: 600 rpm
 and a 1,500-request run take two minutes, not two and a half.
 
 The provider's remaining budget, when it reports one (OpenAI's
-``x-ratelimit-remaining-requests`` / ``-tokens``, with ``x-ratelimit-reset-*``
-like ``6m0s``, ``1s``, ``20ms``: the time until the budget is back to its initial
-state), is a second gate. A report, computed when the server answered request R,
-tells what the server had counted then; what others (another process on the same
-key) had used is that, less those of ours it surely counted. Until the reported
-reset, a request goes only while ``remaining + ours surely counted - ours in the
-window`` leaves room for it; after the reset, while ``limit - ours in the
-window`` does. "Surely counted" are the requests sent up to R that had been
-answered before R was sent (or were sent more than ``LAG_CAP_S`` before it) and
-that cannot yet have left the server's window: requests reaching the server in
-another order than we sent them cannot make us overspend.
+``x-ratelimit-remaining-requests`` / ``-tokens``, with ``x-ratelimit-limit-*`` and
+``x-ratelimit-reset-*`` like ``6m0s``, ``1s``, ``20ms``: the time until the budget is
+back to its initial state), is a second gate. A report, computed when the server
+admitted request R, says what the server had counted then. What it counted beyond
+ours sent up to R was others' (another process on the same key); until the
+reported reset, a request goes while the limit, less those others, less ours in the
+window, leaves room for it. That is exact when ours are the only requests on the key,
+whatever order they reached the server in. (When others use the key too, a request
+of ours that reached the server after R makes their share look smaller by one; a
+second bound covers a server that sends no limit: ``remaining``, less ours that R's
+report may have missed, that is, those sent after R, or before it but not answered
+before R was sent and within ``LAG_CAP_S`` of it.) After the reset, what the report
+counted has left the server's window: the limit, less ours sent since, goes.
 """
 
 from __future__ import annotations
@@ -106,6 +108,7 @@ class _Report:
     seq: int  # the request whose reply said it
     sure: float  # of ours in the window then, what the server surely counted
     since: float  # our running total (requests or tokens) before the first request it may not have counted
+    others: float | None = None  # what others (another process on the key) used then, at least; None: no limit known
 
 
 @dataclass
@@ -196,6 +199,10 @@ class RateLimits:
                 left = report.limit - min(ours, sent - report.since)
             else:
                 left = report.remaining - min(ours - report.sure, sent - report.since)
+                if report.others is not None and report.limit is not None:
+                    # Exact when ours are the only requests on the key (the usual case), whatever
+                    # order they reached the server in: the limit, less ours in the window.
+                    left = max(left, report.limit - report.others - ours)
             margin = (report.limit or report.remaining) * TOKEN_MARGIN if report is self._tokens_report else 0.0
             if left - margin < (min(need, report.limit) if report.limit else need):
                 next_leaves = self._heap[0][0] if self._heap else math.inf  # may free enough sooner
@@ -274,6 +281,16 @@ class RateLimits:
         since = (first.seq - 1, first.upto - first.tokens) if first is not None else (answered.seq, answered.upto)
         return max(requests, 0.0), max(tokens, 0.0), float(since[0]), since[1]
 
+    def _ours_up_to(self, seq: int) -> tuple[float, float]:
+        """The requests and tokens of ours in the window sent up to request ``seq``."""
+        requests, tokens = float(self._live), self._live_tokens
+        for sent in reversed(self._order):
+            if sent.seq <= seq:
+                break
+            if not sent.gone:
+                requests, tokens = requests - 1, tokens - sent.tokens
+        return requests, tokens
+
     def observe(self, headers: Mapping[str, Any] | None, mark: tuple[int, float] | None = None,
                 now: float | None = None) -> None:
         """A reply (or its headers, or a 429) to the request ``acquire`` marked
@@ -295,6 +312,7 @@ class RateLimits:
             sure = self._surely_counted(answered, now)
         else:  # unknown to the log: nothing of ours counts as surely counted, all after it as missed
             sure = (0.0, 0.0, float(seq), mark[1] if mark is not None else self._sent_tokens)
+        ours_then = self._ours_up_to(seq)
         for index, which, remaining in ((0, "requests", remaining_requests), (1, "tokens", remaining_tokens)):
             left = _number(remaining)
             if left is None:
@@ -303,8 +321,11 @@ class RateLimits:
             if last is not None and last.seq > seq:
                 continue  # a request sent later has already reported
             reset = parse_reset(get(f"x-ratelimit-reset-{which}"))
+            limit = _number(get(f"x-ratelimit-limit-{which}"))
+            # What the server had counted beyond ours sent up to this request was others'.
+            others = None if limit is None else max(0.0, limit - left - ours_then[index])
             report = _Report(left, now + SKEW_S + (reset if reset is not None else self.period_s),
-                             _number(get(f"x-ratelimit-limit-{which}")), seq, sure[index], sure[2 + index])
+                             limit, seq, sure[index], sure[2 + index], others)
             if index == 0:
                 self._requests_report = report
             else:
