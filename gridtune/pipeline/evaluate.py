@@ -26,6 +26,7 @@ from ..store import Store, evaluation as ev
 from ..store.records import ExportRecord
 from .backend import Backend, resolve_backend
 from .eval_metrics import Answer, Comparison, ModelScores, Reference, compare, score, tuned_is_worse
+from .export import answers_in
 from .generate import Reply
 from .grid import GridSpec, cell_key
 from .holdout import HoldOutError
@@ -90,20 +91,7 @@ def training_texts(export: ExportRecord) -> list[str]:
     path = Path(export.path)
     if not path.exists():
         raise EvalError(f"the export's training file {path} is gone: export again")
-    texts = []
-    with path.open(encoding="utf-8") as fh:
-        for line in fh:
-            if not line.strip():
-                continue
-            ex = json.loads(line)
-            if "messages" in ex:
-                texts.append(ex["messages"][-1].get("content") or "")
-            else:
-                text = ex.get("completion") or ""
-                if export.stop and text.endswith(export.stop):
-                    text = text[: -len(export.stop)]
-                texts.append(text[1:] if text.startswith(" ") else text)
-    return texts
+    return answers_in(path, export.stop)
 
 
 def auto_max_tokens(texts: list[str]) -> int:

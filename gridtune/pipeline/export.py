@@ -452,25 +452,31 @@ def _record_and_rename(store: Store, moves: list[tuple[Path, Path]], record: dic
     return export_id
 
 
+def answers_in(path: str | Path, stop: str | None) -> list[str]:
+    """The answers of one exported file, read back as the model sees them: the last
+    message of a chat example; a completion without its leading space or stop."""
+    texts: list[str] = []
+    with open(path, encoding="utf-8") as fh:
+        for line in fh:
+            if not line.strip():
+                continue
+            example = json.loads(line)
+            if "messages" in example:
+                texts.append(example["messages"][-1].get("content") or "")
+                continue
+            text = example.get("completion") or ""
+            if stop and text.endswith(stop):
+                text = text[: -len(stop)]
+            texts.append(text[1:] if text.startswith(" ") else text)
+    return texts
+
+
 def exported_texts(export: Any) -> list[str]:
-    """The answers an export wrote (training file, then validation file), read back
-    as the model sees them: no leading space or stop in the completion format."""
+    """The answers an export wrote: its training file, then its validation file."""
     texts: list[str] = []
     for path in (export.path, export.valid_path):
-        if not path or not Path(path).exists():
-            continue
-        with open(path, encoding="utf-8") as fh:
-            for line in fh:
-                if not line.strip():
-                    continue
-                example = json.loads(line)
-                if "messages" in example:
-                    texts.append(example["messages"][-1].get("content") or "")
-                    continue
-                text = example.get("completion") or ""
-                if export.stop and text.endswith(export.stop):
-                    text = text[: -len(export.stop)]
-                texts.append(text[1:] if text.startswith(" ") else text)
+        if path and Path(path).exists():
+            texts.extend(answers_in(path, export.stop))
     return texts
 
 
