@@ -105,6 +105,16 @@ class InProcessServer:
         path.chmod(0o600)
 
 
+@pytest.fixture
+def local(tiny_model_dir, tmp_path, _isolated_home):
+    """The tiny model on an in-process server that the command line finds as the local
+    backend (its state file where `gridtune` looks); import it with tiny_model_dir."""
+    with InProcessServer(tiny_model_dir, tmp_path / "srv") as srv:
+        srv.write_state(_isolated_home / "server")
+        yield srv
+        (_isolated_home / "server" / "server.json").unlink(missing_ok=True)
+
+
 def gridtune_cmd(*args: str) -> list[str]:
     return [sys.executable, "-c", "from gridtune.tui.cli import main; main()", *args]
 

@@ -21,18 +21,14 @@ from gridtune.pipeline.grid import GenerationSettings, GridSpec
 from gridtune.pipeline.project import create_project
 from gridtune.store import Store, batches as stored
 from gridtune.tui.cli import main
-from tests.server_support import InProcessServer, gridtune_cmd, wait_for
+from tests.server_support import (
+    gridtune_cmd,
+    local,  # noqa: F401 - fixture
+    wait_for,
+)
 from tests.tiny_model import tiny_model_dir  # noqa: F401 - fixture
 
 pytestmark = pytest.mark.local
-
-
-@pytest.fixture
-def local(tiny_model_dir, tmp_path, _isolated_home):  # noqa: F811
-    with InProcessServer(tiny_model_dir, tmp_path / "srv") as srv:
-        srv.write_state(_isolated_home / "server")
-        yield srv
-        (_isolated_home / "server" / "server.json").unlink(missing_ok=True)
 
 
 def make_project(tmp_path, places=("Oslo", "Lima", "Rome"), years=(2030, 2040)):

@@ -17,18 +17,10 @@ from gridtune.pipeline.grid import GenerationSettings, GridSpec
 from gridtune.pipeline.project import create_project
 from gridtune.store import Store
 from gridtune.tui.cli import main
-from tests.server_support import InProcessServer
+from tests.server_support import local  # noqa: F401 - fixture
 from tests.tiny_model import tiny_model_dir  # noqa: F401 - fixture
 
 pytestmark = pytest.mark.local
-
-
-@pytest.fixture
-def local(tiny_model_dir, tmp_path, _isolated_home):  # noqa: F811
-    with InProcessServer(tiny_model_dir, tmp_path / "srv") as srv:
-        srv.write_state(_isolated_home / "server")
-        yield srv
-        (_isolated_home / "server" / "server.json").unlink(missing_ok=True)
 
 
 def run(*args):

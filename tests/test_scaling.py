@@ -23,7 +23,9 @@ from gridtune.pipeline.grid import GenerationSettings, GridSpec
 from gridtune.pipeline.project import create_project
 from gridtune.store import Store, scaling as scs
 from gridtune.tui.cli import main
-from tests.server_support import InProcessServer
+from tests.server_support import (
+    local,  # noqa: F401 - fixture
+)
 from tests.tiny_model import tiny_model_dir  # noqa: F401 - fixture
 
 PLACES = ["Oslo", "Lima", "Rome", "Kyiv"]
@@ -138,12 +140,6 @@ def test_no_export_with_a_hold_out_is_refused_with_the_command_to_run(tmp_path):
 
 
 # -- on the real local server ---------------------------------------------------------------------
-@pytest.fixture
-def local(tiny_model_dir, tmp_path, _isolated_home):  # noqa: F811
-    with InProcessServer(tiny_model_dir, tmp_path / "srv") as srv:
-        srv.write_state(_isolated_home / "server")
-        yield srv
-        (_isolated_home / "server" / "server.json").unlink(missing_ok=True)
 
 
 def _answers(project: Path) -> int:
