@@ -43,11 +43,10 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import httpx
 import openai
-from tenacity import wait_exponential_jitter
 
 from ..store import RunLost, Store, WorkItem
 from .backend import Backend, resolve_backend
@@ -421,38 +420,6 @@ def retry_after_s(exc: BaseException | None) -> float | None:
     return None
 
 
-class _Wait:
-    """tenacity wait: the server's Retry-After when given (plus a little jitter so
-    waiters do not return in lockstep), else exponential backoff with jitter."""
-
-    def __init__(self, initial: float, maximum: float):
-        self._backoff = wait_exponential_jitter(multiplier=initial, max=maximum, jitter=initial)
-
-    def __call__(self, state: Any) -> float:
-        asked = retry_after_s(state.outcome.exception() if state.outcome else None)
-        if asked is not None:
-            return min(asked, RETRY_AFTER_MAX_S) * (1 + random.random() * 0.1)
-        return self._backoff(state)
-
-
-class _Stop:
-    """tenacity stop: after ``max_attempts`` failures; a server saying it is busy or
-    rate-limited (429) is not a failure but a queue, waited out (with Retry-After
-    honoured) until ``max_wait_s`` have passed since the first attempt."""
-
-    def __init__(self, max_attempts: int, max_wait_s: float = RATE_LIMIT_WAIT_S):
-        self.max_attempts = max_attempts
-        self.max_wait_s = max_wait_s
-        self.busy = 0
-
-    def __call__(self, state: Any) -> bool:
-        exc = state.outcome.exception() if state.outcome else None
-        if _rate_limited(exc):
-            self.busy += 1
-            return (state.seconds_since_start or 0.0) >= self.max_wait_s
-        return state.attempt_number - self.busy >= self.max_attempts
-
-
 def _rate_limited(exc: BaseException | None) -> bool:
     """A 429 that asks us to wait (not one saying the quota is spent)."""
     return isinstance(exc, openai.APIStatusError) and exc.status_code == 429 and not _insufficient_quota(exc)
@@ -461,6 +428,46 @@ def _rate_limited(exc: BaseException | None) -> bool:
 def backoff_s(failures: int, initial: float, maximum: float) -> float:
     """Exponential backoff with jitter after ``failures`` (1, 2, ...) failed attempts."""
     return min(maximum, initial * 2 ** (max(failures, 1) - 1)) + random.random() * initial
+
+
+class _Tries(Protocol):
+    busy: int  # 429s of a rate limit, waited out
+    failures: int  # other transient failures
+    first_sent: float | None
+
+
+class _RetryPolicy(Protocol):
+    @property
+    def max_attempts(self) -> int: ...
+    @property
+    def rate_limit_wait_s(self) -> float: ...
+    @property
+    def backoff_initial_s(self) -> float: ...
+    @property
+    def backoff_max_s(self) -> float: ...
+
+
+def retry_delay_s(tries: _Tries, exc: Exception, policy: _RetryPolicy) -> float | None:
+    """How long a request waits after the transient failure ``exc`` before its next
+    try; None: no more tries. A rate limit (429) is a queue, not a fault: only the
+    total time bound since the first send ends it; other failures count against
+    max_attempts. The server's Retry-After is honoured (up to RETRY_AFTER_MAX_S, with
+    a little jitter so waiters do not return in lockstep), else exponential backoff.
+    Shared by the generation runner and the judge/eval request pool."""
+    if _rate_limited(exc):
+        tries.busy += 1
+        if time.monotonic() - (tries.first_sent or 0.0) >= policy.rate_limit_wait_s:
+            return None
+        count = tries.busy
+    else:
+        tries.failures += 1
+        if tries.failures >= policy.max_attempts:
+            return None
+        count = tries.failures
+    asked = retry_after_s(exc)
+    if asked is None:
+        return backoff_s(count, policy.backoff_initial_s, policy.backoff_max_s)
+    return min(asked, RETRY_AFTER_MAX_S) * (1 + random.random() * 0.1)
 
 
 # -- the run ---------------------------------------------------------------------
@@ -787,19 +794,9 @@ class _Runner:
             self.limits.observe(headers, job.mark)  # a 429 says what is left, and when it resets
         if not is_transient(exc):
             return self._fail(job, exc, "permanent")
-        asked = retry_after_s(exc)
-        if _rate_limited(exc):  # a queue, not a fault: only the total time bound ends it
-            job.busy += 1
-            if time.monotonic() - (job.first_sent or 0.0) >= opts.rate_limit_wait_s:
-                return self._fail(job, exc, "transient")
-            delay = backoff_s(job.busy, opts.backoff_initial_s, opts.backoff_max_s) if asked is None else asked
-        else:
-            job.failures += 1
-            if job.failures >= opts.max_attempts:
-                return self._fail(job, exc, "transient")
-            delay = backoff_s(job.failures, opts.backoff_initial_s, opts.backoff_max_s) if asked is None else asked
-        if asked is not None:  # honoured, with a little jitter so waiters do not return in lockstep
-            delay = min(delay, RETRY_AFTER_MAX_S) * (1 + random.random() * 0.1)
+        delay = retry_delay_s(job, exc, opts)
+        if delay is None:
+            return self._fail(job, exc, "transient")
         self.tracker.retried(retry_kind(exc))
         self.waiting[job] = asyncio.get_running_loop().call_later(delay, self._wake, job)
 

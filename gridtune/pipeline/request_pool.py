@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import random
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -29,15 +28,12 @@ import openai
 from .backend import Backend
 from .generate import (
     RATE_LIMIT_WAIT_S,
-    RETRY_AFTER_MAX_S,
     MalformedResponse,
     Reply,
-    _rate_limited,
-    backoff_s,
     describe,
     is_transient,
     parse_reply,
-    retry_after_s,
+    retry_delay_s,
 )
 from .ratelimit import MINUTE, RateLimits
 
@@ -155,24 +151,6 @@ class Pool(Generic[T]):
             if left == 0:  # nothing more will come back: let every worker go
                 release(2)
 
-        def delay_s(entry: _Entry[T], exc: Exception) -> float | None:
-            """How long a transient failure waits before its next try; None: no more tries."""
-            asked = retry_after_s(exc)
-            if _rate_limited(exc):  # a queue, not a fault: only the total time bound ends it
-                entry.busy += 1
-                if time.monotonic() - (entry.first_sent or 0.0) >= o.rate_limit_wait_s:
-                    return None
-                tries = entry.busy
-            else:
-                entry.failures += 1
-                if entry.failures >= o.max_attempts:
-                    return None
-                tries = entry.failures
-            if asked is None:
-                return backoff_s(tries, o.backoff_initial_s, o.backoff_max_s)
-            # Honoured, with a little jitter so waiters do not return in lockstep.
-            return min(asked, RETRY_AFTER_MAX_S) * (1 + random.random() * 0.1)
-
         async def failed(entry: _Entry[T], exc: Exception) -> None:
             # The openai package's HTTP types (httpx): a 429 says what is left, and when it resets.
             headers = getattr(getattr(exc, "response", None), "headers", None)
@@ -182,7 +160,7 @@ class Pool(Generic[T]):
             if transient:
                 if stop.is_set():
                     return  # it would wait for a next try that will not come: no result
-                delay = delay_s(entry, exc)
+                delay = retry_delay_s(entry, exc, o)
                 if delay is not None:
                     waiting[entry] = loop.call_later(delay, wake, entry)
                     return
