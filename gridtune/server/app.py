@@ -872,28 +872,50 @@ def _export_target(state: ServerState, request: Request, out: str) -> tuple[Path
     return resolved, False
 
 
+def _training_profile(state: ServerState, job: dict[str, Any]) -> dict[str, Any]:
+    """How a job's model was trained to be prompted (exits.data_profile of its training file;
+    chat when that file is gone)."""
+    from .exits import data_profile
+
+    try:
+        return data_profile(state.files.path(job["training_file"]))
+    except (APIError, OSError):
+        return {"format": "chat"}
+
+
 async def export_model(request: Request) -> Response:
-    """gridtune's own: merge a fine-tuned model into a Hugging Face directory on this machine.
-    Every refusal is a 4xx that names its reason (the client does not retry it)."""
-    from .merge import ExportTargetError, export_merged
+    """gridtune's own: write a fine-tuned model on this machine for another engine: a merged
+    Hugging Face directory (``to`` hf, the default), a GGUF (gguf), a GGUF with an Ollama
+    Modelfile (ollama) or a PEFT adapter for vLLM (vllm); see exits.export_model. Answers what
+    it wrote and the commands that run it. Every refusal is a 4xx that names its reason (the
+    client does not retry it)."""
+    from .exits import TARGETS, export_model as export
+    from .merge import ExportTargetError
     from .model import ModelError
 
     state = _state(request)
     body = await _json_body(request)
     model = body.get("model")
     out = body.get("output_dir")
+    to = body.get("to", "hf")
+    quant = body.get("quant")
     if not isinstance(model, str) or not model:
         raise invalid("give the model to export", param="model")
     if not isinstance(out, str) or not out:
         raise invalid("give output_dir, the directory to write", param="output_dir")
+    if to not in TARGETS:
+        raise invalid(f"to must be one of {', '.join(TARGETS)}", param="to")
+    if quant is not None and not isinstance(quant, str):
+        raise invalid("quant must be a string such as 'q8_0'", param="quant")
     target, inside = _export_target(state, request, out)
     job = state.jobs.job_for_model(model)
     if inside:
         private_dir(Path(os.path.realpath(state.export_root or Path.cwd() / "exports")))
     result = Path(job["local"]["result_dir"])
     try:
-        path = await asyncio.to_thread(export_merged, state.jobs.base_model_source, result, target,
-                                       make_parents=inside)
+        exported = await asyncio.to_thread(export, result, target, to=to, base=state.jobs.base_model_source,
+                                           quant=quant, model_id=model, profile=_training_profile(state, job),
+                                           make_parents=inside)
     except ExportTargetError as exc:
         raise invalid(str(exc), param="output_dir", code="invalid_output_dir") from None
     except PermissionError as exc:
@@ -904,7 +926,7 @@ async def export_model(request: Request) -> Response:
                       code="invalid_output_dir") from None
     except ModelError as exc:
         raise APIError(500, f"could not export {model}: {exc}", headers={"x-should-retry": "false"}) from None
-    return JSONResponse({"object": "model.export", "model": model, "output_dir": str(path)})
+    return JSONResponse({"object": "model.export", "model": model, **exported.to_dict()})
 
 
 # -- batches -------------------------------------------------------------------------------
