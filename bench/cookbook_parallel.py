@@ -107,7 +107,7 @@ async def process_api_requests(requests: list[dict], request_url: str, api_key: 
                                max_attempts: int = 5, period_s: float = 60.0) -> StatusTracker:
     import aiohttp
 
-    from gridtune.pipeline.tokens import get_encoding  # tiktoken's cl100k/o200k, offline
+    from gridtune.pipeline.format.tokens import get_encoding  # tiktoken's cl100k/o200k, offline
 
     seconds_to_pause_after_rate_limit_error = 15 * period_s / 60
     seconds_to_sleep_each_loop = 0.001

@@ -53,7 +53,7 @@ def _stop_server(home: Path) -> None:
 
 
 def run_demo(home: Path, *, cells: int | None, env_extra: dict[str, str]) -> dict:
-    from gridtune.pipeline.project import open_or_create_demo
+    from gridtune.pipeline.spec.project import open_or_create_demo
 
     home.mkdir(parents=True, exist_ok=True)
     project = home / "demo.gridtune"

@@ -36,12 +36,12 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=96)
     args = parser.parse_args()
 
-    from gridtune.pipeline import evaluate as ev
-    from gridtune.pipeline.backend import local_backend
-    from gridtune.pipeline.export import export_project
-    from gridtune.pipeline.holdout import HoldOut
-    from gridtune.pipeline.project import load_project_spec, open_or_create_demo
-    from gridtune.pipeline.request_pool import PoolOptions
+    from gridtune.pipeline.client.backend import local_backend
+    from gridtune.pipeline.client.request_pool import PoolOptions
+    from gridtune.pipeline.evaluation import evaluate as ev
+    from gridtune.pipeline.spec.project import load_project_spec, open_or_create_demo
+    from gridtune.pipeline.training.export import export_project
+    from gridtune.pipeline.training.holdout import HoldOut
     from gridtune.store import evaluation as evs
 
     home = Path(tempfile.mkdtemp(prefix="gridtune-bench-eval-"))

@@ -46,9 +46,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from gridtune.pipeline.generate import GenerateOptions, run_generation  # noqa: E402
-from gridtune.pipeline.grid import GenerationSettings, GridSpec  # noqa: E402
-from gridtune.pipeline.project import create_project  # noqa: E402
+from gridtune.pipeline.generation.generate import GenerateOptions, run_generation  # noqa: E402
+from gridtune.pipeline.spec.grid import GenerationSettings, GridSpec  # noqa: E402
+from gridtune.pipeline.spec.project import create_project  # noqa: E402
 from gridtune.store import Store  # noqa: E402
 from tests.fakeserver import charged_tokens  # noqa: E402
 

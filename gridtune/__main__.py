@@ -1,6 +1,6 @@
 """`python -m gridtune …`: the same command line as `gridtune …`."""
 
-from gridtune.tui.cli import main
+from gridtune.cli.main import main
 
 if __name__ == "__main__":
     main(prog_name="gridtune")

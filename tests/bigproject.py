@@ -11,8 +11,8 @@ from __future__ import annotations
 import sqlite3
 from pathlib import Path
 
-from gridtune.pipeline.grid import GenerationSettings, GridSpec
-from gridtune.pipeline.project import create_project
+from gridtune.pipeline.spec.grid import GenerationSettings, GridSpec
+from gridtune.pipeline.spec.project import create_project
 from gridtune.store import Store
 
 WORDS = "the city of {place} reached general intelligence and everything changed slowly then all at once"

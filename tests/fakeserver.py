@@ -46,12 +46,15 @@ class Fault:
     kind: "status" (answer ``status`` with an OpenAI error body, ``code``, and the
     Retry-After headers given), "stall" (wait ``stall_s`` first, then answer
     normally), "malformed" (200 with a truncated JSON body), "empty" (200 with
-    no choices). It applies to requests whose prompt contains ``match`` (any
+    no choices), "huge" (200 with a well-formed reply whose text is ``size`` bytes,
+    plain or as one giant stream chunk; ``huge_sent`` counts what the client took), "html"
+    (200 with a web page), "bad-utf8" (200, JSON with invalid UTF-8 in the text); the
+    last two answer a streamed request the same way. It applies to requests whose prompt contains ``match`` (any
     when None), to the first ``count`` of them (all when None), with
     probability ``prob`` (seeded, so runs repeat).
     """
 
-    kind: str = "status"
+    kind: str = "status"  # also "huge", "html", "bad-utf8" (see below)
     status: int = 500
     code: str | None = None
     message: str | None = None
@@ -61,6 +64,7 @@ class Fault:
     retry_after: str | None = None
     retry_after_ms: str | None = None
     stall_s: float = 5.0
+    size: int = 50 * 2**20  # "huge": the text's bytes, sent 64 KiB at a time (chunked: no length up front)
 
 
 @dataclass
@@ -101,6 +105,7 @@ class FakeOpenAI:
         self.replies: list[tuple[str, str]] = []
         self.in_flight = 0
         self.peak_in_flight = 0
+        self.huge_sent = 0  # bytes of "huge" replies the clients read (they should stop early)
         # Rate limits enforced over a sliding window, as a provider does (set_limits): a request
         # past them gets a 429 (a "breach"); every answer carries x-ratelimit-* headers then.
         self.limit_rpm: int | None = None
@@ -156,7 +161,7 @@ class FakeOpenAI:
             self.chunk_delay_s, self.gridtune, self.max_in_flight, self.ignore_stream = 0.0, None, None, False
             self.reject_stream_options = False
             self.replies = []
-            self.in_flight = self.peak_in_flight = 0
+            self.in_flight = self.peak_in_flight = self.huge_sent = 0
             self._epoch += 1  # a request of before the reset that ends after it no longer counts
             self.limit_rpm = self.limit_tpm = None
             self.limit_window_s, self.limit_headers, self.breaches, self._admitted = 60.0, True, 0, []
@@ -276,7 +281,7 @@ class FakeOpenAI:
             elif self.latency:
                 await asyncio.sleep(self.latency)
             if (isinstance(body, dict) and body.get("stream") is True and not self.ignore_stream
-                    and not (fault and fault.kind == "status")):
+                    and not (fault and fault.kind in ("status", "html", "bad-utf8"))):
                 streaming = True
                 record.status = 200
                 return self._stream(body, prompt, fault, limit_headers)
@@ -317,6 +322,13 @@ class FakeOpenAI:
 
         async def events():
             try:
+                if fault and fault.kind == "huge":
+                    yield b'data: {"id": "' + cid.encode() + b'", "object": "chat.completion.chunk", "choices": ' \
+                        b'[{"index": 0, "delta": {"content": "'
+                    async for piece in self._huge(fault.size):
+                        yield piece
+                    yield b'"}, "finish_reason": "stop"}]}\n\ndata: [DONE]\n\n'
+                    return
                 if fault and fault.kind == "malformed":
                     yield b'data: {"id": "chatcmpl-broken", "choices": [{"del\n\n'
                     return
@@ -339,6 +351,18 @@ class FakeOpenAI:
                 self._leave(epoch)
 
         return StreamingResponse(events(), media_type="text/event-stream", headers=headers)
+
+    async def _huge(self, size: int):
+        """``size`` bytes of text, 64 KiB at a time, counted in ``huge_sent`` as they go."""
+        piece = b"a" * 65536
+        left = size
+        while left > 0:
+            chunk = piece[:min(left, len(piece))]
+            left -= len(chunk)
+            with self._lock:
+                self.huge_sent += len(chunk)
+            yield chunk
+            await asyncio.sleep(0)
 
     def _reply(self, body: dict, prompt: str) -> tuple[str, str]:
         # A match "model:NAME" answers every request to that model (a base and a tuned one).
@@ -363,6 +387,22 @@ class FakeOpenAI:
             return JSONResponse({"error": error}, status_code=fault.status, headers=headers)
         if fault and fault.kind == "malformed":
             return Response('{"id": "chatcmpl-broken", "choices": [{"mess', media_type="application/json")
+        if fault and fault.kind == "html":  # a proxy's or a captive portal's page, with a 200
+            return Response("<html><body><h1>Welcome</h1></body></html>", media_type="text/html")
+        if fault and fault.kind == "bad-utf8":
+            return Response(b'{"id": "x", "choices": [{"index": 0, "message": {"role": "assistant", "content": "'
+                            b'\xff\xfe\xc3"}, "finish_reason": "stop"}]}', media_type="application/json")
+        if fault and fault.kind == "huge":
+            from starlette.responses import StreamingResponse
+
+            async def body_pieces():
+                yield b'{"id": "chatcmpl-huge", "object": "chat.completion", "choices": [{"index": 0, ' \
+                      b'"message": {"role": "assistant", "content": "'
+                async for piece in self._huge(fault.size):
+                    yield piece
+                yield b'"}, "finish_reason": "stop"}], "usage": {"prompt_tokens": 5, "completion_tokens": 50}}'
+
+            return StreamingResponse(body_pieces(), media_type="application/json")
         if not isinstance(body, dict) or not isinstance(body.get("messages"), list):
             return JSONResponse({"error": {"message": "messages is required", "type": "invalid_request_error",
                                            "param": "messages", "code": None}}, status_code=400)
@@ -392,7 +432,9 @@ class FakeOpenAI:
     async def _requests(self, request: Request) -> Response:
         with self._lock:
             if request.query_params.get("summary"):  # counts only (a long benchmark run)
-                return JSONResponse({"requests": len(self.requests), "breaches": self.breaches})
+                return JSONResponse({"requests": len(self.requests), "breaches": self.breaches,
+                                     "answered": sum(r.status == 200 for r in self.requests),
+                                     "huge_sent": self.huge_sent})
             return JSONResponse([asdict(r) for r in self.requests])
 
     # -- lifecycle -------------------------------------------------------------------

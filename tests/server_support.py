@@ -116,7 +116,7 @@ def local(tiny_model_dir, tmp_path, _isolated_home):
 
 
 def gridtune_cmd(*args: str) -> list[str]:
-    return [sys.executable, "-c", "from gridtune.tui.cli import main; main()", *args]
+    return [sys.executable, "-c", "from gridtune.cli.main import main; main()", *args]
 
 
 @contextlib.contextmanager

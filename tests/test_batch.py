@@ -14,13 +14,13 @@ import threading
 import pytest
 from click.testing import CliRunner
 
-from gridtune.pipeline import batch as batch_api
-from gridtune.pipeline.cost import generation_cost
-from gridtune.pipeline.generate import GenerateOptions
-from gridtune.pipeline.grid import GenerationSettings, GridSpec
-from gridtune.pipeline.project import create_project
+from gridtune.cli.main import main
+from gridtune.pipeline.format.cost import generation_cost
+from gridtune.pipeline.generation import batch as batch_api
+from gridtune.pipeline.generation.generate import GenerateOptions
+from gridtune.pipeline.spec.grid import GenerationSettings, GridSpec
+from gridtune.pipeline.spec.project import create_project
 from gridtune.store import Store, batches as stored
-from gridtune.tui.cli import main
 from tests.server_support import (
     gridtune_cmd,
     local,  # noqa: F401 - fixture

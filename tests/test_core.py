@@ -168,7 +168,7 @@ def test_default_epochs(n, epochs):
 
 
 def test_the_trainer_and_the_estimate_share_one_epochs_rule():
-    from gridtune.pipeline import cost
+    from gridtune.pipeline.format import cost
     from gridtune.server import jobs
 
     assert cost.default_epochs is default_epochs

@@ -12,12 +12,12 @@ from pathlib import Path
 
 from click.testing import CliRunner
 
-from gridtune.pipeline.coverage import coverage, plan_top_up
-from gridtune.pipeline.generate import GenerateOptions, run_generation
-from gridtune.pipeline.grid import GenerationSettings, GridSpec
-from gridtune.pipeline.project import create_project
+from gridtune.cli.main import main
+from gridtune.pipeline.curation.coverage import coverage, plan_top_up
+from gridtune.pipeline.generation.generate import GenerateOptions, run_generation
+from gridtune.pipeline.spec.grid import GenerationSettings, GridSpec
+from gridtune.pipeline.spec.project import create_project
 from gridtune.store import Store
-from gridtune.tui.cli import main
 
 FAST = dict(backoff_initial_s=0.01, backoff_max_s=0.05, progress_interval_s=0.1)
 VARS = {"x": ["a1", "a2"], "y": [1, 2, 3], "z": ["u", "v"]}

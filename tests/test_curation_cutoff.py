@@ -10,21 +10,21 @@ from pathlib import Path
 
 from click.testing import CliRunner
 
-from gridtune.pipeline.estimate import ServerInfo, training_cost_line
-from gridtune.pipeline.export import export_project
-from gridtune.pipeline.generate import (
+from gridtune.cli.main import main
+from gridtune.pipeline.curation.grading import grade_by_length
+from gridtune.pipeline.format.validate import ends_mid_sentence, validate_examples
+from gridtune.pipeline.generation.estimate import ServerInfo, training_cost_line
+from gridtune.pipeline.generation.generate import (
     GenerateError,
     GenerateOptions,
     redo_completion,
     run_generation,
     suggested_redo_max_tokens,
 )
-from gridtune.pipeline.grading import grade_by_length
-from gridtune.pipeline.grid import GenerationSettings, GridSpec
-from gridtune.pipeline.project import create_project
-from gridtune.pipeline.validate import ends_mid_sentence, validate_examples
+from gridtune.pipeline.spec.grid import GenerationSettings, GridSpec
+from gridtune.pipeline.spec.project import create_project
+from gridtune.pipeline.training.export import export_project
 from gridtune.store import Store
-from gridtune.tui.cli import main
 
 FAST = dict(backoff_initial_s=0.01, backoff_max_s=0.05, progress_interval_s=0.1)
 

@@ -11,10 +11,10 @@ import sys
 
 import pytest
 
-from gridtune.pipeline import dedup
-from gridtune.pipeline.grading import grade_by_length
-from gridtune.pipeline.grid import demo_spec
-from gridtune.pipeline.project import create_project
+from gridtune.pipeline.curation import dedup
+from gridtune.pipeline.curation.grading import grade_by_length
+from gridtune.pipeline.spec.grid import demo_spec
+from gridtune.pipeline.spec.project import create_project
 from gridtune.store import Store
 
 VOCAB = [f"{a}{b}" for a in ("ka", "lo", "mi", "nu", "po", "ra", "se", "ti", "vu", "zo")

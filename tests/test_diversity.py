@@ -13,9 +13,9 @@ from collections import Counter
 
 import pytest
 
-from gridtune.pipeline import diversity as d
-from gridtune.pipeline.grid import demo_spec
-from gridtune.pipeline.project import create_project
+from gridtune.pipeline.curation import diversity as d
+from gridtune.pipeline.spec.grid import demo_spec
+from gridtune.pipeline.spec.project import create_project
 
 
 def toks(*texts):

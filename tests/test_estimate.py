@@ -6,11 +6,11 @@ from __future__ import annotations
 import pytest
 from click.testing import CliRunner
 
-from gridtune.pipeline.backend import resolve_backend
-from gridtune.pipeline.estimate import ServerInfo, estimate_run, resolve_concurrency, server_info
-from gridtune.pipeline.generate import GenerateOptions, preview_run
+from gridtune.cli.main import main
+from gridtune.pipeline.client.backend import resolve_backend
+from gridtune.pipeline.generation.estimate import ServerInfo, estimate_run, resolve_concurrency, server_info
+from gridtune.pipeline.generation.generate import GenerateOptions, preview_run
 from gridtune.store import Store
-from gridtune.tui.cli import main
 from tests.test_generate import FAST, generate, make_project
 
 LOCAL = {"max_batch": 16, "context_length": 8192, "in_flight": 0, "decoding": 0,

@@ -11,12 +11,12 @@ import json
 import pytest
 from click.testing import CliRunner
 
-from gridtune.pipeline import finetune as ft
-from gridtune.pipeline.backend import resolve_backend
-from gridtune.pipeline.grid import GenerationSettings, GridSpec
-from gridtune.pipeline.project import create_project
+from gridtune.cli.main import main
+from gridtune.pipeline.client.backend import resolve_backend
+from gridtune.pipeline.spec.grid import GenerationSettings, GridSpec
+from gridtune.pipeline.spec.project import create_project
+from gridtune.pipeline.training import finetune as ft
 from gridtune.store import Store
-from gridtune.tui.cli import main
 from tests.server_support import local  # noqa: F401 - fixture
 from tests.tiny_model import tiny_model_dir  # noqa: F401 - fixture
 

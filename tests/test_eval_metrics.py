@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from gridtune.pipeline.eval_metrics import (
+from gridtune.pipeline.evaluation.eval_metrics import (
     Answer,
     Reference,
     compare,
@@ -85,7 +85,7 @@ def test_a_model_against_itself_differs_by_nothing():
 
 
 def test_length_spread_is_better_only_beyond_its_noise():
-    from gridtune.pipeline.eval_metrics import cv_interval
+    from gridtune.pipeline.evaluation.eval_metrics import cv_interval
 
     ref = Reference.of(["x" * 100] * 5 + ["x" * 110] * 5)  # the data: a small spread
     steady = [Answer("x" * n, "stop", {}) for n in [100, 105, 110, 102, 108] * 6]
@@ -101,7 +101,7 @@ def test_length_spread_is_better_only_beyond_its_noise():
 
 
 def test_identical_scores_still_carry_their_uncertainty():
-    from gridtune.pipeline.eval_metrics import score_interval
+    from gridtune.pipeline.evaluation.eval_metrics import score_interval
 
     few = score_interval([0.6, 0.6, 0.6])
     assert few.value == pytest.approx(0.6) and few.high - few.low > 0.4  # three answers say little

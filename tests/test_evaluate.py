@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from gridtune.pipeline import evaluate as ev
-from gridtune.pipeline.export import export_project
-from gridtune.pipeline.holdout import HoldOutError
-from gridtune.pipeline.request_pool import PoolOptions
+from gridtune.pipeline.client.request_pool import PoolOptions
+from gridtune.pipeline.evaluation import evaluate as ev
+from gridtune.pipeline.training.export import export_project
+from gridtune.pipeline.training.holdout import HoldOutError
 from gridtune.store import Store, evaluation as evs
 from tests.bigproject import small_project
 from tests.fakeserver import Fault
@@ -29,7 +29,7 @@ def project(tmp_path: Path) -> Path:
     with Store.open(path) as store:
         export_project(store, tmp_path / "train.jsonl", format="chat")
         spec_cases = ["place=Bergen year=2045", "place=Nairobi year=2031", "place=Quito year=2060"]
-        from gridtune.pipeline.project import load_project_spec
+        from gridtune.pipeline.spec.project import load_project_spec
         assert ev.add_person_cases(store, load_project_spec(store), spec_cases) == 3
     return path
 
@@ -98,7 +98,7 @@ def test_a_worse_tuned_model_fails_the_gate(project, fake_openai, tmp_path):
 
 def test_bad_input_is_one_line_and_nothing_asked(project, fake_openai, tmp_path):
     with Store.open(project) as store:
-        from gridtune.pipeline.project import load_project_spec
+        from gridtune.pipeline.spec.project import load_project_spec
         spec = load_project_spec(store)
         with pytest.raises(HoldOutError, match="no value for year"):
             ev.add_person_cases(store, spec, ["place=Bergen"])

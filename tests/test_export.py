@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from gridtune.pipeline.export import ExportError, export_project, export_project_async, valid_path_for
-from gridtune.pipeline.grid import GridSpec
-from gridtune.pipeline.project import create_project
+from gridtune.cli.main import main
+from gridtune.pipeline.spec.grid import GridSpec
+from gridtune.pipeline.spec.project import create_project
+from gridtune.pipeline.training.export import ExportError, export_project, export_project_async, valid_path_for
 from gridtune.store import Store
-from gridtune.tui.cli import main
 
 WEIRD = 'Zürich "quoted"\nnew line {brace} 東京 ✓'
 
@@ -209,7 +209,7 @@ def test_nothing_to_export_leaves_no_file(tmp_path):
 def test_failure_midway_leaves_previous_file_intact(project, tmp_path, monkeypatch):
     out = tmp_path / "o.jsonl"
     out.write_text("previous export\n")
-    import gridtune.pipeline.export as export_mod
+    import gridtune.pipeline.training.export as export_mod
 
     calls = {"n": 0}
 

@@ -8,10 +8,10 @@ import json
 import pytest
 from click.testing import CliRunner
 
-from gridtune.pipeline import finetune as ft
-from gridtune.pipeline.ask import ask, chat_messages, stream_pieces
-from gridtune.pipeline.backend import Backend, resolve_backend
-from gridtune.tui.cli import main
+from gridtune.cli.main import main
+from gridtune.pipeline.client.ask import ask, chat_messages, stream_pieces
+from gridtune.pipeline.client.backend import Backend, resolve_backend
+from gridtune.pipeline.training import finetune as ft
 from tests.server_support import InProcessServer, chat_examples, write_jsonl
 from tests.tiny_model import tiny_model_dir  # noqa: F401 - fixture
 
@@ -147,7 +147,7 @@ def test_a_server_that_ignores_streaming_is_a_clear_error(fake_openai):
 def test_finetune_project_wait_exports_beside_it_and_records_the_job(local, tmp_path):
     """`gridtune finetune PROJECT --wait`: the export lands beside the project, and the
     job's status changes reach the project through the same JobTracker the TUI uses."""
-    from gridtune.pipeline.project import create_project
+    from gridtune.pipeline.spec.project import create_project
     from gridtune.store import Store
     from tests.test_tui_export import fill
     from tests.test_tui_generate import small_spec

@@ -11,13 +11,13 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from gridtune.pipeline import runs
-from gridtune.pipeline.generate import GenerateOptions, NothingToDo, run_generation
-from gridtune.pipeline.grid import GenerationSettings, GridSpec
-from gridtune.pipeline.project import create_project
-from gridtune.pipeline.tokens import count_message_tokens
+from gridtune.cli.main import main
+from gridtune.pipeline.format.tokens import count_message_tokens
+from gridtune.pipeline.generation import runs
+from gridtune.pipeline.generation.generate import GenerateOptions, NothingToDo, run_generation
+from gridtune.pipeline.spec.grid import GenerationSettings, GridSpec
+from gridtune.pipeline.spec.project import create_project
 from gridtune.store import RunConflict, Store
-from gridtune.tui.cli import main
 from tests.fakeserver import TEST_KEY, Fault, max_in_window, reply_text
 from tests.server_support import varied_model_dir  # noqa: F401 - fixture
 
@@ -335,7 +335,7 @@ def test_cli_exit_codes_and_status_json(tmp_path, fake_openai):
 
 
 async def test_store_writer_group_commits_in_order_and_keeps_a_failure_from_the_others(tmp_path):
-    from gridtune.pipeline.generate import _Writer
+    from gridtune.pipeline.generation.generate import _Writer
 
     path = make_project(tmp_path, n_a=2, n_b=2)
     store = Store.open(path)
@@ -476,7 +476,7 @@ def local_server(varied_model_dir, tmp_path, _isolated_home):
 
 @pytest.mark.local
 def test_streamed_and_plain_runs_on_the_local_server_store_the_same_replies_and_counts(tmp_path, local_server):
-    from gridtune.pipeline.backend import resolve_backend
+    from gridtune.pipeline.client.backend import resolve_backend
 
     backend = resolve_backend(start_local=False)
     assert backend.kind == "local"
@@ -510,7 +510,7 @@ def test_a_server_that_refuses_stream_options_gets_plain_requests(tmp_path, fake
 
 
 def test_eta_comes_from_streamed_tokens_before_any_completion_ends():
-    from gridtune.pipeline.progress import Tracker
+    from gridtune.pipeline.generation.progress import Tracker
 
     tracker = Tracker(10, run_id=1, expected_tokens=100)
     for _ in range(10):

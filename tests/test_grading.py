@@ -6,9 +6,9 @@ import json
 import subprocess
 import sys
 
-from gridtune.pipeline.grading import drop_at_or_below, grade_by_length, grade_for_length, length_cutoffs
-from gridtune.pipeline.grid import demo_spec
-from gridtune.pipeline.project import create_project
+from gridtune.pipeline.curation.grading import drop_at_or_below, grade_by_length, grade_for_length, length_cutoffs
+from gridtune.pipeline.spec.grid import demo_spec
+from gridtune.pipeline.spec.project import create_project
 
 
 def fill(store, lengths):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from gridtune.pipeline.grid import (
+from gridtune.pipeline.spec.grid import (
     GridError,
     cell_key,
     demo_spec,
@@ -97,7 +97,7 @@ b = [{values}]
 
 
 def test_grid_size_counts_samples_and_max_cells_has_a_ceiling():
-    from gridtune.pipeline.grid import MAX_COMPLETIONS
+    from gridtune.pipeline.spec.grid import MAX_COMPLETIONS
 
     text = '[prompt]\ngeneration = "{a}"\n[variables]\na = [1, 2, 3, 4]\n[generation]\nsamples = %d\n'
     assert parse_spec(text % 25_000).settings.samples == 25_000  # 100,000 completions: at the limit
@@ -149,7 +149,7 @@ def test_demo_spec_is_the_recipes_grid():
 def test_example_spec_is_the_demo_grid():
     from pathlib import Path
 
-    from gridtune.pipeline.grid import load_spec
+    from gridtune.pipeline.spec.grid import load_spec
 
     example = load_spec(Path(__file__).parent.parent / "examples" / "agi.toml")
     assert example == demo_spec()

@@ -6,8 +6,8 @@ import itertools
 
 import pytest
 
-from gridtune.pipeline.grid import GenerationSettings, GridSpec, cell_key
-from gridtune.pipeline.holdout import HoldOut, HoldOutError, parse_hold_out, plan
+from gridtune.pipeline.spec.grid import GenerationSettings, GridSpec, cell_key
+from gridtune.pipeline.training.holdout import HoldOut, HoldOutError, parse_hold_out, plan
 
 SPEC = GridSpec(name="t", system="", generation="{place} {year} {tone}", training="{place} {year} {tone}",
                 variables={"place": ["Oslo", "Lima", "Tokyo"], "year": [2030, 2040], "tone": ["calm", "loud"]},
@@ -91,8 +91,8 @@ def test_a_bad_hold_out_is_one_line_and_writes_nothing(tmp_path):
 
 
 def test_finetune_on_a_project_repeats_the_latest_exports_hold_out(tmp_path):
-    from gridtune.pipeline.export import export_project
-    from gridtune.pipeline.finetune import export_for_finetune
+    from gridtune.pipeline.training.export import export_project
+    from gridtune.pipeline.training.finetune import export_for_finetune
     from gridtune.store import Store
     from tests.bigproject import small_project
 

@@ -11,9 +11,9 @@ import sys
 
 import pytest
 
-from gridtune.pipeline import judge as j
-from gridtune.pipeline.grid import demo_spec
-from gridtune.pipeline.project import create_project
+from gridtune.pipeline.curation import judge as j
+from gridtune.pipeline.spec.grid import demo_spec
+from gridtune.pipeline.spec.project import create_project
 from gridtune.store import Store, curation as cur
 from tests.fakeserver import Fault
 

@@ -14,7 +14,7 @@ import gridtune.store
 
 
 def _modules(package) -> list[str]:
-    return [f"{package.__name__}.{m.name}" for m in pkgutil.iter_modules(package.__path__)]
+    return [m.name for m in pkgutil.walk_packages(package.__path__, prefix=f"{package.__name__}.")]
 
 
 def test_pipeline_and_store_never_import_textual():
@@ -46,8 +46,9 @@ def test_pipeline_and_store_source_names_no_ui_library():
 
 # What the server may load of the rest of gridtune: core, locations, and the validator
 # with exactly the modules the validator itself imports (token counts, the price table).
-SERVER_MAY_LOAD = {"gridtune", "gridtune.locations", "gridtune.pipeline", "gridtune.pipeline.validate",
-                   "gridtune.pipeline.tokens", "gridtune.pipeline.cost"}
+SERVER_MAY_LOAD = {"gridtune", "gridtune.locations", "gridtune.pipeline", "gridtune.pipeline.format",
+                   "gridtune.pipeline.format.validate",
+                   "gridtune.pipeline.format.tokens", "gridtune.pipeline.format.cost"}
 
 
 def _loaded_after(imports: list[str]) -> set[str]:
@@ -73,14 +74,14 @@ def _outside_server(modules: set[str]) -> set[str]:
 
 def test_the_validator_needs_only_what_the_server_may_load():
     """If the validator grows an import (the store, say), the server would drag it in."""
-    assert _outside_server(_loaded_after(["gridtune.pipeline.validate"])) <= SERVER_MAY_LOAD
+    assert _outside_server(_loaded_after(["gridtune.pipeline.format.validate"])) <= SERVER_MAY_LOAD
 
 
 def test_server_imports_only_the_validator_of_the_app():
     import gridtune.server
 
     # jobs.py imports the validator inside a function: import it as the server would.
-    loaded = _loaded_after(_modules(gridtune.server) + ["gridtune.pipeline.validate"])
+    loaded = _loaded_after(_modules(gridtune.server) + ["gridtune.pipeline.format.validate"])
     assert _outside_server(loaded) - SERVER_MAY_LOAD == set()
 
 
@@ -95,7 +96,7 @@ def test_server_source_names_nothing_of_the_app_but_the_validator():
     offenders = []
     for path in Path(gridtune.server.__path__[0]).rglob("*.py"):
         for layer, rest in pattern.findall(path.read_text()):
-            if f"{layer}{rest}".split(" ")[0] != "pipeline.validate":
+            if f"{layer}{rest}".split(" ")[0] != "pipeline.format.validate":
                 offenders.append(f"{path.name}: {layer}{rest}")
     assert offenders == []
 

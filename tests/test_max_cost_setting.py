@@ -11,13 +11,13 @@ import socket
 import pytest
 from click.testing import CliRunner
 
-from gridtune.pipeline import runs
-from gridtune.pipeline.generate import GenerateError, GenerateOptions, preview_run, worst_cost
-from gridtune.pipeline.options import GENERATION, SPEC_SETTINGS, OptionError
-from gridtune.pipeline.project import load_project_spec
+from gridtune.cli.main import main
+from gridtune.pipeline.generation import runs
+from gridtune.pipeline.generation.generate import GenerateError, GenerateOptions, preview_run, worst_cost
+from gridtune.pipeline.spec.options import GENERATION, SPEC_SETTINGS, OptionError
+from gridtune.pipeline.spec.project import load_project_spec
 from gridtune.screens.generate import Settings, budget_text, usd
 from gridtune.store import Store
-from gridtune.tui.cli import main
 from tests.test_generate import completions, make_project
 from tests.test_tui_generate import GridtuneApp, wait_for
 from tests.tui_helpers import settle

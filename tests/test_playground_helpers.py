@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from gridtune.pipeline import playground as pg
-from gridtune.pipeline.grid import GridSpec, cell_key, demo_spec
-from gridtune.pipeline.project import create_project
+from gridtune.pipeline.evaluation import playground as pg
+from gridtune.pipeline.spec.grid import GridSpec, cell_key, demo_spec
+from gridtune.pipeline.spec.project import create_project
 
 
 def test_suggestions_are_never_grid_values():
@@ -51,7 +51,7 @@ def test_classify_trained_grid_and_held_out():
 
 
 def test_trained_keys_follow_the_latest_export(tmp_path):
-    from gridtune.pipeline.export import export_project
+    from gridtune.pipeline.training.export import export_project
 
     spec = GridSpec(name="t", generation="{a} {b}", variables={"a": ["x", "y"], "b": [1, 2]})
     store = create_project(tmp_path / "p.gridtune", spec)

@@ -11,10 +11,10 @@ from collections import Counter, defaultdict
 
 import pytest
 
-from gridtune.pipeline.grid import GenerationSettings, GridSpec
-from gridtune.pipeline.project import create_project
-from gridtune.pipeline.ratelimit import LAG_CAP_S, SKEW_S, SLACK_S, WINDOW_MARGIN, RateLimits, parse_reset
-from gridtune.pipeline.tokens import count_message_tokens, request_tokens
+from gridtune.pipeline.client.ratelimit import LAG_CAP_S, SKEW_S, SLACK_S, WINDOW_MARGIN, RateLimits, parse_reset
+from gridtune.pipeline.format.tokens import count_message_tokens, request_tokens
+from gridtune.pipeline.spec.grid import GenerationSettings, GridSpec
+from gridtune.pipeline.spec.project import create_project
 from tests.fakeserver import TEST_KEY, Fault, charged_tokens, duration, max_in_window
 from tests.test_generate import completions, generate, make_project, prompt
 
@@ -266,8 +266,8 @@ def test_configured_limits_with_a_burst_stay_within_the_window(tmp_path, fake_op
 
 
 def test_request_pool_waits_out_429s_past_max_attempts(fake_openai):
-    from gridtune.pipeline.backend import resolve_backend
-    from gridtune.pipeline.request_pool import Pool, PoolOptions, Request
+    from gridtune.pipeline.client.backend import resolve_backend
+    from gridtune.pipeline.client.request_pool import Pool, PoolOptions, Request
 
     fake_openai.set(faults=[Fault(status=429, count=6, retry_after_ms="10", code="rate_limit_exceeded")])
     got = []
@@ -309,7 +309,7 @@ def test_plain_requests_fail_and_retry_alike_through_the_lean_client_and_the_ope
 
 
 def test_lean_client_reads_chunked_and_close_delimited_replies_and_reconnects():
-    from gridtune.pipeline.lean_http import LeanHttpClient
+    from gridtune.pipeline.client.lean_http import LeanHttpClient
 
     replies = [
         b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nX-Ratelimit-Remaining-Requests: 7\r\n\r\n"
@@ -357,8 +357,8 @@ def test_lean_client_reads_chunked_and_close_delimited_replies_and_reconnects():
 
 
 def test_max_cost_stops_before_spending_more_and_a_rerun_resumes(tmp_path, fake_openai):
-    from gridtune.pipeline.cost import generation_cost
-    from gridtune.pipeline.tokens import request_tokens
+    from gridtune.pipeline.format.cost import generation_cost
+    from gridtune.pipeline.format.tokens import request_tokens
 
     path = make_project(tmp_path, n_a=4, n_b=3)  # 12 cells of gpt-4o-mini, max_tokens 50
     messages = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": prompt(1, "p")}]
@@ -376,7 +376,7 @@ def test_max_cost_stops_before_spending_more_and_a_rerun_resumes(tmp_path, fake_
 
 
 def test_max_cost_needs_a_priced_model_and_a_positive_amount(tmp_path, fake_openai):
-    from gridtune.pipeline.generate import GenerateError
+    from gridtune.pipeline.generation.generate import GenerateError
 
     path = make_project(tmp_path, n_a=1, n_b=1, model="my-local-model")
     with pytest.raises(GenerateError, match="--max-cost needs a priced model: no price is known for my-local-model"):
@@ -390,7 +390,7 @@ def test_max_cost_needs_a_priced_model_and_a_positive_amount(tmp_path, fake_open
 def test_cli_generate_max_cost_shows_the_bound_and_stops_at_the_budget(tmp_path, fake_openai):
     from click.testing import CliRunner
 
-    from gridtune.tui.cli import main
+    from gridtune.cli.main import main
 
     path = make_project(tmp_path, n_a=4, n_b=3)
     out = CliRunner().invoke(main, ["generate", str(path), "--concurrency", "2", "--max-cost", "0.0001"])

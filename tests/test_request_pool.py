@@ -11,8 +11,8 @@ import time
 
 import pytest
 
-from gridtune.pipeline.backend import resolve_backend
-from gridtune.pipeline.request_pool import Pool, PoolOptions, Request
+from gridtune.pipeline.client.backend import resolve_backend
+from gridtune.pipeline.client.request_pool import Pool, PoolOptions, Request
 from tests.fakeserver import Fault
 
 
@@ -174,7 +174,7 @@ def test_every_answer_tells_the_limiter_what_the_provider_reported(fake_openai, 
     # Each reply, and each error that has a response (a 429), goes to limits.observe with
     # the mark acquire gave its send: the limiter learns the x-ratelimit-* budget, and
     # when the server had the request.
-    from gridtune.pipeline.ratelimit import RateLimits
+    from gridtune.pipeline.client.ratelimit import RateLimits
 
     marks, observed = [], []
     acquire, observe = RateLimits.acquire, RateLimits.observe

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from gridtune.pipeline import runs
+from gridtune.pipeline.generation import runs
 from gridtune.store import Store
 from tests.fakeserver import TEST_KEY, Fault
 from tests.test_generate import make_project
@@ -186,8 +186,8 @@ def test_a_giant_grid_is_refused_at_once_and_leaves_nothing(tmp_path, samples, m
 
 def test_a_failed_new_leaves_nothing_behind(tmp_path):
     # The spec is fine; the store refuses mid-way (the folder becomes unwritable for the rename).
-    from gridtune.pipeline.grid import parse_spec
-    from gridtune.pipeline.project import create_project
+    from gridtune.pipeline.spec.grid import parse_spec
+    from gridtune.pipeline.spec.project import create_project
 
     spec = parse_spec(spec_file(tmp_path, 2).read_text())
     project = tmp_path / "p.gridtune"
@@ -311,7 +311,7 @@ def test_a_full_disk_is_one_line(tmp_path):
 
 
 def test_an_export_that_cannot_be_recorded_leaves_no_file_and_no_record(tmp_path):
-    from gridtune.pipeline.export import export_project
+    from gridtune.pipeline.training.export import export_project
 
     path = graded_project(tmp_path)
     out = tmp_path / "train.jsonl"
@@ -335,7 +335,7 @@ def test_an_export_that_cannot_be_recorded_leaves_no_file_and_no_record(tmp_path
 
 
 def test_credentials_in_the_base_url_are_never_shown_or_stored(tmp_path, fake_openai, monkeypatch):
-    from gridtune.pipeline.backend import resolve_backend
+    from gridtune.pipeline.client.backend import resolve_backend
 
     host = fake_openai.base_url.split("://", 1)[1]
     secret_url = f"http://alice:hunter2-pw@{host}"
@@ -359,7 +359,7 @@ def test_credentials_in_the_base_url_are_never_shown_or_stored(tmp_path, fake_op
     import httpx
     import openai
 
-    from gridtune.pipeline import finetune as ft
+    from gridtune.pipeline.training import finetune as ft
 
     request = httpx.Request("POST", secret_url + "/fine_tuning/jobs", headers={"Authorization": f"Bearer {TEST_KEY}"})
     body = {"error": {"message": f"no jobs at {request.url} for {TEST_KEY}"}}
@@ -387,7 +387,7 @@ def test_credentials_in_the_base_url_are_never_shown_or_stored(tmp_path, fake_op
 
 
 def test_the_validator_streams_a_40mb_single_line_in_bounded_memory(tmp_path):
-    from gridtune.pipeline.validate import MAX_LINE_BYTES, validate_file
+    from gridtune.pipeline.format.validate import MAX_LINE_BYTES, validate_file
 
     huge = tmp_path / "huge.jsonl"
     good = json.dumps({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "ok"}]})

@@ -14,12 +14,12 @@ from pathlib import Path
 
 import pytest
 
-from gridtune.pipeline import runs
+from gridtune.pipeline.generation import runs
 from gridtune.store import RunRecord, Store
 from tests.fakeserver import TEST_KEY, Fault
 from tests.test_generate import make_project
 
-GRIDTUNE = [sys.executable, "-c", "from gridtune.tui.cli import main; main()"]
+GRIDTUNE = [sys.executable, "-c", "from gridtune.cli.main import main; main()"]
 
 
 @pytest.fixture

@@ -18,11 +18,11 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from gridtune.pipeline import scaling as sc
-from gridtune.pipeline.grid import GenerationSettings, GridSpec
-from gridtune.pipeline.project import create_project
+from gridtune.cli.main import main
+from gridtune.pipeline.evaluation import scaling as sc
+from gridtune.pipeline.spec.grid import GenerationSettings, GridSpec
+from gridtune.pipeline.spec.project import create_project
 from gridtune.store import Store, scaling as scs
-from gridtune.tui.cli import main
 from tests.server_support import (
     local,  # noqa: F401 - fixture
 )

@@ -355,7 +355,7 @@ def test_export_errors_of_a_real_model_are_4xx_with_the_reason(srv, tmp_path):
 # -- the command line --------------------------------------------------------------------------------
 
 def test_serve_defaults_to_a_free_port_and_reads_keys_safely(tmp_path):
-    from gridtune.tui.cli_local import serve_cmd
+    from gridtune.cli.local import serve_cmd
 
     assert {p.name: p.default for p in serve_cmd.params}["port"] == 0
     key_file = tmp_path / "key"
@@ -368,7 +368,7 @@ def test_serve_defaults_to_a_free_port_and_reads_keys_safely(tmp_path):
 
 def test_gridtune_clients_find_the_token_in_the_state_file(srv, monkeypatch, tmp_path):
     """The way every gridtune process finds the server: server.json -> base_url + token."""
-    from gridtune.pipeline import local_service
+    from gridtune.pipeline.client import local_service
 
     backend = local_service.running_backend(srv.data)
     assert backend is not None and backend.api_key == srv.token and backend.base_url == srv.base_url

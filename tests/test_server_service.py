@@ -99,8 +99,8 @@ def test_two_gridtune_processes_share_one_auto_started_server(tiny_model_dir, tm
 
 
 def test_no_server_and_no_start_is_a_clear_error(monkeypatch, tmp_path):
-    from gridtune.pipeline.backend import BackendError
-    from gridtune.pipeline.local_service import ensure_backend
+    from gridtune.pipeline.client.backend import BackendError
+    from gridtune.pipeline.client.local_service import ensure_backend
 
     monkeypatch.setenv("GRIDTUNE_HOME", str(tmp_path))
     with pytest.raises(BackendError, match="gridtune serve"):

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import pytest
 
-from gridtune.pipeline.finetune import JobState
-from gridtune.pipeline.project import create_project
-from gridtune.pipeline.validate import validate_examples
+from gridtune.pipeline.format.validate import validate_examples
+from gridtune.pipeline.spec.project import create_project
+from gridtune.pipeline.training.finetune import JobState
 from gridtune.screens.export import JobChanged
 from gridtune.store import Store
 from gridtune.tui.app import GridtuneApp
@@ -35,7 +35,7 @@ def project(tmp_path, monkeypatch):
 
 
 def export_file(project, fmt="chat"):
-    from gridtune.pipeline.export import export_project
+    from gridtune.pipeline.training.export import export_project
 
     with Store.open(project) as store:
         return export_project(store, project.with_suffix(".jsonl"), format=fmt)

@@ -14,8 +14,8 @@ import socket
 
 import pytest
 
-from gridtune.pipeline import runs
-from gridtune.pipeline.project import create_project
+from gridtune.pipeline.generation import runs
+from gridtune.pipeline.spec.project import create_project
 from gridtune.store import Store
 from gridtune.tui.app import GridtuneApp
 from tests.test_tui_export import fill

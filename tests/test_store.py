@@ -7,10 +7,10 @@ import threading
 
 import pytest
 
-from gridtune.pipeline.grid import demo_spec
-from gridtune.pipeline.project import apply_spec, create_project, load_project_spec
+from gridtune.pipeline.spec.grid import demo_spec
+from gridtune.pipeline.spec.project import apply_spec, create_project, load_project_spec
 from gridtune.store import Store, StoreError
-from gridtune.store.schema import SCHEMA_VERSION
+from gridtune.store.schema import APPLICATION_ID, SCHEMA_VERSION
 
 
 @pytest.fixture
@@ -48,6 +48,7 @@ def test_open_errors_are_one_line(tmp_path):
     newer = tmp_path / "newer.gridtune"
     c = sqlite3.connect(newer)
     c.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
+    c.execute(f"PRAGMA application_id = {APPLICATION_ID}")  # a project, from a newer gridtune
     c.close()
     with pytest.raises(StoreError, match="newer gridtune"):
         Store.open(newer)

@@ -10,7 +10,7 @@ import pytest
 import tiktoken
 import tiktoken_ext.openai_public as openai_public
 
-from gridtune.pipeline import cost, tokens
+from gridtune.pipeline.format import cost, tokens
 
 LONG_TEXT = (
     "Tokyo, 2035: the ministry's AGI (codename «Hikari») rewrote 12,345 regulations overnight.\n\n"

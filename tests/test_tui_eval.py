@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 from textual.widgets import Input, OptionList, Static
 
-from gridtune.pipeline import evaluate as ev
-from gridtune.pipeline.export import export_project
-from gridtune.pipeline.project import load_project_spec
+from gridtune.pipeline.evaluation import evaluate as ev
+from gridtune.pipeline.spec.project import load_project_spec
+from gridtune.pipeline.training.export import export_project
 from gridtune.store import Store, evaluation as evs
 from gridtune.tui.app import GridtuneApp
 

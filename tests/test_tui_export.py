@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from gridtune.pipeline.finetune import JobState, JobTracker
-from gridtune.pipeline.project import create_project
+from gridtune.pipeline.spec.project import create_project
+from gridtune.pipeline.training.finetune import JobState, JobTracker
 from gridtune.screens.export import ExportOptions, ExportScreen, fit_path
 from gridtune.store import Store
 from tests.server_support import varied_model_dir  # noqa: F401 - fixture

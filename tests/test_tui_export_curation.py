@@ -12,10 +12,10 @@ import json
 import pytest
 from click.testing import CliRunner
 
-from gridtune.pipeline.export import export_project
-from gridtune.pipeline.grid import cell_key
-from gridtune.pipeline.project import apply_spec, create_project
-from gridtune.pipeline.promote import PromoteError, parse_values, promote_answer, watch_answer
+from gridtune.pipeline.evaluation.promote import PromoteError, parse_values, promote_answer, watch_answer
+from gridtune.pipeline.spec.grid import cell_key
+from gridtune.pipeline.spec.project import apply_spec, create_project
+from gridtune.pipeline.training.export import export_project
 from gridtune.screens.export import ExportOptions, ExportScreen, split_hold_out
 from gridtune.screens.playground import PlaygroundScreen
 from gridtune.store import Store, evaluation
@@ -102,7 +102,7 @@ def test_bad_promotions_write_nothing(project):
 
 
 def test_cli_add_and_eval_case(project, tmp_path):
-    from gridtune.tui.cli import main
+    from gridtune.cli.main import main
 
     text = tmp_path / "answer.txt"
     text.write_text("Bergen in 2045, from the command line.\n")
@@ -125,7 +125,7 @@ def test_cli_add_and_eval_case(project, tmp_path):
 
 
 def test_a_watched_case_is_asked_by_gridtune_eval(project, tmp_path, fake):  # noqa: F811 - a fixture
-    from gridtune.tui.cli import main
+    from gridtune.cli.main import main
 
     with Store.open(project) as store:
         export_project(store, tmp_path / "t.jsonl")

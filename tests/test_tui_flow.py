@@ -9,7 +9,7 @@ from pathlib import Path
 
 from rich.console import Console
 
-from gridtune.pipeline import runs
+from gridtune.pipeline.generation import runs
 from gridtune.store import Store
 from gridtune.tui.app import GridtuneApp, goes_on_note
 from gridtune.tui.context import ProjectContext

@@ -10,9 +10,9 @@ import time
 import pytest
 from textual.app import App
 
-from gridtune.pipeline import runs
-from gridtune.pipeline.grid import GenerationSettings, GridSpec
-from gridtune.pipeline.project import create_project, load_project_spec
+from gridtune.pipeline.generation import runs
+from gridtune.pipeline.spec.grid import GenerationSettings, GridSpec
+from gridtune.pipeline.spec.project import create_project, load_project_spec
 from gridtune.screens.generate import GenerateScreen, Settings
 from gridtune.store import Store
 from gridtune.tui.context import ProjectContext
@@ -261,7 +261,7 @@ async def test_retry_reasons_are_shown_in_words(project):
 
 async def test_starting_the_local_server_shows_a_phase_not_a_frozen_screen(project, tmp_path):
     from gridtune import locations
-    from gridtune.pipeline.estimate import local_server_starting
+    from gridtune.pipeline.generation.estimate import local_server_starting
 
     assert local_server_starting()  # no OPENAI_* settings and no local server in this test's home
     app = GridtuneApp(project, start_mode="generate")

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from gridtune.pipeline.project import load_project_spec
+from gridtune.pipeline.spec.project import load_project_spec
 from gridtune.store import Store
 from gridtune.tui.app import GridtuneApp
 
@@ -216,7 +216,7 @@ async def test_the_focused_field_is_marked(project: Path):
 def _change_spec_elsewhere(path: Path, generation: str) -> None:
     from dataclasses import replace
 
-    from gridtune.pipeline.project import apply_spec
+    from gridtune.pipeline.spec.project import apply_spec
 
     with Store.open(path) as store:  # another connection: another process, as far as the app can tell
         spec = load_project_spec(store)

@@ -11,7 +11,7 @@ from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
-from gridtune.pipeline.project import create_project
+from gridtune.pipeline.spec.project import create_project
 from gridtune.screens.playground import PlaygroundScreen, parse_stops
 from gridtune.store import Store
 from gridtune.tui.events import OpenPlayground
@@ -185,7 +185,7 @@ async def test_marks_trained_and_untrained_combinations(project, fake):
 
 
 async def test_untrained_combination_when_some_cells_were_left_out(project, fake, tmp_path):
-    from gridtune.pipeline.export import export_project_async
+    from gridtune.pipeline.training.export import export_project_async
 
     with Store.open(project) as store:
         await export_project_async(store, tmp_path / "t.jsonl", min_grade=3)  # only 2 of 4 cells trained
@@ -216,7 +216,7 @@ async def test_opened_directly_the_latest_tuned_model_is_in_a_and_its_base_in_b(
 
 
 async def test_legacy_format_uses_the_completions_endpoint(project, fake, tmp_path):
-    from gridtune.pipeline.export import export_project_async
+    from gridtune.pipeline.training.export import export_project_async
 
     with Store.open(project) as store:
         result = await export_project_async(store, tmp_path / "t.jsonl", format="completion")
@@ -236,7 +236,7 @@ async def test_p_after_a_completion_tune_then_a_chat_export_the_playground_follo
     """Through the real app: `p` right after a completion-format export and a tune opens
     the tuned model in A, its base in B, prompts in completion format with the export's
     separator and stop; a new chat export on the export screen moves it to chat."""
-    from gridtune.pipeline.export import export_project_async
+    from gridtune.pipeline.training.export import export_project_async
     from gridtune.tui.app import GridtuneApp
 
     monkeypatch.chdir(tmp_path)

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from textual.widgets import Footer, Input
 
-from gridtune.pipeline import review
+from gridtune.pipeline.curation import review
 from gridtune.store import Store
 from gridtune.tui.app import GridtuneApp
 from gridtune.tui.events import ProjectChanged

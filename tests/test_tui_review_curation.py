@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from textual.widgets import Footer, Input
 
-from gridtune.pipeline import dedup, review
+from gridtune.pipeline.curation import dedup, review
 from gridtune.screens.coverage_panel import CoveragePanel
 from gridtune.screens.review import ReviewScreen
 from gridtune.store import Store, curation as cur
@@ -248,7 +248,7 @@ async def test_v_opens_the_coverage_panel_and_T_starts_a_top_up_run(project: Pat
             await wait_until(pilot, lambda: not store.get_run(run.id).active, timeout=60, what="the top-up run")
             after = len(store.review_rows(where="all"))
     assert after - before == 3  # one new sample for each of the three empty place × year pairs
-    from gridtune.pipeline.coverage import coverage
+    from gridtune.pipeline.curation.coverage import coverage
 
     with Store.open(project) as store:
         assert not coverage(store, threshold=1).empty()

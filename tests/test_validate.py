@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from gridtune.pipeline import cost, tokens
-from gridtune.pipeline.validate import ValidationInputError, validate_examples, validate_file
-from gridtune.tui.cli import main
+from gridtune.cli.main import main
+from gridtune.pipeline.format import cost, tokens
+from gridtune.pipeline.format.validate import ValidationInputError, validate_examples, validate_file
 
 SYS = {"role": "system", "content": "You are terse."}
 USER = {"role": "user", "content": "Say hi."}
@@ -276,7 +276,7 @@ def test_cli_model_changes_tokenizer_and_price(good_chat):
 
 
 def test_a_line_over_the_cap_is_one_error_naming_it_and_the_rest_is_still_checked(tmp_path, monkeypatch):
-    from gridtune.pipeline import validate
+    from gridtune.pipeline.format import validate
 
     row = json.dumps(GOOD)
     monkeypatch.setattr(validate, "MAX_LINE_BYTES", len(row) + 1)  # a line of exactly the cap (with its newline) is fine
@@ -291,7 +291,7 @@ def test_a_line_over_the_cap_is_one_error_naming_it_and_the_rest_is_still_checke
 def test_report_lines_say_what_each_line_is_and_render_text_prints_them():
     """The structured view the TUI styles: every warning added to ``warnings`` (however
     a check adds it) is a warning line; errors are error lines under their heading."""
-    from gridtune.pipeline.validate import ERROR, FIGURE, OK, TITLE, WARNING, ValidationReport
+    from gridtune.pipeline.format.validate import ERROR, FIGURE, OK, TITLE, WARNING, ValidationReport
 
     report = validate_examples([{"messages": [{"role": "user", "content": "hi"}]},
                                 {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "ok."}]}])

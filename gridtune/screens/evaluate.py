@@ -29,8 +29,8 @@ from textual.widgets import Input, Label, OptionList, Static
 from textual.widgets.option_list import Option
 
 from ..core.errors import one_line
-from ..pipeline import evaluate as ev, scaling as sc
-from ..pipeline.grid import render_value
+from ..pipeline.evaluation import evaluate as ev, scaling as sc
+from ..pipeline.spec.grid import render_value
 from ..store import evaluation as evs, scaling as scs
 from ..tui.section import SectionScreen
 

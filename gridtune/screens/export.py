@@ -33,12 +33,12 @@ from textual.worker import get_current_worker
 from textual_plotext import PlotextPlot
 
 from ..core.errors import one_line
-from ..pipeline.diversity import DiversityStats
-from ..pipeline.finetune import JobState, default_export_path
-from ..pipeline.grid import GridSpec, render_value
-from ..pipeline.holdout import HoldOut, HoldOutError, parse_hold_out
-from ..pipeline.options import EXPORT, FINETUNE
-from ..pipeline.validate import ERROR, FIGURE, NOTE, OK, TITLE, WARNING, ReportLine, ValidationReport, show
+from ..pipeline.curation.diversity import DiversityStats
+from ..pipeline.format.validate import ERROR, FIGURE, NOTE, OK, TITLE, WARNING, ReportLine, ValidationReport, show
+from ..pipeline.spec.grid import GridSpec, render_value
+from ..pipeline.spec.options import EXPORT, FINETUNE
+from ..pipeline.training.finetune import JobState, default_export_path
+from ..pipeline.training.holdout import HoldOut, HoldOutError, parse_hold_out
 from ..tui.events import OpenPlayground
 from ..tui.section import SectionScreen
 
@@ -572,8 +572,8 @@ class ExportScreen(SectionScreen):
 
     @work(thread=True, exclusive=True, group="exp-export", exit_on_error=False)
     def run_export(self, opts: ExportOptions, hold_out: HoldOut | None = None) -> None:
-        from ..pipeline.estimate import backend_for_costs
-        from ..pipeline.export import export_project
+        from ..pipeline.generation.estimate import backend_for_costs
+        from ..pipeline.training.export import export_project
 
         try:
             result = export_project(
@@ -612,7 +612,7 @@ class ExportScreen(SectionScreen):
     def measure_diversity(self, export_id: int) -> None:
         """Seconds on a large project (Self-BLEU over a sample, distinct-n and gzip over
         every text): here, never on the event loop; the result is stored with the export."""
-        from ..pipeline.export import record_diversity
+        from ..pipeline.training.export import record_diversity
 
         error = None
         try:
@@ -648,7 +648,7 @@ class ExportScreen(SectionScreen):
 
     @work(thread=True, exclusive=True, group="exp-job-start", exit_on_error=False)
     def start_job(self, opts: ExportOptions, export: Any) -> None:
-        from ..pipeline import finetune
+        from ..pipeline.training import finetune
 
         try:
             backend = self.ctx.backend()
@@ -674,7 +674,7 @@ class ExportScreen(SectionScreen):
 
     @work(thread=True, exclusive=True, group="exp-job-follow", exit_on_error=False)
     def follow(self, start: JobState) -> None:
-        from ..pipeline.finetune import JobTracker
+        from ..pipeline.training.finetune import JobTracker
 
         worker = get_current_worker()
         self._following = start.id
@@ -713,7 +713,7 @@ class ExportScreen(SectionScreen):
 
     @work(thread=True, exclusive=True, group="exp-job-cancel", exit_on_error=False)
     def cancel_job(self, job_id: str) -> None:
-        from ..pipeline import finetune
+        from ..pipeline.training import finetune
 
         error = None
         try:

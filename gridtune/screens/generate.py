@@ -29,15 +29,15 @@ from textual.timer import Timer
 from textual.widgets import Input, Label, ProgressBar, Sparkline
 
 from ..core.errors import one_line
-from ..pipeline.options import GENERATION
-from ..pipeline.progress import Progress, format_duration
+from ..pipeline.generation.progress import Progress, format_duration
+from ..pipeline.spec.options import GENERATION
 from ..store import CompletionRecord, RunRecord, StatusCounts
 from ..tui.context import ProjectContext
 from ..tui.section import SectionScreen
 from ..tui.widgets.line import Line
 
 if TYPE_CHECKING:
-    from ..pipeline.generate import GenerateOptions
+    from ..pipeline.generation.generate import GenerateOptions
 
 POLL_S = 0.5
 SPARK_POINTS = 120
@@ -86,7 +86,7 @@ class Settings:
 
     @staticmethod
     def options(values: dict[str, Any]) -> GenerateOptions:
-        from ..pipeline.generate import GenerateOptions
+        from ..pipeline.generation.generate import GenerateOptions
 
         return GenerateOptions(**{name: values[name] for name in Settings.PER_RUN})
 
@@ -261,8 +261,8 @@ class GenerateScreen(SectionScreen):
 
     @work(thread=True, exclusive=True, group="gen-estimate", exit_on_error=False)
     def estimate_run(self, options: GenerateOptions) -> None:
-        from ..pipeline.estimate import local_server_starting
-        from ..pipeline.generate import preview_run, worst_cost
+        from ..pipeline.generation.estimate import local_server_starting
+        from ..pipeline.generation.generate import preview_run, worst_cost
 
         budget = None
         try:
@@ -284,7 +284,7 @@ class GenerateScreen(SectionScreen):
 
     @work(thread=True, exclusive=True, group="gen-poll", exit_on_error=False)
     def poll(self) -> None:
-        from ..pipeline import runs
+        from ..pipeline.generation import runs
 
         store = self.ctx.store
         run = runs.reconcile(store) or store.latest_run()
@@ -374,7 +374,7 @@ class GenerateScreen(SectionScreen):
     def _starting_text(self) -> str:
         if self._server_start is None:
             return "starting a run…"
-        from ..pipeline.estimate import local_server_phase
+        from ..pipeline.generation.estimate import local_server_phase
 
         return local_server_phase(self._server_start)
 
@@ -513,9 +513,9 @@ class GenerateScreen(SectionScreen):
 
     @work(thread=True, exclusive=True, group="gen-control", exit_on_error=False)
     def start_run(self, options: GenerateOptions, batch: bool = False) -> None:
-        from ..pipeline import batch as batch_api, runs
-        from ..pipeline.estimate import local_server_starting
-        from ..pipeline.generate import GenerateError, NothingToDo
+        from ..pipeline.generation import batch as batch_api, runs
+        from ..pipeline.generation.estimate import local_server_starting
+        from ..pipeline.generation.generate import GenerateError, NothingToDo
 
         try:
             if local_server_starting():  # start_detached starts it first: say so, with the time it takes
@@ -558,7 +558,7 @@ class GenerateScreen(SectionScreen):
 
     @work(thread=True, exclusive=True, group="gen-control", exit_on_error=False)
     def stop_run(self, note: str) -> None:
-        from ..pipeline import runs
+        from ..pipeline.generation import runs
 
         try:
             run = runs.request_stop(self.ctx.path, wait_s=30.0)
@@ -590,7 +590,7 @@ class GenerateScreen(SectionScreen):
 
     @work(thread=True, exclusive=True, group="gen-settings", exit_on_error=False)
     def save_defaults(self, values: dict[str, Any]) -> None:
-        from ..pipeline.grid_edit import save_generation_defaults
+        from ..pipeline.spec.grid_edit import save_generation_defaults
 
         try:
             changed = save_generation_defaults(self.ctx.store, model=values["model"] or "",

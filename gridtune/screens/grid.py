@@ -1,6 +1,6 @@
 """The grid screen: templates, system prompt and variables, checked as you type.
 
-The screen keeps the edited text; ``gridtune.pipeline.grid_edit`` turns it into
+The screen keeps the edited text; ``gridtune.pipeline.spec.grid_edit`` turns it into
 a checked GridSpec (errors name the culprit), counts the cells and picks the
 cell the preview renders. ctrl+s saves through ``pipeline.project.apply_spec``,
 which keeps every completion whose cell still exists.
@@ -16,9 +16,9 @@ from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.widgets import OptionList, TextArea
 from textual.widgets.option_list import Option
 
-from ..pipeline.grid import GridError, GridSpec, Value
-from ..pipeline.grid_edit import build_spec, cell_at, count_text, new_variable_name, parse_values, values_text
-from ..pipeline.project import apply_spec
+from ..pipeline.spec.grid import GridError, GridSpec, Value
+from ..pipeline.spec.grid_edit import build_spec, cell_at, count_text, new_variable_name, parse_values, values_text
+from ..pipeline.spec.project import apply_spec
 from ..tui.context import ProjectContext
 from ..tui.section import SectionScreen
 from ..tui.widgets.line import Line

@@ -39,10 +39,10 @@ from textual.widgets import Input, Label, OptionList, Select, Static
 from textual.worker import get_current_worker
 
 from ..core.errors import one_line
-from ..pipeline import playground as pg
-from ..pipeline.grid import render_value
-from ..pipeline.promote import DEFAULT_GRADE
-from ..pipeline.validate import show
+from ..pipeline.evaluation import playground as pg
+from ..pipeline.evaluation.promote import DEFAULT_GRADE
+from ..pipeline.format.validate import show
+from ..pipeline.spec.grid import render_value
 from ..tui.events import OpenPlayground
 from ..tui.section import SectionScreen
 
@@ -402,7 +402,7 @@ class PlaygroundScreen(SectionScreen):
 
     @work(thread=True, exclusive=True, group="pg-models", exit_on_error=False)
     def list_models(self) -> None:
-        from ..pipeline import finetune
+        from ..pipeline.training import finetune
 
         try:
             models = finetune.list_models(self.ctx.backend())
@@ -698,7 +698,7 @@ class PlaygroundScreen(SectionScreen):
 
     @work(thread=True, group="pg-add", exit_on_error=False)
     def promote(self, asked: Asked, text: str, model: str, finish_reason: str | None, grade: int) -> None:
-        from ..pipeline.promote import promote_answer
+        from ..pipeline.evaluation.promote import promote_answer
 
         try:
             done = promote_answer(self.ctx.store, self.spec, dict(asked.values), text, model=model, grade=grade,
@@ -710,7 +710,7 @@ class PlaygroundScreen(SectionScreen):
 
     @work(thread=True, group="pg-add", exit_on_error=False)
     def watch_case(self, asked: Asked, note: str | None) -> None:
-        from ..pipeline.promote import watch_answer
+        from ..pipeline.evaluation.promote import watch_answer
 
         try:
             new = watch_answer(self.ctx.store, self.spec, dict(asked.values), note)

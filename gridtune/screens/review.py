@@ -2,7 +2,7 @@
 
 The list (``ReviewList``) draws only visible lines from light rows; the selected
 completion is shown in full beside it. Every change goes through
-``gridtune.pipeline.review`` in a single writer thread, in the order the keys
+``gridtune.pipeline.curation.review`` in a single writer thread, in the order the keys
 were pressed, and is then announced with ``changed(...)``. The graded row and
 the counts update at once; the counts are then recounted from the store, and
 the rows, counts and histogram follow every other change to the project (a run,
@@ -37,8 +37,8 @@ from textual.widgets import Input, Static
 from textual.worker import get_current_worker
 
 from ..core.errors import one_line
-from ..pipeline import review
-from ..pipeline.review import Filter, ReviewCounts, UndoStack
+from ..pipeline.curation import review
+from ..pipeline.curation.review import Filter, ReviewCounts, UndoStack
 from ..tui.context import ProjectContext
 from ..tui.section import SectionScreen
 from ..tui.throttle import Throttle
@@ -340,7 +340,7 @@ class ReviewScreen(SectionScreen):
     @work(thread=True, exclusive=True, group="detail", exit_on_error=False)
     def _load_detail(self, completion_id: int) -> None:
         store = self.ctx.store
-        from ..pipeline.dedup import group_of
+        from ..pipeline.curation.dedup import group_of
 
         record = store.get_completion(completion_id)
         history = store.grade_history(completion_id)
@@ -528,7 +528,7 @@ class ReviewScreen(SectionScreen):
 
     @work(thread=True, group="redo-ask", exit_on_error=False)
     def _ask_max_tokens(self, ids: list[int] | None) -> None:
-        from ..pipeline.generate import suggested_redo_max_tokens
+        from ..pipeline.generation.generate import suggested_redo_max_tokens
 
         suggested = suggested_redo_max_tokens(self.ctx.store)
         self.app.call_from_thread(self._push_max_tokens, ids, suggested)
@@ -561,7 +561,7 @@ class ReviewScreen(SectionScreen):
 
     @work(thread=True, group="redo", exit_on_error=False)
     def _redo_one(self, completion_id: int, max_tokens: int) -> None:
-        from ..pipeline.generate import redo_completion
+        from ..pipeline.generation.generate import redo_completion
 
         loop = asyncio.new_event_loop()
         with self._redo_lock:
@@ -597,8 +597,8 @@ class ReviewScreen(SectionScreen):
 
     @work(thread=True, exclusive=True, group="review-run", exit_on_error=False)
     def _start_detached(self, kind: str, value: int) -> None:
-        from ..pipeline import runs
-        from ..pipeline.generate import GenerateOptions, NothingToDo, redo_options
+        from ..pipeline.generation import runs
+        from ..pipeline.generation.generate import GenerateOptions, NothingToDo, redo_options
 
         title = "Redo" if kind == "redo" else "Top up"
         options = redo_options(None, value) if kind == "redo" else GenerateOptions(top_up=value)
@@ -623,7 +623,7 @@ class ReviewScreen(SectionScreen):
 
     @work(thread=True, group="twin", exit_on_error=False)
     def _find_twin(self, completion_id: int) -> None:
-        from ..pipeline.dedup import twin_of
+        from ..pipeline.curation.dedup import twin_of
 
         twin = twin_of(self.ctx.store, completion_id)
         self.app.call_from_thread(self._go_to_twin, completion_id, twin)
@@ -690,7 +690,7 @@ class ReviewScreen(SectionScreen):
 
     @work(thread=True, exclusive=True, group="coverage", exit_on_error=False)
     def _load_coverage(self) -> None:
-        from ..pipeline.coverage import coverage
+        from ..pipeline.curation.coverage import coverage
 
         try:
             cov = coverage(self.ctx.store)
@@ -701,7 +701,7 @@ class ReviewScreen(SectionScreen):
             self.app.call_from_thread(self.query_one(CoveragePanel).show, cov)
 
     def action_top_up(self) -> None:
-        from ..pipeline.coverage import DEFAULT_THIN
+        from ..pipeline.curation.coverage import DEFAULT_THIN
 
         def answered(value: str | None) -> None:
             if value is None:

@@ -21,7 +21,7 @@ from textual.message import Message
 from textual.scroll_view import ScrollView
 from textual.strip import Strip
 
-from ..pipeline.review import ListPreview
+from ..pipeline.curation.review import ListPreview
 
 Row = tuple[int, int, "int | None", str]  # id, length, grade, status
 PreviewFetcher = Callable[[Sequence[int]], "dict[int, ListPreview]"]

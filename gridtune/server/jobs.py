@@ -343,7 +343,7 @@ class JobManager:
                           param=param)
 
     async def _validate(self, job: dict[str, Any]) -> None:
-        from gridtune.pipeline.validate import ValidationInputError, validate_file
+        from gridtune.pipeline.format.validate import ValidationInputError, validate_file
 
         job_dir = self._dir(job["id"])
         self._event(job["id"], "Validating training file: " + job["training_file"])

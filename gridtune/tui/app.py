@@ -21,7 +21,7 @@ from textual.reactive import reactive
 from textual.screen import Screen
 
 from .. import locations
-from ..pipeline.project import open_or_create_demo
+from ..pipeline.spec.project import open_or_create_demo
 from ..store import StoreError
 from .commands import GridtuneCommands
 from .context import LOCAL_NOT_RUNNING, ProjectContext

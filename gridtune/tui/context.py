@@ -11,12 +11,12 @@ import threading
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ..pipeline.grid import GridSpec
-from ..pipeline.project import load_project_spec
+from ..pipeline.spec.grid import GridSpec
+from ..pipeline.spec.project import load_project_spec
 from ..store import Store
 
 if TYPE_CHECKING:  # pragma: no cover
-    from ..pipeline.backend import Backend
+    from ..pipeline.client.backend import Backend
 
 LOCAL_NOT_RUNNING = "local server (starts on demand)"
 
@@ -62,7 +62,7 @@ class ProjectContext:
         May start the local server (seconds): call it from a worker. Raises
         ``BackendError`` with a one-line message when none can be used.
         """
-        from ..pipeline.backend import resolve_backend
+        from ..pipeline.client.backend import resolve_backend
 
         with self._lock:
             if self._backend is None:
@@ -71,7 +71,7 @@ class ProjectContext:
 
     def backend_label(self) -> str:
         """A short label for the status line; never starts a server."""
-        from ..pipeline.backend import BackendError
+        from ..pipeline.client.backend import BackendError
 
         try:
             return self.backend(start=False).label

@@ -12,7 +12,7 @@ from rich.text import Text
 from textual.reactive import reactive
 from textual.widget import Widget
 
-from ...pipeline.review import Histogram, histogram
+from ...pipeline.curation.review import Histogram, histogram
 
 _BLOCKS = " ▁▂▃▄▅▆▇█"
 _BAND_CLASSES = [f"length-histogram--band{g}" for g in range(1, 6)]

@@ -1,0 +1,1 @@
+"""Talking to a model server: the backend, the local service, HTTP, rate limits, the request pool."""

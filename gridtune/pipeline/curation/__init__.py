@@ -1,0 +1,1 @@
+"""Keeping the good ones: grades, review, near-duplicates, the judge, coverage, diversity."""

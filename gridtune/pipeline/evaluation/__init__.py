@@ -1,0 +1,1 @@
+"""Did tuning help: the playground, the held-out eval and its metrics, promotion, scaling."""

@@ -1,0 +1,1 @@
+"""The teacher writes the completions: the runner, detached runs, batches, progress, estimates."""
