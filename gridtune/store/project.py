@@ -16,7 +16,7 @@ from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import quote, urlsplit, urlunsplit
 
 from ..core.errors import one_line
 from .records import (
@@ -30,7 +30,7 @@ from .records import (
     WorkItem,
 )
 from .runlock import Holder, RunLock, holder as run_lock_holder
-from .schema import MIGRATIONS, SCHEMA_VERSION
+from .schema import APPLICATION_ID, MIGRATIONS, SCHEMA_VERSION, shape, shape_of_version
 
 
 class StoreError(Exception):
@@ -49,7 +49,7 @@ def busy_timeout_s() -> float:
     return value if 0 <= value < 86400 else BUSY_TIMEOUT_S
 
 
-def _kind(exc: BaseException) -> str:
+def sqlite_error_kind(exc: BaseException) -> str:
     """A SQLite error's family: locked, readonly, full, corrupt, notadb, cantopen, io or other."""
     name = (getattr(exc, "sqlite_errorname", "") or "").upper()
     text = str(exc).lower()
@@ -80,7 +80,7 @@ def describe_sqlite_error(exc: BaseException, path: str | os.PathLike[str] | Non
         "notadb": "not a gridtune project (not a SQLite database)",
         "cantopen": "cannot open the project file (check that it and its folder are readable and writable)",
         "io": "the disk failed to read or write the project file",
-    }.get(_kind(exc))
+    }.get(sqlite_error_kind(exc))
     return head + (f"{what} ({detail})" if what else f"database error: {detail}")
 
 
@@ -181,45 +181,66 @@ class Store:
             raise StoreError(f"{path}: no such project (create one with `gridtune new {path} --spec SPEC.toml`)")
         if create and exists:
             raise StoreError(f"{path}: already exists; not overwriting it")
+        if not create:
+            _identify(path)  # read-only: a file that is not a project is never written to
         busy_s = busy_timeout_s()
+        conn: sqlite3.Connection | None = None
         try:
             conn = sqlite3.connect(path, timeout=busy_s, isolation_level=None, check_same_thread=False)
             conn.row_factory = sqlite3.Row
             conn.execute(f"PRAGMA busy_timeout = {int(busy_s * 1000)}")
-            # Read before any write: a file that is not a project is left exactly as it was
-            # (setting WAL would convert someone else's database, or write into an empty file).
-            version = conn.execute("PRAGMA user_version").fetchone()[0]
-            if version == 0 and not create:
-                tables = conn.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]
-                conn.close()
-                raise StoreError(f"{path}: not a gridtune project" + (" (empty file)" if not tables else ""))
+            store = cls(path, conn)
+            if create:
+                # The schema and the marker go in before WAL, in rollback mode, so the
+                # marker is in the main file itself from the first commit.
+                store._migrate(create=True)
             conn.execute("PRAGMA journal_mode = WAL")
             # NORMAL in WAL: a commit survives the process being killed (it is in the
             # WAL file), without an fsync per completion.
             conn.execute("PRAGMA synchronous = NORMAL")
             conn.execute("PRAGMA foreign_keys = ON")
+            if not create:
+                store._migrate()
         except sqlite3.Error as exc:
-            kind = _kind(exc)
+            if conn is not None:
+                conn.close()
+            kind = sqlite_error_kind(exc)
             if create or kind == "notadb" or (kind == "other" and not isinstance(exc, sqlite3.OperationalError)):
                 what = "cannot create the project" if create else "not a gridtune project"
                 raise StoreError(f"{path}: {what} ({exc})") from None
             raise StoreError(describe_sqlite_error(exc, path)) from None
-        if version > SCHEMA_VERSION:
-            conn.close()
-            raise StoreError(
-                f"{path}: made by a newer gridtune (schema {version}, this one knows {SCHEMA_VERSION}); "
-                "upgrade gridtune"
-            )
-        store = cls(path, conn)
-        store._migrate(version)
+        except StoreError:
+            if conn is not None:
+                conn.close()
+            raise
         return store
 
-    def _migrate(self, version: int) -> None:
-        for target in range(version + 1, SCHEMA_VERSION + 1):
+    def _migrate(self, *, create: bool = False) -> None:
+        """Bring the file to SCHEMA_VERSION and mark it, one migration per transaction.
+
+        Each step reads the version inside its write lock, so two processes opening
+        an old project at once migrate it once. An old unmarked project gets the
+        marker with its first step (or alone, when it needs no migration)."""
+        with self._lock:  # the usual case takes no write lock: a read-only project still opens
+            version = self._conn.execute("PRAGMA user_version").fetchone()[0]
+            app_id = self._conn.execute("PRAGMA application_id").fetchone()[0]
+            if version == SCHEMA_VERSION and app_id == APPLICATION_ID:
+                return
+        while True:
             with self.transaction() as c:
-                for statement in _split_sql(MIGRATIONS[target - 1]):
-                    c.execute(statement)
-                c.execute(f"PRAGMA user_version = {target}")
+                version = c.execute("PRAGMA user_version").fetchone()[0]
+                marked = c.execute("PRAGMA application_id").fetchone()[0] == APPLICATION_ID
+                if not create and not marked and not _is_old_project(c, version):
+                    raise StoreError(f"{self.path}: not a gridtune project")
+                if version > SCHEMA_VERSION:
+                    raise StoreError(_newer(self.path, version))
+                if version == SCHEMA_VERSION and marked:
+                    return
+                if version < SCHEMA_VERSION:
+                    for statement in _split_sql(MIGRATIONS[version]):
+                        c.execute(statement)
+                    c.execute(f"PRAGMA user_version = {version + 1}")
+                c.execute(f"PRAGMA application_id = {APPLICATION_ID}")
 
     def close(self) -> None:
         with self._lock:
@@ -1119,6 +1140,68 @@ def _new_id(cur: sqlite3.Cursor) -> int:
 
 def _dumps(value: Any) -> str | None:
     return None if value is None else json.dumps(value, ensure_ascii=False)
+
+
+_SQLITE_MAGIC = b"SQLite format 3\x00"
+
+
+def _identify(path: Path) -> None:
+    """Refuse, in one line, a file that is not a gridtune project this gridtune can open,
+    without writing anything: not to the file, not beside it.
+
+    A project carries APPLICATION_ID; one made before the marker has exactly the tables
+    of its schema version. Read through a read-only connection, which creates nothing
+    beside a file in rollback mode, or beside a WAL file whose -wal and -shm are both
+    there; a WAL file missing either is read as immutable, from the file alone (a
+    read-only connection would create the missing one): with no -wal the file holds
+    everything; a -wal without -shm (copied, not left by a crash) is read as of its
+    last checkpoint, which says whose file it is as well.
+    """
+    try:
+        with open(path, "rb") as f:
+            header = f.read(100)
+    except OSError as exc:
+        raise StoreError(f"{path}: {exc.strerror or exc}") from None
+    if not header:
+        raise StoreError(f"{path}: not a gridtune project (empty file)")
+    if len(header) < 100 or not header.startswith(_SQLITE_MAGIC):
+        raise StoreError(f"{path}: not a gridtune project (not a SQLite database)")
+    wal_mode = header[18] == 2
+    shared = all(Path(f"{path}{end}").exists() for end in ("-wal", "-shm"))
+    uri = "file:" + quote(str(path.absolute())) + ("?mode=ro&immutable=1" if wal_mode and not shared else "?mode=ro")
+    try:
+        conn = sqlite3.connect(uri, uri=True, timeout=busy_timeout_s(), isolation_level=None)
+    except sqlite3.Error as exc:
+        raise StoreError(describe_sqlite_error(exc, path)) from None
+    try:
+        conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout_s() * 1000)}")
+        conn.execute("BEGIN")  # one snapshot for all three reads
+        app_id = conn.execute("PRAGMA application_id").fetchone()[0]
+        version = conn.execute("PRAGMA user_version").fetchone()[0]
+        ours = app_id == APPLICATION_ID or (app_id == 0 and _is_old_project(conn, version))
+        conn.execute("COMMIT")
+    except sqlite3.Error as exc:
+        kind = sqlite_error_kind(exc)
+        if kind == "notadb" or (kind == "other" and not isinstance(exc, sqlite3.OperationalError)):
+            raise StoreError(f"{path}: not a gridtune project ({exc})") from None
+        raise StoreError(describe_sqlite_error(exc, path)) from None
+    finally:
+        conn.close()
+    if not ours:
+        raise StoreError(f"{path}: not a gridtune project (a SQLite database of another application); "
+                         "left as it was")
+    if version > SCHEMA_VERSION:
+        raise StoreError(_newer(path, version))
+
+
+def _is_old_project(conn: sqlite3.Connection, version: int) -> bool:
+    """A project made before the marker: a known version and exactly its schema."""
+    return 1 <= version <= SCHEMA_VERSION and shape(conn) == shape_of_version(version)
+
+
+def _newer(path: Path, version: int) -> str:
+    return (f"{path}: made by a newer gridtune (schema {version}, this one knows {SCHEMA_VERSION}); "
+            "upgrade gridtune")
 
 
 def _split_sql(script: str) -> list[str]:

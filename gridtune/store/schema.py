@@ -2,9 +2,19 @@
 
 Each migration is a SQL script; migration N (1-based) brings a file from
 version N-1 to N. Never edit a shipped migration: append a new one.
+
+A project is marked by APPLICATION_ID in the SQLite header (``PRAGMA application_id``),
+which only gridtune writes. Files made before the marker existed are recognised by
+their exact schema (``shape``: every table, index and column of that version) and
+marked when next opened; any other SQLite file is not a project, and is left alone.
 """
 
 from __future__ import annotations
+
+import functools
+import sqlite3
+
+APPLICATION_ID = 0x67726474  # "grdt"; a signed 32-bit value, as the header holds it
 
 MIGRATIONS: list[str] = [
     # 1: the first schema
@@ -269,3 +279,37 @@ MIGRATIONS: list[str] = [
 ]
 
 SCHEMA_VERSION = len(MIGRATIONS)
+
+
+Shape = frozenset[tuple[str, str, str, tuple[str, ...]]]
+
+
+def shape(conn: sqlite3.Connection) -> Shape:
+    """What a file's schema holds: (type, name, table, columns) for every table, index,
+    view and trigger outside SQLite's own (sqlite_stat1 and the like come and go)."""
+    rows = conn.execute(
+        "SELECT type, name, tbl_name FROM sqlite_master WHERE name NOT LIKE 'sqlite\\_%' ESCAPE '\\'"
+    ).fetchall()
+    out = set()
+    for kind, name, table in rows:
+        columns: tuple[str, ...] = ()
+        if kind == "table":
+            columns = tuple(r[1] for r in conn.execute(f"PRAGMA table_info({_quote(name)})"))
+        out.add((kind, name, table, columns))
+    return frozenset(out)
+
+
+@functools.cache
+def shape_of_version(version: int) -> Shape:
+    """The shape gridtune's own migrations 1..version give a file."""
+    conn = sqlite3.connect(":memory:")
+    try:
+        for script in MIGRATIONS[:version]:
+            conn.executescript(script)
+        return shape(conn)
+    finally:
+        conn.close()
+
+
+def _quote(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
