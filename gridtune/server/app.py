@@ -872,17 +872,6 @@ def _export_target(state: ServerState, request: Request, out: str) -> tuple[Path
     return resolved, False
 
 
-def _training_profile(state: ServerState, job: dict[str, Any]) -> dict[str, Any]:
-    """How a job's model was trained to be prompted (exits.data_profile of its training file;
-    chat when that file is gone)."""
-    from .exits import data_profile
-
-    try:
-        return data_profile(state.files.path(job["training_file"]))
-    except (APIError, OSError):
-        return {"format": "chat"}
-
-
 async def export_model(request: Request) -> Response:
     """gridtune's own: write a fine-tuned model on this machine for another engine: a merged
     Hugging Face directory (``to`` hf, the default), a GGUF (gguf), a GGUF with an Ollama
@@ -914,7 +903,7 @@ async def export_model(request: Request) -> Response:
     result = Path(job["local"]["result_dir"])
     try:
         exported = await asyncio.to_thread(export, result, target, to=to, base=state.jobs.base_model_source,
-                                           quant=quant, model_id=model, profile=_training_profile(state, job),
+                                           quant=quant, model_id=model, profile=state.jobs.profile(job),
                                            make_parents=inside)
     except ExportTargetError as exc:
         raise invalid(str(exc), param="output_dir", code="invalid_output_dir") from None

@@ -371,6 +371,7 @@ class JobManager:
                 return
             if key == "training_file":
                 n_examples = report.n_examples
+                job["local"]["data"] = await asyncio.to_thread(training_profile, path)
         if job["status"] == "cancelled":
             return
         hparams = _resolve_hparams(job["hyperparameters"], n_examples)
@@ -387,6 +388,16 @@ class JobManager:
         write_json(job_dir / "job.json", worker_job)
         self._set(job, "queued", message=f"Files validated ({n_examples} training examples); job queued")
         self._wake.set()
+
+    def profile(self, job: dict[str, Any]) -> dict[str, Any]:
+        """How the job's model was trained to be prompted (see training_profile); read from the
+        training file when the job predates the record, chat when that file is gone."""
+        if job["local"].get("data"):
+            return job["local"]["data"]
+        try:
+            return training_profile(self.files.path(job["training_file"]))
+        except (APIError, OSError):
+            return {"format": "chat"}
 
     def events(self, job_id: str, after: str | None, limit: int) -> tuple[list[dict[str, Any]], bool]:
         """Newest first, like OpenAI; ``after`` is the last id of the previous page (older ones follow)."""
@@ -555,6 +566,17 @@ class JobManager:
             return None
         errors = [ln for ln in lines if re.match(r"^[\w.]+(Error|Exception|Interrupt)\b", ln)]
         return errors[-1][:500] if errors else None
+
+
+def training_profile(path: Path) -> dict[str, Any]:
+    """The training file's format, with its separator and stop (completion format, trimmed to
+    the validator's usual markers) or the system message every example shares (chat)."""
+    from gridtune.pipeline.format.validate import SEPARATOR_FALLBACK, SEPARATOR_OPTIONS, STOP_FALLBACK, STOP_OPTIONS
+
+    from .exits import data_profile
+
+    return data_profile(path, separators=(*SEPARATOR_OPTIONS, SEPARATOR_FALLBACK),
+                        stops=(*STOP_OPTIONS, STOP_FALLBACK))
 
 
 def _killed(rc: int | None) -> str | None:
