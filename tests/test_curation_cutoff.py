@@ -137,8 +137,11 @@ def test_cost_line_follows_the_backend():
     assert "no charge" in unknown and "unknown" in unknown and "$" not in unknown
     retired = training_cost_line(backend_kind="openai", model="babbage-002", tokens_total=1_000_000, epochs=3)
     assert "gpt-4o-mini-2024-07-18" in retired and "$3.00" in retired and "can no longer be fine-tuned" in retired
+    # served, but not among OpenAI's last fine-tunable snapshots
     nano = training_cost_line(backend_kind="openai", model="gpt-4.1-nano", tokens_total=1_000_000, epochs=3)
-    assert "gpt-4.1-nano-2025-04-14" in nano and "$1.50" in nano
+    assert "gpt-4o-mini-2024-07-18" in nano and "gpt-4.1-nano can no longer be fine-tuned" in nano
+    mini = training_cost_line(backend_kind="openai", model="gpt-4.1-mini", tokens_total=1_000_000, epochs=3)
+    assert "gpt-4.1-mini-2025-04-14" in mini and "$5.00" in mini
     legacy = training_cost_line(backend_kind="openai", model=None, tokens_total=10, epochs=3, legacy_format=True)
     assert "none can be priced" in legacy and "$" not in legacy
 

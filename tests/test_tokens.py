@@ -118,8 +118,10 @@ def test_prices_resolve_snapshots_aliases_and_fine_tuned_names():
     assert cost.price_for("gpt-4o-mini").name == cost.price_for("gpt-4o-mini-2024-07-18").name
     assert cost.price_for("GPT-4.1-mini").name == "gpt-4.1-mini-2025-04-14"
     assert cost.price_for("gpt-4o-mini-2099-01-01").name == "gpt-4o-mini-2024-07-18"
-    for name in ("gpt-4o-2024-08-06", "gpt-4.1", "gpt-4.1-nano", "gpt-3.5-turbo", "davinci-002", "babbage-002"):
+    for name in ("gpt-4o-2024-08-06", "gpt-4.1", "gpt-4.1-nano", "gpt-3.5-turbo"):
         assert cost.price_for(name) is not None, name
+    for name in ("davinci-002", "babbage-002"):  # OpenAI serves them no more: named, never priced
+        assert cost.price_for(name) is None and cost.retired(name), name
     assert cost.price_for("some-unknown-model") is None
     assert cost.price_for("gpt-4o-audio-preview") is None  # not a dated snapshot of a known model
     assert cost.context_length("gpt-3.5-turbo") == 16385

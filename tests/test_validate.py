@@ -272,7 +272,9 @@ def test_cli_model_changes_tokenizer_and_price(good_chat):
     res = CliRunner().invoke(main, ["validate", str(good_chat), "--model", "gpt-3.5-turbo", "--json"])
     d = json.loads(res.stdout)
     assert d["model"] == "gpt-3.5-turbo" and d["stats"]["encoding"] == "cl100k_base"
-    assert d["stats"]["price_model"] == "gpt-3.5-turbo-0125"
+    assert d["stats"]["price_model"] is None  # served, no longer fine-tunable: no training price
+    res = CliRunner().invoke(main, ["validate", str(good_chat), "--model", "gpt-4.1-mini", "--json"])
+    assert json.loads(res.stdout)["stats"]["price_model"] == "gpt-4.1-mini-2025-04-14"
 
 
 def test_a_line_over_the_cap_is_one_error_naming_it_and_the_rest_is_still_checked(tmp_path, monkeypatch):

@@ -20,9 +20,10 @@ from .main import main
 @main.command("validate")
 @click.argument("file", type=click.Path(path_type=Path))
 @click.option("--model", "-m", default=None,
-              help="the model to fine-tune: its tokenizer, context length and price (default gpt-4o-mini "
-                   "for chat files; prompt/completion files count babbage-002's tokens, a retired model "
-                   "no cost is given for)")
+              help="the model to fine-tune: its tokenizer, context length and price. OpenAI still tunes "
+                   "gpt-4o-mini-2024-07-18 (the default for chat files), gpt-4o-2024-08-06, gpt-4.1-2025-04-14 "
+                   "and gpt-4.1-mini-2025-04-14, but takes no new jobs from 2027-01-06 and shuts them down "
+                   "2027-01-14; prompt/completion files count the retired babbage-002's tokens, no cost given")
 @click.option("--json", "as_json", is_flag=True, help="print the report as one JSON object")
 @handle_errors
 def validate_cmd(file: Path, model: str | None, as_json: bool) -> None:

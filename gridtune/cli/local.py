@@ -220,25 +220,42 @@ def ask_cmd(model: str, prompt: str, stops: tuple[str, ...], temperature: float 
 
 @main.command("export-model")
 @click.argument("model_id")
+@click.option("--to", "to", type=click.Choice(["hf", "gguf", "ollama", "vllm"]), default="hf", show_default=True,
+              help="hf: merged Hugging Face directory (transformers, vLLM); gguf: one GGUF for llama.cpp; "
+                   "ollama: the GGUF and a Modelfile; vllm: a LoRA adapter for --lora-modules")
 @click.option("-o", "--output", "output", required=True, type=click.Path(file_okay=False, path_type=Path),
-              help="directory for the merged Hugging Face model")
+              help="the new directory to write")
+@click.option("--quant", default=None, metavar="TYPE",
+              help="gguf/ollama weights: f16 (default), f32, bf16, q8_0; q4_0, q4_k_m, q5_k_m, q6_k with llama.cpp")
+@click.option("--json", "as_json", is_flag=True, help="print what was written as one JSON object")
 @handle_errors
-def export_model_cmd(model_id: str, output: Path) -> None:
-    """Merge a local fine-tuned model into a Hugging Face directory (for vLLM, transformers, ...)."""
+def export_model_cmd(model_id: str, to: str, output: Path, quant: str | None, as_json: bool) -> None:
+    """Write a local fine-tuned model for another engine, and print the command that runs it there."""
     from ..pipeline.training import finetune as ft
 
     if output.exists() and (not output.is_dir() or any(output.iterdir())):
         raise Problem(f"{output}: exists and is not empty; not overwriting it")
+    if quant and to not in ("gguf", "ollama"):
+        raise Problem(f"--quant applies to --to gguf or ollama, not {to}")
     try:  # this process is the user: it makes the parents the server will not make outside its export root
         output.expanduser().resolve().parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise Problem(f"{output}: {exc.strerror or exc}") from None
     backend = _backend()
     try:
-        path = ft.export_model(backend, model_id, output)
+        done = ft.export_model(backend, model_id, output, to=to, quant=quant)
     except ft.FinetuneError as exc:
         raise Failed(str(exc)) from None
-    click.echo(f"wrote {path}")
+    if as_json:
+        emit_json({"target": done.target, "output_dir": str(done.output_dir), "files": done.files,
+                   "commands": done.commands, "notes": done.notes})
+        return
+    click.echo(f"wrote {done.output_dir}: {', '.join(done.files)}")
+    for note in done.notes:
+        click.echo(f"note: {note}")
+    click.echo("run it:")
+    for command in done.commands:
+        click.echo(f"  {command}")
 
 
 def _scaling(project: Path, model: str | None, epochs: int | None, suffix: str | None, seed: int | None,

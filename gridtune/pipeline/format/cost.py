@@ -128,12 +128,28 @@ def tunable_price(model: str | None) -> ModelPrice | None:
     return price_for(model) if tunable(model) else None
 
 
+def retired(model: str | None) -> bool:
+    """Whether OpenAI no longer serves ``model`` (the table's ``[retired]``)."""
+    return bool(model) and str(model).strip().lower() in _table().get("retired", {})
+
+
+def shutdown(model: str | None) -> str | None:
+    """The date OpenAI shuts ``model`` down (YYYY-MM-DD), where the table knows it."""
+    price = price_for(model)
+    return _table()["models"][price.name].get("shutdown") if price else None
+
+
+def tunable_models() -> list[str]:
+    """The snapshots OpenAI still fine-tunes, in the table's order."""
+    return [name for name, row in _table()["models"].items() if row.get("tunable") and name != "local"]
+
+
 def price_note(model: str | None, *, legacy_format: bool = False) -> str | None:
     """Why a training cost line has no price, or None when ``model`` is priced."""
     if tunable(model):
         return None
     price = price_for(model)
-    if price is None:
+    if price is None and not retired(model):
         return f"no price known for {model}"
     if legacy_format:
         return (f"{model} is retired and no current model fine-tunes on the legacy prompt/completion "

@@ -11,6 +11,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from datetime import date
 from pathlib import Path
 from typing import Any
 
@@ -343,9 +344,14 @@ def export_for_finetune(store: Any, validation: Path | None = None) -> tuple[Pat
 def start_finetune(backend: Backend, train_path: str | Path, model: str, *, validation_path: str | Path | None = None,
                    epochs: int | None = None, suffix: str | None = None, seed: int | None = None,
                    store: Any = None, export_id: int | None = None,
-                   on_message: Callable[[str], None] | None = None) -> FineTuningJob:
-    """Validate, upload and create the job; record it in ``store`` (a project) when given."""
+                   on_message: Callable[[str], None] | None = None, today: date | None = None) -> FineTuningJob:
+    """Validate, upload and create the job; record it in ``store`` (a project) when given.
+
+    On OpenAI from 2027-01-06 (``today``: see sunset.today), or when OpenAI refuses the job
+    because its fine-tuning is closed, FinetuneRefused says so with the local command."""
     from ..format.validate import ValidationInputError, validate_file
+    from . import sunset
+
 
     say = on_message or (lambda _m: None)
     for path in [train_path] + ([validation_path] if validation_path else []):
@@ -357,29 +363,61 @@ def start_finetune(backend: Backend, train_path: str | Path, model: str, *, vali
             kinds = ", ".join(f"{k} ({n})" for k, n in sorted(report.errors.items()))
             raise FinetuneError(f"{path}: {sum(report.errors.values())} validation error(s): {kinds}; "
                                 f"see `gridtune validate {path}`")
+    local = sunset.local_command(train_path, validation_path=validation_path, epochs=epochs, suffix=suffix,
+                                 seed=seed)
+    closed = sunset.closed_message(backend, local, on=today)
+    if closed:
+        raise FinetuneRefused(closed)  # before any upload: the file would only sit there
     say(f"uploading {Path(train_path).name} to {backend.label}")
     train = upload_file(backend, train_path)
     valid = upload_file(backend, validation_path) if validation_path else None
-    job = create_job(backend, train.id, model, validation_file_id=valid.id if valid else None, epochs=epochs,
-                     suffix=suffix, seed=seed)
+    try:
+        job = create_job(backend, train.id, model, validation_file_id=valid.id if valid else None, epochs=epochs,
+                         suffix=suffix, seed=seed)
+    except FinetuneRefused as exc:
+        raise FinetuneRefused(sunset.refusal_message(backend, str(exc), local) or str(exc)) from None
     if store is not None:
         store.record_job(id=job.id, base_url=backend.public_url, model=model, training_file=train.id,
                          validation_file=valid.id if valid else None, export_id=export_id, status=job.status)
     return job
 
 
-def export_model(backend: Backend, model_id: str, out_dir: str | Path) -> Path:
-    """Merge a local fine-tuned model into a Hugging Face directory (the local server does it)."""
+EXPORT_TARGETS = ("hf", "gguf", "ollama", "vllm")
+
+
+@dataclass
+class ModelExport:
+    """What an export wrote (``files`` relative to ``output_dir``) and the commands that run it."""
+
+    target: str
+    output_dir: Path
+    files: list[str]
+    commands: list[str]
+    notes: list[str]
+
+
+def export_model(backend: Backend, model_id: str, out_dir: str | Path, *, to: str = "hf",
+                 quant: str | None = None) -> ModelExport:
+    """Write a local fine-tuned model for another engine (the local server does it): a merged
+    Hugging Face directory (hf), a GGUF for llama.cpp (gguf), a GGUF with an Ollama Modelfile
+    (ollama) or a LoRA adapter for vLLM (vllm); ``quant`` (gguf/ollama) e.g. q8_0."""
     if backend.kind != "local":
         raise FinetuneError("export-model works on models of the local server; OpenAI's tuned models stay there")
+    if to not in EXPORT_TARGETS:
+        raise FinetuneError(f"unknown export target {to!r}; choose one of {', '.join(EXPORT_TARGETS)}")
     out = Path(out_dir).expanduser().resolve()
+    body: dict[str, Any] = {"model": model_id, "output_dir": str(out), "to": to}
+    if quant:
+        body["quant"] = quant
     try:
         with backend.client(timeout=3600) as client:
-            resp = client.post("/gridtune/export_model", cast_to=object,
-                               body={"model": model_id, "output_dir": str(out)})
+            resp = client.post("/gridtune/export_model", cast_to=object, body=body)
     except openai.OpenAIError as exc:
         raise _wrap(f"exporting {model_id}", exc) from None
-    return Path(resp["output_dir"]) if isinstance(resp, dict) else out
+    resp = resp if isinstance(resp, dict) else {}
+    return ModelExport(target=str(resp.get("target", to)), output_dir=Path(resp.get("output_dir") or out),
+                       files=list(resp.get("files") or []), commands=list(resp.get("commands") or []),
+                       notes=list(resp.get("notes") or []))
 
 
 # -- prompting ----------------------------------------------------------------------------
