@@ -461,7 +461,9 @@ class Engine:
         if not fastlm.supports(module):
             log.info("%s runs on the transformers path (architecture not on the fast path)", served.model_id)
             return False
-        served.fast = fastlm.FastLlama(module, slots=self.max_batch, dtype=self._fast_dtype, device=self.device)
+        from .cuda_decode import wrap  # CUDA graphs on a GPU; the FastLlama itself elsewhere
+
+        served.fast = wrap(fastlm.FastLlama(module, slots=self.max_batch, dtype=self._fast_dtype, device=self.device))
         return True
 
     def _ensure_loaded(self, served: _Served) -> None:
