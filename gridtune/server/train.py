@@ -11,6 +11,10 @@ What the server's job queue relies on:
   transformers builds a block-diagonal causal mask; rows go through in micro-batches under
   a token budget, and the vocabulary projection runs only at positions that carry a label
   (``logits_to_keep``).
+* On CUDA: bf16 autocast over bf16 base weights, LoRA weights (and their optimizer state)
+  in fp32; gradient checkpointing when a micro-batch's activations would not fit in the
+  GPU's free memory (or after an out-of-memory error, which retries the step); a 4-bit
+  base (QLoRA, ``quantize: "4bit"``) when bitsandbytes is installed.
 * Data order depends only on (seed, epoch), and a checkpoint holds the trainable weights,
   optimizer, scheduler and RNG state, so a resumed job continues as if never stopped.
 """
@@ -70,6 +74,8 @@ class JobSpec:
     max_length: int = MAX_LENGTH
     lora_r: int = 16
     device: str | None = None
+    gradient_checkpointing: bool | None = None  # None: on when activations would not fit (CUDA)
+    quantize: str | None = None  # "4bit": QLoRA base on CUDA when bitsandbytes is installed
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> JobSpec:
@@ -96,6 +102,8 @@ class JobSpec:
             max_length=int(data.get("max_length") or MAX_LENGTH),
             lora_r=int(data.get("lora_r") or 16),
             device=data.get("device"),
+            gradient_checkpointing=data.get("gradient_checkpointing"),
+            quantize=data.get("quantize"),
         )
 
 
@@ -291,17 +299,51 @@ def pack(rows: list[list[Example]], device: Any) -> dict[str, Any]:
 
 def packed_loss_sum(model: Any, batch: dict[str, Any]) -> Any:
     """Summed cross-entropy over the pack's target tokens."""
+    import torch
     import torch.nn.functional as F
 
-    out = model(
-        input_ids=batch["input_ids"],
-        position_ids=batch["position_ids"],
-        attention_mask=None,  # None + restarting position_ids = block-diagonal causal mask
-        use_cache=False,
-        logits_to_keep=batch["keep"],
-    )
-    logits = out.logits.float()  # (kept positions, vocab): a boolean keep flattens them
+    inputs = {
+        "input_ids": batch["input_ids"],
+        "position_ids": batch["position_ids"],
+        "attention_mask": None,  # None + restarting position_ids = block-diagonal causal mask
+        "use_cache": False,
+    }
+    if _keeps_by_mask():
+        # (kept positions, vocab): a boolean keep flattens them
+        logits = model(**inputs, logits_to_keep=batch["keep"]).logits.float()
+    else:
+        # transformers before the boolean logits_to_keep: the decoder's hidden states, projected
+        # at the kept positions only, as the model's own head would (soft-capping, scaling)
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        hidden = base.get_decoder()(**inputs).last_hidden_state[batch["keep"]]
+        logits = base.get_output_embeddings()(hidden).float()
+        scaling = getattr(base.config, "logits_scaling", None)
+        if scaling:
+            logits = logits / scaling
+        cap = getattr(base.config, "final_logit_softcapping", None)
+        if cap:
+            logits = torch.tanh(logits / cap) * cap
     return F.cross_entropy(logits, batch["targets"], reduction="sum")
+
+
+_KEEP_BY_MASK: bool | None = None
+
+
+def _keeps_by_mask() -> bool:
+    """Whether this transformers takes a boolean [rows, positions] ``logits_to_keep``
+    (newer releases; 5.17's models index with it as positions and fail)."""
+    global _KEEP_BY_MASK
+    if _KEEP_BY_MASK is None:
+        import torch
+
+        try:
+            from transformers.modeling_utils import slice_logits_to_keep
+
+            mask = torch.tensor([[True, False, True], [False, True, True]])
+            _KEEP_BY_MASK = tuple(slice_logits_to_keep(torch.zeros(2, 3, 1), mask).shape) == (4, 1)
+        except Exception:  # noqa: BLE001 - absent or another contract: the explicit path
+            _KEEP_BY_MASK = False
+    return _KEEP_BY_MASK
 
 
 # ---------------------------------------------------------------- events and files
@@ -373,8 +415,51 @@ def _threads() -> None:
     torch.set_num_threads(int(wanted) if wanted else max(1, os.cpu_count() or 1))
 
 
-def build_model(spec: JobSpec, loaded: Any) -> Any:
-    """The trainable model: LoRA adapters on every attention and MLP projection, or all weights."""
+def quantize_4bit(model: Any, device: str) -> int:
+    """Replace the model's linear layers (not the output head) by bitsandbytes' NF4 layers
+    computing in bf16, in place: the QLoRA base. Returns how many were replaced."""
+    import bitsandbytes as bnb
+    import torch
+
+    head = model.get_output_embeddings()
+    replaced = 0
+    for module in list(model.modules()):
+        for name, child in list(module.named_children()):
+            if type(child) is not torch.nn.Linear or child is head:
+                continue
+            q = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=child.bias is not None,
+                                  compute_dtype=torch.bfloat16, quant_type="nf4", device="cpu")
+            q.weight = bnb.nn.Params4bit(child.weight.data.to("cpu", torch.bfloat16), requires_grad=False,
+                                         quant_type="nf4")
+            if child.bias is not None:
+                q.bias = torch.nn.Parameter(child.bias.data.to("cpu", torch.bfloat16), requires_grad=False)
+            setattr(module, name, q.to(device))  # quantized as it moves to the GPU
+            replaced += 1
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
+    return replaced
+
+
+def _four_bit(spec: JobSpec, loaded: Any, say: Callable[[str], None]) -> bool:
+    """Whether to train on a 4-bit base: asked for, LoRA, CUDA and bitsandbytes importable."""
+    if (spec.quantize or "").lower() not in ("4bit", "nf4", "qlora"):
+        return False
+    if spec.method != "lora" or not str(loaded.device).startswith("cuda"):
+        say("quantize=4bit applies to LoRA on a CUDA GPU: training on the unquantized base")
+        return False
+    try:
+        import bitsandbytes  # noqa: F401
+    except Exception:  # noqa: BLE001 - missing, or built without this GPU's CUDA
+        say("quantize=4bit needs bitsandbytes (pip install bitsandbytes): training on the bf16 base")
+        return False
+    return True
+
+
+def build_model(spec: JobSpec, loaded: Any, say: Callable[[str], None] = lambda _: None) -> Any:
+    """The trainable model: LoRA adapters on every attention and MLP projection, or all weights.
+
+    LoRA weights are fp32 whatever the base's dtype (bf16 on CUDA): their updates are far
+    smaller than bf16's resolution, and under autocast they are cast per matmul anyway."""
     import torch
 
     model = loaded.model
@@ -391,9 +476,53 @@ def build_model(spec: JobSpec, loaded: Any) -> Any:
     targets = sorted({name.rsplit(".", 1)[-1] for name, _ in model.named_modules()} & set(LORA_TARGETS))
     if not targets:
         raise DataError("LoRA found none of the usual projection layers in this model; try method 'full'")
+    if _four_bit(spec, loaded, say):
+        n = quantize_4bit(model, str(loaded.device))
+        say(f"QLoRA: {n} linear layers of the base quantized to 4-bit NF4 (bitsandbytes), bf16 compute")
     config = LoraConfig(r=spec.lora_r, lora_alpha=2 * spec.lora_r, lora_dropout=0.0,
                         target_modules=targets, task_type="CAUSAL_LM")
-    return get_peft_model(model, config)
+    peft_model = get_peft_model(model, config)
+    for p in peft_model.parameters():
+        if p.requires_grad and p.dtype != torch.float32:
+            p.data = p.data.float()
+    if str(loaded.device).startswith("cuda"):
+        # Under autocast every LoRA matmul runs in bf16 anyway: PEFT's cast of each adapter's
+        # input to fp32 first is two kernels per adapter and step thrown away (training on
+        # a GPU is launch-bound for small models).
+        for module in peft_model.modules():
+            if hasattr(module, "cast_input_dtype_enabled"):
+                module.cast_input_dtype_enabled = False
+    return peft_model
+
+
+def activation_bytes(config: Any, tokens: int) -> int:
+    """An upper estimate of what one micro-batch of ``tokens`` keeps for backward under bf16
+    autocast: per layer and token the attention and MLP inputs and intermediates, plus the
+    fp32 logits and their gradient at every position (the worst case of ``logits_to_keep``)."""
+    h = int(config.hidden_size)
+    inter = int(getattr(config, "intermediate_size", 4 * h) or 4 * h)
+    layers = int(config.num_hidden_layers)
+    per_token = layers * (16 * h + 6 * inter) * 2 + int(config.vocab_size) * (2 + 4 + 4)
+    return tokens * per_token
+
+
+def wants_checkpointing(spec: JobSpec, model: Any, device: str, token_budget: int) -> bool:
+    """Gradient checkpointing: as the job says, else on CUDA when a full micro-batch's
+    activations would take more than 80% of the GPU memory still free."""
+    if spec.gradient_checkpointing is not None:
+        return bool(spec.gradient_checkpointing)
+    if not device.startswith("cuda"):
+        return False
+    import torch
+
+    free, _ = torch.cuda.mem_get_info(torch.device(device))
+    return activation_bytes(model.config, token_budget) > 0.8 * free
+
+
+def enable_checkpointing(model: Any) -> None:
+    # Non-reentrant checkpointing needs no input gradients, so frozen embeddings are fine.
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.config.use_cache = False
 
 
 def trainable_state(model: Any) -> dict[str, Any]:
@@ -498,10 +627,17 @@ def run_job(
             events.emit(f"{train_data.truncated} examples truncated to {spec.max_length} tokens, "
                         f"{train_data.dropped} dropped with nothing to learn", level="warn")
 
-    model = build_model(spec, loaded)
+    model = build_model(spec, loaded, say=lambda m: events.emit(m) if checkpoint is None else None)
+    checkpointing = wants_checkpointing(spec, model, device, token_budget)
+    if checkpointing:
+        enable_checkpointing(model)
+        if checkpoint is None:
+            events.emit("Gradient checkpointing on: a micro-batch's activations would not fit in memory"
+                        if spec.gradient_checkpointing is None else "Gradient checkpointing on")
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    # fused: one kernel for all the adapters' updates on CUDA
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0, fused=True if device.startswith("cuda") else None)
     warmup = max(1, total_steps // 20)
 
     def schedule(step: int) -> float:  # linear warm-up, then linear decay to 10%
@@ -542,17 +678,27 @@ def run_job(
             group = [examples[i] for i in order[first:first + batch_size]]
             started = time.perf_counter()
             n_targets = sum(max(0, sum(1 for x in e.labels[1:] if x != -100)) for e in group)
-            step_loss, step_tokens = 0.0, 0
-            optimizer.zero_grad(set_to_none=True)
-            for micro in micro_batches(group, token_budget):
-                if should_stop():  # a long step still stops within one micro-batch
-                    raise TrainingCancelled()
-                batch = pack(micro, device)
-                with _autocast(device):
-                    loss_sum = packed_loss_sum(model, batch)
-                (loss_sum / n_targets).backward()
-                step_loss += float(loss_sum.detach())
-                step_tokens += batch["n_tokens"]
+
+            while True:
+                try:
+                    step_loss, step_tokens = _accumulate(model, optimizer, group, n_targets, token_budget,
+                                                         device, should_stop)
+                    break
+                except torch.OutOfMemoryError:
+                    # The step starts again (its gradients are cleared): first with
+                    # checkpointing, then with micro-batches half as large.
+                    if not device.startswith("cuda") or (checkpointing and token_budget <= spec.max_length):
+                        raise
+                    optimizer.zero_grad(set_to_none=True)
+                    torch.cuda.empty_cache()
+                    if not checkpointing:
+                        checkpointing = True
+                        enable_checkpointing(model)
+                        events.emit("Out of GPU memory: gradient checkpointing on, step retried", level="warn")
+                    else:
+                        token_budget = max(spec.max_length, token_budget // 2)
+                        events.emit(f"Out of GPU memory: micro-batches of {token_budget} tokens, step retried",
+                                    level="warn")
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             optimizer.step()
             scheduler.step()
@@ -572,6 +718,7 @@ def run_job(
                 "step": step, "total_steps": total_steps, "train_loss": round(train_loss, 6),
                 "valid_loss": round(valid_loss, 6) if evaluated else None,
                 "epoch": epoch + 1, "tokens_per_s": round(step_tokens / max(elapsed, 1e-9), 1),
+                "tokens": step_tokens, "seconds": round(elapsed, 4),
             })
         _save_checkpoint(job_dir, spec, model, optimizer, scheduler, epoch + 1, step, trained_tokens,
                          train_loss, valid_loss)
@@ -580,6 +727,23 @@ def run_job(
     result_dir = save_result(model, loaded, spec, job_dir)
     events.emit("New fine-tuned model created", data={"result_dir": str(result_dir)})
     return TrainResult(result_dir, trained_tokens, step, train_loss, valid_loss, losses)
+
+
+def _accumulate(model: Any, optimizer: Any, group: list[Example], n_targets: int, token_budget: int,
+                device: str, should_stop: Callable[[], bool]) -> tuple[float, int]:
+    """Forward and backward over one step's micro-batches: (summed loss, tokens)."""
+    total, tokens = 0.0, 0
+    optimizer.zero_grad(set_to_none=True)
+    for micro in micro_batches(group, token_budget):
+        if should_stop():  # a long step still stops within one micro-batch
+            raise TrainingCancelled()
+        batch = pack(micro, device)
+        with _autocast(device):
+            loss_sum = packed_loss_sum(model, batch)
+        (loss_sum / n_targets).backward()
+        total += float(loss_sum.detach())
+        tokens += batch["n_tokens"]
+    return total, tokens
 
 
 def _save_checkpoint(job_dir: Path, spec: JobSpec, model: Any, optimizer: Any, scheduler: Any,
