@@ -36,8 +36,8 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=96)
     args = parser.parse_args()
 
-    from gridtune.pipeline.client.backend import local_backend
     from gridtune.pipeline.client.request_pool import PoolOptions
+    from gridtune.pipeline.client.resolve import local_backend
     from gridtune.pipeline.evaluation import evaluate as ev
     from gridtune.pipeline.spec.project import load_project_spec, open_or_create_demo
     from gridtune.pipeline.training.export import export_project

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from gridtune.pipeline.client.backend import OPENAI_URL, Backend, resolve_backend
+from gridtune.pipeline.client.backend import OPENAI_URL, Backend
+from gridtune.pipeline.client.resolve import resolve_backend
 
 
 def test_base_url_selects_a_compatible_server(monkeypatch):

@@ -7,7 +7,7 @@ import pytest
 from click.testing import CliRunner
 
 from gridtune.cli.main import main
-from gridtune.pipeline.client.backend import resolve_backend
+from gridtune.pipeline.client.resolve import resolve_backend
 from gridtune.pipeline.generation.estimate import ServerInfo, estimate_run, resolve_concurrency, server_info
 from gridtune.pipeline.generation.generate import GenerateOptions, preview_run
 from gridtune.store import Store

@@ -12,7 +12,7 @@ import pytest
 from click.testing import CliRunner
 
 from gridtune.cli.main import main
-from gridtune.pipeline.client.backend import resolve_backend
+from gridtune.pipeline.client.resolve import resolve_backend
 from gridtune.pipeline.spec.grid import GenerationSettings, GridSpec
 from gridtune.pipeline.spec.project import create_project
 from gridtune.pipeline.training import finetune as ft

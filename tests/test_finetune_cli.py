@@ -10,7 +10,8 @@ from click.testing import CliRunner
 
 from gridtune.cli.main import main
 from gridtune.pipeline.client.ask import ask, chat_messages, stream_pieces
-from gridtune.pipeline.client.backend import Backend, resolve_backend
+from gridtune.pipeline.client.backend import Backend
+from gridtune.pipeline.client.resolve import resolve_backend
 from gridtune.pipeline.training import finetune as ft
 from tests.server_support import InProcessServer, chat_examples, write_jsonl
 from tests.tiny_model import tiny_model_dir  # noqa: F401 - fixture

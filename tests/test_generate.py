@@ -476,7 +476,7 @@ def local_server(varied_model_dir, tmp_path, _isolated_home):
 
 @pytest.mark.local
 def test_streamed_and_plain_runs_on_the_local_server_store_the_same_replies_and_counts(tmp_path, local_server):
-    from gridtune.pipeline.client.backend import resolve_backend
+    from gridtune.pipeline.client.resolve import resolve_backend
 
     backend = resolve_backend(start_local=False)
     assert backend.kind == "local"
@@ -512,12 +512,81 @@ def test_a_server_that_refuses_stream_options_gets_plain_requests(tmp_path, fake
 def test_eta_comes_from_streamed_tokens_before_any_completion_ends():
     from gridtune.pipeline.generation.progress import Tracker
 
-    tracker = Tracker(10, run_id=1, expected_tokens=100)
+    clock = _Clock()
+    tracker = Tracker(10, run_id=1, expected_tokens=100, clock=clock)
     for _ in range(10):
         tracker.started()
     assert tracker.snapshot("running").eta_s is None and tracker.snapshot().phase == "waiting for the first tokens"
-    tracker._started -= 5  # the run began 5 s ago: 50 tokens since are 10 tok/s
-    tracker.streamed(50)
+    clock.now += 5  # 5 s waiting for the first tokens (the prompts read): not the decoding speed
+    tracker.streamed(10)
+    clock.now += 4
+    tracker.streamed(30)  # 40 tokens in the 4 s since the first: 10 tok/s
     p = tracker.snapshot("running")
     assert p.phase is None and p.tokens_per_s == pytest.approx(10, rel=0.01) and p.done == 0
-    assert p.eta_s == pytest.approx((10 * 100 - 50) / 10, rel=0.01)  # 950 tokens left at 10 tok/s
+    assert p.eta_s == pytest.approx((10 * 100 - 40) / 10, rel=0.01)  # 960 tokens left at 10 tok/s
+
+
+class _Clock:
+    """Time that moves only when a test moves it."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _simulated_run(seed: int = 7) -> list[tuple[float, float | None, int]]:
+    """64 requests, 8 at once, after 6 s of reading prompts; tokens arrive in bursts every
+    2 s (a batching server) at a speed that wanders (a slower patch), and the last replies
+    are the longest (280 tokens against a mean near 110): (time, ETA, in flight) every half
+    second, as a run's heartbeat sees it."""
+    import random
+
+    from gridtune.pipeline.generation.progress import Tracker
+
+    rng = random.Random(seed)
+    clock = _Clock()
+    start = clock.now
+    tracker = Tracker(64, run_id=1, expected_tokens=100, clock=clock)
+    queue = [rng.randint(260, 300) for _ in range(5)] + [rng.randint(60, 140) for _ in range(59)]
+    flying: dict[int, list[int]] = {}  # id -> [tokens so far, length]
+    next_id, seen = 0, []
+    while queue or flying:
+        while queue and len(flying) < 8:
+            flying[next_id] = [0, queue.pop()]
+            tracker.started()
+            next_id += 1
+        clock.now += 0.5
+        t = clock.now - start
+        if t > 6 and int(t * 2) % 4 == 0:
+            per_stream = 4 if 40 < t < 55 else 8  # tokens/s per stream
+            for cid, item in list(flying.items()):
+                step = min(item[1] - item[0], max(0, round(per_stream * 2 * rng.uniform(0.2, 1.8))))
+                item[0] += step
+                tracker.streamed(step)
+                if item[0] >= item[1]:
+                    tracker.done(cid, "x", item[1], None, streamed=item[1])
+                    del flying[cid]
+        seen.append((t, tracker.snapshot("running").eta_s, len(flying)))
+    return seen
+
+
+def test_the_eta_is_steady_and_never_zero_with_requests_in_flight():
+    """Issue 21: the ETA swung 26 h -> 13 h -> 1 h 19 m -> 11 m -> 3 m -> 17 m and read 0 s
+    for 40 s with 13 requests in flight. On a run with bursty, uneven speed it now starts
+    near the truth, moves without jumps once measured, and says more than 0 s while
+    anything is in flight. (Before: a first ETA of 449 s for 146 s, jumps of 74 s between
+    heartbeats, and 0 s in 56 heartbeats with requests in flight.)"""
+    from gridtune.pipeline.generation.progress import ETA_SMOOTHING_S
+
+    seen = _simulated_run()
+    end = seen[-1][0]
+    measured = [(t, eta, flying) for t, eta, flying in seen if eta is not None]
+    first_t, first_eta, _ = measured[0]
+    assert first_eta < 2 * (end - first_t)
+    for (t0, a, _), (_t1, b, _) in zip(measured, measured[1:], strict=False):
+        if t0 > 6 + ETA_SMOOTHING_S + 1:  # measured long enough to be smoothed
+            assert abs(b - a) <= 0.35 * a + 2.0, (t0, a, b)
+    assert all(eta > 0 for _, eta, flying in measured if flying)
+    assert seen[-1][1] == 0.0

@@ -16,8 +16,8 @@ from gridtune.pipeline.generation import runs
 from gridtune.pipeline.generation.generate import GenerateError, GenerateOptions, preview_run, worst_cost
 from gridtune.pipeline.spec.options import GENERATION, SPEC_SETTINGS, OptionError
 from gridtune.pipeline.spec.project import load_project_spec
-from gridtune.screens.generate import Settings, budget_text, usd
 from gridtune.store import Store
+from gridtune.tui.screens.generate import Settings, budget_text, usd
 from tests.test_generate import completions, make_project
 from tests.test_tui_generate import GridtuneApp, wait_for
 from tests.tui_helpers import settle

@@ -11,8 +11,8 @@ from gridtune.cli.main import main
 from gridtune.pipeline.spec.grid import GridError, parse_spec
 from gridtune.pipeline.spec.options import EXPORT, FINETUNE, GENERATION, OptionError
 from gridtune.pipeline.spec.project import create_project, load_project_spec
-from gridtune.screens.generate import Settings
 from gridtune.store import Store
+from gridtune.tui.screens.generate import Settings
 from tests.test_tui_export import fill
 from tests.test_tui_generate import small_spec
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from gridtune.pipeline.evaluation import playground as pg
-from gridtune.pipeline.spec.grid import GridSpec, cell_key, demo_spec
+from gridtune.pipeline.spec.grid import GridSpec, cell_key, coerce_values, demo_spec
 from gridtune.pipeline.spec.project import create_project
 
 
@@ -40,7 +40,7 @@ def test_classify_trained_grid_and_held_out():
     trained = {cell_key(cell)}
     assert pg.classify(spec, cell, trained) == (pg.TRAINED, [])
     # typed text is coerced back to the grid's types before comparing
-    typed = pg.coerce_values(spec, {"place": "Tokyo", "year": "2030", "parameter_one": "energy",
+    typed = coerce_values(spec, {"place": "Tokyo", "year": "2030", "parameter_one": "energy",
                                     "parameter_two": "art"})
     assert pg.classify(spec, typed, trained) == (pg.TRAINED, [])
     other = dict(cell, parameter_two="privacy")

@@ -266,8 +266,8 @@ def test_configured_limits_with_a_burst_stay_within_the_window(tmp_path, fake_op
 
 
 def test_request_pool_waits_out_429s_past_max_attempts(fake_openai):
-    from gridtune.pipeline.client.backend import resolve_backend
     from gridtune.pipeline.client.request_pool import Pool, PoolOptions, Request
+    from gridtune.pipeline.client.resolve import resolve_backend
 
     fake_openai.set(faults=[Fault(status=429, count=6, retry_after_ms="10", code="rate_limit_exceeded")])
     got = []

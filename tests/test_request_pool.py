@@ -11,8 +11,8 @@ import time
 
 import pytest
 
-from gridtune.pipeline.client.backend import resolve_backend
 from gridtune.pipeline.client.request_pool import Pool, PoolOptions, Request
+from gridtune.pipeline.client.resolve import resolve_backend
 from tests.fakeserver import Fault
 
 

@@ -335,7 +335,7 @@ def test_an_export_that_cannot_be_recorded_leaves_no_file_and_no_record(tmp_path
 
 
 def test_credentials_in_the_base_url_are_never_shown_or_stored(tmp_path, fake_openai, monkeypatch):
-    from gridtune.pipeline.client.backend import resolve_backend
+    from gridtune.pipeline.client.resolve import resolve_backend
 
     host = fake_openai.base_url.split("://", 1)[1]
     secret_url = f"http://alice:hunter2-pw@{host}"

@@ -14,9 +14,9 @@ import pytest
 from gridtune.pipeline.format.validate import validate_examples
 from gridtune.pipeline.spec.project import create_project
 from gridtune.pipeline.training.finetune import JobState
-from gridtune.screens.export import JobChanged
 from gridtune.store import Store
 from gridtune.tui.app import GridtuneApp
+from gridtune.tui.screens.export import JobChanged
 from tests.test_tui_export import fill
 from tests.test_tui_generate import small_spec
 from tests.test_tui_playground import fake, streaming_server  # noqa: F401 - fixtures

@@ -11,8 +11,8 @@ import pytest
 
 from gridtune.pipeline.spec.project import create_project
 from gridtune.pipeline.training.finetune import JobState, JobTracker
-from gridtune.screens.export import ExportOptions, ExportScreen, fit_path
 from gridtune.store import Store
+from gridtune.tui.screens.export import ExportOptions, ExportScreen, fit_path
 from tests.server_support import varied_model_dir  # noqa: F401 - fixture
 from tests.test_tui_generate import HostApp, small_spec
 

@@ -16,9 +16,9 @@ from gridtune.pipeline.evaluation.promote import PromoteError, parse_values, pro
 from gridtune.pipeline.spec.grid import cell_key
 from gridtune.pipeline.spec.project import apply_spec, create_project
 from gridtune.pipeline.training.export import export_project
-from gridtune.screens.export import ExportOptions, ExportScreen, split_hold_out
-from gridtune.screens.playground import PlaygroundScreen
 from gridtune.store import Store, evaluation
+from gridtune.tui.screens.export import ExportOptions, ExportScreen, split_hold_out
+from gridtune.tui.screens.playground import PlaygroundScreen
 from tests.test_tui_export import fill, wait_for
 from tests.test_tui_generate import HostApp, small_spec
 from tests.test_tui_playground import fake, streaming_server  # noqa: F401 - fixtures

@@ -13,10 +13,10 @@ from textual.app import App
 from gridtune.pipeline.generation import runs
 from gridtune.pipeline.spec.grid import GenerationSettings, GridSpec
 from gridtune.pipeline.spec.project import create_project, load_project_spec
-from gridtune.screens.generate import GenerateScreen, Settings
 from gridtune.store import Store
 from gridtune.tui.context import ProjectContext
 from gridtune.tui.events import OpenPlayground, ProjectChanged
+from gridtune.tui.screens.generate import GenerateScreen, Settings
 from tests.tui_helpers import settle
 
 

@@ -12,9 +12,9 @@ from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
 from gridtune.pipeline.spec.project import create_project
-from gridtune.screens.playground import PlaygroundScreen, parse_stops
 from gridtune.store import Store
 from gridtune.tui.events import OpenPlayground
+from gridtune.tui.screens.playground import PlaygroundScreen, parse_stops
 from tests.fakeserver import FakeOpenAI
 from tests.test_tui_export import fill
 from tests.test_tui_generate import HostApp, small_spec

@@ -12,11 +12,11 @@ import pytest
 from textual.widgets import Footer, Input
 
 from gridtune.pipeline.curation import dedup, review
-from gridtune.screens.coverage_panel import CoveragePanel
-from gridtune.screens.review import ReviewScreen
 from gridtune.store import Store, curation as cur
 from gridtune.tui.app import GridtuneApp
 from gridtune.tui.commands import _palette_bindings
+from gridtune.tui.screens.coverage_panel import CoveragePanel
+from gridtune.tui.screens.review import ReviewScreen
 from gridtune.tui.widgets.modals import AskModal, ConfirmModal
 
 from .bigproject import small_project

@@ -12,14 +12,13 @@ from pathlib import Path
 
 import click
 
-from ..pipeline.client.backend import resolve_backend
+from ..pipeline.client.resolve import resolve_backend
 from ..pipeline.curation import dedup as dedup_mod, diversity as diversity_mod, judge as judge_mod
 from ..pipeline.spec.project import load_project_spec
 from .common import Failed, Problem, emit_json, handle_errors, open_store
-from .main import main
 
 
-@main.command("dedup")
+@click.command("dedup")
 @click.argument("project", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--threshold", "-t", type=float, default=dedup_mod.DEFAULT_THRESHOLD, show_default=True,
               help=f"Jaccard similarity on {dedup_mod.SHINGLE_WORDS}-word shingles at which two completions "
@@ -54,7 +53,7 @@ def dedup_cmd(project: Path, threshold: float, drop: bool, undo_drop: bool, as_j
         click.echo(result.summary())
 
 
-@main.command("stats")
+@click.command("stats")
 @click.argument("project", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--min-grade", type=click.IntRange(0, 5), default=None,
               help="the kept set as the export's: finished, not cut off, not rejected, and graded at least N "
@@ -72,7 +71,7 @@ def stats_cmd(project: Path, min_grade: int | None, as_json: bool) -> None:
         click.echo(stats.summary())
 
 
-@main.command("judge")
+@click.command("judge")
 @click.argument("project", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--model", "-m", required=True, help="the judge model (on the backend the environment selects)")
 @click.option("--rubric", "rubric_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
@@ -139,3 +138,9 @@ def judge_cmd(project: Path, model: str, rubric_path: Path | None, calibrate: bo
             click.echo(calibration.summary())
     if result.exit_code:
         raise Failed(result.stopped or f"{result.failed:,} judge call(s) failed; run again to retry them")
+
+
+def register(group: click.Group) -> None:
+    """Add this module's commands to the ``gridtune`` group."""
+    for command in (dedup_cmd, stats_cmd, judge_cmd):
+        group.add_command(command)

@@ -14,10 +14,9 @@ from ..pipeline.spec.project import load_project_spec
 from ..pipeline.training.export import ExportError, export_project
 from ..pipeline.training.holdout import HoldOutError, parse_hold_out
 from .common import Failed, Problem, emit_json, handle_errors, open_store, setting_option
-from .main import main
 
 
-@main.command("validate")
+@click.command("validate")
 @click.argument("file", type=click.Path(path_type=Path))
 @click.option("--model", "-m", default=None,
               help="the model to fine-tune: its tokenizer, context length and price. OpenAI still tunes "
@@ -43,7 +42,7 @@ def validate_cmd(file: Path, model: str | None, as_json: bool) -> None:
         raise Failed(f"{file}: {sum(report.errors.values()):,} format error(s)")
 
 
-@main.command("export")
+@click.command("export")
 @click.argument("project", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("-o", "--output", "output", required=True, type=click.Path(path_type=Path),
               help="the training file to write (FILE.jsonl)")
@@ -92,7 +91,7 @@ def export_cmd(project: Path, output: Path, fmt: str, min_grade: int | None, sep
         raise Failed(f"{output}: the exported file has format errors")
 
 
-@main.command("coverage")
+@click.command("coverage")
 @click.argument("project", type=click.Path(dir_okay=False, path_type=Path))
 @setting_option(EXPORT["min_grade"],
                 help="count only examples graded at least N (0..5) as kept "
@@ -119,3 +118,9 @@ def coverage_cmd(project: Path, min_grade: int | None, threshold: int, as_json: 
         emit_json(table.to_dict())
     else:
         click.echo(table.render_text())
+
+
+def register(group: click.Group) -> None:
+    """Add this module's commands to the ``gridtune`` group."""
+    for command in (validate_cmd, export_cmd, coverage_cmd):
+        group.add_command(command)

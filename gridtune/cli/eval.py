@@ -18,10 +18,9 @@ from ..pipeline.evaluation import evaluate as ev
 from ..pipeline.spec.project import load_project_spec
 from ..pipeline.training.holdout import HoldOutError
 from .common import Problem, emit_json, handle_errors, open_store
-from .main import main
 
 
-@main.command("eval")
+@click.command("eval")
 @click.argument("project", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--model", "-m", help="the tuned model to evaluate")
 @click.option("--against", help="the model to compare with (default: the base model of the job that made --model)")
@@ -73,3 +72,9 @@ def eval_cmd(project: Path, model: str | None, against: str | None, samples: int
     else:
         click.echo(report.summary())
     sys.exit(report.exit_code)
+
+
+def register(group: click.Group) -> None:
+    """Add this module's commands to the ``gridtune`` group."""
+    for command in (eval_cmd,):
+        group.add_command(command)

@@ -36,7 +36,6 @@ from ..pipeline.spec.grid_edit import save_generation_defaults
 from ..pipeline.spec.options import EXPORT, GENERATION
 from ..store import RunRecord, batches as stored_batches
 from .common import Failed, Problem, emit_json, handle_errors, open_store, setting_option
-from .main import main
 
 EXIT_INTERRUPTED = 130
 PLAIN_EVERY_S = 5.0  # progress line interval when stderr is not a terminal (logs)
@@ -182,7 +181,7 @@ def _report(project: Path, result: RunResult, stopped_by: int | None) -> int:
     return result.exit_code
 
 
-@main.command("generate")
+@click.command("generate")
 @click.argument("project", type=click.Path(dir_okay=False, path_type=Path))
 @setting_option(GENERATION["concurrency"])
 @setting_option(GENERATION["rpm"])
@@ -314,7 +313,7 @@ def _batch(project: Path, options: GenerateOptions, *, detach: bool, max_attempt
     sys.exit(_report(project, result, stopped_by))
 
 
-@main.command("_batch", hidden=True)
+@click.command("_batch", hidden=True)
 @click.argument("project", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--run-id", type=int, required=True)
 @click.option("--options", "options_json", required=True)
@@ -327,7 +326,7 @@ def detached_batch_cmd(project: Path, run_id: int, options_json: str) -> None:
     sys.exit(_report(project, result, stopped_by))
 
 
-@main.command("_run", hidden=True)
+@click.command("_run", hidden=True)
 @click.argument("project", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--run-id", type=int, required=True)
 @click.option("--options", "options_json", required=True)
@@ -340,7 +339,7 @@ def detached_run_cmd(project: Path, run_id: int, options_json: str) -> None:
     sys.exit(_report(project, result, stopped_by))
 
 
-@main.command("stop")
+@click.command("stop")
 @click.argument("project", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--wait", "wait_s", type=float, default=30.0, show_default=True,
               help="seconds to wait for the run to stop")
@@ -411,7 +410,7 @@ def _status_text(project: Path, counts: dict[str, Any], run: RunRecord | None,
     return "\n".join(lines)
 
 
-@main.command("status")
+@click.command("status")
 @click.argument("project", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object")
 @click.option("--watch", is_flag=True, help="follow the run in progress until it ends (Ctrl-C detaches)")
@@ -456,3 +455,9 @@ def _watch(project: Path, run_id: int) -> None:
         click.echo(f"detached from run #{run_id}; it goes on (stop it with `gridtune stop {project}`)", err=True)
     finally:
         display.close()
+
+
+def register(group: click.Group) -> None:
+    """Add this module's commands to the ``gridtune`` group."""
+    for command in (generate_cmd, detached_batch_cmd, detached_run_cmd, stop_cmd, status_cmd):
+        group.add_command(command)

@@ -10,7 +10,6 @@ import click
 
 from ..pipeline.spec.options import FINETUNE, GENERATION
 from .common import Failed, Problem, emit_json, handle_errors, open_store, setting_option
-from .main import main
 
 
 def _read_key_file(path: Path) -> str:
@@ -27,7 +26,7 @@ def _read_key_file(path: Path) -> str:
     return key
 
 
-@main.command("serve")
+@click.command("serve")
 @click.option("--host", default="127.0.0.1", show_default=True, help="address to listen on")
 @click.option("--port", default=0, type=click.IntRange(0, 65535), help="port  [default: a free port]")
 @click.option("--model", "model", default=None, metavar="NAME|PATH",
@@ -94,12 +93,12 @@ def serve_cmd(host: str, port: int, model: str | None, api_key: str | None, api_
 
 
 def _backend():
-    from ..pipeline.client.backend import resolve_backend
+    from ..pipeline.client.resolve import resolve_backend
 
     return resolve_backend()
 
 
-@main.command("finetune")
+@click.command("finetune")
 @click.argument("source", type=click.Path(dir_okay=False, path_type=Path), metavar="PROJECT|FILE.jsonl")
 @click.option("--model", "model", default=None, help="base model to fine-tune (default: the backend's model)")
 @setting_option(FINETUNE["epochs"])
@@ -168,7 +167,7 @@ def finetune_cmd(source: Path, model: str | None, epochs: int | None, suffix: st
         raise Failed(f"job {job.id} {job.status}: {reason}")
 
 
-@main.command("jobs")
+@click.command("jobs")
 @click.option("--json", "as_json", is_flag=True, help="print the jobs as one JSON object")
 @click.option("--limit", type=click.IntRange(1, 100), default=20, show_default=True)
 @handle_errors
@@ -191,7 +190,7 @@ def jobs_cmd(as_json: bool, limit: int) -> None:
         click.echo(f"{j.id}  {j.status:<16} {j.model}  {j.fine_tuned_model or ''}".rstrip())
 
 
-@main.command("ask")
+@click.command("ask")
 @click.argument("model")
 @click.argument("prompt")
 @click.option("--stop", "stops", multiple=True, help="stop sequence (repeatable, up to 4)")
@@ -218,7 +217,7 @@ def ask_cmd(model: str, prompt: str, stops: tuple[str, ...], temperature: float 
     click.echo()
 
 
-@main.command("export-model")
+@click.command("export-model")
 @click.argument("model_id")
 @click.option("--to", "to", type=click.Choice(["hf", "gguf", "ollama", "vllm"]), default="hf", show_default=True,
               help="hf: merged Hugging Face directory (transformers, vLLM); gguf: one GGUF for llama.cpp; "
@@ -318,3 +317,9 @@ def _follow_with_progress(backend: Any, job_id: str, *, store: Any = None, quiet
 
     with progress:
         return tracker.follow(backend, on_event=on_event)
+
+
+def register(group: click.Group) -> None:
+    """Add this module's commands to the ``gridtune`` group."""
+    for command in (serve_cmd, finetune_cmd, jobs_cmd, ask_cmd, export_model_cmd):
+        group.add_command(command)

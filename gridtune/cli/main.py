@@ -9,6 +9,7 @@ import click
 from ..pipeline.curation import grading
 from ..pipeline.spec.grid import load_spec
 from ..pipeline.spec.project import create_project
+from . import curation, data, eval as eval_cmds, generate, local, promote
 from .common import emit_json, handle_errors, open_store
 
 
@@ -74,12 +75,9 @@ def grade_cmd(project: Path, by_length: bool, as_json: bool) -> None:
         click.echo(result.summary())
 
 
-def _register() -> None:
-    # Each area keeps its commands in its own module; importing registers them.
-    from . import curation, data, eval, generate, local, promote  # noqa: F401
-
-
-_register()
+# Each area keeps its commands in its own module and adds them to the group here.
+for _area in (curation, data, eval_cmds, generate, local, promote):
+    _area.register(main)
 
 # `python -m gridtune` is the way to run it as a module (gridtune/__main__.py); run as
 # __main__, this module would register its commands on a second copy of `main`.

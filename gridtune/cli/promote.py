@@ -15,10 +15,9 @@ import click
 from ..pipeline.evaluation.promote import DEFAULT_GRADE, PromoteError, parse_values, promote_answer
 from ..pipeline.spec.project import load_project_spec
 from .common import Problem, emit_json, handle_errors, open_store
-from .main import main
 
 
-@main.command("add")
+@click.command("add")
 @click.argument("project", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--values", "values_text", required=True, metavar="'VAR=VALUE ...'",
               help="every variable's value (new values welcome: they make a new cell)")
@@ -50,3 +49,9 @@ def add_cmd(project: Path, values_text: str, text_file: Path, model: str, grade:
                    "grade": done.grade, "where": done.where, "cut_off": done.cut_off})
     else:
         click.echo(done.summary())
+
+
+def register(group: click.Group) -> None:
+    """Add this module's commands to the ``gridtune`` group."""
+    for command in (add_cmd,):
+        group.add_command(command)

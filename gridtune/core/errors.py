@@ -3,6 +3,15 @@
 from __future__ import annotations
 
 
+class GridtuneError(Exception):
+    """Every error gridtune expects: its message is the one line a user sees, and
+    ``exit_code`` what the command line exits with (DESIGN.md: 2 bad usage or bad
+    input, nothing written; 1 the work ran but something failed). The command line
+    maps this class once; anything else reaching it is a bug."""
+
+    exit_code = 2
+
+
 def fold(text: str) -> str:
     """``text`` on one line: line breaks and runs of white space become one space."""
     return " ".join(text.split())

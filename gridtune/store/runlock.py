@@ -11,15 +11,22 @@ Checking a lock takes it shared for a moment (``holder``); taking it for a run
 (``RunLock.acquire``) retries for a short while so a check in progress never
 looks like a run. Where the file cannot be made (a read-only folder) there is no
 lock and liveness falls back to the process id and its start time.
+
+``is_alive(run)`` is the liveness rule itself: the store needs it to refuse a second
+run, the runner and the batch poller to recognise a dead one.
 """
 
 from __future__ import annotations
 
 import errno
 import os
+import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+from ..core.proc import is_suspended, pid_alive, process_start_time
+from .records import RunRecord
 
 try:
     import fcntl
@@ -151,3 +158,47 @@ class RunLock:
             fcntl.flock(fd, fcntl.LOCK_UN)
         finally:
             os.close(fd)
+
+
+STALE_AFTER_S = 30.0  # another host's run this long without a heartbeat is dead (it beats every ~0.5 s)
+STALE_ENV = "GRIDTUNE_STALE_AFTER_S"  # overrides STALE_AFTER_S (tests shrink it)
+START_SLACK_S = 2.0  # clock granularity when comparing a process's start with a heartbeat
+
+
+def stale_after_s() -> float:
+    try:
+        value = float(os.environ.get(STALE_ENV, ""))
+    except ValueError:
+        return STALE_AFTER_S
+    return value if value > 0 else STALE_AFTER_S
+
+
+def is_alive(run: RunRecord, project: str | os.PathLike[str] | None = None, *, now: float | None = None) -> bool:
+    """Whether the process recorded for ``run`` is still running it.
+
+    On this host the process decides, never the heartbeat's age: a run whose
+    runner holds the project's run lock (given ``project``) is alive, even
+    stopped with Ctrl-Z or SIGSTOP; otherwise its pid must be a live process
+    (not a zombie) that started before the run's last heartbeat, so a pid reused
+    by a newer process does not count. Only a run on another host (a project on
+    a shared file system) is judged by its heartbeat, stale after
+    ``stale_after_s()``.
+    """
+    if project is not None:
+        held = holder(project)
+        if held is not None and held.run_id == run.id:
+            return True
+    if run.host != socket.gethostname():
+        now = time.time() if now is None else now
+        return run.heartbeat_at is None or now - run.heartbeat_at <= stale_after_s()
+    if run.pid is None or not pid_alive(run.pid):
+        return False
+    started = process_start_time(run.pid)
+    since = run.heartbeat_at if run.heartbeat_at is not None else run.started_at
+    return started is None or since is None or started <= since + START_SLACK_S
+
+
+def suspended(run: RunRecord) -> bool:
+    """Whether the run's process (on this host) is stopped by a signal (Ctrl-Z,
+    SIGSTOP): alive, but it acts on nothing, a stop request included, until resumed."""
+    return run.pid is not None and run.host == socket.gethostname() and is_suspended(run.pid)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 from textual import on, work
@@ -27,44 +26,14 @@ from .commands import GridtuneCommands
 from .context import LOCAL_NOT_RUNNING, ProjectContext
 from .events import OpenPlayground, ProjectChanged
 from .section import SectionScreen
+from .sections import SECTIONS, Section
 from .throttle import Throttle
 from .widgets.modals import ConfirmModal
 
-
-@dataclass(frozen=True)
-class Section:
-    mode: str
-    title: str
-    key: str
-    module: str
-    cls: str
-
-
-SECTIONS: tuple[Section, ...] = (
-    Section("grid", "Grid", "f2", "gridtune.screens.grid", "GridScreen"),
-    Section("generate", "Generate", "f3", "gridtune.screens.generate", "GenerateScreen"),
-    Section("review", "Review", "f4", "gridtune.screens.review", "ReviewScreen"),
-    Section("export", "Export", "f5", "gridtune.screens.export", "ExportScreen"),
-    Section("playground", "Playground", "f6", "gridtune.screens.playground", "PlaygroundScreen"),
-    Section("eval", "Eval", "f7", "gridtune.screens.evaluate", "EvalScreen"),
-)
 _SCREENS = Binding.Group("screens", compact=True)
 POLL_INTERVAL_S = 1.0  # how soon a change by another process (a detached run, the CLI) shows
 BACKEND_RETRY_S = 5.0  # how often to look again for a local server that was not running
 RECOUNT_S = 0.5  # the status line's counts follow changes at most this often
-
-
-def section_class(section: Section) -> type[Screen] | None:
-    """The screen class of a section, or None while its module is missing."""
-    import importlib
-
-    try:
-        module = importlib.import_module(section.module)
-    except ModuleNotFoundError as exc:
-        if exc.name == section.module:
-            return None
-        raise
-    return getattr(module, section.cls, None)
 
 
 class GridtuneApp(App[int]):
@@ -77,8 +46,10 @@ class GridtuneApp(App[int]):
     BINDINGS = [
         *(
             # priority: a focused TextArea binds f6 (select line); section keys must win.
+            # Not in the footer: the status line above is the sections' tab bar, keys and all,
+            # and at 80 columns the footer needs the room for the screen's own keys.
             Binding(s.key, f"section('{s.mode}')", s.title, id=f"section.{s.mode}", group=_SCREENS,
-                    priority=True)
+                    priority=True, show=False)
             for s in SECTIONS
         ),
         # f1 works from anywhere, a text area too (where ? is typed); the footer shows it.
@@ -102,11 +73,8 @@ class GridtuneApp(App[int]):
         self._recount = Throttle(self, RECOUNT_S, self.refresh_status)
         self.sections: dict[str, Section] = {}
         for section in SECTIONS:
-            cls = section_class(section)
-            if cls is None:
-                continue
             self.sections[section.mode] = section
-            self.add_mode(section.mode, self._factory(cls))
+            self.add_mode(section.mode, self._factory(section.screen))
 
     def _factory(self, cls: type[Screen]) -> Callable[[], Screen]:
         return lambda: cls(self.ctx)
@@ -198,8 +166,19 @@ class GridtuneApp(App[int]):
 
     # -- actions ---------------------------------------------------------------
     def action_section(self, mode: str) -> None:
-        if mode in self.sections and mode != self.current_mode:
+        if mode not in self.sections:
+            return
+        # A dialog (or help) open over this section closes, answered as escape would:
+        # left on the mode's stack it would reappear on coming back, out of context.
+        self._close_modals()
+        if mode != self.current_mode:
             self.switch_mode(mode)
+
+    def _close_modals(self) -> None:
+        from textual.screen import ModalScreen
+
+        while isinstance(self.screen, ModalScreen) and len(self.screen_stack) > 1:
+            self.screen.dismiss(None)
 
     def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
         if action == "section" and parameters and parameters[0] not in self.sections:

@@ -8,19 +8,10 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from functools import partial
-from typing import TYPE_CHECKING
+from typing import Any
 
 from textual.binding import Binding
 from textual.command import DiscoveryHit, Hit, Hits, Provider
-
-if TYPE_CHECKING:  # pragma: no cover
-    from .app import GridtuneApp
-
-
-def section_class(section):
-    from .app import section_class as _cls
-
-    return _cls(section)
 
 # Keys that only make sense inside a widget (moving a cursor), not as commands.
 _SKIP_ACTIONS = {"cursor_up", "cursor_down", "page_up", "page_down", "first", "last", "scroll_home", "scroll_end"}
@@ -39,13 +30,12 @@ class GridtuneCommands(Provider):
     """Sections and their actions."""
 
     def _commands(self) -> Iterator[tuple[str, object, str]]:
-        app: GridtuneApp = self.app  # type: ignore[assignment]
+        app: Any = self.app  # GridtuneApp, whose App.COMMANDS holds this provider (it imports this module)
         sections = app.sections  # this provider is GridtuneApp's (App.COMMANDS)
         for mode, section in sections.items():
             yield f"{section.title}: open", partial(app.action_section, mode), f"{section.key.upper()}"
         for mode, section in sections.items():
-            cls = section_class(section)
-            for binding in _palette_bindings(cls):
+            for binding in _palette_bindings(section.screen):
                 help_text = f"{app.get_key_display(binding)} in {section.title}"
                 yield (
                     f"{section.title}: {binding.tooltip or binding.description}",
@@ -67,7 +57,7 @@ class GridtuneCommands(Provider):
                 yield Hit(score, matcher.highlight(name), callback, help=help_text)  # type: ignore[arg-type]
 
 
-async def _run_in_section(app: GridtuneApp, mode: str, action: str) -> None:
+async def _run_in_section(app: Any, mode: str, action: str) -> None:
     """Open the section, then run the action on its screen."""
     if app.current_mode != mode:
         await app.switch_mode(mode)

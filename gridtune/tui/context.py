@@ -62,7 +62,7 @@ class ProjectContext:
         May start the local server (seconds): call it from a worker. Raises
         ``BackendError`` with a one-line message when none can be used.
         """
-        from ..pipeline.client.backend import resolve_backend
+        from ..pipeline.client.resolve import resolve_backend
 
         with self._lock:
             if self._backend is None:

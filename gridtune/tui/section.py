@@ -41,7 +41,7 @@ class SectionScreen(Screen):
 
     # -- layout -------------------------------------------------------------------
     def compose(self) -> ComposeResult:
-        yield StatusLine()
+        yield StatusLine(self.MODE)
         yield from self.compose_body()
         yield Footer(compact=True)
 

@@ -15,8 +15,8 @@ from typing import Any
 import openai
 
 from ...core.chat import chat_messages
-from ..training.finetune import FinetuneError, _wrap
 from .backend import Backend
+from .calls import CallError, wrap
 
 
 @dataclass
@@ -72,9 +72,9 @@ def stream_pieces(backend: Backend, model: str, *, messages: list[dict[str, str]
                         yield Piece(text)
                     finish = choice.finish_reason or finish
     except openai.OpenAIError as exc:
-        raise _wrap(f"asking {model}", exc) from None
+        raise wrap(f"asking {model}", exc) from None
     if not chunks:  # a server that ignores stream=true answers with one JSON body the client cannot read
-        raise FinetuneError(f"asking {model}: the server sent no streamed reply (does it support stream=true?)")
+        raise CallError(f"asking {model}: the server sent no streamed reply (does it support stream=true?)")
     yield Piece(finish_reason=finish, done=True)
 
 
@@ -95,7 +95,7 @@ def ask(backend: Backend, model: str, prompt: str, *, stop: list[str] | str | No
             resp = client.chat.completions.create(messages=chat_messages(prompt, system), **kwargs)
             return resp.choices[0].message.content or ""
     except openai.OpenAIError as exc:
-        raise _wrap(f"asking {model}", exc) from None
+        raise wrap(f"asking {model}", exc) from None
 
 
-__all__ = ["FinetuneError", "Piece", "ask", "chat_messages", "stream_pieces"]
+__all__ = ["CallError", "Piece", "ask", "chat_messages", "stream_pieces"]

@@ -6,14 +6,14 @@
 | OPENAI_API_KEY               | OpenAI                                    |
 | neither                      | the embedded local server                 |
 
-Every model call goes through the official ``openai`` client built here, so the
+Which one the environment selects is ``resolve.resolve_backend``. Every model call
+goes through the official ``openai`` client built here, so the
 app has one code path for all of them. The key lives only in this object and the
 client; it is never written to the project, a log or an export.
 """
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from urllib.parse import parse_qsl, unquote, urlsplit, urlunsplit
 
@@ -100,21 +100,3 @@ class Backend:
         from openai import OpenAI
 
         return OpenAI(base_url=self.base_url, api_key=self.api_key, **kwargs)
-
-
-def resolve_backend(*, start_local: bool = True) -> Backend:
-    """The backend the environment selects (see the table above)."""
-    base_url = os.environ.get("OPENAI_BASE_URL", "").strip()
-    api_key = os.environ.get("OPENAI_API_KEY", "").strip()
-    if base_url:
-        return Backend("compatible", base_url.rstrip("/"), api_key or "not-needed")
-    if api_key:
-        return Backend("openai", OPENAI_URL, api_key, OPENAI_DEFAULT_MODEL)
-    return local_backend(start=start_local)
-
-
-def local_backend(*, start: bool = True) -> Backend:
-    """The user's embedded local server, started on demand."""
-    from . import local_service
-
-    return local_service.ensure_backend(start=start)

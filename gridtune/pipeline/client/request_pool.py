@@ -25,7 +25,7 @@ from typing import Generic, TypeVar
 import httpx
 import openai
 
-from ..generation.generate import (
+from ..client.replies import (
     RATE_LIMIT_WAIT_S,
     MalformedResponse,
     Reply,

@@ -30,10 +30,11 @@ from pathlib import Path
 from typing import Any
 
 from ...store import Store, curation as cur
-from ..client.backend import Backend, resolve_backend
+from ..client.backend import Backend
 from ..client.ratelimit import MINUTE
+from ..client.replies import Reply
 from ..client.request_pool import Pool, PoolOptions, Request
-from ..generation.generate import Reply
+from ..client.resolve import resolve_backend
 from ..spec.project import open_with_spec
 
 RUBRIC_KEY = "judge.rubric"

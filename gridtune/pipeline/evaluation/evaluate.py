@@ -24,15 +24,16 @@ from typing import Any
 
 from ...store import Store, evaluation as ev
 from ...store.records import ExportRecord
-from ..client.backend import Backend, resolve_backend
+from ..client.backend import Backend
+from ..client.replies import Reply
 from ..client.request_pool import Pool, PoolOptions, Request
-from ..generation.generate import Reply
-from ..spec.grid import GridSpec, cell_key
+from ..client.resolve import resolve_backend
+from ..spec.grid import GridSpec, cell_key, coerce_values
 from ..spec.project import open_with_spec
 from ..training.export import answers_in
 from ..training.holdout import HoldOutError
 from .eval_metrics import Answer, Comparison, ModelScores, Reference, compare, score, tuned_is_worse
-from .playground import build_prompt, coerce_values
+from .playground import build_prompt
 
 DEFAULT_SAMPLES = 3
 MIN_MAX_TOKENS, MAX_MAX_TOKENS = 64, 1024
@@ -293,13 +294,16 @@ async def run_eval(store_path: str | Path, options: EvalOptions, *, backend: Bac
         reference = Reference.of(texts)
         failed: dict[str, int] = {}
         values = {case.id: case.values for case in cases}
+        # What each case asked, so that "mentions its values" gives no credit for an echo.
+        prompts = {case.id: build_prompt(spec, case.values, setup.format, setup.separator).text for case in cases}
         side_scores: list[ModelScores] = []
         for model, first in sides:
             stored = [a for a in ev.answers(store, model, setup.digest).values()
                       if a.case_id in values and first <= a.sample < first + options.samples]
             ok = [a for a in stored if a.ok]
             failed[model] = failed.get(model, 0) + len(cases) * options.samples - len(ok)
-            side_scores.append(score([Answer(a.text or "", a.finish_reason, values[a.case_id]) for a in ok], reference))
+            side_scores.append(score([Answer(a.text or "", a.finish_reason, values[a.case_id], prompts[a.case_id])
+                                      for a in ok], reference))
         report = EvalReport(options.model, against, setup, len(cases), options.samples, reference, side_scores[0],
                             side_scores[1], compare(side_scores[0], side_scores[1], reference), asked=len(todo),
                             failed=failed, stopped=stopped, seconds=time.monotonic() - started)

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from ...store import Store
 from ..client.ask import Piece, stream_pieces
 from ..client.backend import Backend
-from ..spec.grid import GridSpec, Value, cell_key, render_value
+from ..spec.grid import GridSpec, Value, cell_key, is_number, render_value
 
 # -- held-out values ----------------------------------------------------------
 
@@ -57,10 +57,6 @@ CURATED: dict[str, tuple[str, ...]] = {
     "tones": ("formal", "casual", "humorous", "serious", "optimistic", "pessimistic", "poetic", "technical"),
 }
 GENERIC_TEXT = ("something else", "a new case", "another example")
-
-
-def _is_number(v: Value) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
 def _number_suggestions(values: list[int | float], n: int) -> list[Value]:
@@ -115,7 +111,7 @@ def suggest_values(spec: GridSpec, n: int = 3) -> dict[str, list[Value]]:
     """Up to ``n`` values per variable that are not in the grid (held-out values)."""
     out: dict[str, list[Value]] = {}
     for name, values in spec.variables.items():
-        if values and all(_is_number(v) for v in values):
+        if values and all(is_number(v) for v in values):
             out[name] = _number_suggestions(list(values), n)  # type: ignore[arg-type]
         else:
             out[name] = _text_suggestions([render_value(v) for v in values], n)
@@ -161,25 +157,6 @@ def held_out_combinations(spec: GridSpec, trained: set[str], limit: int = 5,
 
 
 TRAINED, GRID, HELD_OUT, INCOMPLETE = "trained", "grid", "held-out", "incomplete"
-
-
-def coerce_values(spec: GridSpec, raw: dict[str, str]) -> dict[str, Value]:
-    """Typed text back into grid values: a number where the variable's values are
-    numbers and the text parses as one, else the text (stripped)."""
-    out: dict[str, Value] = {}
-    for name, values in spec.variables.items():
-        text = (raw.get(name) or "").strip()
-        value: Value = text
-        if text and values and all(_is_number(v) for v in values):
-            try:
-                value = int(text) if all(isinstance(v, int) for v in values) else float(text)
-            except ValueError:
-                try:
-                    value = float(text)
-                except ValueError:
-                    value = text
-        out[name] = value
-    return out
 
 
 def classify(spec: GridSpec, values: dict[str, Value], trained: set[str]) -> tuple[str, list[str]]:
@@ -345,7 +322,7 @@ def ran_out(finish_reason: str | None) -> bool:
 
 __all__ = [
     "Piece", "Prompt", "build_prompt", "stream_reply",
-    "CURATED", "GRID", "HELD_OUT", "INCOMPLETE", "Repetition", "TRAINED", "classify", "coerce_values",
+    "CURATED", "GRID", "HELD_OUT", "INCOMPLETE", "Repetition", "TRAINED", "classify",
     "describe", "find_repetition", "held_out_combinations", "held_out_values", "ran_out",
     "suggest_values", "trained_keys",
 ]

@@ -32,8 +32,9 @@ from typing import Any
 
 from ...store import Store, evaluation as evs, scaling as scs
 from ...store.records import ExportRecord
-from ..client.backend import Backend, resolve_backend
+from ..client.backend import Backend
 from ..client.request_pool import PoolOptions
+from ..client.resolve import resolve_backend
 from ..spec.grid import GridSpec, render_value
 from ..spec.project import load_project_spec
 from ..training import finetune as ft

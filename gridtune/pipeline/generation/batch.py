@@ -40,27 +40,27 @@ import openai
 
 from ...store import Store, WorkItem, batches as stored
 from ...store.batches import BatchRecord
-from ..client.backend import Backend, resolve_backend
+from ...store.runlock import is_alive
+from ..client.backend import Backend
+from ..client.replies import PERMANENT_STATUS, MalformedResponse, describe, parse_reply
+from ..client.resolve import resolve_backend
 from ..spec.grid import GridSpec
 from .estimate import mean_prompt_tokens, work_to_do
 from .generate import (
-    PERMANENT_STATUS,
     GenerateError,
     GenerateOptions,
-    MalformedResponse,
     NothingToDo,
     Plan,
     RunResult,
     cell_params,
     chat_request,
-    describe,
     nothing_to_generate,
-    parse_reply,
     plan_run,
     run_params,
     select_work,
 )
 from .progress import Finished, Progress
+from .runs import launch_detached
 
 log = logging.getLogger(__name__)
 
@@ -443,8 +443,6 @@ async def run_batch(
     batches already in progress, until every batch has ended and its results are in
     the cells. A run like ``generate.run_generation``: same errors before it starts
     (NothingToDo, RunConflict, ...), same RunResult."""
-    from .runs import is_alive
-
     options = options or BatchOptions()
     options.check()
     stop_event = stop_event or asyncio.Event()
@@ -480,7 +478,6 @@ async def run_batch(
 def start_detached_batch(project: str | os.PathLike[str], options: BatchOptions) -> int:
     """``run_batch`` in its own session (immune to the terminal closing), as
     ``runs.start_detached`` does for a live run; returns the run id once adopted."""
-    from .runs import is_alive, launch_detached
 
     options.check()
     project = Path(project).resolve()

@@ -24,55 +24,12 @@ import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-from ...core.proc import is_suspended, pid_alive, process_start_time
 from ...store import RunRecord, Store
-from ...store.runlock import holder as run_lock_holder
+from ...store.runlock import STALE_AFTER_S, STALE_ENV, is_alive, suspended  # noqa: F401 - part of this module's face
 from .generate import GenerateError, GenerateOptions, NothingToDo, nothing_to_generate, plan_run, run_params
 from .progress import Progress
 
-STALE_AFTER_S = 30.0  # another host's run this long without a heartbeat is dead (it beats every ~0.5 s)
-STALE_ENV = "GRIDTUNE_STALE_AFTER_S"  # overrides STALE_AFTER_S (tests shrink it)
 ADOPT_TIMEOUT_S = 30.0
-START_SLACK_S = 2.0  # clock granularity when comparing a process's start with a heartbeat
-
-
-def stale_after_s() -> float:
-    try:
-        value = float(os.environ.get(STALE_ENV, ""))
-    except ValueError:
-        return STALE_AFTER_S
-    return value if value > 0 else STALE_AFTER_S
-
-
-def is_alive(run: RunRecord, project: str | os.PathLike[str] | None = None, *, now: float | None = None) -> bool:
-    """Whether the process recorded for ``run`` is still running it.
-
-    On this host the process decides, never the heartbeat's age: a run whose
-    runner holds the project's run lock (given ``project``) is alive, even
-    stopped with Ctrl-Z or SIGSTOP; otherwise its pid must be a live process
-    (not a zombie) that started before the run's last heartbeat, so a pid reused
-    by a newer process does not count. Only a run on another host (a project on
-    a shared file system) is judged by its heartbeat, stale after
-    ``stale_after_s()``.
-    """
-    if project is not None:
-        held = run_lock_holder(project)
-        if held is not None and held.run_id == run.id:
-            return True
-    if run.host != socket.gethostname():
-        now = time.time() if now is None else now
-        return run.heartbeat_at is None or now - run.heartbeat_at <= stale_after_s()
-    if run.pid is None or not pid_alive(run.pid):
-        return False
-    started = process_start_time(run.pid)
-    since = run.heartbeat_at if run.heartbeat_at is not None else run.started_at
-    return started is None or since is None or started <= since + START_SLACK_S
-
-
-def suspended(run: RunRecord) -> bool:
-    """Whether the run's process (on this host) is stopped by a signal (Ctrl-Z,
-    SIGSTOP): alive, but it acts on nothing, a stop request included, until resumed."""
-    return run.pid is not None and run.host == socket.gethostname() and is_suspended(run.pid)
 
 
 def reconcile(store: Store) -> RunRecord | None:
@@ -91,6 +48,9 @@ def progress_of(run: RunRecord) -> Progress:
     about stops, deaths and failures the progress snapshot may predate)."""
     progress = Progress.from_dict(run.progress) if run.progress else Progress(run_id=run.id, model=run.model)
     progress.state = run.state
+    if not run.active:  # a run that ended has nothing in flight and no time left, whatever its last heartbeat said
+        progress.eta_s = None
+        progress.in_flight = 0
     return progress
 
 

@@ -308,3 +308,26 @@ def demo_spec() -> GridSpec:
         },
         settings=GenerationSettings(temperature=0.7, max_tokens=300, samples=1),
     )
+
+
+def is_number(v: Value) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def coerce_values(spec: GridSpec, raw: dict[str, str]) -> dict[str, Value]:
+    """Typed text back into grid values: a number where the variable's values are
+    numbers and the text parses as one, else the text (stripped)."""
+    out: dict[str, Value] = {}
+    for name, values in spec.variables.items():
+        text = (raw.get(name) or "").strip()
+        value: Value = text
+        if text and values and all(is_number(v) for v in values):
+            try:
+                value = int(text) if all(isinstance(v, int) for v in values) else float(text)
+            except ValueError:
+                try:
+                    value = float(text)
+                except ValueError:
+                    value = text
+        out[name] = value
+    return out

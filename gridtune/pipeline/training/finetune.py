@@ -20,46 +20,16 @@ from openai.types import FileObject
 from openai.types.fine_tuning import FineTuningJob, FineTuningJobEvent
 
 from ..client.backend import Backend
+from ..client.calls import CallError, message as _message, wrap as _wrap
+
+# A failed fine-tuning call is a failed backend call; the name says which step it was.
+FinetuneError = CallError
 
 TERMINAL = ("succeeded", "failed", "cancelled")
 
 
-class FinetuneError(Exception):
-    """A fine-tuning or prompting call failed; the message is one line."""
-
-
 class FinetuneRefused(FinetuneError):
     """The backend refused to create the job (e.g. OpenAI no longer accepts jobs from this organisation)."""
-
-
-def _message(exc: openai.APIError) -> str:
-    body = getattr(exc, "body", None)
-    text = None
-    if isinstance(body, dict):
-        err = body.get("error", body)
-        if isinstance(err, dict) and err.get("message"):
-            text = str(err["message"])
-    return _scrub(exc, text or str(getattr(exc, "message", None) or exc))
-
-
-def _scrub(exc: openai.APIError, text: str) -> str:
-    """A server's message without the credentials of the URL it was called at
-    (user:password@, ?api-key=) or the key: servers echo them."""
-    request = getattr(exc, "request", None)
-    if request is None:
-        return text
-    auth = request.headers.get("authorization", "")
-    key = auth.split(" ", 1)[1] if " " in auth else ""
-    url = str(request.url)
-    return Backend("compatible", url, key).redact(text)
-
-
-def _wrap(what: str, exc: Exception) -> FinetuneError:
-    if isinstance(exc, openai.APIConnectionError):
-        return FinetuneError(f"{what}: cannot reach the backend ({exc.__class__.__name__})")
-    if isinstance(exc, openai.APIStatusError):
-        return FinetuneError(f"{what}: {exc.status_code} {_message(exc)}")
-    return FinetuneError(f"{what}: {exc}")
 
 
 # -- files and jobs ---------------------------------------------------------------
@@ -199,10 +169,32 @@ class JobState:
     valid_steps: tuple[float, ...] = ()
     valid_losses: tuple[float, ...] = ()
     total_steps: int | None = None
+    step_times: tuple[float, ...] = ()  # when each of ``steps`` was logged (unix seconds)
+    created_at: float | None = None
+    finished_at: float | None = None
 
     @property
     def finished(self) -> bool:
         return self.status in TERMINAL
+
+    @property
+    def eta_s(self) -> float | None:
+        """Time left, measured from the job's own steps (None before two steps are
+        logged, or without a total): the estimate before the job, from the server's
+        speed on generation, was twice the actual in issue 21's run; this one is not a guess."""
+        if self.finished or not self.total_steps or len(self.steps) < 2 or len(self.step_times) != len(self.steps):
+            return None
+        done, spent = self.steps[-1] - self.steps[0], self.step_times[-1] - self.step_times[0]
+        if done <= 0 or spent <= 0:
+            return None
+        return max(self.total_steps - self.steps[-1], 0) * spent / done
+
+    @property
+    def took_s(self) -> float | None:
+        """How long the job took, from its creation to its end (finished jobs only)."""
+        if not self.finished or self.created_at is None or self.finished_at is None:
+            return None
+        return max(self.finished_at - self.created_at, 0.0)
 
     @property
     def message(self) -> str | None:
@@ -234,7 +226,8 @@ class JobTracker:
         self.store = store
         self._state = JobState(id=job_id, status=status, model=model)
         self._events: list[str] = []
-        self._curves: dict[str, list[float]] = {"steps": [], "losses": [], "valid_steps": [], "valid_losses": []}
+        self._curves: dict[str, list[float]] = {"steps": [], "losses": [], "valid_steps": [], "valid_losses": [],
+                                                "step_times": []}
         self._recorded: tuple[str, str | None, str | None] | None = None
 
     @property
@@ -252,20 +245,23 @@ class JobTracker:
             if data.get("train_loss") is not None:
                 curves["steps"].append(float(step))
                 curves["losses"].append(float(data["train_loss"]))
+                curves["step_times"].append(float(getattr(event, "created_at", 0) or 0))
             if data.get("valid_loss") is not None:
                 curves["valid_steps"].append(float(step))
                 curves["valid_losses"].append(float(data["valid_loss"]))
         self._state = replace(
             self._state, events=tuple(self._events),
             total_steps=int(total) if isinstance(total, (int, float)) else self._state.total_steps,
-            steps=tuple(curves["steps"]), losses=tuple(curves["losses"]),
+            steps=tuple(curves["steps"]), losses=tuple(curves["losses"]), step_times=tuple(curves["step_times"]),
             valid_steps=tuple(curves["valid_steps"]), valid_losses=tuple(curves["valid_losses"]))
 
     def on_job(self, job: FineTuningJob) -> bool:
         error = _first_line(job.error.message) if job.error is not None and job.error.message else None
         self._state = replace(self._state, status=job.status, model=job.model or self._state.model,
                               fine_tuned_model=job.fine_tuned_model or self._state.fine_tuned_model,
-                              error=error or self._state.error)
+                              error=error or self._state.error,
+                              created_at=getattr(job, "created_at", None) or self._state.created_at,
+                              finished_at=getattr(job, "finished_at", None) or self._state.finished_at)
         return self._record()
 
     def _record(self) -> bool:
@@ -351,7 +347,6 @@ def start_finetune(backend: Backend, train_path: str | Path, model: str, *, vali
     because its fine-tuning is closed, FinetuneRefused says so with the local command."""
     from ..format.validate import ValidationInputError, validate_file
     from . import sunset
-
 
     say = on_message or (lambda _m: None)
     for path in [train_path] + ([validation_path] if validation_path else []):

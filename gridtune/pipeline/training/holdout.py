@@ -17,8 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ...store import Store, evaluation
-from ..evaluation.playground import coerce_values
-from ..spec.grid import GridSpec, Value, cell_key, render_value
+from ..spec.grid import GridSpec, Value, cell_key, coerce_values, render_value
 
 
 class HoldOutError(ValueError):

@@ -7,8 +7,21 @@ reactives; the line repaints only when one of them changes.
 
 from __future__ import annotations
 
+from typing import Any, Protocol, runtime_checkable
+
 from rich.text import Text
 from textual.widget import Widget
+
+
+@runtime_checkable
+class SectionsHost(Protocol):
+    """What the status line shows of its app: GridtuneApp (which imports this module,
+    so it is named here by what it offers, not imported)."""
+
+    sections: dict[str, Any]
+    ctx: Any
+    status_counts: str
+    backend_label: str
 
 
 class StatusLine(Widget):
@@ -17,10 +30,12 @@ class StatusLine(Widget):
     """
     COMPONENT_CLASSES = {"status-line--tab", "status-line--current", "status-line--key", "status-line--dim"}
 
-    def _gridtune_app(self):  # -> GridtuneApp | None; the app module imports this one
-        from ..app import GridtuneApp
+    def __init__(self, mode: str | None = None) -> None:
+        super().__init__()
+        self.mode = mode  # the section whose screen shows this line, highlighted
 
-        return self.app if isinstance(self.app, GridtuneApp) else None
+    def _gridtune_app(self) -> SectionsHost | None:
+        return self.app if isinstance(self.app, SectionsHost) else None
 
     def on_mount(self) -> None:
         app = self._gridtune_app()
@@ -31,18 +46,13 @@ class StatusLine(Widget):
     def _changed(self, _value: object = None) -> None:
         self.refresh()
 
-    def _my_mode(self) -> str | None:
-        from ..section import SectionScreen  # the section module imports this one
-
-        return self.screen.MODE if isinstance(self.screen, SectionScreen) else None
-
     def render(self) -> Text:
         app = self._gridtune_app()
         if app is None:
             return Text()
         width = self.size.width
         sections = app.sections
-        mine = self._my_mode()
+        mine = self.mode
         key_style = self.get_component_rich_style("status-line--key")
         tab_style = self.get_component_rich_style("status-line--tab")
         cur_style = self.get_component_rich_style("status-line--current")

@@ -36,14 +36,14 @@ from textual.timer import Timer
 from textual.widgets import Input, Static
 from textual.worker import get_current_worker
 
-from ..core.errors import one_line
-from ..pipeline.curation import review
-from ..pipeline.curation.review import Filter, ReviewCounts, UndoStack
-from ..tui.context import ProjectContext
-from ..tui.section import SectionScreen
-from ..tui.throttle import Throttle
-from ..tui.widgets import LengthHistogram
-from ..tui.widgets.modals import AskModal, ConfirmModal, EditModal, GradePickModal
+from ...core.errors import one_line
+from ...pipeline.curation import review
+from ...pipeline.curation.review import Filter, ReviewCounts, UndoStack
+from ..context import ProjectContext
+from ..section import SectionScreen
+from ..throttle import Throttle
+from ..widgets import LengthHistogram
+from ..widgets.modals import AskModal, ConfirmModal, EditModal, GradePickModal
 from .coverage_panel import CoveragePanel
 from .review_list import ReviewList, Row
 
@@ -72,7 +72,8 @@ class ReviewScreen(SectionScreen):
     MODE = "review"
     CSS_PATH = "review.tcss"
     HELP_TITLE = "Review"
-    HELP = ("Grade each completion 1–5 (the cursor moves on); 0 or d rejects it. Sorted by length, shortest "
+    HELP = ("Grade each completion 1–5 (the cursor moves on); 0 or d rejects it. f and F cycle the filter "
+            "(finished lists those that ended on their own). Sorted by length, shortest "
             "first: length is the cheap proxy for detail, but only for completions that ended on their own: "
             "✂ marks one cut off at max tokens (R regenerates it with more, C all of them). a grades everything "
             "no person graded by length quintile; x rejects everything at or below a grade. D finds "
@@ -90,6 +91,8 @@ class ReviewScreen(SectionScreen):
         # room for the section keys at 80 columns.
         Binding("slash", "search", "search", key_display="/", show=False, id="review.search"),
         Binding("f", "cycle_filter", "filter", show=False, id="review.filter"),
+        Binding("F", "cycle_filter(-1)", "filter back", tooltip="the filter before this one", show=False,
+                id="review.filter_back"),
         Binding("s", "cycle_sort", "sort", show=False, id="review.sort"),
         Binding("r", "reverse", "reverse", show=False, id="review.reverse"),
         Binding("escape", "clear_search", "clear search", show=False, id="review.clear_search"),
@@ -340,7 +343,7 @@ class ReviewScreen(SectionScreen):
     @work(thread=True, exclusive=True, group="detail", exit_on_error=False)
     def _load_detail(self, completion_id: int) -> None:
         store = self.ctx.store
-        from ..pipeline.curation.dedup import group_of
+        from ...pipeline.curation.dedup import group_of
 
         record = store.get_completion(completion_id)
         history = store.grade_history(completion_id)
@@ -385,7 +388,7 @@ class ReviewScreen(SectionScreen):
         row_id, length, old, status = row
         lst.update_row(index, (row_id, length, grade, status))
         if self.counts is not None:  # at once; recounted once it is written
-            self.counts = self.counts.changed(old, grade)
+            self.counts = self.counts.changed(old, grade, cut_off=lst.is_cut_off(row_id))
         self._push_undo([row_id], f"grade {grade}")
         store = self.ctx.store
         self.submit(lambda: review.grade(store, row_id, grade), lambda _grade: self._refresh_detail(row_id))
@@ -413,7 +416,7 @@ class ReviewScreen(SectionScreen):
             rid, length, old, status = lst.rows[index]
             lst.update_row(index, (rid, length, grade, status))
             if self.counts is not None:  # at once; recounted from the store next
-                self.counts = self.counts.changed(old, grade)
+                self.counts = self.counts.changed(old, grade, cut_off=lst.is_cut_off(row_id))
             lst.set_cursor(index)
         self._refresh_detail(row_id)
 
@@ -528,7 +531,7 @@ class ReviewScreen(SectionScreen):
 
     @work(thread=True, group="redo-ask", exit_on_error=False)
     def _ask_max_tokens(self, ids: list[int] | None) -> None:
-        from ..pipeline.generation.generate import suggested_redo_max_tokens
+        from ...pipeline.generation.generate import suggested_redo_max_tokens
 
         suggested = suggested_redo_max_tokens(self.ctx.store)
         self.app.call_from_thread(self._push_max_tokens, ids, suggested)
@@ -561,7 +564,7 @@ class ReviewScreen(SectionScreen):
 
     @work(thread=True, group="redo", exit_on_error=False)
     def _redo_one(self, completion_id: int, max_tokens: int) -> None:
-        from ..pipeline.generation.generate import redo_completion
+        from ...pipeline.generation.generate import redo_completion
 
         loop = asyncio.new_event_loop()
         with self._redo_lock:
@@ -597,8 +600,8 @@ class ReviewScreen(SectionScreen):
 
     @work(thread=True, exclusive=True, group="review-run", exit_on_error=False)
     def _start_detached(self, kind: str, value: int) -> None:
-        from ..pipeline.generation import runs
-        from ..pipeline.generation.generate import GenerateOptions, NothingToDo, redo_options
+        from ...pipeline.generation import runs
+        from ...pipeline.generation.generate import GenerateOptions, NothingToDo, redo_options
 
         title = "Redo" if kind == "redo" else "Top up"
         options = redo_options(None, value) if kind == "redo" else GenerateOptions(top_up=value)
@@ -623,7 +626,7 @@ class ReviewScreen(SectionScreen):
 
     @work(thread=True, group="twin", exit_on_error=False)
     def _find_twin(self, completion_id: int) -> None:
-        from ..pipeline.curation.dedup import twin_of
+        from ...pipeline.curation.dedup import twin_of
 
         twin = twin_of(self.ctx.store, completion_id)
         self.app.call_from_thread(self._go_to_twin, completion_id, twin)
@@ -690,7 +693,7 @@ class ReviewScreen(SectionScreen):
 
     @work(thread=True, exclusive=True, group="coverage", exit_on_error=False)
     def _load_coverage(self) -> None:
-        from ..pipeline.curation.coverage import coverage
+        from ...pipeline.curation.coverage import coverage
 
         try:
             cov = coverage(self.ctx.store)
@@ -701,7 +704,7 @@ class ReviewScreen(SectionScreen):
             self.app.call_from_thread(self.query_one(CoveragePanel).show, cov)
 
     def action_top_up(self) -> None:
-        from ..pipeline.curation.coverage import DEFAULT_THIN
+        from ...pipeline.curation.coverage import DEFAULT_THIN
 
         def answered(value: str | None) -> None:
             if value is None:
@@ -724,8 +727,8 @@ class ReviewScreen(SectionScreen):
         self._show_view()
         self.reload()
 
-    def action_cycle_filter(self) -> None:
-        self.filter = review.next_filter(self.filter.key)
+    def action_cycle_filter(self, step: int = 1) -> None:
+        self.filter = review.next_filter(self.filter.key, step)
         self._view_changed()
 
     def set_filter(self, key: str) -> None:

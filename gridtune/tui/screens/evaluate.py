@@ -28,11 +28,11 @@ from textual.reactive import reactive
 from textual.widgets import Input, Label, OptionList, Static
 from textual.widgets.option_list import Option
 
-from ..core.errors import one_line
-from ..pipeline.evaluation import evaluate as ev, scaling as sc
-from ..pipeline.spec.grid import render_value
-from ..store import evaluation as evs, scaling as scs
-from ..tui.section import SectionScreen
+from ...core.errors import one_line
+from ...pipeline.evaluation import evaluate as ev, scaling as sc
+from ...pipeline.spec.grid import render_value
+from ...store import evaluation as evs, scaling as scs
+from ..section import SectionScreen
 
 
 @dataclass
@@ -62,6 +62,11 @@ def load_state(store: Any) -> EvalState:
     return state
 
 
+# What to do, in this app's keys (never a command-line flag): where held-out prompts come from.
+NO_EXPORT = "no export yet: in F5, e exports; its hold out and combos are what this asks"
+NOTHING_HELD_OUT = "nothing held out: in F5, o, set hold out or combos, then e; or w in F6"
+
+
 class EvalScreen(SectionScreen):
     """Evaluate the tuned model against its base on held-out prompts."""
 
@@ -69,7 +74,8 @@ class EvalScreen(SectionScreen):
     CSS_PATH = "evaluate.tcss"
     HELP_TITLE = "Eval"
     HELP = ("The tuned model and its base answer every held-out prompt (values and combinations the export kept "
-            "out of training, and values you add with `gridtune eval --case`). r runs (only what is not stored "
+            "out of training: F5's hold out and combos; and values you add with w in the F6 playground). "
+            "r runs (only what is not stored "
             "is asked), c stops; the table says which model is better where the intervals do not overlap. "
             "S trains on half and on all of the latest export and evaluates both against the base (the base "
             "field; empty: the backend's model): the gain per doubling, metric by metric, against the recipe's "
@@ -163,10 +169,9 @@ class EvalScreen(SectionScreen):
             text = Text.assemble(("scaling ", "bold"), f"{run.n_half}/{run.n_all} examples", what,
                                  ("  v: eval table", "dim"))
         elif not s.has_export:
-            text = Text("no export yet: export with a hold-out first (F5, or gridtune export --hold-out VAR=VALUE)")
+            text = Text(NO_EXPORT)
         elif not s.cases:
-            # The demo's export holds nothing out: say where to set it, in this app's words.
-            text = Text("nothing held out: set hold out or combos in the F5 export, or w in playground")
+            text = Text(NOTHING_HELD_OUT)
         elif not s.latest:
             text = Text(f"{len(s.cases)} held-out prompt(s); r asks both models")
         else:
@@ -270,7 +275,11 @@ class EvalScreen(SectionScreen):
         against = self.query_one("#eval-against", Input).value.strip() or None
         samples = self.query_one("#eval-samples", Input).value.strip() or "3"
         if not model:
-            self.show_error("name the tuned model first", title="Eval")
+            self.show_error("name the tuned model first (F5 f fine-tunes one)", title="Eval")
+            return
+        # Said in this app's keys; the pipeline's refusal would name command-line flags.
+        if not self.state.has_export or not self.state.cases:
+            self.show_error(NO_EXPORT if not self.state.has_export else NOTHING_HELD_OUT, title="Eval")
             return
         options = ev.EvalOptions(model=model, against=against, samples=int(samples))
         try:

@@ -17,7 +17,7 @@ from textual.app import ComposeResult
 from textual.containers import VerticalScroll
 from textual.widgets import Static
 
-from ..pipeline.curation.coverage import Coverage, CoverageRow
+from ...pipeline.curation.coverage import Coverage, CoverageRow
 
 CELL = 6  # width of one count column in a pair matrix
 LABEL = 10  # width of a matrix's row labels

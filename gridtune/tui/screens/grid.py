@@ -16,13 +16,13 @@ from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.widgets import OptionList, TextArea
 from textual.widgets.option_list import Option
 
-from ..pipeline.spec.grid import GridError, GridSpec, Value
-from ..pipeline.spec.grid_edit import build_spec, cell_at, count_text, new_variable_name, parse_values, values_text
-from ..pipeline.spec.project import apply_spec
-from ..tui.context import ProjectContext
-from ..tui.section import SectionScreen
-from ..tui.widgets.line import Line
-from ..tui.widgets.modals import AskModal, ConfirmModal
+from ...pipeline.spec.grid import GridError, GridSpec, Value
+from ...pipeline.spec.grid_edit import build_spec, cell_at, count_text, new_variable_name, parse_values, values_text
+from ...pipeline.spec.project import apply_spec
+from ..context import ProjectContext
+from ..section import SectionScreen
+from ..widgets.line import Line
+from ..widgets.modals import AskModal, ConfirmModal
 
 _TEMPLATES = ("generation", "training", "system")
 

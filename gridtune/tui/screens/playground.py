@@ -38,13 +38,13 @@ from textual.suggester import SuggestFromList
 from textual.widgets import Input, Label, OptionList, Select, Static
 from textual.worker import get_current_worker
 
-from ..core.errors import one_line
-from ..pipeline.evaluation import playground as pg
-from ..pipeline.evaluation.promote import DEFAULT_GRADE
-from ..pipeline.format.validate import show
-from ..pipeline.spec.grid import render_value
-from ..tui.events import OpenPlayground
-from ..tui.section import SectionScreen
+from ...core.errors import one_line
+from ...pipeline.evaluation import playground as pg
+from ...pipeline.evaluation.promote import DEFAULT_GRADE
+from ...pipeline.format.validate import show
+from ...pipeline.spec.grid import coerce_values, render_value
+from ..events import OpenPlayground
+from ..section import SectionScreen
 
 FLUSH_S = 0.05  # batch streamed pieces: at most ~20 repaints a second per pane
 PANES = ("a", "b")
@@ -226,10 +226,16 @@ class Added(Message):
 
 
 class PlaygroundScreen(SectionScreen):
-    MODE = "playground"
     """Try a model on held-out values, two models side by side."""
 
+    MODE = "playground"
     CSS_PATH = "playground.tcss"
+    HELP_TITLE = "Playground"
+    HELP = ("The prompt is the grid's training template with the values in the fields, asked the way the "
+            "latest export trains (format, separator, stop): the tuned model in A, its base in B. n fills "
+            "values the grid never had, h a combination not trained on, t one that was; o edits the fields, "
+            "r runs, s stops. m and b pick the models, f switches chat/legacy. Once an answer is in, a adds "
+            "it to the training data (graded by you) and w adds its values to the evaluation set (F7).")
     AUTO_FOCUS = ""  # letters are commands; o (or tab) goes into the fields
     BINDINGS = [
         Binding("r", "run", "Run", id="playground.run"),
@@ -402,7 +408,7 @@ class PlaygroundScreen(SectionScreen):
 
     @work(thread=True, exclusive=True, group="pg-models", exit_on_error=False)
     def list_models(self) -> None:
-        from ..pipeline.training import finetune
+        from ...pipeline.training import finetune
 
         try:
             models = finetune.list_models(self.ctx.backend())
@@ -443,7 +449,7 @@ class PlaygroundScreen(SectionScreen):
 
     def values(self) -> dict[str, Any]:
         raw = {name: self.query_one(f"#var-{name}", Input).value for name in self.spec.variables}
-        return pg.coerce_values(self.spec, raw)
+        return coerce_values(self.spec, raw)
 
     def _fill(self, values: dict[str, Any]) -> None:
         for name, value in values.items():
@@ -698,7 +704,7 @@ class PlaygroundScreen(SectionScreen):
 
     @work(thread=True, group="pg-add", exit_on_error=False)
     def promote(self, asked: Asked, text: str, model: str, finish_reason: str | None, grade: int) -> None:
-        from ..pipeline.evaluation.promote import promote_answer
+        from ...pipeline.evaluation.promote import promote_answer
 
         try:
             done = promote_answer(self.ctx.store, self.spec, dict(asked.values), text, model=model, grade=grade,
@@ -710,7 +716,7 @@ class PlaygroundScreen(SectionScreen):
 
     @work(thread=True, group="pg-add", exit_on_error=False)
     def watch_case(self, asked: Asked, note: str | None) -> None:
-        from ..pipeline.evaluation.promote import watch_answer
+        from ...pipeline.evaluation.promote import watch_answer
 
         try:
             new = watch_answer(self.ctx.store, self.spec, dict(asked.values), note)

@@ -21,7 +21,7 @@ from textual.message import Message
 from textual.scroll_view import ScrollView
 from textual.strip import Strip
 
-from ..pipeline.curation.review import ListPreview
+from ...pipeline.curation.review import ListPreview
 
 Row = tuple[int, int, "int | None", str]  # id, length, grade, status
 PreviewFetcher = Callable[[Sequence[int]], "dict[int, ListPreview]"]
@@ -93,6 +93,11 @@ class ReviewList(ScrollView, can_focus=True):
         self._scroll_to_cursor(center=True)
         self.refresh()
         self.post_message(self.Highlighted(self.cursor, self.current))
+
+    def is_cut_off(self, row_id: int) -> bool:
+        """Whether the row's preview (fetched once it was on view) marks it cut off."""
+        shown = self._previews.get(row_id)
+        return bool(shown and shown[1].cut_off)
 
     def index_of(self, row_id: int | None) -> int | None:
         if row_id is None:

@@ -28,16 +28,16 @@ from textual.message import Message
 from textual.timer import Timer
 from textual.widgets import Input, Label, ProgressBar, Sparkline
 
-from ..core.errors import one_line
-from ..pipeline.generation.progress import Progress, format_duration
-from ..pipeline.spec.options import GENERATION
-from ..store import CompletionRecord, RunRecord, StatusCounts
-from ..tui.context import ProjectContext
-from ..tui.section import SectionScreen
-from ..tui.widgets.line import Line
+from ...core.errors import one_line
+from ...pipeline.generation.progress import Progress, format_duration
+from ...pipeline.spec.options import GENERATION
+from ...store import CompletionRecord, RunRecord, StatusCounts
+from ..context import ProjectContext
+from ..section import SectionScreen
+from ..widgets.line import Line
 
 if TYPE_CHECKING:
-    from ..pipeline.generation.generate import GenerateOptions
+    from ...pipeline.generation.generate import GenerateOptions
 
 POLL_S = 0.5
 SPARK_POINTS = 120
@@ -86,7 +86,7 @@ class Settings:
 
     @staticmethod
     def options(values: dict[str, Any]) -> GenerateOptions:
-        from ..pipeline.generation.generate import GenerateOptions
+        from ...pipeline.generation.generate import GenerateOptions
 
         return GenerateOptions(**{name: values[name] for name in Settings.PER_RUN})
 
@@ -119,6 +119,9 @@ class GenerateScreen(SectionScreen):
             "within 24 h); the batch is followed in the background, and b (or s) picks it up again.")
     AUTO_FOCUS = ""  # letters are commands until `o` (or tab) enters the options
     BINDINGS = [
+        # On a cold local server s starts the server alone: the estimate comes before the run.
+        Binding("s", "start_server", "Start server", tooltip="start the local server (then see the estimate)",
+                id="generate.start_server"),
         Binding("s", "start", "Start", id="generate.start"),
         Binding("s", "resume", "Resume", id="generate.resume"),
         Binding("b", "start_batch", "Batch", show=False, id="generate.batch",
@@ -147,6 +150,7 @@ class GenerateScreen(SectionScreen):
         self.estimate: str | None = None  # the time estimate for the next run, in words
         self.budget: str | None = None  # with a max cost: what the next run could cost, and what the budget does
         self._server_start: float | None = None  # when a start began that must start the local server
+        self.server_cold = False  # no local server runs yet (and no OPENAI_* settings): s starts it first
         self._estimate_timer: Timer | None = None
 
     # -- layout ---------------------------------------------------------------
@@ -261,14 +265,16 @@ class GenerateScreen(SectionScreen):
 
     @work(thread=True, exclusive=True, group="gen-estimate", exit_on_error=False)
     def estimate_run(self, options: GenerateOptions) -> None:
-        from ..pipeline.generation.estimate import local_server_starting
-        from ..pipeline.generation.generate import preview_run, worst_cost
+        from ...pipeline.generation.estimate import local_server_starting
+        from ...pipeline.generation.generate import preview_run, worst_cost
 
         budget = None
+        cold = False
         try:
-            if local_server_starting():  # never start the server just to estimate
-                text = ("no estimate until the local server runs: s starts it "
-                        "(the first start fetches the model, ~1 min)")
+            cold = local_server_starting()
+            if cold:  # never start the server unasked: s starts it (alone), then this estimates
+                text = ("no estimate until the local server runs: s starts it (the first start fetches "
+                        "the model, ~1 min) and estimates; s again starts the run")
             else:
                 plan, estimate = preview_run(self.ctx.path, options, start_local=False)
                 text = estimate.text
@@ -276,15 +282,18 @@ class GenerateScreen(SectionScreen):
                     budget = budget_text(options.max_cost, *worst_cost(self.ctx.store, plan, options)[:2])
         except Exception as exc:  # noqa: BLE001 - no estimate is not an error
             text = f"no estimate: {one_line(exc)}"
-        self.app.call_from_thread(self._show_estimate, text, budget)
+        self.app.call_from_thread(self._show_estimate, text, budget, cold)
 
-    def _show_estimate(self, text: str, budget: str | None = None) -> None:
+    def _show_estimate(self, text: str, budget: str | None = None, cold: bool = False) -> None:
         self.estimate, self.budget = text, budget
+        if cold != self.server_cold:
+            self.server_cold = cold
+            self.refresh_bindings()  # s: start the server, or start the run
         self._render_note()
 
     @work(thread=True, exclusive=True, group="gen-poll", exit_on_error=False)
     def poll(self) -> None:
-        from ..pipeline.generation import runs
+        from ...pipeline.generation import runs
 
         store = self.ctx.store
         run = runs.reconcile(store) or store.latest_run()
@@ -374,7 +383,7 @@ class GenerateScreen(SectionScreen):
     def _starting_text(self) -> str:
         if self._server_start is None:
             return "starting a run…"
-        from ..pipeline.generation.estimate import local_server_phase
+        from ...pipeline.generation.estimate import local_server_phase
 
         return local_server_phase(self._server_start)
 
@@ -385,8 +394,11 @@ class GenerateScreen(SectionScreen):
         p = snap.progress if snap else None
         active = bool(run and run.state in ACTIVE)
         note = Text()
-        if active:  # the run's own estimate, made at its start, unless retries need saying
-            estimate = p.estimate if (p is not None and not p.retries) else None
+        if active:
+            # The estimate made at the run's start, only until the run has measured its own
+            # speed: then the ETA above says more, and two figures side by side mislead.
+            measured = p is not None and (p.done or p.failed or p.tokens_per_s > 0)
+            estimate = p.estimate if (p is not None and not p.retries and not measured) else None
         else:
             estimate = None if self.busy == "starting" else self.estimate  # starting: the state line says
         if estimate:
@@ -460,6 +472,10 @@ class GenerateScreen(SectionScreen):
         return bool(snap and snap.run and (snap.counts.pending or snap.counts.failed))
 
     def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
+        if action == "start_server":
+            return self.server_cold and not (self._active() or self.busy)
+        if action in ("start", "resume") and self.server_cold and not self.busy:
+            return False  # s starts the server first
         if action == "start_batch":
             return not (self._active() or self.busy)
         if action in ("start", "resume"):
@@ -490,6 +506,30 @@ class GenerateScreen(SectionScreen):
     def action_start(self) -> None:
         self._start()
 
+    def action_start_server(self) -> None:
+        self.busy = "starting"
+        self._server_start = time.time()  # the state line shows the server's phase meanwhile
+        self.refresh_bindings()
+        self._set("gen-state", Text(self._starting_text(), style="yellow"))
+        self.start_server()
+
+    @work(thread=True, exclusive=True, group="gen-control", exit_on_error=False)
+    def start_server(self) -> None:
+        from ...pipeline.client.resolve import resolve_backend
+
+        try:
+            resolve_backend(start_local=True)
+        except Exception as exc:  # noqa: BLE001 - BackendError (no model, no extra): shown inline
+            self.app.call_from_thread(self._control_done, one_line(exc))
+        else:
+            self.app.call_from_thread(self._server_ready)
+
+    def _server_ready(self) -> None:
+        self.server_cold = False
+        self._control_done(None)
+        self.notify("the local server runs: the estimate is below; s starts the run", title="Generate")
+        self.refresh_estimate()
+
     def action_resume(self) -> None:
         self._start()
 
@@ -513,9 +553,9 @@ class GenerateScreen(SectionScreen):
 
     @work(thread=True, exclusive=True, group="gen-control", exit_on_error=False)
     def start_run(self, options: GenerateOptions, batch: bool = False) -> None:
-        from ..pipeline.generation import batch as batch_api, runs
-        from ..pipeline.generation.estimate import local_server_starting
-        from ..pipeline.generation.generate import GenerateError, NothingToDo
+        from ...pipeline.generation import batch as batch_api, runs
+        from ...pipeline.generation.estimate import local_server_starting
+        from ...pipeline.generation.generate import GenerateError, NothingToDo
 
         try:
             if local_server_starting():  # start_detached starts it first: say so, with the time it takes
@@ -558,7 +598,7 @@ class GenerateScreen(SectionScreen):
 
     @work(thread=True, exclusive=True, group="gen-control", exit_on_error=False)
     def stop_run(self, note: str) -> None:
-        from ..pipeline.generation import runs
+        from ...pipeline.generation import runs
 
         try:
             run = runs.request_stop(self.ctx.path, wait_s=30.0)
@@ -590,7 +630,7 @@ class GenerateScreen(SectionScreen):
 
     @work(thread=True, exclusive=True, group="gen-settings", exit_on_error=False)
     def save_defaults(self, values: dict[str, Any]) -> None:
-        from ..pipeline.spec.grid_edit import save_generation_defaults
+        from ...pipeline.spec.grid_edit import save_generation_defaults
 
         try:
             changed = save_generation_defaults(self.ctx.store, model=values["model"] or "",

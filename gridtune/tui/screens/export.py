@@ -32,15 +32,17 @@ from textual.widgets import Input, Label, Select, Static
 from textual.worker import get_current_worker
 from textual_plotext import PlotextPlot
 
-from ..core.errors import one_line
-from ..pipeline.curation.diversity import DiversityStats
-from ..pipeline.format.validate import ERROR, FIGURE, NOTE, OK, TITLE, WARNING, ReportLine, ValidationReport, show
-from ..pipeline.spec.grid import GridSpec, render_value
-from ..pipeline.spec.options import EXPORT, FINETUNE
-from ..pipeline.training.finetune import JobState, default_export_path
-from ..pipeline.training.holdout import HoldOut, HoldOutError, parse_hold_out
-from ..tui.events import OpenPlayground
-from ..tui.section import SectionScreen
+from ...core.errors import one_line
+from ...pipeline.curation.diversity import DiversityStats
+from ...pipeline.format.validate import ERROR, FIGURE, NOTE, OK, TITLE, WARNING, ReportLine, ValidationReport, show
+from ...pipeline.generation.progress import format_duration
+from ...pipeline.spec.grid import GridSpec, render_value
+from ...pipeline.spec.options import EXPORT, FINETUNE
+from ...pipeline.spec.project import proposed_hold_out
+from ...pipeline.training.finetune import JobState, default_export_path
+from ...pipeline.training.holdout import HoldOut, HoldOutError, parse_hold_out
+from ..events import OpenPlayground
+from ..section import SectionScreen
 
 FORMATS = [("chat", "chat"), ("completion", "completion")]
 CUT_OFF_CHOICES = [("leave out", "no"), ("include", "yes")]  # completions that hit max tokens
@@ -50,6 +52,20 @@ _HOLD_OUT_ITEM = re.compile(r"[,\s]+(?=[^\s=,]+=)")
 TRAIN_RGB, VALID_RGB = (64, 160, 255), (255, 166, 0)
 REPORT_STYLES = {TITLE: "bold", OK: "bold green", ERROR: "red", WARNING: "yellow", NOTE: "", FIGURE: ""}
 JOB_STYLES = {"succeeded": "bold green", "failed": "bold red", "cancelled": "yellow", "refused": "bold red"}
+EXIT_TARGETS = ("hf", "gguf", "ollama", "vllm")  # export-model's --to
+_QUANT = re.compile(r"f16|f32|bf16|q\d\w*", re.I)
+
+
+def parse_exit(text: str, default_dir: Path) -> tuple[str, str | None, Path]:
+    """The export-model line typed after x: 'TARGET [QUANT] [DIR]' (gguf q8_0 agi-gguf) ->
+    (target, quant, directory); the directory defaults to ``default_dir``-TARGET."""
+    words = text.split()
+    if not words or words[0].lower() not in EXIT_TARGETS:
+        raise ValueError(f"export model: start with {', '.join(EXIT_TARGETS)} (then a quant such as q8_0, a directory)")
+    to, rest = words[0].lower(), words[1:]
+    quant = rest.pop(0).lower() if rest and to in ("gguf", "ollama") and _QUANT.fullmatch(rest[0]) else None
+    out = Path(" ".join(rest)).expanduser() if rest else default_dir.with_name(f"{default_dir.name}-{to}")
+    return to, quant, out
 
 
 @dataclass
@@ -223,6 +239,21 @@ def styled(lines: list[ReportLine]) -> Text:
     return out
 
 
+def export_title(name: str, done: int, rejected: int, cut_off: int, width: int) -> Text:
+    """The header: what an export at the defaults takes (done, less the rejected and the
+    cut-off ones) in ``width`` columns; the project's name only where it fits (the
+    status line has it too)."""
+    kept = done - rejected - cut_off
+    parts = [f"{done:,} done", f"{kept:,} kept", f"{rejected:,} rejected"]
+    if cut_off:
+        parts.append(f"{cut_off:,} cut off")
+    head = "Export & fine-tune"
+    for shown in ([head, name, *parts], [head, *parts], ["Export", *parts]):
+        if len(" · ".join(shown)) <= width:
+            break
+    return Text.assemble((shown[0], "bold"), " · " + " · ".join(shown[1:]))
+
+
 def export_ok(export: Any) -> bool:
     """Whether an export record's files passed validation (train and validation split)."""
     data = (export.report or {}) if export is not None else {}
@@ -256,6 +287,13 @@ class DiversityDone(Message):
         self.error = error
 
 
+class ModelExported(Message):
+    def __init__(self, done: Any | None, error: str | None) -> None:
+        super().__init__()
+        self.done = done  # a pipeline ModelExport
+        self.error = error
+
+
 class Loaded(Message):
     def __init__(self, title: Text, export: Any, latest_job: Any) -> None:
         super().__init__()
@@ -269,6 +307,13 @@ class ExportScreen(SectionScreen):
 
     MODE = "export"
     CSS_PATH = "export.tcss"
+    HELP_TITLE = "Export & fine-tune"
+    HELP = ("e writes the kept examples to a JSONL file and validates it: errors, warnings, token counts and "
+            "the cost of training on this backend, shown before anything is uploaded (pgdn/pgup scroll the "
+            "report). o edits the options: format, min grade, cut-off completions, and what to hold out of "
+            "training for F7 Eval (hold out: values such as place=Oslo; combos: whole combinations). "
+            "f fine-tunes on the current backend once the export has no errors, with a live loss chart; "
+            "c cancels the job; p tries the tuned model in the playground. d measures the kept set's diversity.")
     AUTO_FOCUS = ""  # letters are commands until `o` (or tab) enters the options
     BINDINGS = [
         Binding("e", "export", "Export+validate", id="export.run"),
@@ -277,6 +322,7 @@ class ExportScreen(SectionScreen):
         Binding("p", "playground", "Try model", id="export.playground"),
         Binding("o", "edit_options", "Options", id="export.options"),
         Binding("d", "diversity", "Measure diversity", show=False, id="export.diversity"),
+        Binding("x", "export_model", "Export model", show=False, id="export.model"),
         Binding("escape", "leave_options", "Done editing", show=False, id="export.leave"),
         # The report is taller than its box at 80x24 (token statistics, cost, verdict):
         # these keys scroll it from anywhere, as the hint on the job pane's top rule says.
@@ -340,6 +386,7 @@ class ExportScreen(SectionScreen):
                 with Vertical(id="exp-job"):
                     yield Static(id="exp-job-status")
                     yield Static(id="exp-job-events")
+                    yield Static(id="exp-exit")
                     yield Static(id="exp-loss-legend")
                     yield PlotextPlot(id="exp-loss")
         yield Static(id="exp-error")
@@ -351,11 +398,15 @@ class ExportScreen(SectionScreen):
 
     def on_mount(self) -> None:
         self.query_one("#exp-loss").can_focus = False
+        self.query_one("#exp-exit").display = False  # until a model is exported (x)
         report_box = self.query_one("#exp-report-box")
         report_box.can_focus = False
         for attribute in ("virtual_size", "size", "scroll_y"):
             self.watch(report_box, attribute, lambda *_: self._report_hint(), init=False)
         self._sync_format("chat")
+        # Until an export says otherwise (it refills the form), the project's proposal:
+        # the demo holds place=Oslo out, so F7 Eval has held-out prompts at once.
+        self.query_one("#opt-hold_out", Input).value = " ".join(proposed_hold_out(self.ctx.path))
         self._render_report()
         self._render_job()
         self.load_state()
@@ -435,6 +486,8 @@ class ExportScreen(SectionScreen):
                 status.append(f"{job.fine_tuned_model}\n", style="bold green")
             status.append_text(Text.assemble(("job ", "dim"), (job.id or "–", ""), "  ",
                                              (job.status, JOB_STYLES.get(job.status, "bold"))))
+            if job.took_s is not None:  # beside the report's estimate: what it really took
+                status.append(f" in {format_duration(job.took_s)}", style="dim")
             if job.model:
                 status.append(f" · {job.model}", style="dim")
             if job.error:
@@ -455,6 +508,8 @@ class ExportScreen(SectionScreen):
             if job.valid_losses:
                 legend.append(f"  ━ valid {job.valid_losses[-1]:.3f}", style="rgb({},{},{})".format(*VALID_RGB))
             legend.append(f"  · {step}", style="dim")
+            if job.eta_s is not None:  # measured from the job's own steps
+                legend.append(f" · ETA {format_duration(job.eta_s)}", style="dim")
         legend_line = self.query_one("#exp-loss-legend", Static)
         legend_line.update(legend)
         plot = self.query_one("#exp-loss", PlotextPlot)
@@ -522,9 +577,9 @@ class ExportScreen(SectionScreen):
             name = self.ctx.spec().name
         except Exception:  # noqa: BLE001 - a broken spec shows on the grid screen; the name falls back
             name = self.ctx.path.stem
-        kept = counts.done - counts.rejected
-        title = Text.assemble(("Export & fine-tune", "bold"), f" · {name} · {counts.done:,} done · "
-                              f"{counts.graded:,} graded · {counts.rejected:,} rejected · {kept:,} kept")
+        # Cut off at max tokens and not rejected: done, but left out of an export by default.
+        cut_off = sum(1 for r in store.review_rows(where="cut_off") if r[2] != 0)
+        title = export_title(name, counts.done, counts.rejected, cut_off, self.app.size.width - 2)
         jobs = store.jobs()
         self.post_message(Loaded(title, store.latest_export(), jobs[-1] if jobs else None))
 
@@ -555,6 +610,10 @@ class ExportScreen(SectionScreen):
             return job_running and self.busy != "cancelling"
         if action == "playground":
             return bool(self.job.fine_tuned_model) and self.job.status == "succeeded"
+        if action == "export_model":
+            if not (self.job.fine_tuned_model and self.job.status == "succeeded"):
+                return False
+            return None if self.busy else True
         return True
 
     # -- export -----------------------------------------------------------------
@@ -572,8 +631,8 @@ class ExportScreen(SectionScreen):
 
     @work(thread=True, exclusive=True, group="exp-export", exit_on_error=False)
     def run_export(self, opts: ExportOptions, hold_out: HoldOut | None = None) -> None:
-        from ..pipeline.generation.estimate import backend_for_costs
-        from ..pipeline.training.export import export_project
+        from ...pipeline.generation.estimate import backend_for_costs
+        from ...pipeline.training.export import export_project
 
         try:
             result = export_project(
@@ -612,7 +671,7 @@ class ExportScreen(SectionScreen):
     def measure_diversity(self, export_id: int) -> None:
         """Seconds on a large project (Self-BLEU over a sample, distinct-n and gzip over
         every text): here, never on the event loop; the result is stored with the export."""
-        from ..pipeline.training.export import record_diversity
+        from ...pipeline.training.export import record_diversity
 
         error = None
         try:
@@ -648,7 +707,7 @@ class ExportScreen(SectionScreen):
 
     @work(thread=True, exclusive=True, group="exp-job-start", exit_on_error=False)
     def start_job(self, opts: ExportOptions, export: Any) -> None:
-        from ..pipeline.training import finetune
+        from ...pipeline.training import finetune
 
         try:
             backend = self.ctx.backend()
@@ -674,7 +733,7 @@ class ExportScreen(SectionScreen):
 
     @work(thread=True, exclusive=True, group="exp-job-follow", exit_on_error=False)
     def follow(self, start: JobState) -> None:
-        from ..pipeline.training.finetune import JobTracker
+        from ...pipeline.training.finetune import JobTracker
 
         worker = get_current_worker()
         self._following = start.id
@@ -713,7 +772,7 @@ class ExportScreen(SectionScreen):
 
     @work(thread=True, exclusive=True, group="exp-job-cancel", exit_on_error=False)
     def cancel_job(self, job_id: str) -> None:
-        from ..pipeline.training import finetune
+        from ...pipeline.training import finetune
 
         error = None
         try:
@@ -731,6 +790,56 @@ class ExportScreen(SectionScreen):
 
     def action_playground(self) -> None:
         self.post_message(OpenPlayground(self.job.fine_tuned_model))
+
+    # -- exits: the tuned model for another engine ------------------------------------
+    def action_export_model(self) -> None:
+        from ..widgets.modals import AskModal
+
+        model = self.job.fine_tuned_model
+        default = f"gguf {fit_path(self.ctx.path.with_name(self.ctx.path.stem + '-gguf'), 10_000)}"
+        question = (f"Export {model} for another engine: hf (transformers, vLLM), gguf (llama.cpp; "
+                    "add q8_0 for 8-bit), ollama (GGUF + Modelfile) or vllm (LoRA adapter), then a new directory")
+
+        def chosen(text: str | None) -> None:
+            if not text or not model:
+                return
+            try:
+                to, quant, out = parse_exit(text, self.ctx.path.with_name(self.ctx.path.stem))
+            except ValueError as exc:
+                self.error = str(exc)
+                return
+            self.error = ""
+            self.busy = "exporting the model"
+            self.export_tuned(model, to, quant, out)
+
+        self.app.push_screen(AskModal(question, value=default, title="Export model"), chosen)
+
+    @work(thread=True, exclusive=True, group="exp-model-export", exit_on_error=False)
+    def export_tuned(self, model: str, to: str, quant: str | None, out: Path) -> None:
+        from ...pipeline.training import finetune
+
+        try:
+            done = finetune.export_model(self.ctx.backend(), model, out, to=to, quant=quant)
+        except Exception as exc:  # noqa: BLE001 - refused (not empty, unknown model...): one line, inline
+            self.post_message(ModelExported(None, one_line(exc)))
+        else:
+            self.post_message(ModelExported(done, None))
+
+    @on(ModelExported)
+    def _model_exported(self, message: ModelExported) -> None:
+        self.busy = None
+        widget = self.query_one("#exp-exit", Static)
+        if message.error:
+            self.error = f"export model: {message.error}"
+            return
+        done = message.done
+        text = Text(f"{done.target} → {fit_path(done.output_dir, 60)}\n", style="bold")
+        for command in done.commands:
+            text.append(f"$ {command}\n", style="")
+        widget.update(text)
+        widget.display = True
+        self.app.notify(f"wrote {fit_path(done.output_dir, 60)}; run: {done.commands[0] if done.commands else ''}",
+                        title="Export model")
 
 
 class _StopFollowing(Exception):

@@ -1,0 +1,45 @@
+"""A failed call to the backend (a prompt, a file, a fine-tuning job) as one line:
+the server's own message, without the credentials some servers echo back."""
+
+from __future__ import annotations
+
+import openai
+
+from ...core.errors import GridtuneError
+from .backend import Backend
+
+
+class CallError(GridtuneError):
+    """A call to the backend failed; the message is one line."""
+
+    exit_code = 1
+
+
+def message(exc: openai.APIError) -> str:
+    body = getattr(exc, "body", None)
+    text = None
+    if isinstance(body, dict):
+        err = body.get("error", body)
+        if isinstance(err, dict) and err.get("message"):
+            text = str(err["message"])
+    return _scrub(exc, text or str(getattr(exc, "message", None) or exc))
+
+
+def _scrub(exc: openai.APIError, text: str) -> str:
+    """A server's message without the credentials of the URL it was called at
+    (user:password@, ?api-key=) or the key: servers echo them."""
+    request = getattr(exc, "request", None)
+    if request is None:
+        return text
+    auth = request.headers.get("authorization", "")
+    key = auth.split(" ", 1)[1] if " " in auth else ""
+    url = str(request.url)
+    return Backend("compatible", url, key).redact(text)
+
+
+def wrap(what: str, exc: Exception) -> CallError:
+    if isinstance(exc, openai.APIConnectionError):
+        return CallError(f"{what}: cannot reach the backend ({exc.__class__.__name__})")
+    if isinstance(exc, openai.APIStatusError):
+        return CallError(f"{what}: {exc.status_code} {message(exc)}")
+    return CallError(f"{what}: {exc}")
