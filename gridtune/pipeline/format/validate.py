@@ -56,6 +56,11 @@ _CLOSERS = "\"'”’»)]}*_`"
 TAIL_CHARS = 32  # how much of each legacy completion's end is kept for that check
 
 
+def _valid_weight(value: Any) -> bool:
+    """OpenAI takes a message weight of 0 or 1 only (an integer: not 2, 0.5, NaN or true)."""
+    return type(value) is int and value in (0, 1)
+
+
 def ends_mid_sentence(text: str) -> bool:
     """Whether ``text`` stops without sentence-ending punctuation (a heuristic: a
     list or a code block may end that way too; a cut-off answer nearly always does)."""
@@ -306,6 +311,8 @@ class _ChatChecker(_Checker):
                 r.add_error("message_missing_key", line)
             if any(k not in MESSAGE_KEYS for k in message):
                 r.add_error("message_unrecognized_key", line)
+            if "weight" in message and not _valid_weight(message["weight"]):
+                r.add_error("invalid_weight", line)
             role = message.get("role")
             roles.add(role if isinstance(role, str) else None)
             if role not in ROLES:
