@@ -135,7 +135,8 @@ def test_events_are_openai_shaped_and_loss_goes_down(chat_job: Path) -> None:
     total = 3 * 5  # 20 examples, batch 4, 3 epochs
     assert [d["step"] for d in data] == list(range(1, total + 1))
     assert all(d["total_steps"] == total for d in data)
-    assert set(data[0]) == {"step", "total_steps", "train_loss", "valid_loss", "epoch", "tokens_per_s"}
+    assert set(data[0]) == {"step", "total_steps", "train_loss", "valid_loss", "epoch", "tokens_per_s", "tokens",
+                            "seconds"}
     assert [d["epoch"] for d in data][::5] == [1, 2, 3]
     first = next(e for e in events if e["type"] == "metrics")
     assert first["message"].startswith("Step 1/15: training loss=")

@@ -478,6 +478,10 @@ def build_model(spec: JobSpec, loaded: Any, say: Callable[[str], None] = lambda 
         raise DataError("LoRA found none of the usual projection layers in this model; try method 'full'")
     if _four_bit(spec, loaded, say):
         n = quantize_4bit(model, str(loaded.device))
+        try:
+            model.is_loaded_in_4bit = True  # so PEFT wraps them with its bitsandbytes LoRA layers
+        except AttributeError:  # a read-only property in some transformers releases
+            pass
         say(f"QLoRA: {n} linear layers of the base quantized to 4-bit NF4 (bitsandbytes), bf16 compute")
     config = LoraConfig(r=spec.lora_r, lora_alpha=2 * spec.lora_r, lora_dropout=0.0,
                         target_modules=targets, task_type="CAUSAL_LM")
