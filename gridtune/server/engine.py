@@ -298,8 +298,9 @@ class _HFBatch:
 
 
 def default_threads() -> int:
-    """The most intra-op threads decoding may use: every core (GRIDTUNE_THREADS
-    overrides); _ThreadTuner drops to one while other processes hold the cores. Measured
+    """The most intra-op threads decoding may use: the physical cores (GRIDTUNE_THREADS
+    overrides; an SMT sibling shares its core's vector units and only adds barrier
+    waits); _ThreadTuner drops to one while other processes hold the cores. Measured
     on 2 cores over HTTP with the client beside it: 2 threads decoded 81 tok/s for one
     stream and 295 for 32, one thread 49 and 226. Only this thread may run a team that
     large; ``gridtune serve`` keeps every other thread at one (server/main.py), since a
@@ -309,7 +310,9 @@ def default_threads() -> int:
     wanted = os.environ.get("GRIDTUNE_THREADS", "").strip()
     if wanted.isdigit() and int(wanted) > 0:
         return int(wanted)
-    return max(1, os.cpu_count() or 1)
+    from .fastlm import physical_cores
+
+    return physical_cores()
 
 
 class _ThreadTuner:
@@ -546,7 +549,20 @@ class Engine:
             "generated_tokens": self.generated_tokens,
             "decoder": "fast" if self._served[self.base_id].fast is not None else (
                 "transformers" if self._served[self.base_id].loaded else "loading"),
+            "kernels": self.kernels(),
         }
+
+    def kernels(self) -> dict[str, Any] | None:
+        """The base model's decode plan (CPU kind, dtype, kernels, threads; fastlm.Plan),
+        None until loaded or off the fast path."""
+        fast = self._served[self.base_id].fast
+        plan = getattr(fast, "plan", None) or getattr(getattr(fast, "lm", None), "plan", None)
+        if plan is None:
+            return None
+        out = plan.as_dict()
+        if self._tuner is not None:
+            out["threads"] = self._tuner.most
+        return out
 
     async def generate(self, model_id: str, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[Delta]:
         """Text deltas for one completion; the last carries the finish reason.
@@ -611,6 +627,12 @@ class Engine:
             try:
                 base = self._served[self.base_id]
                 self._ensure_loaded(base)
+                plan = getattr(base.fast, "plan", None) or getattr(getattr(base.fast, "lm", None), "plan", None)
+                if plan is not None:
+                    line = plan.describe()
+                    if self._tuner is not None and self._tuner.most != plan.threads:
+                        line = line.rsplit(", ", 1)[0] + f", {self._tuner.most} thread(s)"
+                    log.info("%s", line)
                 if self._calibrate_at_start and base.fast is not None:
                     self._calibrate(base)
             except Exception:  # noqa: BLE001 - requests will report the failure

@@ -51,22 +51,61 @@ def supports(model: Any) -> bool:
 
 def cpu_has_bf16() -> bool:
     """Native bf16 matmul on this CPU (else bf16 is emulated and slower than fp32)."""
+    return cpu_kind() in ("AVX512_BF16", "AMX_BF16")
+
+
+def cpu_kind() -> str:
+    """The widest vector ISA torch dispatches to here: AMX_BF16, AVX512_BF16, AVX512,
+    AVX2, ... (``/proc/cpuinfo`` where torch does not say bf16 but the CPU has it)."""
     try:
-        cap = torch.backends.cpu.get_cpu_capability()
+        cap = str(torch.backends.cpu.get_cpu_capability())
     except Exception:  # noqa: BLE001 - older torch
-        return False
-    if cap in ("AVX512_BF16", "AMX_BF16"):
-        return True
+        cap = "DEFAULT"
+    if cap == "AVX512":
+        try:
+            flags = open("/proc/cpuinfo").read()
+        except OSError:
+            flags = ""
+        if " amx_bf16" in flags:
+            return "AMX_BF16"
+        if " avx512_bf16" in flags:
+            return "AVX512_BF16"
+    return cap
+
+
+def physical_cores() -> int:
+    """Cores this process may run on, counting SMT siblings once: a second hyperthread
+    on a core shares its vector units and only adds OpenMP barrier waits."""
+    import os
+
     try:
-        flags = open("/proc/cpuinfo").read()
-    except OSError:
-        return False
-    return " avx512_bf16" in flags or " amx_bf16" in flags
+        allowed = os.sched_getaffinity(0)
+    except (AttributeError, OSError):
+        allowed = set(range(os.cpu_count() or 1))
+    cores: set[tuple[str, str]] = set()
+    try:
+        for block in open("/proc/cpuinfo").read().split("\n\n"):
+            fields = dict(line.split(":", 1) for line in block.splitlines() if ":" in line)
+            fields = {k.strip(): v.strip() for k, v in fields.items()}
+            if "processor" in fields and int(fields["processor"]) in allowed:
+                cores.add((fields.get("physical id", "0"), fields.get("core id", fields["processor"])))
+    except (OSError, ValueError):
+        cores = set()
+    return max(1, min(len(cores) or len(allowed), len(allowed)))
+
+
+def exact_wanted() -> bool:
+    """GRIDTUNE_DTYPE=float32 (``gridtune serve --exact`` sets it): fp32 weights, no
+    low-bit kernel, answers the transformers path gives token for token."""
+    import os
+
+    return os.environ.get("GRIDTUNE_DTYPE", "").strip().lower() in ("float32", "fp32")
 
 
 def pick_dtype(device: str) -> torch.dtype:
-    """bf16 on CUDA and on CPUs with native bf16, else fp32; GRIDTUNE_DTYPE overrides
-    (float32 makes decoding batch-invariant enough for replayable tests)."""
+    """The activation (and residual stream) dtype: bf16 on CUDA and on CPUs with native
+    bf16, else fp32; GRIDTUNE_DTYPE overrides (float32 makes decoding batch-invariant
+    enough for replayable tests)."""
     import os
 
     wanted = os.environ.get("GRIDTUNE_DTYPE", "").strip().lower()
@@ -79,25 +118,119 @@ def pick_dtype(device: str) -> torch.dtype:
     return torch.bfloat16 if cpu_has_bf16() else torch.float32
 
 
+@dataclass(frozen=True)
+class Plan:
+    """How this machine decodes, chosen once at start (see ``choose_plan``).
+
+    ``gemm``: the weights batches (3+ rows) and prompts multiply with: "fp32", "bf16"
+    or "fp16" (fbgemm's fp16-weight GEMM: fp32 arithmetic, half the bytes). ``small``:
+    the kernel for 1-2 row steps ("int4", "int8" or None: the GEMM). ``head``: the
+    output layer's kernel for 1-2 rows (the default model's embeddings are 8-bit, Q8_0:
+    4 bits cost 4% perplexity there, so the head never takes int4)."""
+
+    device: str
+    cpu: str
+    dtype: torch.dtype
+    gemm: str
+    small: str | None
+    head: str | None
+    threads: int
+
+    @property
+    def exact(self) -> bool:
+        return self.gemm == "fp32" and self.small is None and self.head is None and self.dtype == torch.float32
+
+    def describe(self) -> str:
+        """One line: CPU kind, dtype, kernels, threads."""
+        where = self.device if self.device != "cpu" else f"CPU {self.cpu}"
+        if self.small == NATIVE:
+            small = "native AVX2 step for 1-2 rows (Q4_1 weights x int8 activations, Q8_0 head)"
+        elif self.small:
+            small = f"{self.small} weight-only for 1-2 rows (head {self.head or self.gemm})"
+        else:
+            small = "no low-bit kernel"
+        mode = "exact (fp32)" if self.exact else "fast"
+        return (f"decoder: {where}, {mode}: activations {str(self.dtype).removeprefix('torch.')}, "
+                f"{self.gemm} GEMM for batches, {small}, {self.threads} thread(s)")
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"device": self.device, "cpu": self.cpu, "dtype": str(self.dtype).removeprefix("torch."),
+                "gemm": self.gemm, "small_rows": self.small, "head": self.head or self.gemm,
+                "threads": self.threads, "exact": self.exact}
+
+
+def _fp16_gemm_works() -> bool:
+    """fbgemm's fp16-weight linear (x86): packed once, fp32 in and out. Checked by running it."""
+    try:
+        w = torch.linspace(-1, 1, 64 * 64).view(64, 64)
+        x = torch.linspace(-1, 1, 3 * 64).view(3, 64)
+        packed = torch.ops.quantized.linear_prepack_fp16(w, None)
+        return bool(torch.allclose(torch.ops.quantized.linear_dynamic_fp16(x, packed), F.linear(x, w),
+                                   atol=1e-2, rtol=1e-2))
+    except Exception:  # noqa: BLE001 - a build without fbgemm (ARM, some wheels)
+        return False
+
+
+def choose_plan(device: str, *, dtype: torch.dtype | None = None, lowbit: bool | None = None,
+                threads: int | None = None) -> Plan:
+    """The fastest decode path on this machine whose answers stay right.
+
+    Measured on an AVX2-only 2-core EPYC (all 121 matmuls of one SmolLM2-135M step, one
+    thread): 1 row fp32 39 ms, fbgemm fp16 22, int4 (bf16 activations) 21; 32 rows fp32
+    207 ms, fp16 166, int4 278. torch's int4/int8 kernels are vectorised for bf16
+    activations only on AVX2 (fp32 or fp16 activations: 7-10x slower). So without native
+    bf16: fp32 activations, fp16 weights for batches, int4 for 1-2 rows (exact for the
+    GGUF's Q4_1 weights). With native bf16 (AVX512-BF16/AMX): bf16 weights, int4 for
+    1-2 rows. ``dtype=float32`` (or GRIDTUNE_DTYPE=float32) is the exact mode."""
+    on_cpu = device == "cpu"
+    n_threads = threads or (physical_cores() if on_cpu else 1)
+    kind = cpu_kind() if on_cpu else device
+    explicit = dtype is not None or bool(__import__("os").environ.get("GRIDTUNE_DTYPE", "").strip())
+    act = dtype or pick_dtype(device)
+    if not on_cpu:
+        return Plan(device, kind, act, str(act).removeprefix("torch.").replace("float32", "fp32")
+                    .replace("bfloat16", "bf16"), None, None, n_threads)
+    if act == torch.bfloat16:
+        small = None if lowbit is False else small_kernel(torch.bfloat16, "cpu")
+        head = "int8" if small else None
+        return Plan(device, kind, act, "bf16", small, head, n_threads)
+    if explicit and lowbit is not True:  # fp32 asked for: the exact mode
+        return Plan(device, kind, torch.float32, "fp32", None, None, n_threads)
+    gemm = "fp16" if _fp16_gemm_works() else "fp32"
+    if lowbit is False:
+        return Plan(device, kind, torch.float32, gemm, None, None, n_threads)
+    from . import cpukernel
+
+    if cpukernel.load() is not None:
+        return Plan(device, kind, torch.float32, gemm, NATIVE, "q8_0", n_threads)
+    small = small_kernel(torch.bfloat16, "cpu")
+    return Plan(device, kind, torch.float32, gemm, small, gemm if small else None, n_threads)
+
+
+NATIVE = "q4_1-native"  # q4decode.c: the whole 1-2 row step in one call (cpukernel.py)
+
+
 class _Linear:
-    """A weight for ``F.linear``, plus a low-bit copy for steps of 1-2 rows.
+    """A weight for the GEMM (batches, prompts), plus a low-bit copy for steps of 1-2 rows.
 
     One stream's decode step reads every weight once and does little else, so it is
-    bound by memory bandwidth: measured here on 70M parameters out of cache, one row
-    took 9.6 ms in bf16, 5.4 ms with torch's int8 weight-only kernel and 2.3 ms with its
-    int4 kernel (groups of 32 along the input, a scale and a zero each: the layout of
-    the default model's own Q4_1 GGUF, whose weights it therefore holds almost exactly).
-    From ~4 rows on, bf16's GEMM is faster than either, so batches use the bf16 weight.
+    bound by memory bandwidth: measured on 70M parameters out of cache, one row took
+    9.6 ms in bf16, 5.4 ms with torch's int8 weight-only kernel and 2.3 ms with its int4
+    kernel (groups of 32 along the input, a scale and a zero each: the layout of the
+    default model's own Q4_1 GGUF, whose weights it therefore holds exactly, but for
+    bf16 scales). The low-bit kernels take bf16 activations: x is cast in, the result
+    out. From ~4 rows on the GEMM is faster than either, so batches use it.
     """
 
-    __slots__ = ("w", "mode", "q", "aux")
+    __slots__ = ("w", "mode", "q", "aux", "gemm", "packed", "out_dtype")
 
-    def __init__(self, w: torch.Tensor, small: str | None):
-        self.w = w
-        self.mode, self.q, self.aux = None, None, None
+    def __init__(self, w: torch.Tensor, small: str | None, gemm: str = "native"):
+        self.mode, self.q, self.aux, self.packed = None, None, None, None
+        self.gemm = gemm
+        self.out_dtype = w.dtype
         if small == "int4" and w.shape[1] % INT4_GROUP == 0:
             try:
-                self.q, self.aux = _int4(w)
+                self.q, self.aux = _int4(w)  # groups found in w's own precision (Q4_1: exact)
                 self.mode = "int4"
             except Exception:  # noqa: BLE001 - a shape the kernel does not take: int8 then
                 small = "int8"
@@ -105,14 +238,24 @@ class _Linear:
             full = w.float()
             scales = (full.abs().amax(dim=1) / 127.0).clamp(min=1e-8)
             self.q = (full / scales[:, None]).round().clamp(-127, 127).to(torch.int8).contiguous()
-            self.aux = scales.to(w.dtype)
+            self.aux = scales.to(torch.bfloat16)
             self.mode = "int8"
+        if gemm == "fp16":  # fbgemm packs its own fp16 copy; the fp32 weight is not kept
+            self.packed = torch.ops.quantized.linear_prepack_fp16(w.float().contiguous(), None)
+            self.w = None
+        else:
+            self.w = w
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.mode is not None and x.shape[0] <= SMALL_MAX_ROWS:
+            xb = x.to(torch.bfloat16)
             if self.mode == "int4":
-                return torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.q, INT4_GROUP, self.aux)
-            return torch.ops.aten._weight_int8pack_mm(x, self.q, self.aux)
+                y = torch.ops.aten._weight_int4pack_mm_for_cpu(xb, self.q, INT4_GROUP, self.aux)
+            else:
+                y = torch.ops.aten._weight_int8pack_mm(xb, self.q, self.aux)
+            return y.to(x.dtype)
+        if self.packed is not None:
+            return torch.ops.quantized.linear_dynamic_fp16(x, self.packed)
         return F.linear(x, self.w)
 
 
@@ -121,22 +264,22 @@ INT4_GROUP = 32
 
 
 def _int4(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(packed weight, scales and zeros) for torch's CPU int4 kernel: per group of 32
-    inputs, q = round((w - min) / scale) in 0..15 and w ~ (q - 8) * scale + (min + 8 * scale)."""
+    """(packed weight, bf16 scales and zeros) for torch's CPU int4 kernel: per group of
+    32 inputs, q = round((w - min) / scale) in 0..15 and w ~ (q - 8) * scale + (min + 8 * scale)."""
     n, k = w.shape
     groups = w.float().view(n, k // INT4_GROUP, INT4_GROUP)
     low, high = groups.amin(-1), groups.amax(-1)
     scale = ((high - low) / 15).clamp(min=1e-8)
     q = ((groups - low[..., None]) / scale[..., None]).round().clamp(0, 15).to(torch.int32).view(n, k)
     packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.contiguous(), 1)
-    aux = torch.stack([scale.t(), (low + 8 * scale).t()], dim=-1).contiguous().to(w.dtype)
+    aux = torch.stack([scale.t(), (low + 8 * scale).t()], dim=-1).contiguous().to(torch.bfloat16)
     return packed, aux
 
 
 def small_kernel(dtype: torch.dtype, device: str) -> str | None:
-    """The low-bit kernel for 1-2 row steps on this machine: int4, else int8, else None.
-    Only where results are approximate anyway (bf16 on CPU): fp32 is the exact mode the
-    tests hold to the reference. Each kernel is checked by running it."""
+    """The low-bit kernel for 1-2 row steps on this CPU: int4, else int8, else None.
+    Both take bf16 activations (where torch vectorises them, AVX2 included). Each kernel
+    is checked by running it."""
     if device != "cpu" or dtype != torch.bfloat16:
         return None
     w = torch.linspace(-1, 1, 64 * 64).view(64, 64).to(dtype)
@@ -167,10 +310,11 @@ class FastLlama:
 
     def __init__(self, model: Any, *, slots: int, dtype: torch.dtype | None = None,
                  device: str | None = None, capacity: int = 512, kv_dtype: torch.dtype | None = None,
-                 lowbit: bool | None = None):
+                 lowbit: bool | None = None, plan: Plan | None = None):
         cfg = model.config
         self.device = device or str(next(model.parameters()).device)
-        self.dtype = dtype or pick_dtype(self.device)
+        self.plan = plan or choose_plan(self.device, dtype=dtype, lowbit=lowbit)
+        self.dtype = self.plan.dtype
         # Attention (RoPE, the KV cache, SDPA) runs in fp32 on CPU even with bf16 weights:
         # the CPU's SDPA kernels are about twice as fast in fp32 for a decode batch, and
         # two casts per layer cost less than that.
@@ -184,13 +328,27 @@ class FastLlama:
         self.max_pos = int(cfg.max_position_embeddings)
         self.slots = slots
         self.group = self.n_heads // self.n_kv
-        # Low-bit copies for 1-2 row steps (see _Linear): None where the dtype calls for
-        # them (bf16 on CPU), False never, True wherever a kernel runs.
-        self.small = None if lowbit is False else small_kernel(torch.bfloat16 if lowbit else self.dtype, self.device)
+        self.native: Any = None  # cpukernel.NativeStep: 1-2 row steps in one native call
+        if self.plan.small == NATIVE:
+            from . import cpukernel
+
+            if not cpukernel.fits(self.hidden, self.inter, self.n_heads, self.head_dim):
+                self.plan = choose_plan(self.device, dtype=dtype, lowbit=lowbit)
+                self.plan = Plan(**{**self.plan.__dict__, "small": small_kernel(torch.bfloat16, "cpu"),
+                                    "head": self.plan.gemm})
+        self.small = self.plan.small if self.plan.small != NATIVE else None  # torch's low-bit kernel, or None
+        self._raw: list[dict[str, torch.Tensor]] = []  # fp32 weights for the native step, dropped once built
         self.layers, self.norm, self.embed, self.lm_head = self._weights(model)
         rope = getattr(cfg, "rope_parameters", None) or {}
         theta = float(rope.get("rope_theta", getattr(cfg, "rope_theta", 10000.0)))
         self._rope(theta)
+        if self.plan.small == NATIVE:
+            from . import cpukernel
+
+            self.native = cpukernel.native_step(self, self._raw, self._raw_head)
+            if self.native is None:  # cannot happen after fits() and load(); torch's kernels then
+                self.plan = Plan(**{**self.plan.__dict__, "small": None, "head": None})
+        self._raw, self._raw_head = [], None
         self.capacity = 0  # positions per slot
         self.allocated = 0  # slots with memory behind them (grows with the batch, up to ``slots``)
         self.k: list[torch.Tensor] = []
@@ -205,12 +363,21 @@ class FastLlama:
         def w(t: torch.Tensor) -> torch.Tensor:
             return t.detach().to(device=dev, dtype=dt).contiguous()
 
-        def lin(t: torch.Tensor) -> _Linear:
-            return _Linear(w(t), self.small)
+        gemm = "fp16" if self.plan.gemm == "fp16" else "native"
 
+        def lin(t: torch.Tensor) -> _Linear:
+            return _Linear(w(t), self.small, gemm)
+
+        native = self.plan.small == NATIVE
         layers = []
         for layer in base.layers:
             att, mlp = layer.self_attn, layer.mlp
+            if native:
+                self._raw.append({
+                    "qkv": torch.cat([att.q_proj.weight, att.k_proj.weight, att.v_proj.weight]).detach(),
+                    "o": att.o_proj.weight.detach(),
+                    "gu": torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]).detach(),
+                    "down": mlp.down_proj.weight.detach()})
             layers.append(_Layer(
                 ln1=w(layer.input_layernorm.weight),
                 qkv=lin(torch.cat([att.q_proj.weight, att.k_proj.weight, att.v_proj.weight])),
@@ -221,7 +388,10 @@ class FastLlama:
             ))
         embed = w(base.embed_tokens.weight)
         head = model.get_output_embeddings().weight
-        lm_head = _Linear(embed if head.data_ptr() == base.embed_tokens.weight.data_ptr() else w(head), self.small)
+        self._raw_head = head.detach() if native else None
+        small_head = self.plan.head if self.plan.head in ("int4", "int8") else None
+        lm_head = _Linear(embed if head.data_ptr() == base.embed_tokens.weight.data_ptr() else w(head), small_head,
+                          gemm)
         return layers, w(base.norm.weight), embed, lm_head
 
     def _rope(self, theta: float) -> None:
@@ -316,6 +486,8 @@ class FastLlama:
         """One step for rows in slots ``0..B-1``: ``tokens`` [B] at ``positions`` [B];
         ``length`` is one past the largest position. Returns logits [B, V] fp32."""
         B = tokens.shape[0]
+        if self.native is not None and B <= SMALL_MAX_ROWS:
+            return self.native(tokens, positions, length)
         H, KV, D, G = self.n_heads, self.n_kv, self.head_dim, self.group
         x = F.embedding(tokens, self.embed)  # [B, hidden]
         cos, sin = self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1)  # [B, 1, D]

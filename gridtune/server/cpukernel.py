@@ -1,0 +1,186 @@
+"""The native decode step for 1-2 rows on x86 CPUs with AVX2 (q4decode.c), built at first use.
+
+Why: on a CPU without native bf16, torch's own low-bit kernels and per-op dispatch left
+one stream of the default model at a third of llama.cpp's speed (torch's int4 matmul
+alone took ~21 ms a step on one EPYC core; llama.cpp's whole step ~15 ms). q4decode.c
+runs the whole step in one call with llama.cpp's arithmetic: Q4_1 weights (the GGUF's
+own blocks, so nothing is lost), activations quantised per 32 to int8, a Q8_0 head.
+
+The library is compiled once per source version with the system C compiler into the
+cache directory (about a second). No compiler, no AVX2/FMA/F16C, or a failed build:
+``load()`` returns None with the reason in ``why_not`` and the decoder keeps torch's
+kernels. GRIDTUNE_NATIVE=0 turns it off.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+import threading
+from pathlib import Path
+from typing import Any
+
+import torch
+
+SOURCE = Path(__file__).with_name("q4decode.c")
+FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-shared", "-fPIC", "-std=c11"]
+QK = 32
+why_not: str | None = None
+_lib: Any = None
+_lock = threading.Lock()
+
+
+class _Model(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_int) for n in ("n_layers", "hidden", "n_heads", "n_kv", "head_dim", "inter", "vocab",
+                                            "cap")] + [
+        ("eps", ctypes.c_float),
+        ("embed", ctypes.c_void_p), ("cos", ctypes.c_void_p), ("sin", ctypes.c_void_p),
+        ("ln1", ctypes.c_void_p), ("ln2", ctypes.c_void_p),
+        ("qkv", ctypes.c_void_p), ("o", ctypes.c_void_p), ("gu", ctypes.c_void_p), ("down", ctypes.c_void_p),
+        ("kc", ctypes.c_void_p), ("vc", ctypes.c_void_p),
+        ("norm", ctypes.c_void_p), ("head", ctypes.c_void_p),
+    ]
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("flags"):
+                return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def _build() -> Any:
+    from gridtune import locations
+
+    if os.environ.get("GRIDTUNE_NATIVE", "").strip() == "0":
+        raise RuntimeError("GRIDTUNE_NATIVE=0")
+    missing = {"avx2", "fma", "f16c"} - _cpu_flags()
+    if missing:
+        raise RuntimeError(f"the CPU lacks {', '.join(sorted(missing))}")
+    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+    if not cc:
+        raise RuntimeError("no C compiler (cc, gcc or clang) on PATH")
+    key = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS).encode()).hexdigest()[:16]
+    target = locations.cache_dir() / "kernels" / f"q4decode-{key}.so"
+    if not target.is_file():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+            part = Path(tmp) / target.name
+            proc = subprocess.run([cc, *FLAGS, str(SOURCE), "-o", str(part), "-lm"], capture_output=True, text=True)
+            if proc.returncode != 0:
+                raise RuntimeError(f"{Path(cc).name} failed: {(proc.stderr or proc.stdout).strip()[:200]}")
+            os.replace(part, target)
+    # torch is loaded first, so the library's libgomp.so.1 is torch's own: one OpenMP
+    # runtime, one thread team, and torch.set_num_threads sizes it.
+    lib = ctypes.CDLL(str(target))
+    lib.gt_decode.restype = ctypes.c_int
+    lib.gt_decode.argtypes = [ctypes.POINTER(_Model), ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p,
+                              ctypes.c_int, ctypes.c_void_p]
+    return lib
+
+
+def load() -> Any:
+    """The compiled library, or None (``why_not`` says why)."""
+    global _lib, why_not
+    with _lock:
+        if _lib is None and why_not is None:
+            try:
+                _lib = _build()
+            except Exception as exc:  # noqa: BLE001 - any failure means torch's kernels
+                why_not = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        return _lib
+
+
+def q4_1_blocks(w: torch.Tensor) -> torch.Tensor:
+    """[N, K] -> [N, K/32] Q4_1 blocks (fp16 d, fp16 m, 16 bytes of nibbles) as bytes.
+    Per block: m = min, d = (max - min) / 15 in fp16, q = round((w - m) / d): exact for
+    weights that came from Q4_1."""
+    n, k = w.shape
+    g = w.detach().float().reshape(n, k // QK, QK)
+    low, high = g.amin(-1), g.amax(-1)
+    d = ((high - low) / 15).half()
+    m = low.half()
+    safe = torch.where(d.float() > 0, d.float(), torch.ones_like(d.float()))
+    q = ((g - m.float()[..., None]) / safe[..., None]).round().clamp(0, 15).to(torch.uint8)
+    packed = q[..., :16] | (q[..., 16:] << 4)
+    return torch.cat([d.view(torch.uint8).view(n, k // QK, 2), m.view(torch.uint8).view(n, k // QK, 2), packed],
+                     dim=-1).contiguous()
+
+
+def q8_0_blocks(w: torch.Tensor) -> torch.Tensor:
+    """[N, K] -> [N, K/32] Q8_0 blocks (fp16 d, 32 int8) as bytes: exact for Q8_0 weights."""
+    n, k = w.shape
+    g = w.detach().float().reshape(n, k // QK, QK)
+    d = (g.abs().amax(-1) / 127).half()
+    safe = torch.where(d.float() > 0, d.float(), torch.ones_like(d.float()))
+    q = (g / safe[..., None]).round().clamp(-127, 127).to(torch.int8)
+    return torch.cat([d.view(torch.uint8).view(n, k // QK, 2), q.view(torch.uint8)], dim=-1).contiguous()
+
+
+def fits(cfg_hidden: int, inter: int, heads: int, head_dim: int) -> bool:
+    return all(v % QK == 0 for v in (cfg_hidden, inter, heads * head_dim)) and head_dim <= 512
+
+
+class NativeStep:
+    """q4decode.c's step over a FastLlama's weights and cache (refreshed when it grows)."""
+
+    def __init__(self, lib: Any, lm: Any, weights: dict[str, list[torch.Tensor]], head: torch.Tensor):
+        self.lib, self.lm = lib, lm
+        self.keep = weights, head  # the block tensors the pointers point into
+        n = len(lm.layers)
+
+        def ptrs(tensors: list[torch.Tensor]) -> torch.Tensor:
+            return torch.tensor([t.data_ptr() for t in tensors], dtype=torch.int64)
+
+        self.arrays = {name: ptrs(ts) for name, ts in weights.items()}
+        self.arrays["ln1"] = ptrs([L.ln1 for L in lm.layers])
+        self.arrays["ln2"] = ptrs([L.ln2 for L in lm.layers])
+        self.m = _Model(n_layers=n, hidden=lm.hidden, n_heads=lm.n_heads, n_kv=lm.n_kv, head_dim=lm.head_dim,
+                        inter=lm.inter, vocab=lm.embed.shape[0], cap=0, eps=lm.eps,
+                        embed=lm.embed.data_ptr(), cos=lm.cos.data_ptr(), sin=lm.sin.data_ptr(),
+                        norm=lm.norm.data_ptr(), head=head.data_ptr())
+        for name in ("ln1", "ln2", "qkv", "o", "gu", "down"):
+            setattr(self.m, name, self.arrays[name].data_ptr())
+        self._cache_id: tuple | None = None
+
+    def __call__(self, tokens: torch.Tensor, positions: torch.Tensor, length: int) -> torch.Tensor:
+        lm = self.lm
+        cache_id = (lm.k[0].data_ptr(), lm.capacity)
+        if cache_id != self._cache_id:  # ensure() grew the cache: new tensors
+            self.arrays["kc"] = torch.tensor([t.data_ptr() for t in lm.k], dtype=torch.int64)
+            self.arrays["vc"] = torch.tensor([t.data_ptr() for t in lm.v], dtype=torch.int64)
+            self.m.kc, self.m.vc = self.arrays["kc"].data_ptr(), self.arrays["vc"].data_ptr()
+            self.m.cap = lm.capacity
+            self._cache_id = cache_id
+        rows = tokens.shape[0]
+        tok = tokens.to(torch.int64).contiguous()
+        pos = positions.to(torch.int64).contiguous()
+        out = torch.empty((rows, self.m.vocab), dtype=torch.float32)
+        rc = self.lib.gt_decode(ctypes.byref(self.m), rows, tok.data_ptr(), pos.data_ptr(), int(length),
+                                out.data_ptr())
+        if rc != 0:
+            raise RuntimeError(f"native decode step failed ({rc})")
+        return out
+
+
+def native_step(lm: Any, model_layers: list[dict[str, torch.Tensor]], head: torch.Tensor) -> NativeStep | None:
+    """A NativeStep for ``lm`` from its fp32 weights, or None where it cannot run."""
+    if lm.device != "cpu" or lm.kv_dtype != torch.float32 or lm.embed.dtype != torch.float32:
+        return None
+    if not fits(lm.hidden, lm.inter, lm.n_heads, lm.head_dim):
+        return None
+    lib = load()
+    if lib is None:
+        return None
+    weights: dict[str, list[torch.Tensor]] = {"qkv": [], "o": [], "gu": [], "down": []}
+    for layer in model_layers:
+        for name in weights:
+            weights[name].append(q4_1_blocks(layer[name]))
+    return NativeStep(lib, lm, weights, q8_0_blocks(head))
