@@ -77,6 +77,23 @@ def open_with_spec(path: str | Path, error: type[Exception]) -> Iterator[tuple[S
         yield store, spec
 
 
+# The demo holds one place out of training by default, so that F7 Eval can ask the
+# first tuned model about a value it never saw, with nothing typed (issue 21).
+DEMO_HOLD_OUT: tuple[str, ...] = ("place=Oslo",)
+
+
+def proposed_hold_out(path: str | Path) -> tuple[str, ...]:
+    """What a project's export form holds out before anyone says: the demo project's
+    one value, nothing elsewhere (a grid of one's own is held out by choice)."""
+    from ... import locations
+
+    try:
+        demo = Path(path).expanduser().resolve() == locations.demo_project().expanduser().resolve()
+    except OSError:
+        return ()
+    return DEMO_HOLD_OUT if demo else ()
+
+
 def open_or_create_demo(path: str | Path) -> Store:
     from .grid import demo_spec
 
