@@ -107,3 +107,52 @@ def test_identical_scores_still_carry_their_uncertainty():
     assert few.value == pytest.approx(0.6) and few.high - few.low > 0.4  # three answers say little
     many = score_interval([0.6] * 300)
     assert many.high - many.low < 0.12
+
+
+# -- every metric against answers labelled by hand (issue 21) ---------------------------
+# The playground's held-out prompt, as the tuned model and its base were asked it.
+PROMPT = "AGI scenario. Place: Paris. Year: 2055. Parameters: agriculture, inequality."
+VALUES = {"place": "Paris", "year": 2055, "parameter_one": "agriculture", "parameter_two": "inequality"}
+# (answer, finish reason, hand labels): stopped by itself, caught in a loop, share of the
+# four values named in its own words, last sentence finished.
+LABELLED = [
+    ("In 2055, a massive AI-powered agriculture system spread across Europe. Farms ran themselves. "
+     "Food grew cheap.", "stop", {"stopped": 1, "loop": 0, "share": 2 / 4, "finished": 1}),
+    ("Paris in 2055: machines tend every field, and agriculture feeds all. Yet inequality grows as "
+     "owners of the machines gain most.", "stop", {"stopped": 1, "loop": 0, "share": 4 / 4, "finished": 1}),
+    (PROMPT, "stop", {"stopped": 1, "loop": 0, "share": 0 / 4, "finished": 1}),  # the prompt repeated back
+    (PROMPT + " Paris changed slowly and then", "length",
+     {"stopped": 0, "loop": 0, "share": 1 / 4, "finished": 0}),  # an echo, then Paris in its own words
+    ("The farms of the future are here. " * 4 + "The end", "length",
+     {"stopped": 0, "loop": 1, "share": 0 / 4, "finished": 0}),
+    ("Inequality in Paris fell by 2055.", "stop", {"stopped": 1, "loop": 0, "share": 3 / 4, "finished": 1}),
+]
+
+
+def test_each_metric_reads_as_the_hand_labels_say():
+    from gridtune.pipeline.evaluation.eval_metrics import value_share
+
+    answers = [Answer(text, finish, VALUES, PROMPT) for text, finish, _ in LABELLED]
+    labels = [lab for _, _, lab in LABELLED]
+    for (text, _, lab) in LABELLED:
+        assert value_share(text, VALUES, PROMPT) == pytest.approx(lab["share"]), text
+        assert has_loop(text) == bool(lab["loop"]), text
+        assert shape(text)["finished"] == lab["finished"], text
+    s = score(answers, Reference.of(DATA))
+    n = len(labels)
+    assert s.stop_rate.value == pytest.approx(sum(lab["stopped"] for lab in labels) / n)
+    assert s.repetition.value == pytest.approx(sum(lab["loop"] for lab in labels) / n)
+    assert s.faithfulness.value == pytest.approx(sum(lab["share"] for lab in labels) / n)
+    assert s.length_mean.value == pytest.approx(sum(len(t) for t, _, _ in LABELLED) / n)
+
+
+def test_the_issues_case_tuned_names_its_values_and_an_echo_does_not():
+    """Issue 21: a tuned answer naming two of its four values read 0%, and a base that
+    repeated the prompt back read 67%. Now: 50% for the one, 0% for the echo."""
+    tuned = [Answer(LABELLED[0][0], "stop", VALUES, PROMPT)] * 3
+    echo = [Answer(PROMPT, "stop", VALUES, PROMPT)] * 3
+    ref = Reference.of(DATA)
+    assert score(tuned, ref).faithfulness.value == pytest.approx(0.5)
+    assert score(echo, ref).faithfulness.value == 0.0
+    # Without the prompt (an answer scored alone), the words count as they stand.
+    assert Answer(PROMPT, "stop", VALUES).prompt == "" and mentions_values(PROMPT, VALUES)

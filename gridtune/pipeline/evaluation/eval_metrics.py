@@ -12,7 +12,9 @@ a base model, a tuned one and the training completions themselves:
 - format match: how closely an answer's shape (paragraphs, sentences, list and heading
   lines, a finished last sentence) sits inside the training data's usual range;
 - repetition: the share of answers caught in a loop (a word n-gram said again and again);
-- faithfulness: the share of answers that mention every variable value of their prompt.
+- faithfulness ("mentions its values"): how many of its prompt's variable values an answer
+  names in its own words, as a share, averaged over the answers; an answer that repeats the
+  prompt back gets no credit for the values inside the copy.
 
 Proportions get a Wilson interval; means a normal interval on the standard error.
 """
@@ -133,14 +135,49 @@ def has_loop(text: str, n: int = LOOP_N, times: int = LOOP_TIMES) -> bool:
 
 
 def mentions_values(text: str, values: Mapping[str, Any]) -> bool:
-    """Whether ``text`` names every one of the prompt's variable values (as rendered,
-    case-insensitive, on word boundaries: "Lima" is not found in "climate")."""
-    low = text.lower()
-    for value in values.values():
-        needle = str(value).strip().lower()
-        if needle and not re.search(rf"(?<!\w){re.escape(needle)}(?!\w)", low):
-            return False
-    return True
+    """Whether ``text`` names every one of the prompt's variable values."""
+    return value_share(text, values) == 1.0
+
+
+# Words copied from the prompt in a run this long are an echo, not an answer: "Place:
+# Oslo. Year: 2040" is three words of "AGI scenario. Place: Oslo. Year: 2040. ...",
+# while prose that names the values ("in Oslo in 2040") does not copy three in a row.
+ECHO_RUN = 3
+
+
+def without_echo(text: str, prompt: str, run: int = ECHO_RUN) -> str:
+    """``text`` with every run of ``run`` or more words copied from ``prompt`` blanked
+    (case and punctuation aside), so what is left is the answer's own words."""
+    if not prompt:
+        return text
+    said = [(m.start(), m.end(), m.group().lower()) for m in _WORD.finditer(text)]
+    prompt_runs = {tuple(g) for g in _ngrams(words(prompt), run)}
+    echoed = [False] * len(said)
+    for i in range(len(said) - run + 1):
+        if tuple(w for _, _, w in said[i:i + run]) in prompt_runs:
+            echoed[i:i + run] = [True] * run
+    out, last = [], 0
+    for (start, end, _), echo in zip(said, echoed, strict=True):
+        if echo:
+            out.append(text[last:start] + " ")
+            last = end
+    return "".join(out) + text[last:]
+
+
+def _ngrams(ws: Sequence[str], n: int) -> Iterable[Sequence[str]]:
+    return (ws[i:i + n] for i in range(len(ws) - n + 1))
+
+
+def value_share(text: str, values: Mapping[str, Any], prompt: str = "") -> float:
+    """The share of the prompt's variable values that ``text`` names (as rendered,
+    case-insensitive, on word boundaries: "Lima" is not found in "climate"), outside
+    any echo of ``prompt``. 1.0 for a prompt without values."""
+    needles = [str(v).strip().lower() for v in values.values() if str(v).strip()]
+    if not needles:
+        return 1.0
+    low = without_echo(text, prompt).lower()
+    found = sum(1 for needle in needles if re.search(rf"(?<!\w){re.escape(needle)}(?!\w)", low))
+    return found / len(needles)
 
 
 SHAPE_FEATURES = ("paragraphs", "sentences", "list_lines", "heading_lines", "finished")
@@ -196,6 +233,7 @@ class Answer:
     text: str
     finish_reason: str | None
     values: Mapping[str, Any] = field(default_factory=dict)
+    prompt: str = ""  # what the model was asked: values it merely repeats back do not count
 
 
 STOPPED = frozenset({"stop", "end_turn", "stop_sequence", "eos"})
@@ -246,7 +284,7 @@ def score(answers: Sequence[Answer], reference: Reference) -> ModelScores:
         length_cv_spread=cv_interval(lengths),
         format_match=score_interval([reference.profile.match(a.text) for a in answers]),
         repetition=wilson(sum(1 for a in answers if has_loop(a.text)), len(answers)),
-        faithfulness=wilson(sum(1 for a in answers if mentions_values(a.text, a.values)), len(answers)),
+        faithfulness=score_interval([value_share(a.text, a.values, a.prompt) for a in answers]),
         n=len(answers),
     )
 
