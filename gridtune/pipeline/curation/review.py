@@ -27,25 +27,28 @@ class Filter:
     min_grade: int | None = None
 
 
+# In the order `f` cycles them (F backwards): what a person looks for first comes first:
+# the cut-off ones and the near-duplicates within three presses, not eight.
 FILTERS: tuple[Filter, ...] = (
-    Filter("done", "finished", "done"),
+    Filter("done", "finished", "finished"),
     Filter("ungraded", "ungraded", "ungraded"),
+    Filter("cut_off", "cut off", "cut_off"),
+    Filter("duplicates", "near-duplicates", "duplicates"),
     Filter("graded", "graded", "graded"),
     Filter("ge2", "grade ≥ 2", "all", 2),
     Filter("ge3", "grade ≥ 3", "all", 3),
     Filter("ge4", "grade ≥ 4", "all", 4),
     Filter("ge5", "grade 5", "all", 5),
     Filter("failed", "failed", "failed"),
-    Filter("cut_off", "cut off", "cut_off"),
-    Filter("duplicates", "near-duplicates", "duplicates"),
     Filter("all", "all, pending too"),
 )
 SORTS: tuple[tuple[str, str], ...] = (("length", "length"), ("grade", "grade"), ("grid", "grid order"))
 
 
-def next_filter(key: str) -> Filter:
+def next_filter(key: str, step: int = 1) -> Filter:
+    """The filter after ``key`` (``step`` -1: before it), round the list."""
     keys = [f.key for f in FILTERS]
-    return FILTERS[(keys.index(key) + 1) % len(FILTERS)] if key in keys else FILTERS[0]
+    return FILTERS[(keys.index(key) + step) % len(FILTERS)] if key in keys else FILTERS[0]
 
 
 def filter_by_key(key: str) -> Filter:
@@ -66,6 +69,12 @@ def rows(store: Store, filt: Filter, search: str | None, sort: str, descending: 
     The "duplicates" filter lists the finished members of the stored near-duplicate
     groups, each group together (in the order its first member has in the sort),
     so twins are compared side by side."""
+    if filt.where == "finished":
+        # Finished on their own: a completion cut off at max tokens is done but not
+        # finished (the cut-off filter lists those), and no export takes it by default.
+        cut = {r[0] for r in store.review_rows(where="cut_off", search=search or None)}
+        return [r for r in store.review_rows(where="done", min_grade=filt.min_grade, search=search or None,
+                                             sort=sort, descending=descending) if r[0] not in cut]
     if filt.where == "duplicates":
         groups = cur.dup_groups(store)
         group = {cid: gid for gid, members in groups.items() for cid in members}
@@ -189,7 +198,7 @@ def drop(store: Store, grade: int) -> list[int]:
 class ReviewCounts:
     done: int = 0
     graded: int = 0  # any grade, rejections included
-    kept: int = 0  # grade 1..5
+    kept: int = 0  # grade 1..5 and not cut off: what an export takes by default
     rejected: int = 0
     cut_off: int = 0  # finished at max tokens
     dup_groups: int = 0  # stored near-duplicate groups
@@ -204,12 +213,15 @@ class ReviewCounts:
 
         c = store.status_counts()
         dups = duplicate_count(store)
-        return cls(done=c.done, graded=c.graded, kept=sum(c.grades.values()), rejected=c.rejected,
+        # A cut-off completion graded 1-5 is not kept: the export leaves it out unless asked.
+        kept_cut_off = len(store.review_rows(where="cut_off", min_grade=1))
+        return cls(done=c.done, graded=c.graded, kept=sum(c.grades.values()) - kept_cut_off, rejected=c.rejected,
                    cut_off=c.cut_off, dup_groups=dups["groups"], dup_members=dups["members"],
                    dedup_run=latest_pass(store) is not None, judge=calibration_words(latest_calibration(store)))
 
-    def changed(self, old: int | None, new: int | None) -> ReviewCounts:
-        """The counts once one completion's grade goes from ``old`` to ``new``."""
+    def changed(self, old: int | None, new: int | None, cut_off: bool = False) -> ReviewCounts:
+        """The counts once one completion's grade goes from ``old`` to ``new`` (a cut-off
+        one's grade never makes it kept)."""
         graded, kept, rejected = self.graded, self.kept, self.rejected
         for value, sign in ((old, -1), (new, 1)):
             if value is None:
@@ -217,7 +229,7 @@ class ReviewCounts:
             graded += sign
             if value == 0:
                 rejected += sign
-            else:
+            elif not cut_off:
                 kept += sign
         return replace(self, graded=graded, kept=kept, rejected=rejected)
 
