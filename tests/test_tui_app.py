@@ -77,8 +77,9 @@ async def test_question_mark_shows_the_screens_keys(tmp_path: Path):
         await pilot.press("question_mark")
         await settle(pilot)
         assert isinstance(app.screen, HelpScreen)
-        keys = dict((what, k) for k, what in app.screen.rows)
+        keys = dict((what, k) for k, what, _now in app.screen.rows)
         assert keys["auto-grade by length"] == "a" and keys["grade 4"] == "4" and "go to Grid" in keys
+        assert keys["reject"] == "0 d"  # the help's "0 or d rejects", both keys listed
         await pilot.press("escape")
         await settle(pilot)
         assert not isinstance(app.screen, HelpScreen)
