@@ -60,6 +60,12 @@ class LengthHistogram(Widget):
                 level = max(0, min(8, eighths - r * 8))
                 line.append(_BLOCKS[level], bands[grade_of_bin[b] - 1])
             rows.append(line)
+        if h.hi <= h.lo:  # one length (one completion, or all alike): no span, no grade bands to mark
+            n = len(self.lengths)
+            what = "1 completion" if n == 1 else f"{n:,} completions, all"
+            label = Text(f"{what} {h.lo:,} chars"[:width], style=self.get_component_rich_style(
+                "length-histogram--axis"), no_wrap=True)
+            return Text("\n").join([*rows, label])
         axis = list(f"{h.lo}".ljust(width))[:width]
         hi = f"{h.hi} chars"
         for i, ch in enumerate(hi):
