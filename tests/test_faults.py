@@ -5,11 +5,15 @@ filesystem (a small tmpfs, when this machine lets the test mount one)."""
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import shutil
+import signal
 import sqlite3
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -216,3 +220,228 @@ def test_two_processes_opening_an_old_project_at_once_migrate_it_once(tmp_path):
         assert proc.returncode == 0, err
     with Store.open(path) as store:
         assert store.schema_version == SCHEMA_VERSION
+
+
+# -- 2. a held write lock: nothing paid twice, nothing lost --------------------------------
+
+HOLDER = """
+import sqlite3, sys, time
+path, after, hold = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
+while True:
+    c = sqlite3.connect(path, timeout=30, isolation_level=None)
+    if c.execute("SELECT count(*) FROM completions WHERE status = 'done'").fetchone()[0] >= after:
+        break
+    c.close()
+    time.sleep(0.02)
+c.execute("BEGIN IMMEDIATE")  # another process in the middle of a long write
+print("HELD", time.time(), flush=True)
+time.sleep(hold)
+c.execute("ROLLBACK")
+print("LET GO", time.time(), flush=True)
+"""
+
+
+def grid_project(folder: Path, cells_a: int = 8, cells_b: int = 8, name: str = "p.gridtune") -> Path:
+    spec = folder / "grid.toml"
+    spec.write_text(SPEC.replace("a = [1, 2, 3, 4]", f"a = {list(range(1, cells_a + 1))}")
+                    .replace('b = ["p", "q"]', "b = " + json.dumps([f"v{i}" for i in range(cells_b)])))
+    path = folder / name
+    result = gridtune("new", str(path), "--spec", str(spec))
+    assert result.returncode == 0, result.stderr
+    spec.unlink()
+    return path
+
+
+def answered(server) -> int:
+    """Answers the server gave (each one paid for)."""
+    return sum(r.status == 200 for r in server.requests)
+
+
+def test_a_held_write_lock_pauses_the_run_and_no_answer_is_paid_twice(tmp_path, fake_openai):
+    path = grid_project(tmp_path)  # 64 cells
+    fake_openai.set(latency=0.1)
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(path), "10", "5"], stdout=subprocess.PIPE, text=True)
+    env = {"GRIDTUNE_BUSY_TIMEOUT_S": "1", "GRIDTUNE_WRITE_WAIT_S": "60"}
+    result = gridtune("generate", str(path), "--concurrency", "2", env=env, timeout=120)
+    out, _ = holder.communicate(timeout=30)
+    held, let_go = (float(line.split()[-1]) for line in out.splitlines())
+    assert result.returncode == 0, result.stderr
+    assert "Traceback" not in result.stderr
+    # One line when it pauses (and one when it goes on), not one a write.
+    assert sum("locked" in line for line in result.stderr.splitlines()) == 1, result.stderr
+    with Store.open(path) as store:
+        counts = store.status_counts()
+    assert counts.done == 64 and counts.pending == 0
+    assert answered(fake_openai) == 64  # every answer paid once, none asked again
+    # Paused: once the writer found the lock (busy timeout 1 s), no new request went out
+    # until it was let go; only the two in flight then came back.
+    sent_while_held = [r for r in fake_openai.requests if held + 1.5 < r.t < let_go - 0.2]
+    assert len(sent_while_held) <= 2, len(sent_while_held)
+
+
+def test_a_lock_held_longer_than_the_wait_still_loses_nothing(tmp_path, fake_openai):
+    """A lock is always let go in the end: the run waits for it, however long, while
+    it runs (GRIDTUNE_WRITE_WAIT_S bounds only a full disk, and an ending run)."""
+    path = grid_project(tmp_path, 4, 4)  # 16 cells
+    fake_openai.set(latency=0.1)
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(path), "3", "4"], stdout=subprocess.PIPE, text=True)
+    env = {"GRIDTUNE_BUSY_TIMEOUT_S": "0.5", "GRIDTUNE_WRITE_WAIT_S": "1"}
+    result = gridtune("generate", str(path), "--concurrency", "2", env=env, timeout=120)
+    holder.communicate(timeout=30)
+    assert result.returncode == 0, result.stderr
+    assert counts_done(path) == 16 and answered(fake_openai) == 16
+
+
+def test_a_run_stopped_while_the_lock_is_held_ends_in_one_line_and_a_resume_pays_only_what_it_lost(
+        tmp_path, fake_openai):
+    path = grid_project(tmp_path, 4, 4)  # 16 cells
+    fake_openai.set(latency=0.2)
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(path), "3", "8"], stdout=subprocess.PIPE, text=True)
+    env = {**os.environ, "GRIDTUNE_BUSY_TIMEOUT_S": "0.5", "GRIDTUNE_WRITE_WAIT_S": "1"}
+    run = subprocess.Popen([*GRIDTUNE, "generate", str(path), "--concurrency", "2"], stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True, env=env)
+    assert holder.stdout is not None
+    assert holder.stdout.readline().startswith("HELD")
+    time.sleep(1.5)  # the run has found the lock and paused
+    run.send_signal(signal.SIGTERM)  # an operator stops it: now it waits only GRIDTUNE_WRITE_WAIT_S
+    out, err = run.communicate(timeout=60)
+    line = one_line_error(subprocess.CompletedProcess(run.args, run.returncode, out, err))
+    assert "locked" in line and "could not be saved" in line, line
+    lost = int(line.split(" answer(s) received could not be saved")[0].rsplit(" ", 1)[1])
+    assert lost <= 4  # in flight when the lock was found (2), and within 0.1 s of it
+    holder.communicate(timeout=30)
+    assert answered(fake_openai) == counts_done(path) + lost
+    again = gridtune("generate", str(path), env={"GRIDTUNE_BUSY_TIMEOUT_S": "0.5"}, timeout=120)
+    assert again.returncode == 0, again.stderr
+    assert answered(fake_openai) == 16 + lost  # the resume asked only for what was never saved
+
+
+def counts_done(path: Path) -> int:
+    with Store.open(path) as store:
+        return store.status_counts().done
+
+
+# -- 3. replies bigger than max_tokens can explain -----------------------------------------
+
+
+@pytest.mark.parametrize("how", ["plain", "plain-openai-client", "streamed"])
+def test_a_huge_reply_is_refused_as_malformed_before_it_is_read_whole(tmp_path, fake_openai, monkeypatch, how):
+    import asyncio
+    import tracemalloc
+
+    from gridtune.pipeline.generation.generate import GenerateOptions, run_generation
+    from tests.fakeserver import Fault
+
+    if how == "plain-openai-client":
+        monkeypatch.setenv("GRIDTUNE_LEAN_HTTP", "0")
+    path = grid_project(tmp_path, 2, 2)  # 4 cells, max_tokens 50
+    fake_openai.set(faults=[Fault(kind="huge", size=50 * 2**20)])
+    tracemalloc.start()
+    try:
+        result = asyncio.run(run_generation(path, GenerateOptions(
+            stream=how == "streamed", max_attempts=2, backoff_initial_s=0.01, backoff_max_s=0.02,
+            progress_interval_s=0.1)))
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert result.progress.failed == 4 and result.progress.done == 0
+    with Store.open(path) as store:
+        errors = {c.error for c in store.completions()}
+    assert len(errors) == 1 and "malformed response: the reply is larger than" in errors.pop()
+    assert peak < 16 * 2**20, peak  # 8 replies of 50 MB were sent at it
+    assert path.stat().st_size < 2**20
+    assert fake_openai.huge_sent < 8 * 50 * 2**20 / 4  # the rest of each reply was never taken
+
+
+def test_a_reply_of_ordinary_size_is_read_whole(tmp_path, fake_openai):
+    """The bound refuses only what max_tokens cannot explain: a reply with 200 KB of
+    text and max_tokens 50000 goes through, plain and streamed."""
+    import asyncio
+
+    from gridtune.pipeline.generation.generate import GenerateOptions, run_generation
+
+    path = grid_project(tmp_path, 1, 2)
+    big = " ".join(["word"] * 40_000)  # 200 KB, 40 000 words: within max_tokens
+    fake_openai.set(replies=[("Write", big)])
+    for stream in (False, True):
+        options = GenerateOptions(stream=stream, max_tokens=50_000, redo_ids=[1, 2] if stream else None)
+        result = asyncio.run(run_generation(path, options))
+        assert result.progress.done == 2, result
+    with Store.open(path) as store:
+        assert {len(c.text) for c in store.completions()} == {len(big)}
+
+
+# -- 4. a full disk mid-run ----------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def small_disk(folder: Path, size_kb: int):
+    """A real filesystem of ``size_kb`` KiB (tmpfs), mounted at ``folder``; skips when
+    this machine does not let the test mount one (not root, no mount namespace)."""
+    folder.mkdir()
+    if os.geteuid() != 0 or not shutil.which("mount"):
+        pytest.skip("mounting a small filesystem needs root; bench/faults.py covers a full disk where it can")
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_kb}k", "tmpfs", str(folder)],
+                             capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", "-l", str(folder)], capture_output=True)
+
+
+def fill(folder: Path, leave_kb: int) -> Path:
+    """A file that takes all the space of ``folder``'s filesystem but ``leave_kb`` KiB."""
+    st = os.statvfs(folder)
+    free = st.f_bavail * st.f_frsize
+    filler = folder / "filler"
+    filler.write_bytes(b"\0" * max(0, free - leave_kb * 1024))
+    return filler
+
+
+def test_a_full_disk_mid_run_is_one_line_recorded_in_the_run_and_a_resume_finishes(tmp_path, fake_openai):
+    with small_disk(tmp_path / "disk", 4096) as disk:
+        path = grid_project(disk, 8, 8)  # 64 cells
+        fake_openai.set(latency=0.02, replies=[("Write", "x" * 20_000)])  # 20 KB an answer
+        filler = fill(disk, 300)
+        env = {"GRIDTUNE_WRITE_WAIT_S": "2"}
+        result = gridtune("generate", str(path), "--concurrency", "2", env=env, timeout=120)
+        line = one_line_error(result)
+        assert "disk is full" in line and str(path) in line, line
+        # The pause, then the end; not a line a write.
+        assert sum("disk is full" in x for x in result.stderr.splitlines()) <= 2, result.stderr
+        filler.unlink()
+        status = gridtune("status", str(path), "--json")
+        assert status.returncode == 0, status.stderr
+        run = json.loads(status.stdout)["run"]
+        assert run["state"] == "failed" and "disk is full" in run["error"], run
+        lost = int(line.split(" answer(s) received could not be saved")[0].rsplit(" ", 1)[1]) \
+            if "could not be saved" in line else 0
+        assert lost <= 4  # the answers of the write that met the full disk, and those in flight (2)
+        again = gridtune("generate", str(path), env=env, timeout=120)
+        assert again.returncode == 0, again.stderr
+        with Store.open(path) as store:
+            assert store.status_counts().done == 64
+        assert answered(fake_openai) == 64 + lost
+
+
+def test_space_freed_while_the_run_waits_loses_nothing(tmp_path, fake_openai):
+    with small_disk(tmp_path / "disk", 4096) as disk:
+        path = grid_project(disk, 8, 8)
+        fake_openai.set(latency=0.02, replies=[("Write", "x" * 20_000)])
+        filler = fill(disk, 300)
+        proc = subprocess.Popen([*GRIDTUNE, "generate", str(path), "--concurrency", "2"], stderr=subprocess.PIPE,
+                                stdout=subprocess.DEVNULL, text=True, env={**os.environ, "GRIDTUNE_WRITE_WAIT_S": "60"})
+        lines = []
+        for err_line in proc.stderr:  # the run says it waits, once; then space comes back
+            lines.append(err_line)
+            if "disk is full" in err_line:
+                filler.unlink()
+                break
+        lines += proc.stderr.readlines()
+        assert proc.wait(timeout=120) == 0, "".join(lines)
+        assert any("disk is full" in x for x in lines)
+        with Store.open(path) as store:
+            assert store.status_counts().done == 64
+        assert answered(fake_openai) == 64  # nothing lost, nothing asked twice

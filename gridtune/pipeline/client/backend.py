@@ -90,10 +90,16 @@ class Backend:
             return text
         return text.replace(key, f"{key[:3]}...{key[-2:]}")
 
-    def async_client(self, **kwargs):
+    def async_client(self, *, reply_limit: int | None = None, **kwargs):
+        """The openai client; ``reply_limit``: replies past that many bytes are refused
+        (lean_http.ReplyTooLarge) before they are read whole, streamed or not."""
         from openai import AsyncOpenAI
 
         kwargs.setdefault("max_retries", 0)  # retries are ours: the runner honours Retry-After itself
+        if reply_limit is not None:
+            from .lean_http import BoundedAsyncClient
+
+            kwargs.setdefault("http_client", BoundedAsyncClient(reply_limit))
         return AsyncOpenAI(base_url=self.base_url, api_key=self.api_key, **kwargs)
 
     def client(self, **kwargs):

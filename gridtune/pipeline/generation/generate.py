@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import json
 import logging
 import os
@@ -46,10 +47,10 @@ from typing import Any
 import httpx
 import openai
 
-from ...store import RunLost, Store, WorkItem
+from ...store import RunLost, Store, WorkItem, describe_sqlite_error, sqlite_error_kind
 from ...store.runlock import is_alive
 from ..client.backend import Backend
-from ..client.lean_http import LeanHttpClient
+from ..client.lean_http import LeanHttpClient, ReplyTooLarge, reply_limit_bytes
 from ..client.ratelimit import MINUTE, RateLimits
 from ..client.replies import (
     RATE_LIMIT_WAIT_S,
@@ -384,6 +385,28 @@ def _coster(model: str) -> Callable[[str | None, int, int], float | None]:
 
 
 GROUP_COMMIT_S = 0.01  # see _Writer._loop
+WRITE_RETRY_S = 0.5  # how often a write the project refused is tried again
+WRITE_SLOW_S = 0.1  # a commit taking longer waits on a lock (or a failing disk): send nothing new meanwhile
+WRITE_WAIT_S = 600.0  # how long a run waits for space on a full disk (or, when ending, for a lock)
+WRITE_WAIT_ENV = "GRIDTUNE_WRITE_WAIT_S"  # overrides it (tests shorten it)
+_MAY_PASS = ("locked", "full")  # refusals that pass by themselves (a lock let go, space freed)
+
+
+def write_wait_s() -> float:
+    try:
+        value = float(os.environ.get(WRITE_WAIT_ENV, ""))
+    except ValueError:
+        return WRITE_WAIT_S
+    return value if 0 <= value < 7 * 86400 else WRITE_WAIT_S
+
+
+@dataclass(eq=False)
+class _Write:
+    fn: Callable[..., Any]
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
+    done: concurrent.futures.Future[Any] | None = None
+    answer: bool = False  # a received answer: paid for, never dropped while it can be kept
 
 
 class _Writer:
@@ -393,75 +416,176 @@ class _Writer:
     back): a commit is usually ~50 us, but SQLite's WAL checkpoint fsyncs
     (10-30 ms on a busy disk), which on the loop would stall every request in
     flight. The writes that arrive within GROUP_COMMIT_S of each other share one
-    transaction, so a burst of replies costs one commit. A write that fails is
-    logged and kept in ``error``; the run then stops as failed (its completion
-    stays pending, never half-written).
+    transaction, so a burst of replies costs one commit.
+
+    A batch the project refuses for a reason that passes (another process holds
+    the write lock, the disk is full) is kept, in order, and tried again every
+    WRITE_RETRY_S: ``blocked`` says why meanwhile, and the runner sends no new
+    request while it is set, while a commit is slow (``stuck``) or while ``unsaved``
+    answers reach its bound, so what is kept stays bounded. A lock is waited out
+    (when the run is ending, up to ``wait_s``); a full disk up to ``wait_s``; then
+    it gives up (``error``; ``lost`` answers). Any other failure of a write is kept in
+    ``error`` at once and the run stops as failed (the completion stays pending,
+    never half-written).
     """
 
     _CLOSE = object()
 
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: Store, wait_s: float | None = None) -> None:
         self._store = store
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self.wait_s = write_wait_s() if wait_s is None else wait_s
         self.error: BaseException | None = None
+        self.blocked: BaseException | None = None  # why the held writes wait (None: writing works)
+        self.lost = 0  # answers given up on (the project refused them past wait_s)
+        self.waits = 0  # times the project refused writes for a while
+        self._unsaved = 0  # answers queued or held, not yet committed
+        self._committing_since: float | None = None
+        self._closing_since: float | None = None
+        self._count = threading.Lock()
         self._thread = threading.Thread(target=self._loop, name="gridtune-store", daemon=True)
         self._thread.start()
 
+    @property
+    def unsaved(self) -> int:
+        return self._unsaved
+
+    @property
+    def stuck(self) -> bool:
+        """Whether a commit has been waiting longer than a healthy one takes (a lock,
+        most often): known before the busy timeout says so."""
+        since = self._committing_since
+        return since is not None and time.monotonic() - since > WRITE_SLOW_S
+
+    def _add_unsaved(self, n: int) -> None:
+        with self._count:
+            self._unsaved += n
+
     def later(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
         """Queue a write; it is committed in order, as soon as the writer is free."""
-        self._queue.put((fn, args, kwargs, None))
+        self._queue.put(_Write(fn, args, kwargs))
+
+    def answer(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
+        """Queue the write of a received answer (counted in ``unsaved`` until committed)."""
+        self._add_unsaved(1)
+        self._queue.put(_Write(fn, args, kwargs, answer=True))
 
     def call(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> asyncio.Future[Any]:
         """Queue a write whose result the caller awaits."""
         done: concurrent.futures.Future[Any] = concurrent.futures.Future()
-        self._queue.put((fn, args, kwargs, done))
+        self._queue.put(_Write(fn, args, kwargs, done))
         return asyncio.wrap_future(done)
 
     async def close(self) -> None:
-        """Commit everything queued so far, then end the thread."""
+        """Commit everything queued so far (waiting out a lock or a full disk up to
+        wait_s), then end the thread."""
+        self._closing_since = time.monotonic()
         self._queue.put(self._CLOSE)
         await asyncio.get_running_loop().run_in_executor(None, self._thread.join)
 
     def _loop(self) -> None:
+        held: list[_Write] = []  # refused for a reason that passes: first in the next try
+        closing = False
         while True:
-            batch = [self._queue.get()]
-            # Let the replies of the next few ms join this transaction: fewer commits and
-            # far fewer GIL hand-offs to the event loop. A reply is still committed within
-            # ~10 ms of arriving; a process killed in that window leaves it pending.
-            time.sleep(GROUP_COMMIT_S)
+            if held:
+                try:
+                    batch = [self._queue.get(timeout=WRITE_RETRY_S)]
+                except queue.Empty:
+                    batch = []
+            else:
+                batch = [self._queue.get()]
+                # Let the replies of the next few ms join this transaction: fewer commits and
+                # far fewer GIL hand-offs to the event loop. A reply is still committed within
+                # ~10 ms of arriving; a process killed in that window leaves it pending.
+                time.sleep(GROUP_COMMIT_S)
             while True:  # group commit: take whatever else is already waiting
                 try:
                     batch.append(self._queue.get_nowait())
                 except queue.Empty:
                     break
-            closing = batch[-1] is self._CLOSE
-            ops = [op for op in batch if op is not self._CLOSE]
-            if ops:
-                self._commit(ops)
-            if closing:
+            closing = closing or any(op is self._CLOSE for op in batch)
+            ops = held + [op for op in batch if op is not self._CLOSE]
+            held = self._commit(ops) if ops else []
+            if closing and not held:
                 return
 
-    def _commit(self, ops: list[Any]) -> None:
+    def _commit(self, ops: list[_Write]) -> list[_Write]:
+        """Commit ``ops`` in one transaction; returns them when the project refused them
+        for a reason that passes (to be tried again), else nothing."""
+        results: list[tuple[bool, Any]] = []
+        self._committing_since = time.monotonic()
         try:
             with self._store.transaction():
-                for fn, args, kwargs, done in ops:
-                    if done is not None and not done.set_running_or_notify_cancel():
-                        continue  # its awaiter is gone (a heartbeat cancelled at the end of a run)
+                for op in ops:
+                    if op.done is not None and op.done.cancelled():
+                        results.append((True, None))  # its awaiter is gone (a heartbeat at the end of a run)
+                        continue
                     try:
-                        result = fn(*args, **kwargs)
+                        results.append((True, op.fn(*op.args, **op.kwargs)))
+                    except sqlite3.Error as exc:
+                        if sqlite_error_kind(exc) in _MAY_PASS:
+                            raise  # the whole batch waits and is tried again, in order
+                        results.append((False, exc))
                     except Exception as exc:  # one bad write must not lose the others
-                        self._failed(exc, done)
-                    else:
-                        if done is not None:
-                            done.set_result(result)
+                        results.append((False, exc))
         except Exception as exc:  # the commit itself failed: nothing of this batch was saved
-            for *_, done in ops:
-                self._failed(exc, done)
+            if sqlite_error_kind(exc) in _MAY_PASS and self._wait(exc):
+                return ops
+            self._give_up(ops, exc)
+            return []
+        finally:
+            self._committing_since = None
+        if self.blocked is not None:
+            log.warning("the project takes writes again; every answer held was saved")
+            self.blocked = None
+        for op, (ok, value) in zip(ops, results, strict=True):
+            if op.answer:
+                self._add_unsaved(-1)
+            if ok:
+                if op.done is not None and not op.done.done():
+                    with contextlib.suppress(concurrent.futures.InvalidStateError):
+                        op.done.set_result(value)
+            else:
+                self._failed(value, op.done)
+        return []
+
+    def _wait(self, exc: BaseException) -> bool:
+        """Whether to keep refused writes for another try. A lock is always let go in the
+        end: its writes wait for it while the run goes on, and up to wait_s once the run
+        is ending (a stop must end). A full disk may stay full: wait_s from the first
+        refusal. What comes after a give-up is not waited for again."""
+        if self.error is not None:
+            return False
+        now = time.monotonic()
+        locked = sqlite_error_kind(exc) == "locked"
+        if self.blocked is None:
+            self._blocked_since = now
+            self.waits += 1
+            until = "until it can be written" if locked else f"for up to {self.wait_s:g} s"
+            log.warning("%s; holding %d answer(s) in memory and retrying, no new requests %s",
+                        describe_sqlite_error(exc, self._store.path), self._unsaved, until)
+        self.blocked = exc
+        if locked:
+            return self._closing_since is None or now - self._closing_since < self.wait_s
+        return now - self._blocked_since < self.wait_s
+
+    def _give_up(self, ops: list[_Write], exc: BaseException) -> None:
+        lost = sum(op.answer for op in ops)
+        self.lost += lost
+        self._add_unsaved(-lost)
+        if self.error is None:
+            self.error = exc
+        self.blocked = None
+        for op in ops:
+            if op.done is not None and not op.done.done():
+                with contextlib.suppress(concurrent.futures.InvalidStateError):
+                    op.done.set_exception(exc)
 
     def _failed(self, exc: BaseException, done: concurrent.futures.Future[Any] | None) -> None:
         if done is not None:
             if not done.done():
-                done.set_exception(exc)
+                with contextlib.suppress(concurrent.futures.InvalidStateError):
+                    done.set_exception(exc)
         else:
             log.error("saving to the project failed: %s", exc)
             if self.error is None:
@@ -497,11 +621,19 @@ class _Runner:
         self.estimate = _token_estimator(plan.model, plan.params["max_tokens"], plan.params.get("n", 1))
         self.limits = RateLimits(options.rpm, options.tpm, 0, options.rate_period_s)
         self.cost = _coster(plan.model)
-        self.client = plan.backend.async_client(timeout=options.timeout_s)
+        # A reply bigger than max_tokens can explain is refused before it is read whole
+        # (a malformed reply): a hostile or broken server cannot fill memory or the project.
+        n = plan.params.get("n", 1)
+        self.client = plan.backend.async_client(timeout=options.timeout_s,
+                                                reply_limit=reply_limit_bytes(max_tokens, n, stream=True))
         # Plain requests go through the lean HTTP client where it sends exactly what the
         # openai client would (lean_http.py); GRIDTUNE_LEAN_HTTP=0 turns it off.
-        self.http = (LeanHttpClient.for_client(self.client, options.timeout_s, plan.concurrency)
+        self.http = (LeanHttpClient.for_client(self.client, options.timeout_s, plan.concurrency,
+                                               reply_limit_bytes(max_tokens, n))
                      if os.environ.get("GRIDTUNE_LEAN_HTTP", "1") != "0" else None)
+        # Answers received but not yet committed: past this, no new request is sent (a
+        # slow or locked project must not fill memory with paid answers).
+        self.hold_max = max(64, 4 * plan.concurrency)
         self.stop_requested = False
         self.streaming = plan.stream  # False once the server refused a streamed request
         self.lost: RunLost | None = None  # the run was declared dead / taken over by another process
@@ -541,7 +673,14 @@ class _Runner:
                 await self.http.close()
             await self.client.close()
             if self.writer.error is not None:
-                raise GenerateError(f"saving to the project failed: {self.writer.error}")
+                raise GenerateError(self._write_failure())
+
+    def _write_failure(self) -> str:
+        """The run's end when the project could not be written, in one line."""
+        writer = self.writer
+        what = (f"{writer.lost:,} answer(s) received could not be saved (run again to resume)" if writer.lost
+                else "every answer received was saved (run again to resume)")
+        return f"{describe_sqlite_error(writer.error, self.store.path)}; {what}" if writer.error else what
 
     async def _heartbeat(self) -> None:
         """Save progress in the run row (other processes follow it there), pass it to
@@ -560,7 +699,8 @@ class _Runner:
                 self.stop.set()
                 return
             except sqlite3.Error as exc:  # a busy file must not end the run; try again next beat
-                log.warning("run #%s: could not save progress: %s", self.run_id, exc)
+                if self.writer.error is None:  # else run() says it, once
+                    log.warning("run #%s: could not save progress: %s", self.run_id, exc)
             self.emit(snapshot)
             await asyncio.sleep(self.options.progress_interval_s)
 
@@ -596,7 +736,12 @@ class _Runner:
 
     async def _attempt(self, job: _Job) -> None:
         """Send one request of ``job``; the reply is saved, or the job waits for a retry
-        (off its worker), or it fails."""
+        (off its worker), or it fails. Nothing is sent while the project cannot take
+        the answers (locked, full) or too many wait to be written: they are paid for."""
+        writer = self.writer
+        while (writer.blocked is not None or writer.error is not None or writer.stuck
+               or writer.unsaved >= self.hold_max):
+            await asyncio.sleep(0.05)  # a stop cancels this worker; the job goes back to pending
         if self.options.max_cost is not None and not self._reserve(job):
             return self._over_budget()
         tokens = 0
@@ -617,6 +762,8 @@ class _Runner:
         except asyncio.CancelledError:
             raise  # run() puts every active job back to pending
         except Exception as exc:  # every failure is retried or recorded, never raised out of the run
+            if isinstance(exc, ReplyTooLarge):
+                exc = MalformedResponse(str(exc))
             self._settle(job, job.reserved if isinstance(exc, MalformedResponse) else 0.0)  # a 200 may be billed
             self._retry_or_fail(job, exc)
             return
@@ -707,7 +854,7 @@ class _Runner:
                           streamed=job.streamed[0])
         # Queued, not awaited: the writer commits it in order and is drained before
         # the run is finished, so a stop arriving now still lets it commit whole.
-        self.writer.later(
+        self.writer.answer(
             self.store.save_redone if self.options.redo else self.store.save_done,
             item.completion_id, text=reply.text, model=reply.model or plan.model, params=job.params,
             prompt_tokens=reply.prompt_tokens, completion_tokens=reply.completion_tokens,
@@ -893,7 +1040,10 @@ async def run_generation(
             cancelled = isinstance(exc, (asyncio.CancelledError, KeyboardInterrupt))
             state, error = ("stopped", None) if cancelled else ("failed", plan.backend.redact(describe(exc))[:500])
             progress = runner.snapshot(state) if runner else Progress(run_id=run_id, state=state)
-            store.finish_run(run_id, state, error=error, progress=progress.to_dict())
+            try:  # a full disk may refuse this too; the cause is still the one line raised
+                store.finish_run(run_id, state, error=error, progress=progress.to_dict())
+            except sqlite3.Error as record_exc:
+                log.debug("run #%s: could not record its end: %s", run_id, record_exc)
             raise
         final = runner.snapshot(state)
         if runner.budget_reached:
