@@ -1,0 +1,177 @@
+"""The decode kernels chosen per CPU keep the answers right, and say what they are.
+
+The fast CPU path (no native bf16: the native Q4_1 x int8 step for 1-2 rows, fbgemm's
+fp16-weight GEMM for batches) is held to the exact fp32 path on the same weights: its
+next-token distributions on a tiny random model, and on the real default model (slow)
+the per-token log-likelihood of a fixed text (perplexity within 2%) and greedy answers
+to a set of prompts (first 20 tokens). The plan is in /v1/models over real HTTP, and the
+low-bit copies never touch the transformers model that training, merges and exports use.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("transformers")
+
+from gridtune.server import cpukernel, fastlm  # noqa: E402
+from gridtune.server.model import load_model  # noqa: E402
+from tests.tiny_model import tiny_model_dir  # noqa: E402,F401  (session fixture)
+
+TEXT = ("The history of the city begins with a small fishing village on the banks of a wide river. "
+        "Over the centuries, traders arrived from the south and the east, bringing spices, cloth and new ideas. "
+        "By the eighteenth century the village had become a busy port, and its merchants built tall houses "
+        "along the water. Today the old harbour is a museum, and visitors can walk through the narrow streets "
+        "where sailors once lived. Scientists believe that artificial intelligence will change how people work, "
+        "learn and travel in the coming decades.")
+PROMPTS = ["What is the capital of France?", "Write a short poem about the sea.",
+           "Explain what a neural network is.", "Give me three tips for learning a new language.",
+           "Write a detailed scenario about artificial general intelligence being reached in Tokyo in 2030.",
+           "What is 12 times 7?", "Describe a sunset over the mountains.", "Who wrote Romeo and Juliet?"]
+
+
+@pytest.fixture
+def fast_mode(monkeypatch):
+    """The kernels a user gets by default (the suite otherwise pins GRIDTUNE_DTYPE=float32)."""
+    monkeypatch.delenv("GRIDTUNE_DTYPE", raising=False)
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_model_dir):
+    return load_model(str(tiny_model_dir), device="cpu")
+
+
+def _needs_fast_cpu_plan() -> fastlm.Plan:
+    plan = fastlm.choose_plan("cpu")
+    if plan.dtype != torch.float32 or plan.exact:
+        pytest.skip(f"this CPU decodes another way ({plan.describe()})")
+    return plan
+
+
+def test_the_plan_is_one_line_and_exact_mode_is_fp32(fast_mode, monkeypatch):
+    plan = fastlm.choose_plan("cpu")
+    line = plan.describe()
+    assert "\n" not in line and plan.cpu in line and f"{plan.threads} thread" in line
+    assert plan.threads == fastlm.physical_cores() >= 1
+    assert not plan.exact
+    monkeypatch.setenv("GRIDTUNE_DTYPE", "float32")
+    exact = fastlm.choose_plan("cpu")
+    assert exact.exact and exact.small is None and exact.gemm == "fp32" and "exact" in exact.describe()
+    assert fastlm.choose_plan("cpu", dtype=torch.float32).exact
+
+
+def _pair(model, slots=2):
+    with torch.inference_mode():
+        return (fastlm.FastLlama(model, slots=slots, dtype=torch.float32),
+                fastlm.FastLlama(model, slots=slots))
+
+
+def test_native_step_stays_close_to_fp32_for_one_and_two_rows(tiny, fast_mode):
+    plan = _needs_fast_cpu_plan()
+    if plan.small != fastlm.NATIVE:
+        pytest.skip(f"no native step here: {cpukernel.why_not}")
+    exact, fast = _pair(tiny.model)
+    assert fast.native is not None and exact.native is None and exact.plan.exact
+    a = tiny.tokenizer("The capital of France is Paris. The capital", add_special_tokens=False)["input_ids"]
+    b = tiny.tokenizer("Count: one two three four five six", add_special_tokens=False)["input_ids"]
+    worst = 0.0
+    with torch.inference_mode():
+        for lm in (exact, fast):  # rows at different positions, in slots 0 and 1
+            lm.prefill(0, a)
+            lm.prefill(1, b)
+        ta, tb = a[-1], b[-1]
+        for step in range(12):
+            tokens, positions = torch.tensor([ta, tb]), torch.tensor([len(a) + step, len(b) + step])
+            length = int(positions.max()) + 1
+            want, got = exact.decode(tokens, positions, length), fast.decode(tokens, positions, length)
+            one = fast.decode(tokens[:1], positions[:1], int(positions[0]) + 1)  # 1 row: same answer
+            worst = max(worst, (want.softmax(-1) - got.softmax(-1)).abs().max().item())
+            assert torch.allclose(one[0], got[0], atol=1e-4)
+            ta, tb = int(want[0].argmax()), int(want[1].argmax())
+    assert worst < 0.02
+
+
+def test_batches_use_the_gemm_and_stay_close(tiny, fast_mode):
+    _needs_fast_cpu_plan()
+    exact, fast = _pair(tiny.model, slots=4)
+    ids = tiny.tokenizer("You are a careful futurist. Answer briefly.", add_special_tokens=False)["input_ids"]
+    with torch.inference_mode():
+        for lm in (exact, fast):
+            lm.prefill(0, ids)
+            lm.ensure(4, len(ids) + 2)
+            for slot in range(1, 4):
+                lm.move(0, slot, len(ids))
+        tokens, positions = torch.full((4,), ids[-1]), torch.full((4,), len(ids))
+        want = exact.decode(tokens, positions, len(ids) + 1)
+        got = fast.decode(tokens, positions, len(ids) + 1)
+    assert (want.softmax(-1) - got.softmax(-1)).abs().max() < 0.02
+
+
+def test_low_bit_copies_never_touch_the_model_training_uses(tiny, fast_mode):
+    """Training, merges and exports read the transformers model: it stays fp32, unchanged."""
+    before = {k: v.clone() for k, v in tiny.model.state_dict().items()}
+    with torch.inference_mode():
+        fastlm.FastLlama(tiny.model, slots=2)
+    after = tiny.model.state_dict()
+    assert all(after[k].dtype == torch.float32 and torch.equal(after[k], v) for k, v in before.items())
+
+
+def test_models_endpoint_carries_the_plan(tiny_model_dir, tmp_path, fast_mode):
+    from tests.server_support import InProcessServer
+
+    with InProcessServer(tiny_model_dir, tmp_path / "data") as srv:
+        assert srv.state.engine.wait_ready(120)
+        with srv.client() as client:
+            page = client.models.list()
+    info = page.data[0].model_extra["gridtune"]["kernels"]
+    want = fastlm.choose_plan("cpu").as_dict()
+    assert {k: info[k] for k in ("cpu", "dtype", "gemm", "small_rows", "exact")} == \
+        {k: want[k] for k in ("cpu", "dtype", "gemm", "small_rows", "exact")}
+    assert info["threads"] >= 1
+
+
+# -- the real default model ---------------------------------------------------------------
+
+
+def _real_model_figures():
+    loaded = load_model(None)
+    tok = loaded.tokenizer
+    ids = tok(TEXT)["input_ids"]
+    exact, fast = _pair(loaded.model)
+
+    def run(lm):
+        with torch.inference_mode():
+            logits, nll = lm.prefill(0, ids[:1]), []
+            for i in range(1, len(ids)):  # every position through a 1-row step, as decoding runs
+                nll.append(-torch.log_softmax(logits, -1)[ids[i]].item())
+                logits = lm.decode(torch.tensor([ids[i]]), torch.tensor([i]), i + 1)[0]
+            answers = []
+            for prompt in PROMPTS:
+                pid = tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                              add_generation_prompt=True)
+                pid = tok(pid, add_special_tokens=False)["input_ids"]
+                out = [int(lm.prefill(0, pid).argmax())]
+                for j in range(19):
+                    pos = len(pid) + j
+                    out.append(int(lm.decode(torch.tensor([out[-1]]), torch.tensor([pos]), pos + 1)[0].argmax()))
+                answers.append(out)
+        return math.exp(sum(nll) / len(nll)), answers
+
+    (ppl_exact, ans_exact), (ppl_fast, ans_fast) = run(exact), run(fast)
+    agree = sum(a == b for a, b in zip(ans_exact, ans_fast, strict=True))
+    return fast.plan, ppl_exact, ppl_fast, agree
+
+
+@pytest.mark.slow
+@pytest.mark.local
+def test_default_model_fast_path_keeps_perplexity_and_greedy_answers(fast_mode):
+    plan = _needs_fast_cpu_plan()
+    plan, ppl_exact, ppl_fast, agree = _real_model_figures()
+    print(f"{plan.describe()}\nperplexity fp32 {ppl_exact:.3f}, fast {ppl_fast:.3f} "
+          f"({(ppl_fast / ppl_exact - 1) * 100:+.2f}%); greedy answers equal on their first 20 tokens: "
+          f"{agree}/{len(PROMPTS)}")
+    assert abs(ppl_fast / ppl_exact - 1) < 0.02
+    assert agree >= 6  # measured 7/8 on AVX2 (one parts at token 19)
