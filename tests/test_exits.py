@@ -61,7 +61,10 @@ def client(server):
         yield c
 
 
-def _tune(client, server, path: Path, variant: str = "lora", epochs: int = 6) -> str:
+def _tune(client, server, path: Path, variant: str = "lora", epochs: int = 15) -> str:
+    """Tuned until its greedy choices are clear (top-2 logit margins ~1e-2 on the held-out
+    prompts): an f16 or q8_0 export differs from the fp32 server by ~1e-4 in the logits,
+    which a barely trained model's near-ties (~1e-4) would turn into different text."""
     with open(path, "rb") as fh:
         f = client.files.create(file=fh, purpose="fine-tune")
     job = client.fine_tuning.jobs.create(
@@ -105,7 +108,7 @@ def server_chat(client, model: str, prompt: str) -> str:
 
 def server_legacy(client, model: str, prompt: str) -> tuple[str, str]:
     r = client.completions.create(model=model, prompt=prompt + " ->", stop=[" END"], temperature=0,
-                                  max_tokens=MAX_TOKENS)
+                                  max_tokens=2 * MAX_TOKENS)
     return r.choices[0].text, r.choices[0].finish_reason
 
 
@@ -148,15 +151,15 @@ def test_gguf_completion_model_answers_in_llama_cpp_with_its_separator_and_stop(
     assert reader.fields["gridtune.stop"].contents() == " END"
     assert any("--legacy" in c and "'YOUR PROMPT ->'" in c and "--stop ' END'" in c for c in r["commands"])
     llm = llama_cpp.Llama(str(path), n_ctx=512, verbose=False, seed=0)
-    stopped = 0
+    answers = []
     for prompt in HELD_OUT + ["AGI scenario. Place: Oslo. Year: 2030."]:
         ours, why = server_legacy(client, tuned["legacy"], prompt)
-        theirs = llm.create_completion(prompt + " ->", stop=[" END"], temperature=0, max_tokens=MAX_TOKENS)
+        theirs = llm.create_completion(prompt + " ->", stop=[" END"], temperature=0, max_tokens=2 * MAX_TOKENS)
         assert theirs["choices"][0]["text"] == ours
         assert theirs["choices"][0]["finish_reason"] == why
         assert " END" not in ours
-        stopped += why == "stop"
-    assert stopped  # the stop sequence was met and honoured, not just the token limit
+        answers.append((ours, why))
+    assert any(why == "stop" for _, why in answers), answers  # the stop was met and honoured, not the limit
 
 
 @needs_llama
