@@ -181,7 +181,7 @@ def test_good_legacy_file(tmp_path):
     assert r.format == "completion" and r.ok and r.n_examples == 120
     assert r.model == "babbage-002" and r.stats["encoding"] == "cl100k_base"
     assert "all prompts end with the separator `\\n\\n###\\n\\n`" in r.notes
-    assert "all completions end with the stop `. END`" in r.notes
+    assert "all completions end with the stop ` END`" in r.notes  # the marker, not the sentence's "."
     assert not any("pair(s); at least a few hundred" in w for w in r.warnings)
     assert not any("start with a space" in w for w in r.warnings)
     # babbage-002 still counts the tokens, but it is retired: no cost is given for it.

@@ -213,7 +213,10 @@ class ValidationReport:
                     f"{label}: min {d['min']:,} / max {d['max']:,}, mean {d['mean']:,} / "
                     f"median {d['median']:,}, p5 {d['p5']:,} / p95 {d['p95']:,}"
                 ))
-        if "billed_tokens_per_epoch" in s:
+        if s.get("validation_file"):
+            # Scored during training, never trained on: no epochs and no charge to show.
+            out.append(ReportLine(FIGURE, "a validation file: the job scores the model on it; it is not trained on"))
+        elif "billed_tokens_per_epoch" in s:
             out.append(ReportLine(FIGURE,
                 f"{s['n_over_context']:,} example(s) over the {s['context_length']:,}-token limit; "
                 f"~{s['billed_tokens_per_epoch']:,} billed tokens per epoch"
@@ -268,12 +271,19 @@ class _Checker:
         billed = sum(min(self.ctx, n) for n in self.total_tokens)
         epochs = cost.default_epochs(r.n_examples)
         price = cost.tunable_price(r.model)  # None for a retired model: it cannot be tuned, so no price
+        if r.format == COMPLETION and price is not None:
+            # Every model OpenAI still tunes takes chat only: this file would be refused for it.
+            r.add_error("completion_format_not_tuned_by_model")
+            r.warnings.append(f"{r.model} fine-tunes on the chat format only, and no current model on the "
+                              f"legacy prompt/completion format: export --format chat for it")
+            price = None
         s["billed_tokens_per_epoch"] = billed
         s["epochs"] = epochs
         s["billed_tokens_total"] = billed * epochs
         s["price_model"] = price.name if price else None
         s["estimated_cost_usd"] = cost.training_cost(r.model, billed, epochs) if price else None
-        s["price_note"] = cost.price_note(r.model, legacy_format=r.format == COMPLETION)
+        s["price_note"] = cost.price_note(r.model, legacy_format=r.format == COMPLETION) or (
+            f"{r.model} does not fine-tune on this format: none priced" if price is None else None)
         if self.over_context:
             r.warnings.append(
                 f"{self.over_context:,} example(s) over the {self.ctx:,}-token limit of {r.model}, "
@@ -368,6 +378,16 @@ def _common_suffix(a: str, b: str) -> str:
     while i < n and a[-1 - i] == b[-1 - i]:
         i += 1
     return a[len(a) - i:]
+
+
+def marker(common: str) -> str:
+    """The separator or stop in a common ending: what follows its last sentence
+    punctuation. Prompts that all end '… art.\n\n###\n\n' share the ending
+    '.\n\n###\n\n' for the separator '\n\n###\n\n', and completions that all end
+    '… done. END' the ending ' done. END' (or '. END') for the stop ' END'; an ending
+    that is only punctuation ('.') is its own marker."""
+    cut = max(common.rfind(c) for c in ".!?…")
+    return (common[cut + 1:] or common) if cut >= 0 else common
 
 
 class _CompletionChecker(_Checker):
@@ -541,7 +561,8 @@ class _CompletionChecker(_Checker):
                 f"all completions start with `{show(self.completion_prefix[:40])}`; "
                 f"put only the output in the completion"
             )
-        psuf, csuf = self.prompt_suffix, self.completion_suffix
+        # The markers, as the export names them: not the text's last words before them.
+        psuf, csuf = marker(self.prompt_suffix), marker(self.completion_suffix)
         if psuf and not self.same_prompts:
             r.notes.append(f"all prompts end with the separator `{show(psuf)}`")
             if len(psuf) > 10:

@@ -352,6 +352,7 @@ async def export_project_async(
         if tmp_valid is not None and n_valid:
             valid_report = await asyncio.to_thread(validate_file, tmp_valid, model)
             valid_report.path = str(valid_out)
+            valid_report.stats["validation_file"] = True  # its report has no epochs and no price
         elif valid_out is not None:
             warnings.append(f"no example fell into the validation split; {valid_out} not written")
             valid_out = None
