@@ -11,6 +11,11 @@ import click
 from ..pipeline.spec.options import FINETUNE, GENERATION
 from .common import Failed, Problem, emit_json, handle_errors, open_store, setting_option
 
+EXIT_INTERRUPTED = 130
+# A job's status as the progress line says it while following the job.
+JOB_PHASES = {"validating_files": "validating the file", "queued": "queued", "running": "training",
+              "succeeded": "succeeded", "failed": "failed", "cancelled": "cancelled"}
+
 
 def _read_key_file(path: Path) -> str:
     try:
@@ -153,7 +158,12 @@ def finetune_cmd(source: Path, model: str | None, epochs: int | None, suffix: st
         if not as_json:
             click.echo(f"job {job.id} {job.status} on {backend.label} (model {job.model})", err=True)
         if wait:
-            job = _follow_with_progress(backend, job.id, store=store, quiet=as_json, file=err)
+            try:
+                job = _follow_with_progress(backend, job.id, store=store, quiet=as_json, file=err)
+            except KeyboardInterrupt:  # only the following stops: the job is the server's
+                click.echo(f"stopped following job {job.id}; the job goes on on {backend.label} "
+                           f"(`gridtune jobs` lists it, `gridtune jobs cancel {job.id}` cancels it)", err=True)
+                sys.exit(EXIT_INTERRUPTED)
     except ft.FinetuneRefused as exc:
         raise Failed(str(exc)) from None
     except ft.FinetuneError as exc:
@@ -172,14 +182,17 @@ def finetune_cmd(source: Path, model: str | None, epochs: int | None, suffix: st
         raise Failed(f"job {job.id} {job.status}: {reason}")
 
 
-@click.command("jobs")
+@click.group("jobs", invoke_without_command=True)
 @click.option("--json", "as_json", is_flag=True, help="print the jobs as one JSON object")
 @click.option("--limit", type=click.IntRange(1, 100), default=20, show_default=True)
+@click.pass_context
 @handle_errors
-def jobs_cmd(as_json: bool, limit: int) -> None:
-    """List fine-tuning jobs on the current backend."""
+def jobs_cmd(ctx: click.Context, as_json: bool, limit: int) -> None:
+    """List fine-tuning jobs on the current backend (`jobs cancel ID` cancels one)."""
     from ..pipeline.training import finetune as ft
 
+    if ctx.invoked_subcommand is not None:
+        return
     backend = _backend()
     try:
         jobs = ft.list_jobs(backend, limit=limit)
@@ -193,6 +206,25 @@ def jobs_cmd(as_json: bool, limit: int) -> None:
         return
     for j in jobs:
         click.echo(f"{j.id}  {j.status:<16} {j.model}  {j.fine_tuned_model or ''}".rstrip())
+
+
+@jobs_cmd.command("cancel")
+@click.argument("job_id", metavar="ID")
+@click.option("--json", "as_json", is_flag=True, help="print the job as one JSON object")
+@handle_errors
+def jobs_cancel_cmd(job_id: str, as_json: bool) -> None:
+    """Cancel fine-tuning job ID on the current backend (as c does in the app's F5)."""
+    from ..pipeline.training import finetune as ft
+
+    backend = _backend()
+    try:
+        job = ft.cancel_job(backend, job_id)
+    except ft.FinetuneError as exc:
+        raise Failed(str(exc)) from None
+    if as_json:
+        emit_json(job.model_dump(mode="json"))
+        return
+    click.echo(f"job {job.id} {job.status}" + ("" if job.status == "cancelled" else " (cancel requested)"))
 
 
 @click.command("ask")
@@ -218,6 +250,10 @@ def ask_cmd(model: str, prompt: str, stops: tuple[str, ...], temperature: float 
                             max_tokens=max_tokens, system=system, legacy=legacy, stream=True):
             click.echo(piece, nl=False)
     except ft.FinetuneError as exc:
+        pending = ft.pending_job_for(backend, model) if ": 404 " in str(exc) else None
+        if pending is not None:  # not "does not exist": it does not exist *yet*
+            raise Failed(f"{model} is not ready: its job {pending.id} is {pending.status} "
+                         f"(`gridtune jobs` shows it; ask once it has succeeded)") from None
         raise Failed(str(exc)) from None
     click.echo()
 
@@ -299,15 +335,19 @@ def _follow_with_progress(backend: Any, job_id: str, *, store: Any = None, quiet
     import time
 
     from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     from ..pipeline.training import finetune as ft
 
     console = Console(file=file, stderr=file is None, quiet=quiet)
-    progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+    progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.fields[steps]}"),
                         TextColumn("{task.fields[loss]}"), TimeElapsedColumn(), console=console, transient=False)
-    task = progress.add_task("training", total=None, loss="")
+    task = progress.add_task("waiting", total=None, loss="", steps="")
     tracker = ft.JobTracker(job_id, store=store)
+
+    def on_update(state: Any, _recorded: bool) -> None:
+        # What the job is doing, in words: a queued job is not "training 0/?".
+        progress.update(task, description=JOB_PHASES.get(state.status, state.status or "waiting"))
 
     def on_event(event: Any) -> None:
         state = tracker.state  # this event already folded in
@@ -315,13 +355,14 @@ def _follow_with_progress(backend: Any, job_id: str, *, store: Any = None, quiet
             loss = f"loss {state.losses[-1]:.4f}"
             if state.valid_losses and state.valid_steps[-1] == state.steps[-1]:
                 loss += f"  valid {state.valid_losses[-1]:.4f}"
-            progress.update(task, completed=state.steps[-1], total=state.total_steps, loss=loss)
+            steps = f"step {state.steps[-1]:.0f}" + (f"/{state.total_steps}" if state.total_steps else "")
+            progress.update(task, completed=state.steps[-1], total=state.total_steps, loss=loss, steps=steps)
         else:
             progress.console.print(f"[dim]{time.strftime('%H:%M:%S', time.localtime(event.created_at))}[/] "
                                    f"{event.message}")
 
     with progress:
-        return tracker.follow(backend, on_event=on_event)
+        return tracker.follow(backend, on_event=on_event, on_update=on_update)
 
 
 def register(group: click.Group) -> None:
