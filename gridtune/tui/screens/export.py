@@ -313,7 +313,9 @@ class ExportScreen(SectionScreen):
             "report). o edits the options: format, min grade, cut-off completions, and what to hold out of "
             "training for F7 Eval (hold out: values such as place=Oslo; combos: whole combinations). "
             "f fine-tunes on the current backend once the export has no errors, with a live loss chart; "
-            "c cancels the job; p tries the tuned model in the playground. d measures the kept set's diversity.")
+            "c cancels the job; p tries the tuned model in the playground; x exports it for another engine "
+            "(hf, gguf [q8_0] for llama.cpp, ollama, vllm; then a directory) and shows the command that runs it "
+            "there. d measures the kept set's diversity.")
     AUTO_FOCUS = ""  # letters are commands until `o` (or tab) enters the options
     BINDINGS = [
         Binding("e", "export", "Export+validate", id="export.run"),
