@@ -12,11 +12,10 @@ import pytest
 from click.testing import CliRunner
 
 from gridtune.cli.main import main
-from gridtune.pipeline.generation import runs
 from gridtune.pipeline.generation.generate import GenerateError, GenerateOptions, preview_run, worst_cost
 from gridtune.pipeline.spec.options import GENERATION, SPEC_SETTINGS, OptionError
 from gridtune.pipeline.spec.project import load_project_spec
-from gridtune.store import Store
+from gridtune.store import Store, runlock
 from gridtune.tui.screens.generate import Settings, budget_text, usd
 from tests.test_generate import completions, make_project
 from tests.test_tui_generate import GridtuneApp, wait_for
@@ -144,7 +143,7 @@ async def test_an_active_runs_budget_is_shown_read_only(tmp_path):
     with Store.open(path) as store:
         run_id = store.start_run(pid=os.getpid(), host=socket.gethostname(), model="gpt-4o-mini",
                                  params={"temperature": 0.7, "max_tokens": 50, "concurrency": 2, "rpm": None,
-                                         "tpm": None, "max_cost": 0.25}, is_alive=runs.is_alive)
+                                         "tpm": None, "max_cost": 0.25}, is_alive=runlock.is_alive)
         store.heartbeat(run_id, {"run_id": run_id, "state": "running", "total": 2, "done": 0, "in_flight": 1,
                                  "elapsed_s": 1.0})
     app = GridtuneApp(path)

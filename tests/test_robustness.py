@@ -19,8 +19,9 @@ from pathlib import Path
 
 import pytest
 
+from gridtune.core.proc import pid_alive
 from gridtune.pipeline.generation import runs
-from gridtune.store import Store
+from gridtune.store import Store, runlock
 from tests.fakeserver import TEST_KEY, Fault
 from tests.test_generate import make_project
 from tests.test_runs import GRIDTUNE, detached_pids, done_texts, latest, wait_for  # noqa: F401
@@ -37,7 +38,7 @@ def gridtune(*args: str, env: dict[str, str] | None = None, timeout: float = 60)
 def short_window(monkeypatch):
     """Every gridtune process of the test (they inherit the environment) judges
     heartbeats by a 1 s window, so 'longer than the window' is seconds, not 30."""
-    monkeypatch.setenv(runs.STALE_ENV, str(WINDOW_S))
+    monkeypatch.setenv(runlock.STALE_ENV, str(WINDOW_S))
     monkeypatch.setenv("GRIDTUNE_BUSY_TIMEOUT_S", "0.5")
 
 
@@ -132,7 +133,7 @@ def test_a_runner_whose_run_was_taken_over_stops_at_once_and_writes_nothing_more
             before_rows = {c.id: (c.status, c.updated_at) for c in store.completions()}
     finally:
         os.kill(first.pid, signal.SIGCONT)
-    wait_for(lambda: not runs.pid_alive(first.pid), timeout=15)  # it stops at once (a beat, not the whole grid)
+    wait_for(lambda: not pid_alive(first.pid), timeout=15)  # it stops at once (a beat, not the whole grid)
     with Store.open(path) as store:
         after_rows = {c.id: (c.status, c.updated_at) for c in store.completions()}
         run = store.get_run(first.id)
@@ -147,17 +148,17 @@ def test_a_second_run_cannot_start_while_the_first_holds_the_run_lock(tmp_path, 
 
     path = make_project(tmp_path, n_a=2, n_b=2)
     with Store.open(path) as first:
-        run_id = first.start_run(pid=os.getpid(), host="here", model="m", params=None, is_alive=runs.is_alive)
-        assert first.holds_run_lock and runs.is_alive(latest(path), path)
+        run_id = first.start_run(pid=os.getpid(), host="here", model="m", params=None, is_alive=runlock.is_alive)
+        assert first.holds_run_lock and runlock.is_alive(latest(path), path)
         # Even a run record that looks dead (another host, no heartbeat for ages) is alive while its lock is held.
         first.update_run(run_id, heartbeat_at=time.time() - 3600, host="elsewhere")
-        assert runs.is_alive(latest(path), path)
+        assert runlock.is_alive(latest(path), path)
         with Store.open(path) as second, pytest.raises(RunConflict, match=f"run #{run_id} is already running"):
             second.start_run(pid=os.getpid(), host="here", model="m", params=None, is_alive=lambda r: False)
         first.finish_run(run_id, "stopped")
         assert not first.holds_run_lock
     with Store.open(path) as second:
-        assert second.start_run(pid=os.getpid(), host="here", model="m", params=None, is_alive=runs.is_alive)
+        assert second.start_run(pid=os.getpid(), host="here", model="m", params=None, is_alive=runlock.is_alive)
 
 
 # -- the grid's size and atomic creation ---------------------------------------------------
@@ -359,12 +360,14 @@ def test_credentials_in_the_base_url_are_never_shown_or_stored(tmp_path, fake_op
     import httpx
     import openai
 
+    from gridtune.pipeline.client.backend import Backend
     from gridtune.pipeline.training import finetune as ft
 
+    # openai >= 3 gives the error a copy of the request without its key: the backend redacts.
     request = httpx.Request("POST", secret_url + "/fine_tuning/jobs", headers={"Authorization": f"Bearer {TEST_KEY}"})
     body = {"error": {"message": f"no jobs at {request.url} for {TEST_KEY}"}}
     refused = openai.BadRequestError("refused", response=httpx.Response(400, request=request, json=body), body=body)
-    text = str(ft._wrap("creating the job", refused))
+    text = str(ft._wrap("creating the job", refused, Backend("compatible", secret_url, TEST_KEY)))
     assert "no jobs at http://" in text and "hunter2" not in text and "alice" not in text and TEST_KEY not in text
 
     # A server that echoes the URL it was called with into its error.

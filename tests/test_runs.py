@@ -14,8 +14,9 @@ from pathlib import Path
 
 import pytest
 
+from gridtune.core.proc import pid_alive, process_start_time
 from gridtune.pipeline.generation import runs
-from gridtune.store import RunRecord, Store
+from gridtune.store import RunRecord, Store, runlock
 from tests.fakeserver import TEST_KEY, Fault
 from tests.test_generate import make_project
 
@@ -92,7 +93,7 @@ def test_sigkill_mid_run_loses_nothing_and_the_next_run_repeats_no_finished_cell
     saved = done_texts(path)
     assert 8 <= len(saved) < 30
     killed = latest(path)
-    assert killed.state == "running" and not runs.is_alive(killed)  # recorded alive, but its process is gone
+    assert killed.state == "running" and not runlock.is_alive(killed)  # recorded alive, but its process is gone
     asked_before = len(fake_openai.chat_requests())
 
     result = gridtune("generate", str(path), "--concurrency", "8")
@@ -139,7 +140,7 @@ def test_detached_run_outlives_the_process_that_started_it(tmp_path, fake_openai
     assert result.stdout.startswith("run #1 started in the background")
     run = latest(path)
     detached_pids.append(run.pid)
-    assert run.state == "running" and runs.pid_alive(run.pid)
+    assert run.state == "running" and pid_alive(run.pid)
     assert os.getsid(run.pid) == run.pid  # its own session: no controlling terminal to lose
     os.kill(run.pid, signal.SIGHUP)  # the SSH connection drops
     finished = wait_for(lambda: (r := latest(path)).state == "finished" and r, timeout=30)
@@ -199,7 +200,7 @@ def test_a_run_whose_process_died_is_detected_and_its_cells_return_to_pending(tm
     dead.wait()
     with Store.open(path) as store:
         run_id = store.start_run(pid=dead.pid, host=socket.gethostname(), model="m", params=None,
-                                 is_alive=runs.is_alive)
+                                 is_alive=runlock.is_alive)
         for item in store.pending_work(limit=3):
             store.mark_running(item.completion_id, run_id)
         assert store.status_counts().running == 3
@@ -221,31 +222,31 @@ def test_liveness_uses_the_process_on_this_host_and_the_heartbeat_only_elsewhere
                          state="running", model=None, params=None, stop_requested=False, progress=None, error=None)
 
     here = socket.gethostname()
-    assert runs.is_alive(run(os.getpid(), here, now))
+    assert runlock.is_alive(run(os.getpid(), here, now))
     # Stopped (Ctrl-Z, SIGSTOP) or busy: no heartbeat for long, but its process lives: alive.
-    born = runs.process_start_time(os.getpid())
+    born = process_start_time(os.getpid())
     assert born is not None and born <= now
-    assert now - (born + 1) >= 0 and runs.is_alive(run(os.getpid(), here, born + 1))
-    assert runs.is_alive(run(999_999_999, "elsewhere", now - 1))  # can't see its pid: trust the heartbeat
-    assert not runs.is_alive(run(999_999_999, "elsewhere", now - runs.STALE_AFTER_S - 1))
+    assert now - (born + 1) >= 0 and runlock.is_alive(run(os.getpid(), here, born + 1))
+    assert runlock.is_alive(run(999_999_999, "elsewhere", now - 1))  # can't see its pid: trust the heartbeat
+    assert not runlock.is_alive(run(999_999_999, "elsewhere", now - runlock.STALE_AFTER_S - 1))
     zombie = subprocess.Popen([sys.executable, "-c", "pass"])
     wait_for(lambda: open(f"/proc/{zombie.pid}/stat").read().split(")")[1].split()[0] == "Z")
-    assert not runs.is_alive(run(zombie.pid, here, now))  # killed but not yet reaped
+    assert not runlock.is_alive(run(zombie.pid, here, now))  # killed but not yet reaped
     zombie.wait()
     # A pid reused by a process younger than the run's last heartbeat is not the runner.
     newer = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
     try:
-        wait_for(lambda: runs.process_start_time(newer.pid) is not None)
-        assert runs.is_alive(run(newer.pid, here, time.time()))
-        assert not runs.is_alive(run(newer.pid, here, runs.process_start_time(newer.pid) - 10))
+        wait_for(lambda: process_start_time(newer.pid) is not None)
+        assert runlock.is_alive(run(newer.pid, here, time.time()))
+        assert not runlock.is_alive(run(newer.pid, here, process_start_time(newer.pid) - 10))
     finally:
         newer.kill()
         newer.wait()
 
 
 def test_heartbeat_window_comes_from_the_environment(monkeypatch):
-    assert runs.stale_after_s() == runs.STALE_AFTER_S
-    monkeypatch.setenv(runs.STALE_ENV, "1.5")
-    assert runs.stale_after_s() == 1.5
-    monkeypatch.setenv(runs.STALE_ENV, "junk")
-    assert runs.stale_after_s() == runs.STALE_AFTER_S
+    assert runlock.stale_after_s() == runlock.STALE_AFTER_S
+    monkeypatch.setenv(runlock.STALE_ENV, "1.5")
+    assert runlock.stale_after_s() == 1.5
+    monkeypatch.setenv(runlock.STALE_ENV, "junk")
+    assert runlock.stale_after_s() == runlock.STALE_AFTER_S

@@ -14,9 +14,8 @@ import socket
 
 import pytest
 
-from gridtune.pipeline.generation import runs
 from gridtune.pipeline.spec.project import create_project
-from gridtune.store import Store
+from gridtune.store import Store, runlock
 from gridtune.tui.app import GridtuneApp
 from tests.test_tui_export import fill
 from tests.test_tui_generate import small_spec
@@ -43,7 +42,7 @@ def test_generate_screen_attached_to_a_running_run(snap_compare, project):
         store._conn.execute("UPDATE completions SET status = 'pending', text = NULL, grade = NULL WHERE id = "
                             "(SELECT max(id) FROM completions)")
         run_id = store.start_run(pid=os.getpid(), host=socket.gethostname(), model="teacher-model",
-                                 params={}, is_alive=runs.is_alive)
+                                 params={}, is_alive=runlock.is_alive)
         store.heartbeat(run_id, {"run_id": run_id, "state": "running", "total": 4, "done": 3, "in_flight": 1,
                                  "requests_per_s": 1.5, "tokens_per_s": 42.0, "cost_usd": 0.0012,
                                  "eta_s": 2.0, "elapsed_s": 75.0})

@@ -10,10 +10,9 @@ import time
 import pytest
 from textual.app import App
 
-from gridtune.pipeline.generation import runs
 from gridtune.pipeline.spec.grid import GenerationSettings, GridSpec
 from gridtune.pipeline.spec.project import create_project, load_project_spec
-from gridtune.store import Store
+from gridtune.store import Store, runlock
 from gridtune.tui.context import ProjectContext
 from gridtune.tui.events import OpenPlayground, ProjectChanged
 from gridtune.tui.screens.generate import GenerateScreen, Settings
@@ -195,7 +194,7 @@ async def test_attaches_to_a_run_in_progress(project):
     with Store.open(project) as store:
         run_id = store.start_run(pid=os.getpid(), host=socket.gethostname(), model="teacher",
                                  params={"temperature": 0.3, "max_tokens": 77, "concurrency": 40,
-                                         "rpm": 500.0, "tpm": None}, is_alive=runs.is_alive)
+                                         "rpm": 500.0, "tpm": None}, is_alive=runlock.is_alive)
         store.heartbeat(run_id, {"run_id": run_id, "state": "running", "total": 4, "done": 1,
                                  "in_flight": 2, "requests_per_s": 1.5, "tokens_per_s": 42.0,
                                  "cost_usd": 0.0012, "eta_s": 2.0, "elapsed_s": 3.0})
@@ -247,7 +246,7 @@ async def test_estimate_is_shown_before_a_run_and_concurrency_follows_the_server
 async def test_retry_reasons_are_shown_in_words(project):
     with Store.open(project) as store:
         run_id = store.start_run(pid=os.getpid(), host=socket.gethostname(), model="teacher",
-                                 params={"concurrency": 8}, is_alive=runs.is_alive)
+                                 params={"concurrency": 8}, is_alive=runlock.is_alive)
         store.heartbeat(run_id, {"run_id": run_id, "state": "running", "total": 4, "done": 1, "in_flight": 3,
                                  "retries": 5, "retry_reasons": {"timeout": 3, "rate_limited": 2},
                                  "estimate": "about 6 min on the local server", "elapsed_s": 3.0})
@@ -295,7 +294,7 @@ def _record_running_run(path, **progress):
     with Store.open(path) as store:
         run_id = store.start_run(pid=os.getpid(), host=socket.gethostname(), model="teacher",
                                  params={"temperature": 0.3, "max_tokens": 77, "concurrency": 4},
-                                 is_alive=runs.is_alive)
+                                 is_alive=runlock.is_alive)
         store.heartbeat(run_id, {"run_id": run_id, "state": "running", "total": 4, "elapsed_s": 3.0, **progress})
     return run_id
 

@@ -35,6 +35,7 @@ from ..pipeline.generation.progress import RETRY_KINDS, Progress, format_duratio
 from ..pipeline.spec.grid_edit import save_generation_defaults
 from ..pipeline.spec.options import EXPORT, GENERATION
 from ..store import RunRecord, batches as stored_batches
+from ..store.runlock import suspended
 from .common import Failed, Problem, emit_json, handle_errors, open_store, setting_option
 
 EXIT_INTERRUPTED = 130
@@ -358,7 +359,7 @@ def stop_cmd(project: Path, wait_s: float) -> None:
         click.echo(f"asked run #{run.id} to stop (pid {run.pid} on {run.host})")
     elif run.active:
         hint = (f"; its process is suspended (Ctrl-Z, SIGSTOP): it stops once resumed (`kill -CONT {run.pid}`)"
-                if runs.suspended(run) else "")
+                if suspended(run) else "")
         raise Failed(f"run #{run.id} asked to stop but still {run.state} after {wait_s:g}s "
                      f"(pid {run.pid} on {run.host}){hint}")
     else:

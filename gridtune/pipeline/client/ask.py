@@ -72,7 +72,7 @@ def stream_pieces(backend: Backend, model: str, *, messages: list[dict[str, str]
                         yield Piece(text)
                     finish = choice.finish_reason or finish
     except openai.OpenAIError as exc:
-        raise wrap(f"asking {model}", exc) from None
+        raise wrap(f"asking {model}", exc, backend) from None
     if not chunks:  # a server that ignores stream=true answers with one JSON body the client cannot read
         raise CallError(f"asking {model}: the server sent no streamed reply (does it support stream=true?)")
     yield Piece(finish_reason=finish, done=True)
@@ -95,7 +95,7 @@ def ask(backend: Backend, model: str, prompt: str, *, stop: list[str] | str | No
             resp = client.chat.completions.create(messages=chat_messages(prompt, system), **kwargs)
             return resp.choices[0].message.content or ""
     except openai.OpenAIError as exc:
-        raise wrap(f"asking {model}", exc) from None
+        raise wrap(f"asking {model}", exc, backend) from None
 
 
 __all__ = ["CallError", "Piece", "ask", "chat_messages", "stream_pieces"]

@@ -15,14 +15,19 @@ class CallError(GridtuneError):
     exit_code = 1
 
 
-def message(exc: openai.APIError) -> str:
+def message(exc: openai.APIError, backend: Backend | None = None) -> str:
+    """The server's own message of a failed call, without credentials (``backend``'s
+    key and URL, and whatever the request carried)."""
     body = getattr(exc, "body", None)
     text = None
     if isinstance(body, dict):
         err = body.get("error", body)
         if isinstance(err, dict) and err.get("message"):
             text = str(err["message"])
-    return _scrub(exc, text or str(getattr(exc, "message", None) or exc))
+    text = _scrub(exc, text or str(getattr(exc, "message", None) or exc))
+    # openai >= 3 hands errors a copy of the request without its Authorization header:
+    # the backend that made the call is what still knows the key.
+    return backend.redact(text) if backend is not None else text
 
 
 def _scrub(exc: openai.APIError, text: str) -> str:
@@ -37,9 +42,9 @@ def _scrub(exc: openai.APIError, text: str) -> str:
     return Backend("compatible", url, key).redact(text)
 
 
-def wrap(what: str, exc: Exception) -> CallError:
+def wrap(what: str, exc: Exception, backend: Backend | None = None) -> CallError:
     if isinstance(exc, openai.APIConnectionError):
         return CallError(f"{what}: cannot reach the backend ({exc.__class__.__name__})")
     if isinstance(exc, openai.APIStatusError):
-        return CallError(f"{what}: {exc.status_code} {message(exc)}")
+        return CallError(f"{what}: {exc.status_code} {message(exc, backend)}")
     return CallError(f"{what}: {exc}")

@@ -25,7 +25,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 from ...store import RunRecord, Store
-from ...store.runlock import STALE_AFTER_S, STALE_ENV, is_alive, suspended  # noqa: F401 - part of this module's face
+from ...store.runlock import is_alive
 from .generate import GenerateError, GenerateOptions, NothingToDo, nothing_to_generate, plan_run, run_params
 from .progress import Progress
 

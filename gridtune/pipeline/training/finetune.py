@@ -42,7 +42,7 @@ def upload_file(backend: Backend, path: str | Path, purpose: str = "fine-tune") 
     except OSError as exc:
         raise FinetuneError(f"{path}: cannot read: {exc.strerror or exc}") from None
     except openai.OpenAIError as exc:
-        raise _wrap(f"uploading {path.name}", exc) from None
+        raise _wrap(f"uploading {path.name}", exc, backend) from None
 
 
 def create_job(backend: Backend, training_file_id: str, model: str, *, validation_file_id: str | None = None,
@@ -69,10 +69,10 @@ def create_job(backend: Backend, training_file_id: str, model: str, *, validatio
             return client.fine_tuning.jobs.create(**kwargs)
     except openai.APIStatusError as exc:
         if 400 <= exc.status_code < 500:
-            raise FinetuneRefused(f"{backend.label} refused the fine-tuning job: {_message(exc)}") from None
-        raise _wrap("creating the job", exc) from None
+            raise FinetuneRefused(f"{backend.label} refused the fine-tuning job: {_message(exc, backend)}") from None
+        raise _wrap("creating the job", exc, backend) from None
     except openai.OpenAIError as exc:
-        raise _wrap("creating the job", exc) from None
+        raise _wrap("creating the job", exc, backend) from None
 
 
 def get_job(backend: Backend, job_id: str) -> FineTuningJob:
@@ -80,7 +80,7 @@ def get_job(backend: Backend, job_id: str) -> FineTuningJob:
         with backend.client() as client:
             return client.fine_tuning.jobs.retrieve(job_id)
     except openai.OpenAIError as exc:
-        raise _wrap(f"job {job_id}", exc) from None
+        raise _wrap(f"job {job_id}", exc, backend) from None
 
 
 def cancel_job(backend: Backend, job_id: str) -> FineTuningJob:
@@ -88,7 +88,7 @@ def cancel_job(backend: Backend, job_id: str) -> FineTuningJob:
         with backend.client() as client:
             return client.fine_tuning.jobs.cancel(job_id)
     except openai.OpenAIError as exc:
-        raise _wrap(f"cancelling {job_id}", exc) from None
+        raise _wrap(f"cancelling {job_id}", exc, backend) from None
 
 
 def list_jobs(backend: Backend, *, limit: int = 20) -> list[FineTuningJob]:
@@ -96,7 +96,7 @@ def list_jobs(backend: Backend, *, limit: int = 20) -> list[FineTuningJob]:
         with backend.client() as client:
             return list(client.fine_tuning.jobs.list(limit=limit).data)
     except openai.OpenAIError as exc:
-        raise _wrap("listing jobs", exc) from None
+        raise _wrap("listing jobs", exc, backend) from None
 
 
 def pending_job_for(backend: Backend, model: str) -> FineTuningJob | None:
@@ -122,7 +122,7 @@ def list_events(backend: Backend, job_id: str, *, limit: int = 100) -> list[Fine
             page = client.fine_tuning.jobs.list_events(job_id, limit=limit)
             return list(reversed(page.data))
     except openai.OpenAIError as exc:
-        raise _wrap(f"events of {job_id}", exc) from None
+        raise _wrap(f"events of {job_id}", exc, backend) from None
 
 
 def list_models(backend: Backend) -> list[str]:
@@ -130,7 +130,7 @@ def list_models(backend: Backend) -> list[str]:
         with backend.client() as client:
             return [m.id for m in client.models.list()]
     except openai.OpenAIError as exc:
-        raise _wrap("listing models", exc) from None
+        raise _wrap("listing models", exc, backend) from None
 
 
 def follow_job(backend: Backend, job_id: str, on_event: Callable[[FineTuningJobEvent], None] | None = None, *,
@@ -149,7 +149,7 @@ def follow_job(backend: Backend, job_id: str, on_event: Callable[[FineTuningJobE
                 job = client.fine_tuning.jobs.retrieve(job_id)
                 page = client.fine_tuning.jobs.list_events(job_id, limit=100)
             except openai.OpenAIError as exc:
-                raise _wrap(f"following {job_id}", exc) from None
+                raise _wrap(f"following {job_id}", exc, backend) from None
             for event in reversed(page.data):
                 if event.id not in seen:
                     seen.add(event.id)
@@ -424,7 +424,7 @@ def export_model(backend: Backend, model_id: str, out_dir: str | Path, *, to: st
         with backend.client(timeout=3600) as client:
             resp = client.post("/gridtune/export_model", cast_to=object, body=body)
     except openai.OpenAIError as exc:
-        raise _wrap(f"exporting {model_id}", exc) from None
+        raise _wrap(f"exporting {model_id}", exc, backend) from None
     resp = resp if isinstance(resp, dict) else {}
     return ModelExport(target=str(resp.get("target", to)), output_dir=Path(resp.get("output_dir") or out),
                        files=list(resp.get("files") or []), commands=list(resp.get("commands") or []),
