@@ -90,13 +90,14 @@ class Backend:
             return text
         return text.replace(key, f"{key[:3]}...{key[-2:]}")
 
-    def async_client(self, *, reply_limit: int | None = None, **kwargs):
-        """The openai client; ``reply_limit``: replies past that many bytes are refused
-        (lean_http.ReplyTooLarge) before they are read whole, streamed or not."""
+    def async_client(self, *, reply_limit: int | None = None, bounded: bool = False, **kwargs):
+        """The openai client. ``reply_limit``: replies past that many bytes are refused
+        (lean_http.ReplyTooLarge) before they are read whole, streamed or not;
+        ``bounded`` alone: each reply past what its request's max_tokens can explain."""
         from openai import AsyncOpenAI
 
         kwargs.setdefault("max_retries", 0)  # retries are ours: the runner honours Retry-After itself
-        if reply_limit is not None:
+        if reply_limit is not None or bounded:
             from .lean_http import BoundedAsyncClient
 
             kwargs.setdefault("http_client", BoundedAsyncClient(reply_limit))

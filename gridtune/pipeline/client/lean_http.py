@@ -67,6 +67,19 @@ def reply_limit_bytes(max_tokens: int | None, n: int = 1, *, stream: bool = Fals
     return min(REPLY_CAP_BYTES, REPLY_BASE_BYTES + max_tokens * max(1, n) * per_token)
 
 
+def request_limit_bytes(body: bytes) -> int:
+    """reply_limit_bytes for a request's JSON body (its max_tokens, n and stream)."""
+    try:
+        data = json.loads(body) if body else {}
+    except ValueError:
+        data = {}
+    if not isinstance(data, dict):
+        return REPLY_CAP_BYTES
+    n = data["n"] if isinstance(data.get("n"), int) else 1
+    tokens = data.get("max_tokens", data.get("max_completion_tokens"))
+    return reply_limit_bytes(tokens if isinstance(tokens, int) else None, n, stream=data.get("stream") is True)
+
+
 def _too_large(limit: int, declared: int | None = None) -> ReplyTooLarge:
     said = f" (it announced {declared:,})" if declared is not None else ""
     return ReplyTooLarge(f"the reply is larger than {limit:,} bytes{said}, more than its max_tokens can explain; "
@@ -230,18 +243,24 @@ class BoundedAsyncClient(openai.DefaultAsyncHttpxClient):
     one before it is read whole. Replies are asked uncompressed, so the bytes counted
     are the bytes kept."""
 
-    def __init__(self, max_bytes: int, **kwargs: Any) -> None:
+    def __init__(self, max_bytes: int | None = None, **kwargs: Any) -> None:
         kwargs.setdefault("headers", {"Accept-Encoding": "identity"})
         super().__init__(**kwargs)
-        self.max_bytes = max_bytes
+        self.max_bytes = max_bytes  # None: each request's own bound (request_limit_bytes)
 
     async def send(self, request: Any, *, stream: bool = False, **kwargs: Any) -> Any:
+        limit = self.max_bytes
+        if limit is None:
+            try:
+                limit = request_limit_bytes(request.content)
+            except Exception:  # noqa: BLE001 - a streamed body (an upload): the hard cap
+                limit = REPLY_CAP_BYTES
         response = await super().send(request, stream=True, **kwargs)
         try:
             declared = _declared_length(response.headers.get("content-length"))
-            if declared is not None and declared > self.max_bytes:
-                raise _too_large(self.max_bytes, declared)
-            response.stream = _CappedStream(response.stream, self.max_bytes)
+            if declared is not None and declared > limit:
+                raise _too_large(limit, declared)
+            response.stream = _CappedStream(response.stream, limit)
             if not stream:
                 await response.aread()
         except BaseException:

@@ -35,6 +35,7 @@ from ..client.replies import (
     retry_delay_s,
 )
 from .backend import Backend
+from .lean_http import ReplyTooLarge
 from .ratelimit import MINUTE, RateLimits
 
 T = TypeVar("T")
@@ -188,6 +189,8 @@ class Pool(Generic[T]):
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # retried or recorded by the caller, never raised out of the pool
+                if isinstance(exc, ReplyTooLarge):
+                    exc = MalformedResponse(str(exc))
                 await failed(entry, exc)
                 return
             await result(entry, reply, None)
@@ -203,7 +206,8 @@ class Pool(Generic[T]):
             await stop.wait()
             release(-1)  # idle workers go; busy ones finish the request in flight
 
-        async with self.backend.async_client(timeout=o.timeout_s) as client:
+        # Each reply is bounded by what its request's max_tokens can explain (lean_http).
+        async with self.backend.async_client(timeout=o.timeout_s, bounded=True) as client:
             tasks = [asyncio.create_task(worker()) for _ in range(workers)]
             watcher = asyncio.create_task(on_stop())
             try:
