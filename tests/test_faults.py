@@ -222,6 +222,26 @@ def test_two_processes_opening_an_old_project_at_once_migrate_it_once(tmp_path):
         assert store.schema_version == SCHEMA_VERSION
 
 
+def test_opening_a_project_leaves_this_process_s_other_connections_their_locks(tmp_path):
+    """Store.open reads the file through SQLite alone: a descriptor of its own, once
+    closed, would drop every POSIX lock this process holds on the file; another process
+    closing after it would then think itself the last, and delete the -wal and -shm
+    under a connection still open here (the next read: "disk I/O error")."""
+    path = new_project(tmp_path)
+    raw = sqlite3.connect(path)  # another connection of this process, left open
+    assert raw.execute("SELECT count(*) FROM cells").fetchone()[0] == 8
+    for _ in range(2):
+        Store.open(path).close()
+        writer = ("import sqlite3, sys; c = sqlite3.connect(sys.argv[1]); "
+                  "c.execute('UPDATE cells SET ordinal = ordinal'); c.commit(); c.close()")
+        subprocess.run([sys.executable, "-c", writer, str(path)], check=True)
+        assert Path(f"{path}-wal").exists() and Path(f"{path}-shm").exists()
+        assert raw.execute("SELECT count(*) FROM completions").fetchone()[0] == 8
+        with Store.open(path) as store:
+            assert store.status_counts().cells == 8
+    raw.close()
+
+
 # -- 2. a held write lock: nothing paid twice, nothing lost --------------------------------
 
 HOLDER = """
@@ -445,3 +465,29 @@ def test_space_freed_while_the_run_waits_loses_nothing(tmp_path, fake_openai):
         with Store.open(path) as store:
             assert store.status_counts().done == 64
         assert answered(fake_openai) == 64  # nothing lost, nothing asked twice
+
+
+def test_the_judge_and_eval_pool_bounds_each_reply_by_its_own_max_tokens(fake_openai):
+    """The one-shot requests (a judge's grade, an evaluation's answer) get the same bound,
+    from each request's own max_tokens."""
+    import asyncio
+
+    from gridtune.pipeline.client.request_pool import Pool, PoolOptions, Request
+    from gridtune.pipeline.client.resolve import resolve_backend
+    from tests.fakeserver import Fault
+
+    fake_openai.set(faults=[Fault(kind="huge", size=50 * 2**20, match="big")])
+    results = {}
+
+    async def on_result(item, reply, error, latency):
+        results[item] = error if reply is None else reply.text
+
+    def request(item: str) -> Request:
+        return Request("/chat/completions", {"model": "m", "max_tokens": 10,
+                                             "messages": [{"role": "user", "content": item}]}, 10)
+
+    pool: Pool[str] = Pool(resolve_backend(), PoolOptions(max_attempts=2, backoff_initial_s=0.01))
+    asyncio.run(pool.run(["big one", "small one"], request, on_result, None))
+    assert "malformed response: the reply is larger than" in results["big one"]
+    assert results["small one"].startswith("On: small one")
+    assert fake_openai.huge_sent < 2 * 50 * 2**20 / 4

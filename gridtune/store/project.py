@@ -1142,40 +1142,32 @@ def _dumps(value: Any) -> str | None:
     return None if value is None else json.dumps(value, ensure_ascii=False)
 
 
-_SQLITE_MAGIC = b"SQLite format 3\x00"
-
-
 def _identify(path: Path) -> None:
     """Refuse, in one line, a file that is not a gridtune project this gridtune can open,
     without writing anything: not to the file, not beside it.
 
     A project carries APPLICATION_ID; one made before the marker has exactly the tables
-    of its schema version. Read through a read-only connection, which creates nothing
-    beside a file in rollback mode, or beside a WAL file whose -wal and -shm are both
-    there; a WAL file missing either is read as immutable, from the file alone (a
-    read-only connection would create the missing one): with no -wal the file holds
-    everything; a -wal without -shm (copied, not left by a crash) is read as of its
-    last checkpoint, which says whose file it is as well.
+    of its schema version. Read through SQLite alone (a file descriptor of our own,
+    closed, would drop this process's locks on the file: POSIX), read-only: where a
+    -journal, or a -wal and a -shm, are there (a connection may be writing), through a
+    read-only connection, which creates nothing then; else the file itself is all
+    there is to read (a -wal without -shm is a copy, as of its last checkpoint, which
+    says whose file it is as well), read as immutable: nothing created, nothing locked.
     """
     try:
-        with open(path, "rb") as f:
-            header = f.read(100)
+        if path.stat().st_size == 0:
+            raise StoreError(f"{path}: not a gridtune project (empty file)")
     except OSError as exc:
         raise StoreError(f"{path}: {exc.strerror or exc}") from None
-    if not header:
-        raise StoreError(f"{path}: not a gridtune project (empty file)")
-    if len(header) < 100 or not header.startswith(_SQLITE_MAGIC):
-        raise StoreError(f"{path}: not a gridtune project (not a SQLite database)")
-    wal_mode = header[18] == 2
-    shared = all(Path(f"{path}{end}").exists() for end in ("-wal", "-shm"))
-    uri = "file:" + quote(str(path.absolute())) + ("?mode=ro&immutable=1" if wal_mode and not shared else "?mode=ro")
+    live = Path(f"{path}-journal").exists() or all(Path(f"{path}{end}").exists() for end in ("-wal", "-shm"))
+    uri = "file:" + quote(str(path.absolute())) + ("?mode=ro" if live else "?mode=ro&immutable=1")
     try:
         conn = sqlite3.connect(uri, uri=True, timeout=busy_timeout_s(), isolation_level=None)
     except sqlite3.Error as exc:
         raise StoreError(describe_sqlite_error(exc, path)) from None
     try:
         conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout_s() * 1000)}")
-        conn.execute("BEGIN")  # one snapshot for all three reads
+        conn.execute("BEGIN")  # one snapshot for every read
         app_id = conn.execute("PRAGMA application_id").fetchone()[0]
         version = conn.execute("PRAGMA user_version").fetchone()[0]
         ours = app_id == APPLICATION_ID or (app_id == 0 and _is_old_project(conn, version))
