@@ -562,6 +562,7 @@ class Engine:
         out = plan.as_dict()
         if self._tuner is not None:
             out["threads"] = self._tuner.most
+            out["threads_now"] = self._tuner.current  # one while other processes hold the cores
         return out
 
     async def generate(self, model_id: str, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[Delta]:

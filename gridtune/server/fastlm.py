@@ -24,6 +24,7 @@ this decoder's greedy tokens against.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -332,10 +333,9 @@ class FastLlama:
         if self.plan.small == NATIVE:
             from . import cpukernel
 
-            if not cpukernel.fits(self.hidden, self.inter, self.n_heads, self.head_dim):
-                self.plan = choose_plan(self.device, dtype=dtype, lowbit=lowbit)
-                self.plan = Plan(**{**self.plan.__dict__, "small": small_kernel(torch.bfloat16, "cpu"),
-                                    "head": self.plan.gemm})
+            if not cpukernel.fits(self.hidden, self.inter, self.n_heads, self.head_dim):  # torch's kernels then
+                small = small_kernel(torch.bfloat16, "cpu")
+                self.plan = dataclasses.replace(self.plan, small=small, head=self.plan.gemm if small else None)
         self.small = self.plan.small if self.plan.small != NATIVE else None  # torch's low-bit kernel, or None
         self._raw: list[dict[str, torch.Tensor]] = []  # fp32 weights for the native step, dropped once built
         self.layers, self.norm, self.embed, self.lm_head = self._weights(model)
@@ -346,8 +346,8 @@ class FastLlama:
             from . import cpukernel
 
             self.native = cpukernel.native_step(self, self._raw, self._raw_head)
-            if self.native is None:  # cannot happen after fits() and load(); torch's kernels then
-                self.plan = Plan(**{**self.plan.__dict__, "small": None, "head": None})
+            if self.native is None:  # cannot happen after fits() and load(); the GEMM then
+                self.plan = dataclasses.replace(self.plan, small=None, head=None)
         self._raw, self._raw_head = [], None
         self.capacity = 0  # positions per slot
         self.allocated = 0  # slots with memory behind them (grows with the batch, up to ``slots``)
