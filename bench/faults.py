@@ -83,6 +83,15 @@ def counts(path: Path) -> tuple[int, int]:
     return c.done, c.failed
 
 
+def stray(folder: Path) -> int:
+    """Files in ``folder`` that are neither a project nor its own (-wal, -shm, run lock
+    and log beside it) nor the bench's filler: what a run should never leave."""
+    projects = [p.name for p in folder.glob("*.gridtune")]
+    return sum(1 for p in folder.iterdir()
+               if p.name != "filler" and not any(p.name.startswith(name) for name in projects)
+               and not p.name.startswith("."))
+
+
 def answered(server: FakeOpenAI) -> int:
     """Well-formed answers the server gave (each paid for)."""
     return sum(r.status == 200 and r.fault is None for r in server.requests)
@@ -168,7 +177,7 @@ def lock(folder: Path, server: FakeOpenAI, *, hold: float, wait: float) -> None:
         outcome = (f"ended in {len(errors(result))} line after {wait:g} s; resume: {counts(path)[0]}/256 "
                    f"(exit {again.returncode})")
     row(f"write lock held {hold:g} s mid-run (busy timeout 2 s, GRIDTUNE_WRITE_WAIT_S {wait:g})", outcome, lost,
-        answered(server) - 256)
+        answered(server) - 256, stray(folder))
 
 
 # -- replies bigger than max_tokens can explain --------------------------------------------
@@ -186,7 +195,7 @@ def huge(folder: Path, server: FakeOpenAI, stream: bool) -> None:
     row(f"8 replies of 50 MB for max_tokens 50 ({'streamed' if stream else 'plain'})",
         f"{failed}/8 refused as {'/'.join(sorted(reasons)) or '?'}; project {size_kb:.0f} KB, "
         f"peak {maxrss_mb(result):.0f} MB; server pushed {server.huge_sent / 2**20:.0f} of 400 MB before "
-        "the client hung up", 0, 0, 0)
+        "the client hung up", 0, 0, stray(folder))
 
 
 # -- a full disk ---------------------------------------------------------------------------
@@ -252,7 +261,7 @@ def disk_full(folder: Path, server: FakeOpenAI, *, freed_while_waiting: bool) ->
                        f"{recorded}; resume: {counts(path)[0]}/64")
             if again.returncode != 0:
                 outcome += f" (resume exit {again.returncode})"
-        row(label, outcome, lost, answered(server) - 64, 0)
+        row(label, outcome, lost, answered(server) - 64, stray(disk))
 
 
 # -- SIGKILL, five times in a row ----------------------------------------------------------
@@ -278,7 +287,7 @@ def kills(folder: Path, server: FakeOpenAI) -> None:
     lost = answered(server) - 256
     row("SIGKILL x5 during a 256-cell run, then resume",
         f"{done}/256 after the resume (exit {result.returncode}); each kill lost ~{lost / 5:.0f} answers "
-        "in flight (concurrency 8)", lost, lost, 0)
+        "in flight (concurrency 8)", lost, lost, stray(folder))
 
 
 # -- hostile servers -----------------------------------------------------------------------
@@ -301,14 +310,16 @@ def hostile(folder: Path, server: FakeOpenAI) -> None:
         with Store.open(path) as store:
             reason = next((c.error for c in store.completions() if c.error), "")
         row(f"server {name}", f"{failed}/4 failed, exit {result.returncode}"
-            + (", TRACEBACK" if traceback else "") + f": {reason.split(' (after')[0][:60]}", 0, 0, 0)
+            + (", TRACEBACK" if traceback else "") + f": {reason.split(' (after')[0][:60]}", 0, 0, stray(folder))
 
 
 def main() -> None:
     t0 = time.monotonic()
-    # A client killed or hung up mid-request is the point here, not the fake server's error.
-    logging.getLogger("uvicorn.error").setLevel(logging.CRITICAL)
     server = FakeOpenAI().start()
+    # A client killed or hung up mid-request is the point here, not the fake server's error
+    # (after start: uvicorn configures its loggers as it starts).
+    for name in ("uvicorn.error", "asyncio"):
+        logging.getLogger(name).setLevel(logging.CRITICAL)
     home = Path(tempfile.mkdtemp(prefix="gridtune-faults-"))
     os.environ.update({"OPENAI_BASE_URL": server.base_url, "OPENAI_API_KEY": TEST_KEY,
                        "GRIDTUNE_HOME": str(home / "home")})
