@@ -266,13 +266,16 @@ class GenerateScreen(SectionScreen):
     @work(thread=True, exclusive=True, group="gen-estimate", exit_on_error=False)
     def estimate_run(self, options: GenerateOptions) -> None:
         from ...pipeline.generation.estimate import local_server_starting
-        from ...pipeline.generation.generate import preview_run, worst_cost
+        from ...pipeline.generation.generate import nothing_to_generate, preview_run, worst_cost
 
         budget = None
         cold = False
         try:
             cold = local_server_starting()
-            if cold:  # never start the server unasked: s starts it (alone), then this estimates
+            if cold and nothing_to_generate(self.ctx.store, options) is not None:
+                # Nothing to do needs no server to say so (and s then says why, starting nothing).
+                text, cold = "nothing left to generate", False
+            elif cold:  # never start the server unasked: s starts it (alone), then this estimates
                 text = ("no estimate until the local server runs: s starts it (the first start fetches "
                         "the model, ~1 min) and estimates; s again starts the run")
             else:
@@ -507,6 +510,8 @@ class GenerateScreen(SectionScreen):
         self._start()
 
     def action_start_server(self) -> None:
+        if self._parsed() is None:
+            return  # the form is wrong: said inline, as s would with a running server
         self.busy = "starting"
         self._server_start = time.time()  # the state line shows the server's phase meanwhile
         self.refresh_bindings()
