@@ -47,8 +47,11 @@ def _then(filter_key: str | None = None, *keys: str):
 
 
 def test_curation_marks_in_the_list(snap_compare, project: Path):
-    """Longest first: the cut-off ones (✂) on top, the near-duplicates (≈2), the judge in the bar."""
+    """Longest first: the cut-off ones (✂) on top, the near-duplicates (≈2), the judge in the bar.
+    (Every row: "finished", the default, lists only those that ended on their own.)"""
     async def before(pilot) -> None:
+        await _steady(pilot)
+        review_screen(pilot.app).set_filter("all")
         await _steady(pilot)
         await pilot.press("r", "g")
         await _steady(pilot)
