@@ -126,6 +126,10 @@ async def test_eval_hints_name_the_apps_keys_not_command_line_flags(tmp_path):
         await pilot.press("r")
         await settle(pilot)
         assert _notes(app) == [NOTHING_HELD_OUT]
+        app.clear_notifications()
+        await pilot.press("S")  # the scaling comparison needs held-out prompts too: said the same way
+        await settle(pilot)
+        assert _notes(app) == [NOTHING_HELD_OUT] and screen.running is None
         for line in (NO_EXPORT, NOTHING_HELD_OUT, screen.HELP):
             assert "--" not in line and "gridtune " not in line and len(line) <= 78 or line is screen.HELP
 
@@ -205,6 +209,8 @@ async def test_kept_counts_leave_cut_offs_out_and_finished_lists_only_finished(t
                          what="the auto-grade")
         await settle(pilot)
         assert "kept 241" in _text(screen, "#review-counts")
+        said = " ".join(_notes(app))
+        assert "C regenerates them" in said and "gridtune generate" not in said  # the key, not the CLI
         assert screen.filter.label == "finished" and len(screen.list.rows) == 241
         await pilot.press("f", "f")  # ungraded, then cut off: two presses, not eight
         await settle(pilot)

@@ -58,11 +58,13 @@ class GradeResult:
             "set_aside_cut_off": self.set_aside,
         }
 
-    def summary(self) -> str:
+    def summary(self, redo: str = "regenerate them with `gridtune generate PROJECT --redo-cut-off --max-tokens N`"
+                ) -> str:
+        """In words; ``redo`` says how to regenerate the cut-off ones where this is read
+        (the review screen: its key)."""
         aside = ""
         if self.set_aside:
-            aside = (f" Set aside {self.set_aside} cut-off completion(s) (they hit max tokens) at grade 1; "
-                     f"regenerate them with `gridtune generate PROJECT --redo-cut-off --max-tokens N`.")
+            aside = f" Set aside {self.set_aside} cut-off completion(s) (they hit max tokens) at grade 1; {redo}."
         if not self.cutoffs:
             return "nothing to grade by length: no completion that finished on its own." + aside
         bands = ", ".join(f"{g}: {self.counts.get(str(g), 0)}" for g in range(1, 6))

@@ -294,6 +294,9 @@ class EvalScreen(SectionScreen):
         self.show_scaling = not self.show_scaling
 
     def action_scaling(self) -> None:
+        if not self.state.has_export or not self.state.cases:  # in this app's keys, not the CLI's flags
+            self.show_error(NO_EXPORT if not self.state.has_export else NOTHING_HELD_OUT, title="Eval")
+            return
         last = self.state.scaling  # its settings: S after a CLI run follows the same jobs
         kept = last.settings if last is not None else {}
         base = self.query_one("#eval-against", Input).value.strip() or (last.base_model if last else None)

@@ -471,7 +471,7 @@ class ReviewScreen(SectionScreen):
     def _auto_graded(self, outcome: tuple[Any, list[int]]) -> None:
         result, changed = outcome
         self._push_undo(changed, "auto-grade")
-        self.notify(result.summary(), title="auto-grade", timeout=6)
+        self.notify(result.summary(redo="C regenerates them with more max tokens"), title="auto-grade", timeout=6)
         self._after_bulk()
 
     def action_drop(self) -> None:
