@@ -16,26 +16,25 @@ from typing import Any, NoReturn, TypeVar
 
 import click
 
-from ..pipeline.client.backend import BackendError
-from ..pipeline.spec.grid import GridError
+from ..core.errors import GridtuneError
 from ..pipeline.spec.options import Option, OptionError
-from ..store import Store, StoreError, describe_sqlite_error
+from ..store import Store, describe_sqlite_error
 
 F = TypeVar("F", bound=Callable[..., Any])
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
 
-class Problem(Exception):
+class Problem(GridtuneError):
     """Bad usage or bad input: exit 2 with this message."""
 
-    code = EXIT_USAGE
+    exit_code = EXIT_USAGE
 
 
-class Failed(Exception):
+class Failed(GridtuneError):
     """The work ran but something failed: exit 1 with this message."""
 
-    code = EXIT_FAILED
+    exit_code = EXIT_FAILED
 
 
 def fail(message: str, code: int = EXIT_USAGE) -> NoReturn:
@@ -50,12 +49,8 @@ def handle_errors(func: F) -> F:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return func(*args, **kwargs)
-        except (GridError, StoreError, Problem) as exc:  # StoreError covers RunConflict
-            fail(str(exc), EXIT_USAGE)
-        except BackendError as exc:
-            fail(str(exc), EXIT_USAGE)
-        except Failed as exc:
-            fail(str(exc), EXIT_FAILED)
+        except GridtuneError as exc:  # every error gridtune expects: its one line, its exit code
+            fail(str(exc), exc.exit_code)
         except sqlite3.Error as exc:  # locked, read-only, disk full, damaged: one line, exit 2
             fail(describe_sqlite_error(exc, kwargs.get("project")), EXIT_USAGE)
         except OSError as exc:  # a file that cannot be read or written

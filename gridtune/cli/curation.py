@@ -32,10 +32,7 @@ def dedup_cmd(project: Path, threshold: float, drop: bool, undo_drop: bool, as_j
     """Group near-duplicate completions of PROJECT (MinHash/LSH over word shingles)."""
     if drop and undo_drop:
         raise Problem("--drop and --undo-drop do opposite things; give one")
-    try:
-        threshold = dedup_mod.check_threshold(threshold)
-    except dedup_mod.DedupError as exc:
-        raise Problem(str(exc)) from None
+    threshold = dedup_mod.check_threshold(threshold)
     with open_store(project) as store:
         if undo_drop:
             ids = dedup_mod.undo_drop(store)
@@ -96,11 +93,8 @@ def judge_cmd(project: Path, model: str, rubric_path: Path | None, calibrate: bo
     """
     options = judge_mod.JudgeOptions(model=model, concurrency=concurrency, rpm=rpm, tpm=tpm, limit=limit,
                                      only_person_graded=calibrate)
-    try:
-        options.check()
-        rubric = judge_mod.read_rubric_file(rubric_path) if rubric_path is not None else None
-    except judge_mod.JudgeError as exc:
-        raise Problem(str(exc)) from None
+    options.check()
+    rubric = judge_mod.read_rubric_file(rubric_path) if rubric_path is not None else None
     with open_store(project) as store:
         try:
             load_project_spec(store)
@@ -108,20 +102,14 @@ def judge_cmd(project: Path, model: str, rubric_path: Path | None, calibrate: bo
             raise Problem(str(exc)) from None
         backend = resolve_backend()  # a BackendError is exit 2, before anything is written
         if rubric is not None:
-            try:
-                judge_mod.set_rubric(store, rubric)
-            except judge_mod.JudgeError as exc:
-                raise Problem(str(exc)) from None
+            judge_mod.set_rubric(store, rubric)
     live = sys.stderr.isatty() and not as_json
 
     def progress(judged: int, failed: int, total: int) -> None:
         if live:
             click.echo(f"\rjudged {judged + failed:,}/{total:,} ({failed:,} failed)", err=True, nl=False)
 
-    try:
-        result = judge_mod.judge(project, options, backend=backend, on_progress=progress)
-    except judge_mod.JudgeError as exc:
-        raise Problem(str(exc)) from None
+    result = judge_mod.judge(project, options, backend=backend, on_progress=progress)
     if live:
         click.echo("", err=True)
     out = result.to_dict()

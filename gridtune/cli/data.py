@@ -7,12 +7,12 @@ from pathlib import Path
 import click
 
 from ..pipeline.curation.coverage import DEFAULT_THIN, coverage
-from ..pipeline.format.validate import ValidationInputError, validate_file
+from ..pipeline.format.validate import validate_file
 from ..pipeline.generation.estimate import backend_for_costs
 from ..pipeline.spec.options import EXPORT
 from ..pipeline.spec.project import load_project_spec
-from ..pipeline.training.export import ExportError, export_project
-from ..pipeline.training.holdout import HoldOutError, parse_hold_out
+from ..pipeline.training.export import export_project
+from ..pipeline.training.holdout import parse_hold_out
 from .common import Failed, Problem, emit_json, handle_errors, open_store, setting_option
 
 
@@ -30,10 +30,7 @@ def validate_cmd(file: Path, model: str | None, as_json: bool) -> None:
 
     Exit 0 when it has no errors, 1 when it has, 2 when it cannot be read.
     """
-    try:
-        report = validate_file(file, model)
-    except ValidationInputError as exc:
-        raise Problem(str(exc)) from None
+    report = validate_file(file, model)
     if as_json:
         emit_json(report.to_dict())
     else:
@@ -73,16 +70,13 @@ def export_cmd(project: Path, output: Path, fmt: str, min_grade: int | None, sep
     no charge and a training time on the local server, a model OpenAI still tunes.
     """
     with open_store(project) as store:
-        try:
-            held = parse_hold_out(load_project_spec(store), hold_out, hold_out_combos) if (
-                hold_out or hold_out_combos) else None
-            result = export_project(
-                store, output, format=fmt, min_grade=min_grade, separator=separator, stop=stop,
-                validation_fraction=validation_fraction, model=model, include_cut_off=include_cut_off,
-                hold_out=held, backend=backend_for_costs(),
-            )
-        except (ExportError, HoldOutError) as exc:
-            raise Problem(str(exc)) from None
+        held = parse_hold_out(load_project_spec(store), hold_out, hold_out_combos) if (
+            hold_out or hold_out_combos) else None
+        result = export_project(
+            store, output, format=fmt, min_grade=min_grade, separator=separator, stop=stop,
+            validation_fraction=validation_fraction, model=model, include_cut_off=include_cut_off,
+            hold_out=held, backend=backend_for_costs(),
+        )
     if as_json:
         emit_json(result.to_dict())
     else:

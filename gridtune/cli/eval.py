@@ -61,10 +61,7 @@ def eval_cmd(project: Path, model: str | None, against: str | None, samples: int
         if not as_json and sys.stderr.isatty():
             click.echo(f"\r  {done}/{total} answers", nl=False, err=True)
 
-    try:
-        report = ev.evaluate(project, options, on_progress=progress)
-    except ev.EvalError as exc:
-        raise Problem(str(exc)) from None
+    report = ev.evaluate(project, options, on_progress=progress)
     if not as_json and sys.stderr.isatty():
         click.echo("", err=True)
     if as_json:

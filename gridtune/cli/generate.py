@@ -22,7 +22,6 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress as RichProgres
 from ..pipeline.curation.coverage import plan_top_up
 from ..pipeline.generation import batch as batch_api, runs
 from ..pipeline.generation.generate import (
-    GenerateError,
     GenerateOptions,
     RunResult,
     budget_line,
@@ -89,20 +88,14 @@ def _options(concurrency: int | None, rpm: float | None, tpm: float | None, limi
     options = GenerateOptions(concurrency=concurrency, rpm=rpm, tpm=tpm, limit=limit, model=model,
                               temperature=temperature, max_tokens=max_tokens, timeout_s=timeout,
                               max_attempts=max_attempts, stream=stream, **curation)
-    try:
-        options.check()
-    except GenerateError as exc:
-        raise Problem(str(exc)) from None
+    options.check()
     return options
 
 
 def _preview(project: Path, options: GenerateOptions) -> None:
     """Before a run: the time estimate and any note on the settings, on stderr. It
     starts the local server when the run will need it (with its own progress lines)."""
-    try:
-        plan, estimate = preview_run(project, options)
-    except GenerateError as exc:
-        raise Problem(str(exc)) from None
+    plan, estimate = preview_run(project, options)
     for note in plan.notes:
         click.echo(f"note: {note}", err=True)
     _curation_note(project, options)
@@ -154,8 +147,6 @@ def _run_here(project: Path, options: GenerateOptions, *, run_id: int | None, de
 
     try:
         result = asyncio.run(go())
-    except GenerateError as exc:
-        raise Problem(str(exc)) from None
     finally:
         display.close()
     return result, got[0] if got else None
@@ -262,10 +253,7 @@ def generate_cmd(project: Path, concurrency: int | None, rpm: float | None, tpm:
             return
     _preview(project, options)
     if detach:
-        try:
-            run_id = runs.start_detached(project, options)
-        except GenerateError as exc:
-            raise Problem(str(exc)) from None
+        run_id = runs.start_detached(project, options)
         click.echo(f"run #{run_id} started in the background (log: {runs.log_path(project)})")
         click.echo(f"follow it with `gridtune status {project} --watch`; stop it with `gridtune stop {project}`",
                    err=True)
@@ -276,10 +264,7 @@ def generate_cmd(project: Path, concurrency: int | None, rpm: float | None, tpm:
 
 def _batch_options(options: GenerateOptions, max_attempts: int) -> batch_api.BatchOptions:
     bopts = batch_api.BatchOptions(generate=options, max_attempts=min(max_attempts, 3))
-    try:
-        bopts.check()
-    except GenerateError as exc:
-        raise Problem(str(exc)) from None
+    bopts.check()
     return bopts
 
 
@@ -295,17 +280,11 @@ def _batch(project: Path, options: GenerateOptions, *, detach: bool, max_attempt
         click.echo(f"picking up {len(open_)} batch(es) in progress: "
                    + ", ".join(b.batch_id or f"#{b.id} (not yet sent)" for b in open_), err=True)
     else:
-        try:
-            plan, _estimate = preview_run(project, options)
-            with open_store(project) as store:
-                click.echo(f"estimate: {batch_api.estimate_text(store, plan, bopts)}", err=True)
-        except GenerateError as exc:
-            raise Problem(str(exc)) from None
+        plan, _estimate = preview_run(project, options)
+        with open_store(project) as store:
+            click.echo(f"estimate: {batch_api.estimate_text(store, plan, bopts)}", err=True)
     if detach:
-        try:
-            run_id = batch_api.start_detached_batch(project, bopts)
-        except GenerateError as exc:
-            raise Problem(str(exc)) from None
+        run_id = batch_api.start_detached_batch(project, bopts)
         click.echo(f"batch run #{run_id} following in the background (log: {runs.log_path(project)})")
         click.echo(f"follow it with `gridtune status {project} --watch`; stop following with `gridtune stop "
                    f"{project}` (the batch goes on at the provider; `generate --batch` picks it up)", err=True)

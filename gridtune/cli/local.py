@@ -194,10 +194,7 @@ def jobs_cmd(ctx: click.Context, as_json: bool, limit: int) -> None:
     if ctx.invoked_subcommand is not None:
         return
     backend = _backend()
-    try:
-        jobs = ft.list_jobs(backend, limit=limit)
-    except ft.FinetuneError as exc:
-        raise Failed(str(exc)) from None
+    jobs = ft.list_jobs(backend, limit=limit)  # a failed call: its one line, exit 1
     if as_json:
         emit_json({"backend": backend.public_url, "jobs": [j.model_dump(mode="json") for j in jobs]})
         return
@@ -217,10 +214,7 @@ def jobs_cancel_cmd(job_id: str, as_json: bool) -> None:
     from ..pipeline.training import finetune as ft
 
     backend = _backend()
-    try:
-        job = ft.cancel_job(backend, job_id)
-    except ft.FinetuneError as exc:
-        raise Failed(str(exc)) from None
+    job = ft.cancel_job(backend, job_id)  # a failed call: its one line, exit 1
     if as_json:
         emit_json(job.model_dump(mode="json"))
         return
@@ -282,10 +276,7 @@ def export_model_cmd(model_id: str, to: str, output: Path, quant: str | None, as
     except OSError as exc:
         raise Problem(f"{output}: {exc.strerror or exc}") from None
     backend = _backend()
-    try:
-        done = ft.export_model(backend, model_id, output, to=to, quant=quant)
-    except ft.FinetuneError as exc:
-        raise Failed(str(exc)) from None
+    done = ft.export_model(backend, model_id, output, to=to, quant=quant)  # a failed call: its one line, exit 1
     if as_json:
         emit_json({"target": done.target, "output_dir": str(done.output_dir), "files": done.files,
                    "commands": done.commands, "notes": done.notes})
@@ -313,8 +304,6 @@ def _scaling(project: Path, model: str | None, epochs: int | None, suffix: str |
     say = None if as_json else (lambda m: click.echo(m, err=True))
     try:
         report = sc.run_scaling(project, options, on_message=say)  # the backend once the input is checked
-    except sc.ScalingError as exc:
-        raise Problem(str(exc)) from None
     except ft.FinetuneRefused as exc:
         raise Failed(str(exc)) from None
     except ft.FinetuneError as exc:

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote, urlsplit, urlunsplit
 
-from ..core.errors import one_line
+from ..core.errors import GridtuneError, one_line
 from .records import (
     ACTIVE_RUN_STATES,
     CompletionRecord,
@@ -33,7 +33,7 @@ from .runlock import Holder, RunLock, holder as run_lock_holder
 from .schema import APPLICATION_ID, MIGRATIONS, SCHEMA_VERSION, shape, shape_of_version
 
 
-class StoreError(Exception):
+class StoreError(GridtuneError):
     """A problem with the project file, with a one-line message."""
 
 

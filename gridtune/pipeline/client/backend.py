@@ -17,11 +17,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from urllib.parse import parse_qsl, unquote, urlsplit, urlunsplit
 
+from ...core.errors import GridtuneError
+
 OPENAI_URL = "https://api.openai.com/v1"
 OPENAI_DEFAULT_MODEL = "gpt-4o-mini"
 
 
-class BackendError(Exception):
+class BackendError(GridtuneError):
     """The backend cannot be used; a one-line message says what to do."""
 
 

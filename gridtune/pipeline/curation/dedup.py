@@ -29,6 +29,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from ...core.errors import GridtuneError
 from ...store import Store, curation as cur
 
 DEFAULT_THRESHOLD = 0.8
@@ -40,7 +41,7 @@ LSH_MARGIN = 0.1  # LSH finds candidates this far below the threshold; exact Jac
 _WORD = re.compile(r"\w+")
 
 
-class DedupError(ValueError):
+class DedupError(GridtuneError, ValueError):
     """Bad options; a one-line message."""
 
 

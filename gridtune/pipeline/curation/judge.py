@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ...core.errors import GridtuneError
 from ...store import Store, curation as cur
 from ..client.backend import Backend
 from ..client.ratelimit import MINUTE
@@ -54,7 +55,7 @@ USER = "Prompt:\n{prompt}\n\nResponse:\n{response}\n\nGrade (1-5):"
 _GRADE = re.compile(r"(?<![\d.])[1-5](?![\d.]\d)(?!\d)")
 
 
-class JudgeError(ValueError):
+class JudgeError(GridtuneError, ValueError):
     """Bad options or a project the judge cannot work on; a one-line message."""
 
 

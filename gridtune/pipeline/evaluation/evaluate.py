@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ...core.errors import GridtuneError
 from ...store import Store, evaluation as ev
 from ...store.records import ExportRecord
 from ..client.backend import Backend
@@ -39,7 +40,7 @@ DEFAULT_SAMPLES = 3
 MIN_MAX_TOKENS, MAX_MAX_TOKENS = 64, 1024
 
 
-class EvalError(ValueError):
+class EvalError(GridtuneError, ValueError):
     """The evaluation cannot start; the message says what to do."""
 
 

@@ -28,6 +28,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+from ...core.errors import GridtuneError
 from ...store import Store, evaluation
 from ..spec.grid import GridSpec, cell_key, render_value
 from ..training.holdout import HoldOutError
@@ -37,7 +38,7 @@ DEFAULT_GRADE = 5
 CUT_OFF_REASON = "length"  # store.records.CUT_OFF_REASON
 
 
-class PromoteError(ValueError):
+class PromoteError(GridtuneError, ValueError):
     """Bad input for a promotion (exit 2); nothing was written."""
 
 

@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ...core.errors import GridtuneError
 from ...store import Store, evaluation as evs, scaling as scs
 from ...store.records import ExportRecord
 from ..client.backend import Backend
@@ -45,7 +46,7 @@ FAILED_JOB = ("failed", "cancelled")
 RECIPE = "more data helps about linearly per doubling"
 
 
-class ScalingError(ValueError):
+class ScalingError(GridtuneError, ValueError):
     """The scaling run cannot start; the message says what to do (exit 2)."""
 
 

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ...core.errors import GridtuneError
 from . import cost, tokens
 
 CHAT, COMPLETION, UNKNOWN = "chat", "completion", "unknown"
@@ -73,7 +74,7 @@ def mid_sentence_warning(n: int, total: int) -> str:
             f"the end): likely cut off at max tokens; the model would learn to stop mid-sentence")
 
 
-class ValidationInputError(ValueError):
+class ValidationInputError(GridtuneError, ValueError):
     """The file cannot be validated at all: missing, unreadable or empty."""
 
 

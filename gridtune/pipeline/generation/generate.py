@@ -47,6 +47,7 @@ from typing import Any
 import httpx
 import openai
 
+from ...core.errors import GridtuneError
 from ...store import RunLost, Store, WorkItem, describe_sqlite_error, sqlite_error_kind
 from ...store.runlock import is_alive
 from ..client.backend import Backend
@@ -82,7 +83,7 @@ log = logging.getLogger(__name__)
 
 
 
-class GenerateError(ValueError):
+class GenerateError(GridtuneError, ValueError):
     """Bad options or a project that cannot be generated; a one-line message."""
 
 

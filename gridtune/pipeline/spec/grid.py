@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from ...core.chat import chat_messages
+from ...core.errors import GridtuneError
 from .options import GENERATION, SPEC_SETTINGS, OptionError, check_all
 
 DEFAULT_MAX_CELLS = 100_000  # completions (cells x samples) a spec may have unless max_cells says more
@@ -26,7 +27,7 @@ MAX_COMPLETIONS = 1_000_000  # the hard ceiling: max_cells cannot lift a grid pa
 Value = str | int | float
 
 
-class GridError(ValueError):
+class GridError(GridtuneError, ValueError):
     """A spec problem, with a one-line message that names the culprit."""
 
 

@@ -29,11 +29,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from ...core.errors import GridtuneError
+
 NONE_WORDS = ("", "none", "-", "off", "auto")
 """What a form may hold for a setting that can be left unset."""
 
 
-class OptionError(ValueError):
+class OptionError(GridtuneError, ValueError):
     """A setting out of its bounds or of the wrong type; a one-line message naming it."""
 
 

@@ -35,6 +35,7 @@ from typing import Any
 import aiofiles
 import aiofiles.os
 
+from ...core.errors import GridtuneError
 from ...store import Store, evaluation
 from ..format.validate import ValidationReport, show, validate_file
 from ..generation.estimate import ServerInfo, training_cost_line
@@ -50,7 +51,7 @@ STOPS = (" END", " STOP", " [END]", "***", "+++", "&&&", "$$$", "@@@", "%%%")
 _BATCH = 500  # rows per read from the store and lines per write
 
 
-class ExportError(ValueError):
+class ExportError(GridtuneError, ValueError):
     """Bad input for an export (exit 2); nothing was written."""
 
 

@@ -16,11 +16,12 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from ...core.errors import GridtuneError
 from ...store import Store, evaluation
 from ..spec.grid import GridSpec, Value, cell_key, coerce_values, render_value
 
 
-class HoldOutError(ValueError):
+class HoldOutError(GridtuneError, ValueError):
     """The held-out choice cannot be made; the message names the problem."""
 
 
