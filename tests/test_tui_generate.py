@@ -267,8 +267,8 @@ async def test_starting_the_local_server_shows_a_phase_not_a_frozen_screen(proje
     async with app.run_test(size=(80, 24)) as pilot:
         screen = app.screen
         assert await wait_for(pilot, lambda: screen.estimate is not None)
-        assert screen.estimate == ("no estimate until the local server runs: s starts it "
-                                   "(the first start fetches the model, ~1 min)")
+        assert screen.estimate == ("no estimate until the local server runs: s starts it (the first start "
+                                   "fetches the model, ~1 min) and estimates; s again starts the run")
         # What a start that must first start the server shows, second by second:
         screen.busy = "starting"
         screen._server_start = time.time() - 5

@@ -510,7 +510,7 @@ class GenerateScreen(SectionScreen):
         self._start()
 
     def action_start_server(self) -> None:
-        if self._parsed() is None:
+        if self._startable() is None:
             return  # the form is wrong: said inline, as s would with a running server
         self.busy = "starting"
         self._server_start = time.time()  # the state line shows the server's phase meanwhile
@@ -541,15 +541,22 @@ class GenerateScreen(SectionScreen):
     def action_start_batch(self) -> None:
         self._start(batch=True)
 
-    def _start(self, batch: bool = False) -> None:
+    def _startable(self, batch: bool = False) -> dict[str, Any] | None:
+        """The form's values if a run could start with them, else None after saying why."""
         values = self._parsed()
         if values is None:
-            return
+            return None
         if self.defaults and Settings.show({"samples": values["samples"]})["samples"] != self.defaults.get("samples"):
             self._show_error("samples is the grid's, not a run's: ctrl+s saves it as the grid's default first")
-            return
+            return None
         if batch and values["max_cost"] is not None:  # a batch is sent whole: nothing could stop it part-way
             self._show_error("max cost applies to live runs (s), not to a batch (b): a batch is sent whole")
+            return None
+        return values
+
+    def _start(self, batch: bool = False) -> None:
+        values = self._startable(batch)
+        if values is None:
             return
         self.busy = "starting"
         self.refresh_bindings()
