@@ -9,6 +9,7 @@ identical, the first difference, and the export's time and size.
 
     python bench/exits.py                     # the default model, both formats
     python bench/exits.py --prompts 4 --format chat
+    python bench/exits.py --format chat --prompts 2 --examples 10 --epochs 1   # a quick look
 """
 
 from __future__ import annotations
@@ -53,6 +54,7 @@ def main() -> None:
     parser.add_argument("--format", choices=["chat", "completion", "both"], default="both")
     parser.add_argument("--prompts", type=int, default=8)
     parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--examples", type=int, default=32, help="training examples per format (at most 32)")
     parser.add_argument("--max-tokens", type=int, default=48)
     args = parser.parse_args()
 
@@ -68,7 +70,7 @@ def main() -> None:
     with InProcessServer(model_dir, work / "srv") as srv, srv.client(timeout=3600) as client:
         print(f"base {srv.model}; {len(held)} held-out prompts, {args.max_tokens} tokens, greedy")
         for fmt in formats:
-            with open(write_jsonl(work / f"{fmt}.jsonl", rows(fmt)), "rb") as fh:
+            with open(write_jsonl(work / f"{fmt}.jsonl", rows(fmt)[:args.examples]), "rb") as fh:
                 f = client.files.create(file=fh, purpose="fine-tune")
             t0 = time.perf_counter()
             job = client.fine_tuning.jobs.create(model=srv.model, training_file=f.id, seed=1, suffix=fmt[:4],

@@ -383,3 +383,30 @@ def test_model_slug_is_an_ollama_name():
     assert exits.model_slug("ft:SmolLM2-135M-Instruct:local:scen:ftjob-0123456789abcdef") == \
         "smollm2-135m-instruct-scen-abcdef"
     assert exits.model_slug("ft:Base:local::ftjob-abc123") == "base-abc123"
+
+
+# -- the command line -------------------------------------------------------------------------
+
+def test_the_cli_exports_and_prints_the_commands(server, tuned, tmp_path, _isolated_home):
+    from click.testing import CliRunner
+
+    from gridtune.cli.main import main
+
+    server.write_state(_isolated_home / "server")  # the local backend the command line finds
+    try:
+        out = tmp_path / "ollama"
+        r = CliRunner().invoke(main, ["export-model", tuned["legacy"], "--to", "ollama", "-o", str(out)])
+        assert r.exit_code == 0, r.output
+        name = exits.model_slug(tuned["legacy"])
+        assert r.stdout.splitlines()[0] == f"wrote {out}: Modelfile, {name}.f16.gguf"
+        assert f"  ollama create {name} -f {out / 'Modelfile'}" in r.stdout.splitlines()
+        r = CliRunner().invoke(main, ["export-model", tuned["chat"], "--to", "vllm", "-o", str(tmp_path / "v"),
+                                      "--json"])
+        assert r.exit_code == 0, r.output
+        assert json.loads(r.stdout)["commands"][0].startswith("vllm serve ")
+        r = CliRunner().invoke(main, ["export-model", tuned["chat"], "-o", str(tmp_path / "h"), "--quant", "q8_0"])
+        assert r.exit_code == 2 and "--quant applies to --to gguf or ollama" in r.stderr
+        r = CliRunner().invoke(main, ["export-model", tuned["chat"], "--to", "gguf", "-o", str(out)])
+        assert r.exit_code == 2 and "exists and is not empty" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    finally:
+        (_isolated_home / "server" / "server.json").unlink(missing_ok=True)
