@@ -14,8 +14,9 @@ import click
 
 from ..pipeline.client.resolve import resolve_backend
 from ..pipeline.curation import dedup as dedup_mod, diversity as diversity_mod, judge as judge_mod
+from ..pipeline.spec.options import EXPORT
 from ..pipeline.spec.project import load_project_spec
-from .common import Failed, Problem, emit_json, handle_errors, open_store
+from .common import Failed, Problem, emit_json, handle_errors, open_store, setting_option
 
 
 @click.command("dedup")
@@ -52,9 +53,9 @@ def dedup_cmd(project: Path, threshold: float, drop: bool, undo_drop: bool, as_j
 
 @click.command("stats")
 @click.argument("project", type=click.Path(dir_okay=False, path_type=Path))
-@click.option("--min-grade", type=click.IntRange(0, 5), default=None,
-              help="the kept set as the export's: finished, not cut off, not rejected, and graded at least N "
-                   "(default: ungraded ones kept too)")
+@setting_option(EXPORT["min_grade"],
+                help="the kept set as the export's: finished, not cut off, not rejected, and graded at least N "
+                     "(0..5; default: ungraded ones kept too)")
 @click.option("--json", "as_json", is_flag=True, help="print the result as one JSON object")
 @handle_errors
 def stats_cmd(project: Path, min_grade: int | None, as_json: bool) -> None:

@@ -15,9 +15,10 @@ import click
 
 from ..pipeline.client.request_pool import PoolOptions
 from ..pipeline.evaluation import evaluate as ev
+from ..pipeline.spec.options import GENERATION
 from ..pipeline.spec.project import load_project_spec
 from ..pipeline.training.holdout import HoldOutError
-from .common import Problem, emit_json, handle_errors, open_store
+from .common import Problem, emit_json, handle_errors, open_store, setting_option
 
 
 @click.command("eval")
@@ -26,15 +27,15 @@ from .common import Problem, emit_json, handle_errors, open_store
 @click.option("--against", help="the model to compare with (default: the base model of the job that made --model)")
 @click.option("--samples", "-n", type=click.IntRange(1, 100), default=ev.DEFAULT_SAMPLES, show_default=True,
               help="answers per prompt and model")
-@click.option("--temperature", type=click.FloatRange(0, 2), default=None,
-              help="sampling temperature (default: the grid's)")
-@click.option("--max-tokens", type=click.IntRange(1, 100_000), default=None,
-              help="per answer (default: twice the longest training answer, 64..1024)")
+@setting_option(GENERATION["temperature"], default=None, show_default=False,
+                help="sampling temperature (within 0..2; default: the grid's)")
+@setting_option(GENERATION["max_tokens"], default=None, show_default=False,
+                help="per answer (default: twice the longest training answer, 64..1024)")
 @click.option("--case", "cases", multiple=True, metavar="'VAR=VALUE ...'",
               help="add an evaluation prompt with these values (new values welcome); repeatable")
 @click.option("--concurrency", type=click.IntRange(1, 256), default=4, show_default=True)
-@click.option("--rpm", type=click.FloatRange(min=0, min_open=True), default=None, help="requests per minute at most")
-@click.option("--tpm", type=click.FloatRange(min=0, min_open=True), default=None, help="tokens per minute at most")
+@setting_option(GENERATION["rpm"], help="requests per minute at most")
+@setting_option(GENERATION["tpm"], help="tokens per minute at most")
 @click.option("--json", "as_json", is_flag=True, help="print the result as one JSON object")
 @handle_errors
 def eval_cmd(project: Path, model: str | None, against: str | None, samples: int, temperature: float | None,

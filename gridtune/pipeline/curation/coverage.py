@@ -37,6 +37,7 @@ from typing import Any
 
 from ...store import Store
 from ..spec.grid import GridSpec
+from ..spec.options import EXPORT
 from ..spec.project import load_project_spec
 
 DEFAULT_THIN = 2  # fewer kept examples than this is thin: one example of a value teaches it nothing reliable
@@ -167,8 +168,8 @@ def coverage(store: Store, *, min_grade: int | None = None, threshold: int = DEF
     """The coverage table of the project (see the module's doc for "kept")."""
     if threshold < 1:
         raise ValueError(f"the thin threshold must be at least 1, not {threshold}")
-    if min_grade is not None and not 0 <= min_grade <= 5:
-        raise ValueError(f"--min-grade must be within 0..5, not {min_grade}")
+    if min_grade is not None:
+        EXPORT["min_grade"].check(min_grade, "--min-grade")  # an OptionError is a ValueError
     spec = load_project_spec(store)
     kept = store.kept_by_cell(min_grade)
     units = _all_units(spec)

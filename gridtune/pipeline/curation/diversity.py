@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ...store import Store, curation as cur
+from ..spec.options import EXPORT
 from .dedup import words
 
 CUT_OFF_REASON = "length"  # store.records.CUT_OFF_REASON: ended at max tokens
@@ -210,8 +211,8 @@ def diversity_stats(store: Store, min_grade: int | None = DEFAULT_MIN_GRADE, *,
                     sample_size: int = SELF_BLEU_SAMPLE) -> DiversityStats:
     """Diversity of the kept set and of all finished completions of a project.
     ``kept`` overrides the kept predicate (default ``is_kept`` at ``min_grade``)."""
-    if min_grade is not None and not 0 <= min_grade <= 5:
-        raise ValueError(f"--min-grade must be 0..5, not {min_grade}")
+    if min_grade is not None:
+        EXPORT["min_grade"].check(min_grade, "--min-grade")  # an OptionError is a ValueError
     rows = cur.finished_rows(store)
     keep = kept or (lambda row: is_kept(row, min_grade))
     return DiversityStats(

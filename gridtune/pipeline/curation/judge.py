@@ -36,6 +36,7 @@ from ..client.ratelimit import MINUTE
 from ..client.replies import Reply
 from ..client.request_pool import Pool, PoolOptions, Request
 from ..client.resolve import resolve_backend
+from ..spec.options import GENERATION
 from ..spec.project import open_with_spec
 
 RUBRIC_KEY = "judge.rubric"
@@ -126,14 +127,9 @@ class JudgeOptions:
     def check(self) -> None:
         if not self.model or not self.model.strip():
             raise JudgeError("--model must name the judge model")
-        if self.concurrency < 1:
-            raise JudgeError(f"--concurrency must be at least 1, not {self.concurrency}")
-        for name in ("rpm", "tpm"):
-            value = getattr(self, name)
-            if value is not None and not 0 < value < math.inf:
-                raise JudgeError(f"--{name} must be positive, not {value}")
-        if self.limit is not None and self.limit < 0:
-            raise JudgeError(f"--limit must be 0 or more, not {self.limit}")
+        for name in ("concurrency", "rpm", "tpm", "limit"):  # bounded as a generation run's
+            if getattr(self, name) is not None:
+                GENERATION[name].check(getattr(self, name), GENERATION[name].flag, JudgeError)
         if self.max_tokens < 1 or self.max_attempts < 1:
             raise JudgeError("max tokens and attempts must be at least 1")
 

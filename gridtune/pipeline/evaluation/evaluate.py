@@ -30,6 +30,7 @@ from ..client.replies import Reply
 from ..client.request_pool import Pool, PoolOptions, Request
 from ..client.resolve import resolve_backend
 from ..spec.grid import GridSpec, cell_key, coerce_values
+from ..spec.options import GENERATION
 from ..spec.project import open_with_spec
 from ..training.export import answers_in
 from ..training.holdout import HoldOutError
@@ -58,10 +59,9 @@ class EvalOptions:
             raise EvalError("--model must name the tuned model")
         if self.samples < 1:
             raise EvalError(f"--samples must be at least 1, not {self.samples}")
-        if self.temperature is not None and not 0 <= self.temperature <= 2:
-            raise EvalError(f"--temperature must be between 0 and 2, not {self.temperature}")
-        if self.max_tokens is not None and self.max_tokens < 1:
-            raise EvalError(f"--max-tokens must be at least 1, not {self.max_tokens}")
+        for name in ("temperature", "max_tokens"):
+            if getattr(self, name) is not None:
+                GENERATION[name].check(getattr(self, name), GENERATION[name].flag, EvalError)
 
 
 # -- cases -----------------------------------------------------------------------------------

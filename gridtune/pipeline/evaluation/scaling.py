@@ -37,6 +37,7 @@ from ..client.backend import Backend
 from ..client.request_pool import PoolOptions
 from ..client.resolve import resolve_backend
 from ..spec.grid import GridSpec, render_value
+from ..spec.options import FINETUNE
 from ..spec.project import load_project_spec
 from ..training import finetune as ft
 from .evaluate import DEFAULT_SAMPLES, EvalError, EvalOptions, EvalReport, run_eval
@@ -385,8 +386,8 @@ def _cases_digest(store: Store) -> str:
 
 def prepare(store: Store, options: ScalingOptions, backend: Backend) -> tuple[ExportRecord, str, Path, int, int]:
     """Check everything and write the half; nothing is sent. (export, base, half path, n_half, n_all)."""
-    if options.epochs is not None and options.epochs < 1:
-        raise ScalingError(f"--epochs must be at least 1, not {options.epochs}")
+    if options.epochs is not None:
+        FINETUNE["epochs"].check(options.epochs, "--epochs", ScalingError)
     if options.samples < 1:
         raise ScalingError(f"--samples must be at least 1, not {options.samples}")
     try:

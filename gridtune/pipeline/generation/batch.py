@@ -45,6 +45,7 @@ from ..client.backend import Backend
 from ..client.replies import PERMANENT_STATUS, MalformedResponse, describe, parse_reply
 from ..client.resolve import resolve_backend
 from ..spec.grid import GridSpec
+from ..spec.options import GENERATION
 from .estimate import mean_prompt_tokens, work_to_do
 from .generate import (
     GenerateError,
@@ -97,8 +98,7 @@ class BatchOptions:
             raise GenerateError("--batch generates pending cells only; run a redo or a top-up without --batch")
         if self.max_requests < 1 or self.max_bytes < 1024:
             raise GenerateError("a batch file must allow at least 1 request and 1 KiB")
-        if self.max_attempts < 1:
-            raise GenerateError(f"--max-attempts must be at least 1, not {self.max_attempts}")
+        GENERATION["max_attempts"].check(self.max_attempts, "--max-attempts", GenerateError)
         if self.poll_s is not None and self.poll_s <= 0:
             raise GenerateError("the poll interval must be positive")
 

@@ -66,6 +66,7 @@ from ..client.replies import (
 )
 from ..client.resolve import resolve_backend
 from ..spec.grid import GridSpec
+from ..spec.options import EXPORT, GENERATION
 from ..spec.project import load_project_spec
 from .estimate import (
     Estimate,
@@ -113,19 +114,13 @@ class GenerateOptions:
     max_cost: float | None = None  # USD: send nothing that could take the run's spending past it (a priced model)
 
     def check(self) -> None:
-        def bad(name: str, value: Any, need: str) -> GenerateError:
-            return GenerateError(f"--{name.replace('_', '-')} must be {need}, not {value}")
-
-        from ..spec.options import GENERATION, OptionError  # the bounds the spec and the forms share
-
         settings = {name: getattr(self, name) for name in ("concurrency", "rpm", "tpm", "limit", "temperature",
-                                                           "max_tokens", "max_attempts", "max_cost")}
-        try:
-            for name, value in (settings | {"timeout": self.timeout_s}).items():
-                if value is not None:
-                    GENERATION[name].check(value, "--" + name.replace("_", "-"))
-        except OptionError as exc:
-            raise GenerateError(str(exc)) from None
+                                                           "max_tokens", "max_attempts", "max_cost", "top_up")}
+        for name, value in (settings | {"timeout": self.timeout_s}).items():
+            if value is not None:
+                GENERATION[name].check(value, GENERATION[name].flag, GenerateError)
+        if self.min_grade is not None:
+            EXPORT["min_grade"].check(self.min_grade, EXPORT["min_grade"].flag, GenerateError)
         if self.rate_period_s <= 0 or self.progress_interval_s <= 0:
             raise GenerateError("rate period and progress interval must be positive")
         modes = [name for name, on in (("--redo-cut-off", self.redo_cut_off), ("a redo of chosen completions",
@@ -137,10 +132,6 @@ class GenerateOptions:
         if self.redo_ids is not None and (not self.redo_ids or any(
                 isinstance(i, bool) or not isinstance(i, int) or i < 1 for i in self.redo_ids)):
             raise GenerateError("completions to redo must be given by their ids (positive integers)")
-        if self.top_up is not None and self.top_up < 1:
-            raise bad("top_up", self.top_up, "at least 1")
-        if self.min_grade is not None and not 0 <= self.min_grade <= 5:
-            raise bad("min_grade", self.min_grade, "within 0..5")
 
     @property
     def redo(self) -> bool:

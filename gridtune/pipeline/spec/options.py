@@ -25,7 +25,7 @@ them out.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -90,9 +90,15 @@ class Option:
             return f"under {hi:g}" if self.hi_open else f"at most {hi:g}"
         return ""
 
-    def check(self, value: Any, name: str | None = None) -> Any:
+    def check(self, value: Any, name: str | None = None, error: Callable[[str], GridtuneError] | None = None) -> Any:
         """``value`` if it is within bounds; else OptionError naming ``name`` (default:
-        the setting's own name; the CLI passes its flag, the spec its table)."""
+        the setting's own name; the CLI passes its flag, the spec its table), or
+        ``error`` with the same message where a stage raises its own error class."""
+        if error is not None:
+            try:
+                return self.check(value, name)
+            except OptionError as exc:
+                raise error(str(exc)) from None
         name = name or self.name
         if self.type is str:
             if not isinstance(value, str) or not value.strip():

@@ -40,6 +40,7 @@ from ...store import Store, evaluation
 from ..format.validate import ValidationReport, show, validate_file
 from ..generation.estimate import ServerInfo, training_cost_line
 from ..spec.grid import GridSpec, cell_key
+from ..spec.options import EXPORT
 from ..spec.project import load_project_spec
 from .holdout import HoldOut, HoldOutError, add_held_out_cases, plan as plan_hold_out
 
@@ -151,10 +152,9 @@ def _check_args(format: str, min_grade: int | None, fraction: float, separator: 
                 stop: str | None, out_path: Path) -> None:
     if format not in FORMATS:
         raise ExportError(f"--format must be one of {', '.join(FORMATS)}, not {format!r}")
-    if min_grade is not None and not 0 <= min_grade <= 5:
-        raise ExportError(f"--min-grade must be within 0..5, not {min_grade}")
-    if not (isinstance(fraction, (int, float)) and 0 <= fraction < 1):
-        raise ExportError(f"--validation-fraction must be in [0, 1), not {fraction}")
+    if min_grade is not None:
+        EXPORT["min_grade"].check(min_grade, "--min-grade", ExportError)
+    EXPORT["validation_fraction"].check(fraction, "--validation-fraction", ExportError)
     if format == "chat" and (separator is not None or stop is not None):
         raise ExportError("--separator and --stop apply to --format completion only")
     for name, marker in (("separator", separator), ("stop", stop)):

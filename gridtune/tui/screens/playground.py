@@ -43,6 +43,7 @@ from ...pipeline.evaluation import playground as pg
 from ...pipeline.evaluation.promote import DEFAULT_GRADE
 from ...pipeline.format.validate import show
 from ...pipeline.spec.grid import coerce_values, render_value
+from ...pipeline.spec.options import GENERATION, OptionError
 from ..events import OpenPlayground
 from ..section import SectionScreen
 
@@ -565,12 +566,10 @@ class PlaygroundScreen(SectionScreen):
             self.error = "fill in " + ", ".join(names) + " (n suggests held-out values)"
             return
         try:
-            temperature = float(self.query_one("#pg-temperature", Input).value or "0.7")
-            max_tokens = int(self.query_one("#pg-max_tokens", Input).value or "200")
-            if not 0 <= temperature <= 2 or max_tokens < 1:
-                raise ValueError
-        except ValueError:
-            self.error = "temperature must be within 0..2 and max tokens a whole number ≥ 1"
+            temperature = GENERATION["temperature"].parse(self.query_one("#pg-temperature", Input).value or "0.7")
+            max_tokens = GENERATION["max_tokens"].parse(self.query_one("#pg-max_tokens", Input).value or "200")
+        except OptionError as exc:
+            self.error = str(exc)
             return
         models = {pane: self.query_one(f"#pg-model-{pane}", Input).value.strip() for pane in PANES}
         if not models["a"]:
