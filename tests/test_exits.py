@@ -410,3 +410,46 @@ def test_the_cli_exports_and_prints_the_commands(server, tuned, tmp_path, _isola
         assert r.exit_code == 2 and "exists and is not empty" in r.stderr and len(r.stderr.strip().splitlines()) == 1
     finally:
         (_isolated_home / "server" / "server.json").unlink(missing_ok=True)
+
+
+def test_a_qwen2_model_converts_exactly_and_answers_in_llama_cpp(tmp_path, tiny_model_dir):  # noqa: F811
+    """The second architecture of GGUF_ARCHS (q/k/v biases, no rotary permutation): a tiny
+    random Qwen2 with the tiny tokenizer, read back by transformers and run by llama.cpp."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
+
+    src = tmp_path / "qwen2"
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    torch.manual_seed(3)
+    config = Qwen2Config(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                         tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=tokenizer.eos_token_id)
+    model = Qwen2ForCausalLM(config).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.normal_(0, 0.5)  # the biases must reach the GGUF, not vanish as zeros would
+            elif "norm" not in name:
+                p.mul_(10)  # clear greedy choices, as in server_support.make_varied_model
+    model.save_pretrained(src)
+    tokenizer.save_pretrained(src)
+    r = exits.export_model(src, tmp_path / "out", to="gguf", quant="f32", model_id="qwen")
+    back = AutoModelForCausalLM.from_pretrained(tmp_path / "out", gguf_file=r.files[0]).eval()
+    ids = torch.tensor([[5, 17, 33, 100, 7, 250, 3]])
+    with torch.no_grad():
+        torch.testing.assert_close(back(ids).logits, model(ids).logits, atol=1e-4, rtol=1e-4)
+    if llama_cpp is None:
+        pytest.skip("llama-cpp-python is not installed (CI installs it)")
+    llm = llama_cpp.Llama(str(tmp_path / "out" / r.files[0]), n_ctx=256, verbose=False)
+    assert llm.metadata["general.architecture"] == "qwen2"
+    prompt = "The capital of Japan is"
+    enc = tokenizer(prompt, return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        ours = model.generate(enc, max_new_tokens=8, do_sample=False, eos_token_id=None, pad_token_id=0)
+    theirs = []  # token ids: a random model emits bare bytes, which the two decoders render differently
+    for token in llm.generate(llm.tokenize(prompt.encode(), add_bos=False, special=True), temp=0.0):
+        theirs.append(token)
+        if len(theirs) == 8:
+            break
+    assert theirs == ours[0, enc.shape[1]:].tolist()

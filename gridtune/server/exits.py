@@ -51,7 +51,6 @@ VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 # convert_hf_to_gguf.py's LlamaModel does). Each is checked by tests/test_exits.py.
 GGUF_ARCHS = {
     "LlamaForCausalLM": ("llama", True),
-    "MistralForCausalLM": ("llama", True),
     "Qwen2ForCausalLM": ("qwen2", False),
 }
 
