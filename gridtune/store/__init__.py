@@ -1,6 +1,7 @@
 """The project file: SQLite schema, migrations, typed records and queries. No UI here."""
 
-from .project import RunConflict, RunLost, Store, StoreError, describe_sqlite_error, sqlite_error_kind
+from .base import RunConflict, RunLost, StoreError, describe_sqlite_error, sqlite_error_kind
+from .project import Store
 from .records import (
     CompletionRecord,
     ExportRecord,

@@ -14,7 +14,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from .project import Store, _new_id
+from .base import _CURRENT_GRADE_SQL, _new_id
+from .project import Store
 
 _ACTIVE = "c.cell_id IN (SELECT id FROM cells WHERE active = 1)"
 
@@ -148,7 +149,6 @@ def dup_counts(store: Store) -> dict[str, int]:
 def undo_source(store: Store, source: str) -> list[int]:
     """Withdraw every standing grade given by ``source`` (e.g. undo a dedup drop);
     returns the completion ids whose grades were withdrawn."""
-    from .project import _CURRENT_GRADE_SQL
 
     with store.transaction() as c:
         ids = [r[0] for r in c.execute(
@@ -181,7 +181,6 @@ def person_grades(store: Store) -> dict[int, int]:
 def record_judgement(store: Store, completion_id: int, model: str, *, grade: int | None, reply: str | None,
                      error: str | None, source: str) -> None:
     """One judge outcome; with a grade, also the grade (source ``source``), in one transaction."""
-    from .project import _CURRENT_GRADE_SQL
 
     now = time.time()
     with store.transaction() as c:
