@@ -42,7 +42,8 @@ What is the answer? The answer is 42. Count: one two three four five six seven e
 """
 
 
-def _train_tokenizer(vocab_size: int):
+def _train_tokenizer(vocab_size: int, specials: list[str] | None = None, roles: dict[str, str] | None = None,
+                     template: str | None = CHAT_TEMPLATE):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -52,21 +53,21 @@ def _train_tokenizer(vocab_size: int):
     tok.post_processor = processors.ByteLevel(trim_offsets=False)
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        special_tokens=SPECIAL_TOKENS,
+        special_tokens=specials or SPECIAL_TOKENS,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),  # every byte encodes
         show_progress=False,
     )
     tok.train_from_iterator(_CORPUS.splitlines() * 4, trainer=trainer)
+    roles = roles or {"bos_token": "<|im_start|>", "eos_token": "<|im_end|>", "unk_token": "<|endoftext|>",
+                      "pad_token": "<|endoftext|>"}
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok,
-        bos_token="<|im_start|>",
-        eos_token="<|im_end|>",
-        unk_token="<|endoftext|>",
-        pad_token="<|endoftext|>",
-        additional_special_tokens=SPECIAL_TOKENS,
+        additional_special_tokens=specials or SPECIAL_TOKENS,
         clean_up_tokenization_spaces=False,
+        **roles,
     )
-    fast.chat_template = CHAT_TEMPLATE
+    if template:
+        fast.chat_template = template
     return fast
 
 
@@ -104,3 +105,71 @@ def make_tiny_model(path: Path, *, vocab_size: int = 512, layers: int = 2, hidde
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny model directory shared by the whole test session (treat it as read-only)."""
     return make_tiny_model(tmp_path_factory.mktemp("models") / "tiny-llama")
+
+
+# -- one tiny random model per family, each with its own turn markers and chat template -----
+
+_GEMMA_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}"
+    "{% set role = 'model' if message['role'] == 'assistant' else message['role'] %}"
+    "{{ '<start_of_turn>' + role + '\\n' + message['content'] + '<end_of_turn>\\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<start_of_turn>model\\n' }}{% endif %}"
+)
+_PHI3_TEMPLATE = (
+    "{% for message in messages %}{{ '<|' + message['role'] + '|>\\n' + message['content'] + '<|end|>\\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>\\n' }}{% endif %}"
+)
+_MISTRAL_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}{% if message['role'] == 'user' %}"
+    "{{ '[INST] ' + message['content'] + ' [/INST]' }}{% else %}{{ message['content'] + eos_token }}{% endif %}"
+    "{% endfor %}"
+)
+_CHATML_TEMPLATE = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+_CHATML_ROLES = {"bos_token": "<|endoftext|>", "eos_token": "<|im_end|>", "unk_token": "<|endoftext|>",
+                 "pad_token": "<|endoftext|>"}
+# family -> (config class, model class, special tokens, their roles, chat template, config extras)
+FAMILIES = {
+    "llama": ("LlamaConfig", "LlamaForCausalLM", SPECIAL_TOKENS, None, CHAT_TEMPLATE, {}),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", SPECIAL_TOKENS, _CHATML_ROLES, _CHATML_TEMPLATE, {}),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", SPECIAL_TOKENS, _CHATML_ROLES, _CHATML_TEMPLATE, {"head_dim": 16}),
+    "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", ["<pad>", "<eos>", "<bos>", "<start_of_turn>", "<end_of_turn>"],
+               {"bos_token": "<bos>", "eos_token": "<eos>", "unk_token": "<pad>", "pad_token": "<pad>"},
+               _GEMMA_TEMPLATE, {"head_dim": 16, "sliding_window": 64}),
+    "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM", ["<pad>", "<eos>", "<bos>", "<start_of_turn>", "<end_of_turn>"],
+               {"bos_token": "<bos>", "eos_token": "<eos>", "unk_token": "<pad>", "pad_token": "<pad>"},
+               _GEMMA_TEMPLATE, {"head_dim": 16, "sliding_window": 64}),
+    "mistral": ("MistralConfig", "MistralForCausalLM", ["<unk>", "<s>", "</s>", "[INST]", "[/INST]"],
+                {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "pad_token": "<unk>"},
+                _MISTRAL_TEMPLATE, {}),
+    "phi3": ("Phi3Config", "Phi3ForCausalLM", ["<|endoftext|>", "<|user|>", "<|assistant|>", "<|end|>", "<|system|>"],
+             {"bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>",
+              "pad_token": "<|endoftext|>"}, _PHI3_TEMPLATE, {}),
+}
+
+
+def make_tiny_family_model(path: Path, family: str, *, hidden: int = 64, layers: int = 2, seed: int = 0,
+                           with_template: bool = True) -> Path:
+    """A tiny random model of ``family`` (a key of FAMILIES) with a tokenizer that has that
+    family's turn markers and (``with_template``) its chat template, written to ``path``."""
+    import torch
+    import transformers
+
+    config_name, model_name, specials, roles, template, extra = FAMILIES[family]
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    tokenizer = _train_tokenizer(512, specials, roles, template if with_template else None)
+    config = getattr(transformers, config_name)(
+        vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=hidden * 2, num_hidden_layers=layers,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048, tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id, **extra)
+    torch.manual_seed(seed)
+    model = getattr(transformers, model_name)(config)
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path

@@ -553,7 +553,8 @@ def _model_object(state: ServerState, model_id: str) -> dict[str, Any]:
     owner = "gridtune" if model_id == state.engine.base_id else "local"
     data = Model(id=model_id, created=int(state.started_at), object="model", owned_by=owner).model_dump(
         exclude_none=True)
-    data["gridtune"] = {**state.engine.stats(), "max_queue": state.max_queue}
+    data["gridtune"] = {**state.engine.stats(), "max_queue": state.max_queue,
+                        "decode_path": state.engine.decoder(model_id)}  # this model's: fast or transformers
     return data
 
 

@@ -131,7 +131,9 @@ def _eos_ids(model: Any, tokenizer: Any) -> set[int]:
         tid = tokenizer.convert_tokens_to_ids(tok) if tok in tokenizer.get_vocab() else None
         if isinstance(tid, int) and tid != tokenizer.unk_token_id:
             ids.add(tid)
-    return ids
+    from .model import turn_end_ids
+
+    return ids | turn_end_ids(tokenizer)  # the family's own end of turn (<end_of_turn>, <|end|>)
 
 
 def _held_back(text: str, stops: Sequence[str]) -> int:
@@ -551,6 +553,13 @@ class Engine:
                 "transformers" if self._served[self.base_id].loaded else "loading"),
             "kernels": self.kernels(),
         }
+
+    def decoder(self, model_id: str) -> str:
+        """Which path decodes ``model_id``: "fast", "transformers", or "on first use" (not loaded yet)."""
+        served = self._get(model_id)
+        if served.fast is not None:
+            return "fast"
+        return "transformers" if served.loaded else "on first use"
 
     def kernels(self) -> dict[str, Any] | None:
         """The base model's decode plan (CPU kind, dtype, kernels, threads; fastlm.Plan),

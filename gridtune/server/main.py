@@ -9,7 +9,9 @@
 * holds DATA/server.lock for its whole life, so one data directory has one server;
 * writes DATA/server.json {"pid", "host", "port", "base_url", "model", "started_at",
   "token"} (0600) once it answers, and removes it on exit; gridtune's clients read the
-  token there. A key given with --api-key is never written anywhere;
+  token there. Before, while it fetches or loads the model, the file holds only
+  {"pid", "phase", "data_dir"} (e.g. "fetching Qwen/…: 312 MB of 988 MB, ~17 s left").
+  A key given with --api-key is never written anywhere;
 * exits after ``idle_timeout`` minutes with no request, no generation and no job
   queued or running (0: never).
 """
@@ -129,10 +131,18 @@ def _serve_locked(data: Path, *, host: str, port: int, model: str | None, api_ke
     sock = _bind(host, port)
     actual_port = sock.getsockname()[1]
     log.info("loading model %s", model or "(default)")
+
+    def phase(line: str) -> None:  # what the start is doing, for the TUI's and the CLI's start phase
+        try:
+            write_state(data, {"pid": os.getpid(), "phase": line, "data_dir": str(data)})
+        except OSError:
+            pass
+
     try:
-        loaded = load_model(model)
+        loaded = load_model(model, on_progress=phase)
     except ModelError as exc:
         sock.close()
+        remove_state(data)
         raise ServeError(str(exc)) from None
     source = loaded.name if model is None else (str(Path(model).expanduser().resolve())
                                                  if Path(model).expanduser().exists() else model)

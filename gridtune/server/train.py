@@ -36,7 +36,7 @@ from typing import Any
 from gridtune.core.files import write_json
 from gridtune.core.hyperparams import default_epochs
 
-LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]  # when none found
 BASE_LR = {"lora": 1e-3, "full": 5e-5}  # × learning_rate_multiplier
 MAX_LENGTH = 1024
 VALID_MAX_EXAMPLES = 64  # validation loss on a fixed subset keeps evaluation cheap on a CPU
@@ -455,6 +455,25 @@ def _four_bit(spec: JobSpec, loaded: Any, say: Callable[[str], None]) -> bool:
     return True
 
 
+def lora_targets(model: Any) -> list[str]:
+    """The names of the linear layers inside the decoder's blocks (every attention and MLP
+    projection: q/k/v/o and gate/up/down for Llama, Qwen, Gemma, Mistral; the fused
+    qkv_proj and gate_up_proj for Phi-3), read from the model's own modules; not the
+    output head, embeddings or a vision tower. The fixed list only when none is found."""
+    import torch
+
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    names = set()
+    for name, module in model.named_modules():
+        parts = name.split(".")
+        if (isinstance(module, torch.nn.Linear) and module is not head and "layers" in parts
+                and not any("vision" in p or "visual" in p or "multi_modal" in p for p in parts)):
+            names.add(parts[-1])
+    if names:
+        return sorted(names)
+    return sorted({name.rsplit(".", 1)[-1] for name, _ in model.named_modules()} & set(LORA_TARGETS))
+
+
 def build_model(spec: JobSpec, loaded: Any, say: Callable[[str], None] = lambda _: None) -> Any:
     """The trainable model: LoRA adapters on every attention and MLP projection, or all weights.
 
@@ -473,7 +492,7 @@ def build_model(spec: JobSpec, loaded: Any, say: Callable[[str], None] = lambda 
     from peft import LoraConfig, get_peft_model
 
     torch.manual_seed(spec.seed)  # the same initial adapters for the same seed
-    targets = sorted({name.rsplit(".", 1)[-1] for name, _ in model.named_modules()} & set(LORA_TARGETS))
+    targets = lora_targets(model)
     if not targets:
         raise DataError("LoRA found none of the usual projection layers in this model; try method 'full'")
     if _four_bit(spec, loaded, say):
