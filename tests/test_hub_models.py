@@ -213,3 +213,16 @@ def test_too_large_for_the_device_is_refused_before_downloading(monkeypatch: pyt
         hub.check_fits("big/model", 14_000_000_000, 2, "cpu", 4)  # 7B bf16 weights, fp32 on the CPU
     assert str(info.value).startswith("big/model needs about 28 GB loaded on cpu, more than the 1.0 GB")
     hub.check_fits("small/model", 270_000_000, 2, "cpu", 4)
+
+
+def test_serve_refuses_a_gated_model_in_one_line(tmp_path: Path) -> None:
+    with FakeHub({}) as fake:
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "TRANSFORMERS_"))}
+        env.update(HF_ENDPOINT=fake.url, HF_HOME=str(tmp_path / "hf"), OMP_NUM_THREADS="1")
+        done = subprocess.run([sys.executable, "-m", "gridtune", "serve", "--model", "gated/gemma-x",
+                               "--data-dir", str(tmp_path / "srv")], env=env, capture_output=True, text=True,
+                              timeout=240, cwd=Path(__file__).resolve().parents[1])
+    assert done.returncode != 0 and "Traceback" not in done.stderr, done.stderr[-2000:]
+    last = [ln for ln in done.stderr.splitlines() if "gated/gemma-x" in ln][-1]
+    assert "is gated" in last and "HF_TOKEN" in last
+    assert not (tmp_path / "srv" / "server.json").exists()  # no phase left behind

@@ -140,3 +140,17 @@ def test_lora_lowers_loss_and_merged_equals_adapter(family: str, family_dirs: di
         with_adapter = adapted(ids).logits
         merged = adapted.merge_and_unload()(ids).logits
     assert torch.allclose(with_adapter, merged, atol=1e-4)
+
+
+def test_model_listing_says_the_decode_path(family_dirs: dict[str, Path], tmp_path: Path) -> None:
+    import httpx
+
+    from tests.server_support import InProcessServer
+
+    with InProcessServer(family_dirs["phi3"], tmp_path / "data") as server:
+        assert server.state.engine.wait_ready(60)
+        listing = httpx.get(f"{server.base_url}/models", timeout=30).json()["data"]
+    paths = {m["id"]: m["gridtune"]["decode_path"] for m in listing}
+    assert paths[server.model] in ("fast", "transformers")
+    assert paths[server.model] == ("fast" if server.state.engine._served[server.model].fast is not None
+                                   else "transformers")

@@ -34,8 +34,10 @@ def _read_key_file(path: Path) -> str:
 @click.command("serve")
 @click.option("--host", default="127.0.0.1", show_default=True, help="address to listen on")
 @click.option("--port", default=0, type=click.IntRange(0, 65535), help="port  [default: a free port]")
-@click.option("--model", "model", default=None, metavar="NAME|PATH",
-              help="model to serve: SmolLM2-135M-Instruct (default) or a local Hugging Face directory")
+@click.option("--model", "model", default=None, metavar="NAME|PATH|HUB_ID",
+              help="model to serve: SmolLM2-135M-Instruct (default), a local Hugging Face directory or GGUF "
+                   "file, or a Hugging Face Hub id such as Qwen/Qwen2.5-0.5B-Instruct (fetched into the "
+                   "Hugging Face cache, HF_HOME; HF_TOKEN for gated models)")
 @click.option("--api-key", default=None, metavar="KEY",
               help="also accept 'Authorization: Bearer KEY' (needed off loopback); prefer the environment "
                    "variable GRIDTUNE_LOCAL_API_KEY or --api-key-file: a key on the command line shows in ps")

