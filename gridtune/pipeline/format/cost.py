@@ -155,3 +155,22 @@ def price_note(model: str | None, *, legacy_format: bool = False) -> str | None:
         return (f"{model} is retired and no current model fine-tunes on the legacy prompt/completion "
                 f"format: none can be priced (export --format chat for {CURRENT_TUNABLE_MODEL})")
     return f"{model} can no longer be fine-tuned: none priced (e.g. {CURRENT_TUNABLE_MODEL} can)"
+
+
+def usd(amount: float) -> str:
+    """Dollars as a person reads them: ``$5``, ``$1,234.50``, ``$0.00005`` (never ``5e-05``);
+    the one formatter for a price, an estimate or a budget."""
+    if amount >= 1:
+        return "$" + f"{amount:,.2f}".removesuffix(".00")
+    return "$" + (f"{amount:.6f}".rstrip("0").rstrip(".") if amount >= 5e-7 else "0")
+
+
+def budget_text(max_cost: float, most: float, requests: int) -> str | None:
+    """A run's budget in one line (80 columns): what its work could cost at most
+    (``most`` for ``requests`` requests), and whether the run stops before passing
+    ``max_cost``; None with no work. The generate screen shows it as is; the command
+    line's ``generate.budget_line`` says the same with the flag's name."""
+    if not requests:
+        return None
+    head = f"max cost {usd(max_cost)}: up to {usd(most)} for {requests:,} request{'s' * (requests != 1)}"
+    return head + (", within it" if most <= max_cost else "; stops short of it")

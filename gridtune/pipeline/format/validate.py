@@ -27,6 +27,7 @@ from typing import Any
 
 from ...core.errors import GridtuneError
 from . import cost, tokens
+from .cost import usd
 
 CHAT, COMPLETION, UNKNOWN = "chat", "completion", "unknown"
 DEFAULT_CHAT_MODEL = "gpt-4o-mini-2024-07-18"
@@ -81,10 +82,6 @@ class ValidationInputError(GridtuneError, ValueError):
 def show(s: str) -> str:
     """A separator or stop as a person reads it (newlines visible)."""
     return s.replace("\n", "\\n")
-
-
-def usd(amount: float) -> str:
-    return f"${amount:,.2f}" if amount >= 0.01 or amount == 0 else f"${amount:.4f}"
 
 
 def _quantile(sorted_values: array, q: float) -> float:

@@ -65,6 +65,7 @@ from ..client.replies import (
     retry_kind,
 )
 from ..client.resolve import resolve_backend
+from ..format.cost import usd
 from ..spec.grid import GridSpec
 from ..spec.options import EXPORT, GENERATION
 from ..spec.project import load_project_spec
@@ -317,9 +318,9 @@ def budget_line(store: Store, plan: Plan, options: GenerateOptions) -> str | Non
         return None
     most, requests, completion = worst_cost(store, plan, options)
     verdict = ("within the budget" if most <= options.max_cost else
-               f"the run stops cleanly before it would pass ${options.max_cost:,.4g} (run it again to resume)")
-    return (f"cost: at most about ${most:,.4f} for {requests:,} request(s) at max_tokens {completion:,} "
-            f"(--max-cost ${options.max_cost:,.4g}: {verdict})")
+               f"the run stops cleanly before it would pass {usd(options.max_cost)} (run it again to resume)")
+    return (f"cost: at most about {usd(most)} for {requests:,} request(s) at max_tokens {completion:,} "
+            f"(--max-cost {usd(options.max_cost)}: {verdict})")
 
 
 def preview_run(store_path: str | os.PathLike[str], options: GenerateOptions,

@@ -29,6 +29,7 @@ from textual.timer import Timer
 from textual.widgets import Input, Label, ProgressBar, Sparkline
 
 from ...core.errors import one_line
+from ...pipeline.format.cost import budget_text, usd as usd  # usd: the screen's tests read it here
 from ...pipeline.generation.progress import Progress, format_duration
 from ...pipeline.spec.options import GENERATION
 from ...store import CompletionRecord, RunRecord, StatusCounts
@@ -89,22 +90,6 @@ class Settings:
         from ...pipeline.generation.generate import GenerateOptions
 
         return GenerateOptions(**{name: values[name] for name in Settings.PER_RUN})
-
-
-def usd(amount: float) -> str:
-    """Dollars as a person reads them: ``$5``, ``$1,234.50``, ``$0.00005`` (never ``5e-05``)."""
-    if amount >= 1:
-        return "$" + f"{amount:,.2f}".removesuffix(".00")
-    return "$" + (f"{amount:.6f}".rstrip("0").rstrip(".") if amount >= 5e-7 else "0")
-
-
-def budget_text(max_cost: float, most: float, requests: int) -> str | None:
-    """The next run's budget in one line (80 columns): what its work could cost at
-    most, and whether the run stops before passing the max cost; None with no work."""
-    if not requests:
-        return None
-    head = f"max cost {usd(max_cost)}: up to {usd(most)} for {requests:,} request{'s' * (requests != 1)}"
-    return head + (", within it" if most <= max_cost else "; stops short of it")
 
 
 class GenerateScreen(SectionScreen):
