@@ -127,11 +127,9 @@ class JudgeOptions:
     def check(self) -> None:
         if not self.model or not self.model.strip():
             raise JudgeError("--model must name the judge model")
-        for name in ("concurrency", "rpm", "tpm", "limit"):  # bounded as a generation run's
+        for name in ("concurrency", "rpm", "tpm", "limit", "max_tokens", "max_attempts"):  # as a run's
             if getattr(self, name) is not None:
                 GENERATION[name].check(getattr(self, name), GENERATION[name].flag, JudgeError)
-        if self.max_tokens < 1 or self.max_attempts < 1:
-            raise JudgeError("max tokens and attempts must be at least 1")
 
 
 @dataclass
