@@ -320,7 +320,8 @@ def _fetch(repo_id: str, device: str, dtype_bytes: int,
     if snapshot is not None and (snapshot / "config.json").is_file():
         config = json.loads((snapshot / "config.json").read_text())
     total = sum(size or 0 for _, size in weights)
-    check_fits(repo_id, total, _weight_dtype_bytes(config) if config else 2, device, dtype_bytes)
+    # a GGUF (no config) is quantized: about a byte a weight or less, dequantized on load
+    check_fits(repo_id, total, _weight_dtype_bytes(config) if config else 1, device, dtype_bytes)
     cache = Path(constants.HF_HUB_CACHE)
     storage = _storage(repo_id)
     missing = sum(size or 0 for name, size in weights if not (storage / "snapshots" / revision / name).is_file())
