@@ -138,7 +138,7 @@ def serve_subprocess(model_dir: Path, data_dir: Path, *extra: str, env: dict | N
                                    + (data_dir / "test-serve.log").read_text()[-2000:])
             try:
                 state = json.loads((data_dir / "server.json").read_text())
-                if state.get("pid") == proc.pid:
+                if state.get("pid") == proc.pid and state.get("base_url"):  # not the phase of a start
                     break
             except (OSError, ValueError):
                 pass

@@ -226,3 +226,16 @@ def test_serve_refuses_a_gated_model_in_one_line(tmp_path: Path) -> None:
     last = [ln for ln in done.stderr.splitlines() if "gated/gemma-x" in ln][-1]
     assert "is gated" in last and "HF_TOKEN" in last
     assert not (tmp_path / "srv" / "server.json").exists()  # no phase left behind
+
+
+def test_a_hub_id_or_path_is_what_an_auto_started_server_serves(tmp_path: Path, monkeypatch) -> None:
+    from gridtune.pipeline.client import local_service
+
+    monkeypatch.delenv("GRIDTUNE_LOCAL_MODEL", raising=False)
+    assert local_service.loadable_model("Qwen/Qwen2.5-0.5B-Instruct")
+    assert local_service.loadable_model(str(tmp_path))
+    assert not local_service.loadable_model("ft:Qwen/Qwen2.5-0.5B-Instruct:local:agi:ftjob-1")
+    assert not local_service.loadable_model("SmolLM2-135M-Instruct") and not local_service.loadable_model(None)
+    cmd = local_service._serve_command(tmp_path, "Qwen/Qwen2.5-0.5B-Instruct")
+    assert cmd[-2:] == ["--model", "Qwen/Qwen2.5-0.5B-Instruct"]
+    assert "--model" not in local_service._serve_command(tmp_path)

@@ -104,10 +104,11 @@ def serve_cmd(host: str, port: int, model: str | None, api_key: str | None, api_
                       "pip install 'gridtune[local]'") from None
 
 
-def _backend():
+def _backend(model: str | None = None):
+    """The backend; a local server started now serves ``model`` when it is a Hub id or a path."""
     from ..pipeline.client.resolve import resolve_backend
 
-    return resolve_backend()
+    return resolve_backend(model=model)
 
 
 @click.command("finetune")
@@ -141,7 +142,7 @@ def finetune_cmd(source: Path, model: str | None, epochs: int | None, suffix: st
     if scaling:
         _scaling(source, model, epochs, suffix, seed, validation_file, samples, as_json)
         return
-    backend = _backend()
+    backend = _backend(model)
     base = model or backend.default_model
     if not base:
         raise Problem("give the base model with --model")
@@ -238,7 +239,7 @@ def ask_cmd(model: str, prompt: str, stops: tuple[str, ...], temperature: float 
     from ..pipeline.client.ask import ask
     from ..pipeline.training import finetune as ft
 
-    backend = _backend()
+    backend = _backend(None if model == "-" else model)
     if model == "-":
         model = backend.default_model or model
     try:

@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import os
+import re
 import subprocess
 import sys
 import time
@@ -122,11 +123,19 @@ def _has_local_extra() -> bool:
     return all(importlib.util.find_spec(m) is not None for m in ("torch", "transformers"))
 
 
-def _serve_command(data_dir: Path) -> list[str]:
+def loadable_model(name: str | None) -> bool:
+    """Whether ``name`` is a model a server can load (a Hub id owner/name or a local path),
+    not a model id only a running server knows (ft:…, the default's name)."""
+    if not name or name.startswith("ft:"):
+        return False
+    return Path(name).expanduser().exists() or bool(re.fullmatch(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*", name))
+
+
+def _serve_command(data_dir: Path, model: str | None = None) -> list[str]:
     cmd = [sys.executable, "-m", "gridtune", "serve",
            "--host", "127.0.0.1", "--port", "0", "--data-dir", str(data_dir),
            "--idle-timeout", os.environ.get("GRIDTUNE_IDLE_MINUTES", "15")]
-    model = os.environ.get("GRIDTUNE_LOCAL_MODEL", "").strip()
+    model = model or os.environ.get("GRIDTUNE_LOCAL_MODEL", "").strip()
     if model:
         cmd += ["--model", model]
     return cmd
@@ -143,8 +152,9 @@ def _last_line(log: Path, start: int) -> str:
     return lines[-1] if lines else ""
 
 
-def start_server(data_dir: Path, *, timeout: float = START_TIMEOUT_S) -> Backend:
-    """Start the background server on ``data_dir`` and wait until it answers."""
+def start_server(data_dir: Path, *, timeout: float = START_TIMEOUT_S, model: str | None = None) -> Backend:
+    """Start the background server on ``data_dir`` (serving ``model``, else
+    GRIDTUNE_LOCAL_MODEL's, else the default) and wait until it answers."""
     log = data_dir / LOG_FILE
     offset = log.stat().st_size if log.exists() else 0
     env = dict(os.environ)
@@ -152,9 +162,9 @@ def start_server(data_dir: Path, *, timeout: float = START_TIMEOUT_S) -> Backend
     for name in ("GRIDTUNE_SERVER_API_KEY", "GRIDTUNE_LOCAL_API_KEY"):
         env.pop(name, None)  # the auto-started server has its own token, in its state file
     with os.fdopen(_open_private(log, os.O_WRONLY | os.O_APPEND), "ab") as out:
-        proc = subprocess.Popen(_serve_command(data_dir), stdin=subprocess.DEVNULL, stdout=out, stderr=out,
+        proc = subprocess.Popen(_serve_command(data_dir, model), stdin=subprocess.DEVNULL, stdout=out, stderr=out,
                                 start_new_session=True, env=env, close_fds=True)
-    model = os.environ.get("GRIDTUNE_LOCAL_MODEL", "").strip() or "the default model"
+    model = model or os.environ.get("GRIDTUNE_LOCAL_MODEL", "").strip() or "the default model"
     _say(f"gridtune: starting the local server ({model}; log: {log})")
     deadline = time.monotonic() + timeout
     shown = ""
@@ -181,8 +191,9 @@ def start_server(data_dir: Path, *, timeout: float = START_TIMEOUT_S) -> Backend
     raise BackendError(f"the local server did not answer within {timeout:.0f} s (see {log})")
 
 
-def ensure_backend(*, start: bool = True) -> Backend:
-    """The user's local server as a Backend, started on demand when ``start``."""
+def ensure_backend(*, start: bool = True, model: str | None = None) -> Backend:
+    """The user's local server as a Backend, started on demand when ``start`` (serving
+    ``model``, a Hub id or local path, when one is given and none runs yet)."""
     data_dir = locations.server_dir()
     found = running_backend(data_dir)
     if found is not None:
@@ -204,4 +215,4 @@ def ensure_backend(*, start: bool = True) -> Backend:
                 if probe(state["base_url"], _api_key(state)) is not None:
                     return _backend(state)
                 time.sleep(0.5)
-        return start_server(data_dir)
+        return start_server(data_dir, model=model if loadable_model(model) else None)
