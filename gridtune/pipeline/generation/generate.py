@@ -984,6 +984,23 @@ class _Gathered:
                      count("completion_tokens"), self.chunks)
 
 
+RESERVE_BYTES = 256 * 1024
+
+
+def _keep_room(project: Path) -> Path | None:
+    """A little room kept beside the project for the run's life: on a disk that fills
+    up, freeing it lets the run's end and its cause still be written. None where it
+    cannot be made (the disk is full already: the run will say so itself)."""
+    reserve = project.with_name(project.name + ".run.reserve")
+    try:
+        with open(reserve, "wb") as fh:
+            fh.write(b"\0" * RESERVE_BYTES)
+    except OSError:
+        reserve.unlink(missing_ok=True)
+        return None
+    return reserve
+
+
 async def run_generation(
     store_path: str | os.PathLike[str],
     options: GenerateOptions | None = None,
@@ -1015,6 +1032,7 @@ async def run_generation(
                                      is_alive=is_alive)
         elif not store.adopt_run(run_id, pid=pid, host=host):
             raise GenerateError(f"run #{run_id} is not waiting to start (it ended or was never recorded)")
+        reserve = _keep_room(Path(store_path))
         runner: _Runner | None = None
         try:
             if options.top_up is not None:  # under the run lock: no other run adds samples meanwhile
@@ -1033,11 +1051,19 @@ async def run_generation(
             cancelled = isinstance(exc, (asyncio.CancelledError, KeyboardInterrupt))
             state, error = ("stopped", None) if cancelled else ("failed", plan.backend.redact(describe(exc))[:500])
             progress = runner.snapshot(state) if runner else Progress(run_id=run_id, state=state)
-            try:  # a full disk may refuse this too; the cause is still the one line raised
+            try:  # a full disk may refuse this too: the reserve makes room for the cause
                 store.finish_run(run_id, state, error=error, progress=progress.to_dict())
             except sqlite3.Error as record_exc:
+                if reserve is not None and sqlite_error_kind(record_exc) == "full":
+                    reserve.unlink(missing_ok=True)
+                    reserve = None
+                    with contextlib.suppress(sqlite3.Error):
+                        store.finish_run(run_id, state, error=error, progress=progress.to_dict())
                 log.debug("run #%s: could not record its end: %s", run_id, record_exc)
             raise
+        finally:
+            if reserve is not None:
+                reserve.unlink(missing_ok=True)
         final = runner.snapshot(state)
         if runner.budget_reached:
             final.stopped_by = f"stopped at max cost ${options.max_cost:g} (spent about ${runner.spent:.4f})"
