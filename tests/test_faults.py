@@ -20,6 +20,7 @@ import pytest
 
 from gridtune.store import Store, StoreError
 from gridtune.store.schema import APPLICATION_ID, MIGRATIONS, SCHEMA_VERSION
+from tests.test_robustness import one_line_error  # the CLI's answer to bad input, checked one way
 
 GRIDTUNE = [sys.executable, "-c", "from gridtune.cli.main import main; main()"]
 
@@ -39,16 +40,6 @@ max_tokens = 50
 def gridtune(*args: str, env: dict[str, str] | None = None, timeout: float = 60) -> subprocess.CompletedProcess:
     return subprocess.run([*GRIDTUNE, *args], capture_output=True, text=True, timeout=timeout,
                           env={**os.environ, **(env or {})})
-
-
-def one_line_error(result: subprocess.CompletedProcess) -> str:
-    """Exit 2, one error line (the last on stderr), no traceback."""
-    assert result.returncode == 2, (result.returncode, result.stdout, result.stderr)
-    assert "Traceback" not in result.stderr, result.stderr
-    lines = result.stderr.strip().splitlines()
-    errors = [line for line in lines if line.startswith("gridtune: error: ")]
-    assert len(errors) == 1 and lines[-1] == errors[0], result.stderr
-    return errors[0]
 
 
 def snapshot(folder: Path) -> dict[str, bytes]:
