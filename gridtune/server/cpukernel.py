@@ -1,10 +1,12 @@
-"""The native decode step for 1-2 rows on x86 CPUs with AVX2 (q4decode.c), built at first use.
+"""The native decoder for x86 CPUs with AVX2 (q4decode.c): every decode step and prompt, built at first use.
 
 Why: on a CPU without native bf16, torch's own low-bit kernels and per-op dispatch left
 one stream of the default model at a third of llama.cpp's speed (torch's int4 matmul
 alone took ~21 ms a step on one EPYC core; llama.cpp's whole step ~15 ms). q4decode.c
-runs the whole step in one call with llama.cpp's arithmetic: Q4_1 weights (the GGUF's
-own blocks, so nothing is lost), activations quantised per 32 to int8, a Q8_0 head.
+runs a whole step (any number of rows) or a whole prompt in one call with llama.cpp's
+arithmetic: Q4_1 weights (the GGUF's own blocks, so nothing is lost), activations
+quantised per 32 to int8, a Q8_0 head. Batches went through torch's fp16 GEMM before:
+32 rows took ~170 ms a step there on one EPYC core (see bench/serve.py for now).
 
 The library is compiled once per source version with the system C compiler into the
 cache directory (about a second). No compiler, no AVX2/FMA/F16C, or a failed build:
@@ -80,9 +82,9 @@ def _build() -> Any:
     # torch is loaded first, so the library's libgomp.so.1 is torch's own: one OpenMP
     # runtime, one thread team, and torch.set_num_threads sizes it.
     lib = ctypes.CDLL(str(target))
-    lib.gt_decode.restype = ctypes.c_int
-    lib.gt_decode.argtypes = [ctypes.POINTER(_Model), ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p,
-                              ctypes.c_int, ctypes.c_void_p]
+    lib.gt_forward.restype = ctypes.c_int
+    lib.gt_forward.argtypes = [ctypes.POINTER(_Model), ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p,
+                               ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p]
     return lib
 
 
@@ -125,7 +127,7 @@ def q8_0_blocks(w: torch.Tensor) -> torch.Tensor:
 
 
 def fits(cfg_hidden: int, inter: int, heads: int, head_dim: int) -> bool:
-    return all(v % QK == 0 for v in (cfg_hidden, inter, heads * head_dim)) and head_dim <= 512
+    return all(v % QK == 0 for v in (cfg_hidden, inter, heads * head_dim)) and head_dim % 8 == 0 and head_dim <= 512
 
 
 class NativeStep:
@@ -150,7 +152,7 @@ class NativeStep:
             setattr(self.m, name, self.arrays[name].data_ptr())
         self._cache_id: tuple | None = None
 
-    def __call__(self, tokens: torch.Tensor, positions: torch.Tensor, length: int) -> torch.Tensor:
+    def _refresh(self) -> None:
         lm = self.lm
         cache_id = (lm.k[0].data_ptr(), lm.capacity)
         if cache_id != self._cache_id:  # ensure() grew the cache: new tensors
@@ -159,20 +161,48 @@ class NativeStep:
             self.m.kc, self.m.vc = self.arrays["kc"].data_ptr(), self.arrays["vc"].data_ptr()
             self.m.cap = lm.capacity
             self._cache_id = cache_id
-        rows = tokens.shape[0]
+
+    def forward(self, tokens: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, length: int,
+                heads: torch.Tensor) -> torch.Tensor:
+        """Rows ``tokens`` at ``positions`` in ``slots`` (K/V written there); the logits of
+        the rows in ``heads``, [len(heads), V] fp32."""
+        self._refresh()
         tok = tokens.to(torch.int64).contiguous()
         pos = positions.to(torch.int64).contiguous()
-        out = torch.empty((rows, self.m.vocab), dtype=torch.float32)
-        rc = self.lib.gt_decode(ctypes.byref(self.m), rows, tok.data_ptr(), pos.data_ptr(), int(length),
-                                out.data_ptr())
+        slot = slots.to(torch.int64).contiguous()
+        want = heads.to(torch.int64).contiguous()
+        out = torch.empty((want.shape[0], self.m.vocab), dtype=torch.float32)
+        rc = self.lib.gt_forward(ctypes.byref(self.m), tok.shape[0], tok.data_ptr(), pos.data_ptr(),
+                                 slot.data_ptr(), int(length), want.shape[0], want.data_ptr(), out.data_ptr())
         if rc != 0:
             raise RuntimeError(f"native decode step failed ({rc})")
         return out
 
+    def __call__(self, tokens: torch.Tensor, positions: torch.Tensor, length: int) -> torch.Tensor:
+        """One decode step: row r in slot r; logits for every row."""
+        rows = torch.arange(tokens.shape[0], dtype=torch.int64)
+        return self.forward(tokens, positions, rows, length, rows)
 
-def native_step(lm: Any, model_layers: list[dict[str, torch.Tensor]], head: torch.Tensor) -> NativeStep | None:
+    def prefill(self, slot: int, ids: list[int], chunk: int = 256) -> torch.Tensor:
+        """A prompt into ``slot``: its tokens as rows at positions 0..n-1 (in chunks, so
+        the scratch memory stays small); the last position's logits, [V] fp32."""
+        n = len(ids)
+        out: torch.Tensor | None = None
+        for start in range(0, n, chunk):
+            part = torch.tensor(ids[start:start + chunk], dtype=torch.int64)
+            pos = torch.arange(start, start + part.shape[0], dtype=torch.int64)
+            last = part.shape[0] - 1 if start + chunk >= n else None
+            heads = torch.tensor([last] if last is not None else [], dtype=torch.int64)
+            logits = self.forward(part, pos, torch.full_like(part, slot), start + part.shape[0], heads)
+            if last is not None:
+                out = logits[0]
+        assert out is not None
+        return out
+
+
+def native_step(lm: Any, model_layers: list[dict[str, torch.Tensor]], head: torch.Tensor | None) -> NativeStep | None:
     """A NativeStep for ``lm`` from its fp32 weights, or None where it cannot run."""
-    if lm.device != "cpu" or lm.kv_dtype != torch.float32 or lm.embed.dtype != torch.float32:
+    if head is None or lm.device != "cpu" or lm.kv_dtype != torch.float32 or lm.embed.dtype != torch.float32:
         return None
     if not fits(lm.hidden, lm.inter, lm.n_heads, lm.head_dim):
         return None

@@ -123,11 +123,12 @@ def pick_dtype(device: str) -> torch.dtype:
 class Plan:
     """How this machine decodes, chosen once at start (see ``choose_plan``).
 
-    ``gemm``: the weights batches (3+ rows) and prompts multiply with: "fp32", "bf16"
-    or "fp16" (fbgemm's fp16-weight GEMM: fp32 arithmetic, half the bytes). ``small``:
-    the kernel for 1-2 row steps ("int4", "int8" or None: the GEMM). ``head``: the
-    output layer's kernel for 1-2 rows (the default model's embeddings are 8-bit, Q8_0:
-    4 bits cost 4% perplexity there, so the head never takes int4)."""
+    ``gemm``: the weights batches (3+ rows) and prompts multiply with: "fp32", "bf16",
+    "fp16" (fbgemm's fp16-weight GEMM: fp32 arithmetic, half the bytes) or NATIVE.
+    ``small``: the kernel for 1-2 row steps ("int4", "int8", NATIVE or None: the GEMM).
+    ``head``: the output layer's kernel for 1-2 rows (the default model's embeddings
+    are 8-bit, Q8_0: 4 bits cost 4% perplexity there, so the head never takes int4).
+    NATIVE in both: q4decode.c runs every step and prompt, batches included."""
 
     device: str
     cpu: str
@@ -145,8 +146,9 @@ class Plan:
         """One line: CPU kind, dtype, kernels, threads."""
         where = self.device if self.device != "cpu" else f"CPU {self.cpu}"
         if self.small == NATIVE:
-            small = "native AVX2 step for 1-2 rows (Q4_1 weights x int8 activations, Q8_0 head)"
-        elif self.small:
+            return (f"decoder: {where}, fast: native AVX2 kernels for every step and prompt (Q4_1 weights x int8 "
+                    f"activations, Q8_0 head, fp32 attention), {self.threads} thread(s)")
+        if self.small:
             small = f"{self.small} weight-only for 1-2 rows (head {self.head or self.gemm})"
         else:
             small = "no low-bit kernel"
@@ -180,9 +182,13 @@ def choose_plan(device: str, *, dtype: torch.dtype | None = None, lowbit: bool |
     thread): 1 row fp32 39 ms, fbgemm fp16 22, int4 (bf16 activations) 21; 32 rows fp32
     207 ms, fp16 166, int4 278. torch's int4/int8 kernels are vectorised for bf16
     activations only on AVX2 (fp32 or fp16 activations: 7-10x slower). So without native
-    bf16: fp32 activations, fp16 weights for batches, int4 for 1-2 rows (exact for the
-    GGUF's Q4_1 weights). With native bf16 (AVX512-BF16/AMX): bf16 weights, int4 for
-    1-2 rows. ``dtype=float32`` (or GRIDTUNE_DTYPE=float32) is the exact mode."""
+    bf16: the native kernels (q4decode.c: Q4_1 weights, exact for the GGUF's, x int8
+    activations) for every step and prompt; one thread, a whole 32-row step: 165-187 ms
+    at length 10 and 210 at length 250, against the torch fp16 path's 186-214 and 300.
+    Without a C compiler: fp32 activations, fp16 weights for batches, int4 for 1-2 rows.
+    With native bf16 (AVX512-BF16/AMX): bf16 weights, int4 for 1-2 rows (not measured
+    against the native kernels there). ``dtype=float32`` (or GRIDTUNE_DTYPE=float32) is
+    the exact mode."""
     on_cpu = device == "cpu"
     n_threads = threads or (physical_cores() if on_cpu else 1)
     kind = cpu_kind() if on_cpu else device
@@ -203,12 +209,19 @@ def choose_plan(device: str, *, dtype: torch.dtype | None = None, lowbit: bool |
     from . import cpukernel
 
     if cpukernel.load() is not None:
-        return Plan(device, kind, torch.float32, gemm, NATIVE, "q8_0", n_threads)
+        return Plan(device, kind, torch.float32, NATIVE, NATIVE, "q8_0", n_threads)
     small = small_kernel(torch.bfloat16, "cpu")
     return Plan(device, kind, torch.float32, gemm, small, gemm if small else None, n_threads)
 
 
-NATIVE = "q4_1-native"  # q4decode.c: the whole 1-2 row step in one call (cpukernel.py)
+NATIVE = "q4_1-native"  # q4decode.c: a whole step or prompt in one call (cpukernel.py)
+
+
+def _without_native(plan: Plan) -> Plan:
+    """The plan on torch's kernels, for a model the native kernel cannot take."""
+    gemm = "fp16" if _fp16_gemm_works() else "fp32"
+    small = small_kernel(torch.bfloat16, "cpu")
+    return dataclasses.replace(plan, gemm=gemm, small=small, head=gemm if small else None)
 
 
 class _Linear:
@@ -298,12 +311,14 @@ def small_kernel(dtype: torch.dtype, device: str) -> str | None:
 
 @dataclass
 class _Layer:
+    """One layer's weights for torch's kernels (the linears are None where the native
+    kernel holds its own copies)."""
     ln1: torch.Tensor
-    qkv: _Linear  # [(H + 2*KVH) * D, hidden]
-    o: _Linear
+    qkv: Any  # _Linear [(H + 2*KVH) * D, hidden]
+    o: Any
     ln2: torch.Tensor
-    gate_up: _Linear  # [2 * inter, hidden]
-    down: _Linear
+    gate_up: Any  # _Linear [2 * inter, hidden]
+    down: Any
 
 
 class FastLlama:
@@ -329,15 +344,15 @@ class FastLlama:
         self.max_pos = int(cfg.max_position_embeddings)
         self.slots = slots
         self.group = self.n_heads // self.n_kv
-        self.native: Any = None  # cpukernel.NativeStep: 1-2 row steps in one native call
+        self.native: Any = None  # cpukernel.NativeStep: every step and prompt in one native call each
         if self.plan.small == NATIVE:
             from . import cpukernel
 
             if not cpukernel.fits(self.hidden, self.inter, self.n_heads, self.head_dim):  # torch's kernels then
-                small = small_kernel(torch.bfloat16, "cpu")
-                self.plan = dataclasses.replace(self.plan, small=small, head=self.plan.gemm if small else None)
+                self.plan = _without_native(self.plan)
         self.small = self.plan.small if self.plan.small != NATIVE else None  # torch's low-bit kernel, or None
         self._raw: list[dict[str, torch.Tensor]] = []  # fp32 weights for the native step, dropped once built
+        self._raw_head: torch.Tensor | None = None
         self.layers, self.norm, self.embed, self.lm_head = self._weights(model)
         rope = getattr(cfg, "rope_parameters", None) or {}
         theta = float(rope.get("rope_theta", getattr(cfg, "rope_theta", 10000.0)))
@@ -346,8 +361,10 @@ class FastLlama:
             from . import cpukernel
 
             self.native = cpukernel.native_step(self, self._raw, self._raw_head)
-            if self.native is None:  # cannot happen after fits() and load(); the GEMM then
-                self.plan = dataclasses.replace(self.plan, small=None, head=None)
+            if self.native is None:  # cannot happen after fits() and load(); torch's kernels then
+                self.plan = _without_native(self.plan)
+                self.small = self.plan.small
+                self.layers, self.norm, self.embed, self.lm_head = self._weights(model)
         self._raw, self._raw_head = [], None
         self.capacity = 0  # positions per slot
         self.allocated = 0  # slots with memory behind them (grows with the batch, up to ``slots``)
@@ -365,10 +382,11 @@ class FastLlama:
 
         gemm = "fp16" if self.plan.gemm == "fp16" else "native"
 
-        def lin(t: torch.Tensor) -> _Linear:
-            return _Linear(w(t), self.small, gemm)
-
         native = self.plan.small == NATIVE
+
+        def lin(t: torch.Tensor) -> _Linear | None:  # the native kernel holds its own copies
+            return None if native else _Linear(w(t), self.small, gemm)
+
         layers = []
         for layer in base.layers:
             att, mlp = layer.self_attn, layer.mlp
@@ -390,8 +408,8 @@ class FastLlama:
         head = model.get_output_embeddings().weight
         self._raw_head = head.detach() if native else None
         small_head = self.plan.head if self.plan.head in ("int4", "int8") else None
-        lm_head = _Linear(embed if head.data_ptr() == base.embed_tokens.weight.data_ptr() else w(head), small_head,
-                          gemm)
+        lm_head = None if native else _Linear(
+            embed if head.data_ptr() == base.embed_tokens.weight.data_ptr() else w(head), small_head, gemm)
         return layers, w(base.norm.weight), embed, lm_head
 
     def _rope(self, theta: float) -> None:
@@ -461,6 +479,8 @@ class FastLlama:
         """Run a prompt into ``slot``'s cache; the logits of its last position, [V] fp32."""
         n = len(ids)
         self.ensure(slot + 1, n + 1)
+        if self.native is not None:
+            return self.native.prefill(slot, ids)
         H, KV, D = self.n_heads, self.n_kv, self.head_dim
         x = F.embedding(torch.tensor(ids, device=self.device), self.embed)  # [n, hidden]
         cos, sin = self.cos[:n].unsqueeze(1), self.sin[:n].unsqueeze(1)  # [n, 1, D]
@@ -486,7 +506,7 @@ class FastLlama:
         """One step for rows in slots ``0..B-1``: ``tokens`` [B] at ``positions`` [B];
         ``length`` is one past the largest position. Returns logits [B, V] fp32."""
         B = tokens.shape[0]
-        if self.native is not None and B <= SMALL_MAX_ROWS:
+        if self.native is not None:
             return self.native(tokens, positions, length)
         H, KV, D, G = self.n_heads, self.n_kv, self.head_dim, self.group
         x = F.embedding(tokens, self.embed)  # [B, hidden]
