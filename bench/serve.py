@@ -315,7 +315,7 @@ def main() -> None:
     k = e.get("kernels") or {}
     if k:
         print(f"  kernels: {k['dtype']} activations, {k['gemm']} GEMM for batches, {k['small_rows'] or 'no'} kernel "
-              f"for 1-2 rows (head {k['head']}), {k['threads']} thread(s){' (exact mode)' if k['exact'] else ''}; "
+              f"for small steps (head {k['head']}), {k['threads']} thread(s){' (exact mode)' if k['exact'] else ''}; "
               f"decoding with {g.get('threads_after')} after the runs (one while other work holds the cores)")
     print(f"  baseline: transformers eager generate, 1 stream : {g['hf_eager_tokens_per_s']:>7.1f} tok/s")
     if "llama_cpp_tokens_per_s" in g:
