@@ -14,6 +14,7 @@ from gridtune.pipeline.spec.grid import GridSpec
 from gridtune.pipeline.spec.project import create_project
 from gridtune.pipeline.training.export import ExportError, export_project, export_project_async, valid_path_for
 from gridtune.store import Store
+from tests.tiny_model import tiny_model_dir  # noqa: F401  (session fixture)
 
 WEIRD = 'Zürich "quoted"\nnew line {brace} 東京 ✓'
 
@@ -294,3 +295,33 @@ def test_cli_exit_1_when_written_file_fails_validation(tmp_path):
     assert res.exit_code == 1
     d = json.loads(res.stdout)
     assert d["report"]["errors"] == {"missing_content": 1} and d["ok"] is False
+
+
+def test_local_backend_counts_tokens_with_the_local_models_own_tokenizer(project, tmp_path, monkeypatch,
+                                                                          tiny_model_dir):
+    """On the local backend the export's token counts (and so the training estimate and
+    the context check) come from the model that trains, not from gpt-4o-mini's encoding."""
+    from tokenizers import Tokenizer
+
+    from gridtune.core.serverstate import DEFAULT_MODEL
+
+    monkeypatch.setenv("GRIDTUNE_CACHE", str(tmp_path / "cache"))
+    local = ("local", "the local server", None)
+    with Store.open(project) as store:
+        before = export_project(store, tmp_path / "a.jsonl", backend=local)  # no cached copy yet
+        cached = tmp_path / "cache" / "models" / DEFAULT_MODEL / "hf"
+        cached.mkdir(parents=True)
+        (cached / "tokenizer.json").write_bytes((tiny_model_dir / "tokenizer.json").read_bytes())
+        after = export_project(store, tmp_path / "b.jsonl", backend=local)
+        elsewhere = export_project(store, tmp_path / "c.jsonl")
+    assert before.report.stats["encoding"] == "o200k_base"
+    assert after.report.stats["encoding"] == "its own tokenizer" and after.report.model == DEFAULT_MODEL
+    assert elsewhere.report.stats["encoding"] == "o200k_base"
+    # The figure is the tokenizer's own count of every value, 3 per message and 3 priming
+    # the reply, as the cookbook counts OpenAI's.
+    tok = Tokenizer.from_file(str(cached / "tokenizer.json"))
+    rows = read_jsonl(tmp_path / "b.jsonl")
+    expected = sum(3 + sum(3 + sum(len(tok.encode(v, add_special_tokens=False).ids) for v in m.values())
+                           for m in r["messages"]) for r in rows)
+    billed = after.report.stats["billed_tokens_per_epoch"]
+    assert billed == expected != elsewhere.report.stats["billed_tokens_per_epoch"]

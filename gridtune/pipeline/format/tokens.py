@@ -16,9 +16,12 @@ import gzip
 import hashlib
 from collections.abc import Iterable
 from importlib import resources
+from pathlib import Path
 from typing import Any
 
 import tiktoken
+
+from ...core.serverstate import DEFAULT_MODEL
 
 O200K = "o200k_base"
 CL100K = "cl100k_base"
@@ -105,7 +108,62 @@ def encoding_by_name(name: str) -> tiktoken.Encoding:
     )
 
 
-def get_encoding(model: str | None) -> tiktoken.Encoding:
+
+
+def _base_name(model: str) -> str:
+    name = model.strip()
+    return name[3:].split(":", 1)[0] if name.startswith("ft:") else name
+
+
+def local_tokenizer_file(model: str | None) -> Path | None:
+    """``tokenizer.json`` of a model this machine holds, when ``model`` names one: the
+    embedded server's default (its cached copy, there once the server has started) or a
+    local Hugging Face directory; a tuned ``ft:BASE:...`` name goes by its base."""
+    if not model:
+        return None
+    name = _base_name(model)
+    if name == DEFAULT_MODEL:
+        from ... import locations
+
+        candidates = [locations.cache_dir() / "models" / DEFAULT_MODEL / "hf" / "tokenizer.json"]
+    else:
+        candidates = [Path(name).expanduser() / "tokenizer.json"]
+    return next((c for c in candidates if c.is_file()), None)
+
+
+class LocalEncoding:
+    """A local model's own tokenizer (its tokenizer.json, read with the ``tokenizers``
+    library) behind the part of tiktoken's interface the validator uses: counts on
+    the local backend are the trainer's own, not gpt-4o-mini's."""
+
+    def __init__(self, name: str, path: Path):
+        from tokenizers import Tokenizer
+
+        self.name = name
+        self._tok = Tokenizer.from_file(str(path))
+
+    def encode(self, text: str, disallowed_special: Any = ()) -> list[int]:
+        # add_special_tokens=False: the chat template's markers are counted per message
+        # by the caller, as the cookbook counts them for OpenAI's encodings.
+        return list(self._tok.encode(text, add_special_tokens=False).ids)
+
+
+@functools.cache
+def _local_encoding(name: str, path: str) -> LocalEncoding | None:
+    try:
+        return LocalEncoding(name, Path(path))
+    except Exception:  # noqa: BLE001 - no `tokenizers` (no [local] extra) or an unreadable file: tiktoken's estimate
+        return None
+
+
+def get_encoding(model: str | None) -> tiktoken.Encoding | LocalEncoding:
+    """The model's own tokenizer when it is a local model this machine holds; else
+    tiktoken's encoding for it (o200k_base as the estimate for models it does not know)."""
+    local = local_tokenizer_file(model)
+    if local is not None:
+        found = _local_encoding("its own tokenizer", str(local))
+        if found is not None:
+            return found
     return encoding_by_name(encoding_name_for_model(model))
 
 
@@ -114,7 +172,7 @@ def count_tokens(text: str, model: str | None = None) -> int:
     return len(get_encoding(model).encode(text, disallowed_special=()))
 
 
-def _count(enc: tiktoken.Encoding, value: Any) -> int:
+def _count(enc: tiktoken.Encoding | LocalEncoding, value: Any) -> int:
     return len(enc.encode(value, disallowed_special=())) if isinstance(value, str) else 0
 
 

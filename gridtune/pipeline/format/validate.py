@@ -269,8 +269,9 @@ class _Checker:
         billed = sum(min(self.ctx, n) for n in self.total_tokens)
         epochs = cost.default_epochs(r.n_examples)
         price = cost.tunable_price(r.model)  # None for a retired model: it cannot be tuned, so no price
-        if r.format == COMPLETION and price is not None:
-            # Every model OpenAI still tunes takes chat only: this file would be refused for it.
+        if r.format == COMPLETION and price is not None and price.name != "local":
+            # Every model OpenAI still tunes takes chat only: this file would be refused for it
+            # (the local backend trains either format).
             r.add_error("completion_format_not_tuned_by_model")
             r.warnings.append(f"{r.model} fine-tunes on the chat format only, and no current model on the "
                               f"legacy prompt/completion format: export --format chat for it")

@@ -37,6 +37,7 @@ import aiofiles.os
 
 from ...core.errors import GridtuneError
 from ...store import Store, evaluation
+from ..client.local_service import local_model_name
 from ..format.validate import ValidationReport, show, validate_file
 from ..generation.estimate import ServerInfo, training_cost_line
 from ..spec.grid import GridSpec, cell_key
@@ -330,6 +331,11 @@ async def export_project_async(
         separator, stop, warnings = await _choose_markers(store, spec, min_grade, separator, stop, include_cut_off)
     valid_out = valid_path_for(out) if validation_fraction > 0 else None
     _refuse_project_files(store, out, valid_out)
+    # On the local backend the tokens (and so the training time and the context check)
+    # are the local model's own; elsewhere the named model's, else gpt-4o-mini's.
+    counted_for = model
+    if counted_for is None and backend is not None and backend[0] == "local":
+        counted_for = local_model_name()
     tmp_train = _temp_for(out)
     tmp_valid = _temp_for(valid_out) if valid_out else None
     try:
@@ -347,11 +353,11 @@ async def export_project_async(
                 what += (f"; {len(cut_candidates):,} cut-off completion(s) left out (regenerate them with "
                          f"`gridtune generate PROJECT --redo-cut-off --max-tokens N`, or --include-cut-off)")
             raise ExportError(f"nothing to export: {what} (rejected ones are never exported)")
-        report = await asyncio.to_thread(validate_file, tmp_train, model)
+        report = await asyncio.to_thread(validate_file, tmp_train, counted_for)
         report.path = str(out)
         valid_report = None
         if tmp_valid is not None and n_valid:
-            valid_report = await asyncio.to_thread(validate_file, tmp_valid, model)
+            valid_report = await asyncio.to_thread(validate_file, tmp_valid, counted_for)
             valid_report.path = str(valid_out)
             valid_report.stats["validation_file"] = True  # its report has no epochs and no price
         elif valid_out is not None:
