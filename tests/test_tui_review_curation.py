@@ -6,6 +6,7 @@ matters reads the project file; generation goes to the loopback fake server."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -121,6 +122,14 @@ async def test_R_regenerates_the_selected_completion_with_more_max_tokens(projec
             record = store.get_completion(target)
         assert record.finish_reason == "stop" and record.params["max_tokens"] == 100
         assert fake_openai.chat_requests()[-1].body["max_tokens"] == 100
+        # A detached run (it outlives the app), recorded as any run; the review stays and says
+        # what the run came to.
+        with Store.open(project) as store:
+            run = store.latest_run()
+            assert run is not None and run.pid != os.getpid()
+        assert app.current_mode == "review"
+        await wait_until(pilot, lambda: any(f"#{target} regenerated" in n.message for n in app._notifications),
+                         what="the redo's outcome")
         # The row follows through ProjectChanged: no longer in the cut-off view, and counted.
         await wait_until(pilot, lambda: target not in {r[0] for r in screen.list.rows}, what="the row to leave")
         await wait_until(pilot, lambda: "2 cut off" in _text(screen, "#review-curation"), what="the recount")

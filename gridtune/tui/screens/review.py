@@ -18,9 +18,7 @@ are the generate screen's runs: it shows them.
 
 from __future__ import annotations
 
-import asyncio
 import queue
-import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -131,8 +129,9 @@ class ReviewScreen(SectionScreen):
         self._due: set[str] = set()  # what the next throttled reload reads: rows, counts, histogram
         self._reload_throttle = Throttle(self, RELOAD_INTERVAL_S, self._reload_due)
         self._own_grades = 0  # grade changes of ours not yet seen by refresh_from_project
-        self._redo: tuple[asyncio.AbstractEventLoop, asyncio.Event] | None = None  # a redo under way
-        self._redo_lock = threading.Lock()
+        # (run id, completion id) of an R redo: a detached run, so it outlives this screen
+        # and the app; its outcome is said here once the run has ended.
+        self._redo: tuple[int, int] | None = None
 
     # -- layout ------------------------------------------------------------------
     def compose_body(self) -> ComposeResult:
@@ -165,10 +164,6 @@ class ReviewScreen(SectionScreen):
 
     def on_unmount(self) -> None:
         self._jobs.put(None)
-        with self._redo_lock:
-            if self._redo is not None:  # a redo under way stops; its completion keeps the old text
-                loop, event = self._redo
-                loop.call_soon_threadsafe(event.set)
 
     # -- the reactives' views --------------------------------------------------------
     def watch_counts(self, counts: ReviewCounts | None) -> None:
@@ -253,6 +248,8 @@ class ReviewScreen(SectionScreen):
             self._reload_soon(*parts)
         if self.coverage_open:
             self._reload_soon("coverage")
+        if self._redo is not None and what & {"runs", "completions", "external"}:
+            self._redo_outcome(*self._redo)
 
     def _reload_soon(self, *parts: str) -> None:
         """Reload ``parts`` now, or once a second has passed since the last reload."""
@@ -515,10 +512,8 @@ class ReviewScreen(SectionScreen):
         row = self.list.current
         if row is None or row[3] != "done":
             return
-        with self._redo_lock:
-            busy = self._redo is not None
-        if busy:
-            self.notify("a regeneration is under way; wait for it to finish", title="Redo")
+        if self._redo is not None:
+            self.notify(f"run #{self._redo[0]} is regenerating #{self._redo[1]}; wait for it to finish", title="Redo")
             return
         self._ask_max_tokens([row[0]])
 
@@ -555,56 +550,39 @@ class ReviewScreen(SectionScreen):
             except ValueError as exc:
                 self.show_error(str(exc), title=title)
                 return
-            if ids is None:
-                self._start_run("redo", max_tokens)
-            else:
-                self._redo_one(ids[0], max_tokens)
+            self.notify("starting a run…", title=title)
+            self._start_detached("redo", max_tokens, ids)
 
         self.app.push_screen(AskModal(question, str(suggested), title=title, placeholder="max tokens"), answered)
 
-    @work(thread=True, group="redo", exit_on_error=False)
-    def _redo_one(self, completion_id: int, max_tokens: int) -> None:
-        from ...pipeline.generation.generate import redo_completion
-
-        loop = asyncio.new_event_loop()
-        with self._redo_lock:
-            if self._redo is not None:
-                loop.close()
-                return
-            stop = asyncio.Event()
-            self._redo = (loop, stop)
-        self.app.call_from_thread(self.notify, f"regenerating #{completion_id} with max_tokens {max_tokens:,}…",
-                                  title="Redo")
-        try:
-            result = loop.run_until_complete(redo_completion(self.ctx.path, completion_id, max_tokens=max_tokens,
-                                                             stop_event=stop))
-        except Exception as exc:  # noqa: BLE001 - GenerateError, RunConflict, a backend: one line on screen
-            self.app.call_from_thread(self.show_error, one_line(exc), "Redo")
+    @work(thread=True, group="redo-outcome", exclusive=True, exit_on_error=False)
+    def _redo_outcome(self, run_id: int, completion_id: int) -> None:
+        """Once the redo's run has ended: what it came to, and the detail shown afresh."""
+        run = self.ctx.store.get_run(run_id)
+        if run is None or run.active:
             return
-        finally:
-            with self._redo_lock:
-                self._redo = None
-            loop.close()
-        record = self.ctx.store.get_completion(completion_id)
-        self.app.call_from_thread(self._redone, completion_id, review.redo_words(record, result))
+        words = review.redo_words(self.ctx.store.get_completion(completion_id), run)
+        self.app.call_from_thread(self._redone, (run_id, completion_id), words)
 
-    def _redone(self, completion_id: int, words: tuple[str, str]) -> None:
+    def _redone(self, redo: tuple[int, int], words: tuple[str, str]) -> None:
+        if self._redo != redo:
+            return  # already said
+        self._redo = None
         text, severity = words
         self.notify(text, title="Redo", severity=severity)  # type: ignore[arg-type]
-        self.changed("completions")
-        self._refresh_detail(completion_id)
+        self._refresh_detail(redo[1])
 
     def _start_run(self, kind: str, value: int) -> None:
         self.notify("starting a run…", title="Redo" if kind == "redo" else "Top up")
         self._start_detached(kind, value)
 
     @work(thread=True, exclusive=True, group="review-run", exit_on_error=False)
-    def _start_detached(self, kind: str, value: int) -> None:
+    def _start_detached(self, kind: str, value: int, ids: list[int] | None = None) -> None:
         from ...pipeline.generation import runs
         from ...pipeline.generation.generate import GenerateOptions, NothingToDo, redo_options
 
         title = "Redo" if kind == "redo" else "Top up"
-        options = redo_options(None, value) if kind == "redo" else GenerateOptions(top_up=value)
+        options = redo_options(ids, value) if kind == "redo" else GenerateOptions(top_up=value)
         try:
             run_id = runs.start_detached(self.ctx.path, options)
         except NothingToDo as exc:  # not an error: a notice, and no run
@@ -612,10 +590,15 @@ class ReviewScreen(SectionScreen):
         except Exception as exc:  # noqa: BLE001 - GenerateError, RunConflict: one line on screen
             self.app.call_from_thread(self.show_error, one_line(exc), title)
         else:
-            self.app.call_from_thread(self._run_started, title, run_id)
+            self.app.call_from_thread(self._run_started, title, run_id, ids)
 
-    def _run_started(self, title: str, run_id: int) -> None:
+    def _run_started(self, title: str, run_id: int, ids: list[int] | None = None) -> None:
         self.changed("runs")
+        if ids is not None and len(ids) == 1:  # one completion: the review stays, and says how it went
+            self._redo = (run_id, ids[0])
+            self.notify(f"run #{run_id} regenerates #{ids[0]}; its new text shows here when it arrives",
+                        title=title)
+            return
         self.notify(f"run #{run_id} started; F4 comes back to the review", title=title)
         self.call_later(self.app.run_action, "section('generate')")  # the generate screen follows the run
 
