@@ -168,6 +168,27 @@ async def test_C_starts_a_detached_run_that_redoes_every_cut_off_one(project: Pa
 
 
 # -- near-duplicates -------------------------------------------------------------------------
+async def test_D_asks_the_threshold_refuses_a_bad_one_and_keeps_the_one_used(project: Path):
+    app = _app(project)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await settle(pilot)
+        screen = review_screen(app)
+        await pilot.press("D")
+        await _answer(pilot, "1.5")
+        assert any("threshold must be in (0, 1]" in n.message for n in app._notifications)
+        with Store.open(project) as store:
+            assert dedup.latest_pass(store) is None  # nothing ran
+        await pilot.press("D")
+        await _answer(pilot, "0.3")
+        with Store.open(project) as store:
+            await wait_until(pilot, lambda: dedup.latest_pass(store) is not None, what="the pass")
+            assert dedup.latest_pass(store)["threshold"] == 0.3
+        await wait_until(pilot, lambda: "dups/" in _text(screen, "#review-curation"), what="the counts")
+        await pilot.press("D")  # the next question offers the threshold last used
+        await wait_until(pilot, lambda: isinstance(app.screen, AskModal), what="the question")
+        assert app.screen.query_one(Input).value == "0.3"
+
+
 async def test_D_finds_near_duplicates_t_jumps_to_the_twin_and_the_filter_groups_them(project: Path):
     app = _app(project)
     async with app.run_test(size=(80, 24)) as pilot:
@@ -175,6 +196,9 @@ async def test_D_finds_near_duplicates_t_jumps_to_the_twin_and_the_filter_groups
         screen = review_screen(app)
         assert "D finds near-dups" in _text(screen, "#review-curation")
         await pilot.press("D")
+        await wait_until(pilot, lambda: isinstance(app.screen, AskModal), what="the threshold question")
+        assert app.screen.query_one(Input).value == "0.8"  # the default, before any pass
+        await pilot.press("enter")
         await settle(pilot)
         await wait_until(pilot, lambda: "4 dups/2 groups" in _text(screen, "#review-curation"),
                          what="the dedup counts")  # shortened to fit 80 columns beside "3 cut off"

@@ -71,9 +71,9 @@ def check_threshold(threshold: float) -> float:
     try:
         value = float(threshold)
     except (TypeError, ValueError):
-        raise DedupError(f"--threshold must be a number in (0, 1], not {threshold!r}") from None
+        raise DedupError(f"the near-duplicate threshold must be a number in (0, 1], not {threshold!r}") from None
     if not 0 < value <= 1:  # also refuses nan
-        raise DedupError(f"--threshold must be in (0, 1], not {threshold}")
+        raise DedupError(f"the near-duplicate threshold must be in (0, 1], not {threshold}")
     return value
 
 

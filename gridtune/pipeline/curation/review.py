@@ -385,12 +385,18 @@ def redo_words(record: CompletionRecord | None, result: Any) -> tuple[str, str]:
     return f"#{record.id} regenerated: {record.length or 0:,} chars, finished ({record.finish_reason})", "information"
 
 
-def find_duplicates(store: Store) -> Any:
-    """A near-duplicate pass at the last pass's threshold (else the default)."""
-    from .dedup import DEFAULT_THRESHOLD, find_duplicates as find, latest_pass
+def dedup_threshold(store: Store) -> float:
+    """The threshold to offer for a near-duplicate pass: the last pass's, else the default."""
+    from .dedup import DEFAULT_THRESHOLD, latest_pass
 
-    last = latest_pass(store)
-    return find(store, (last or {}).get("threshold") or DEFAULT_THRESHOLD)
+    return float((latest_pass(store) or {}).get("threshold") or DEFAULT_THRESHOLD)
+
+
+def find_duplicates(store: Store, threshold: float | None = None) -> Any:
+    """A near-duplicate pass at ``threshold`` (None: the last pass's, else the default)."""
+    from .dedup import find_duplicates as find
+
+    return find(store, dedup_threshold(store) if threshold is None else threshold)
 
 
 def drop_duplicates(store: Store) -> Any:

@@ -75,9 +75,10 @@ class ReviewScreen(SectionScreen):
             "first: length is the cheap proxy for detail, but only for completions that ended on their own: "
             "✂ marks one cut off at max tokens (R regenerates it with more, C all of them). a grades everything "
             "no person graded by length quintile; x rejects everything at or below a grade. D finds "
-            "near-duplicates (≈N: a group of N), t jumps to the twin, X keeps the best-graded of each group. "
+            "near-duplicates at the similarity you give (≈N: a group of N), t jumps to the twin, X keeps the "
+            "best-graded of each group. "
             "v shows the coverage per value and pair; T tops up the thin ones. u undoes, also bulk changes.")
-    QUIET_WORKER_GROUPS = frozenset({"review-writer", "redo"})  # they report their own errors
+    QUIET_WORKER_GROUPS = frozenset({"review-writer"})  # it reports its own errors
     BINDINGS = [
         *(Binding(str(g), f"grade({g})", f"grade {g}", id=f"review.grade{g}", group=_GRADE_KEYS) for g in range(1, 6)),
         Binding("0,d", "grade(0)", "reject", key_display="d", id="review.reject"),
@@ -626,9 +627,31 @@ class ReviewScreen(SectionScreen):
         self.list.set_cursor(index)
 
     def action_dedup(self) -> None:
-        self.notify("looking for near-duplicates…", title="Near-duplicates")
-        store = self.ctx.store
-        self.submit(lambda: review.find_duplicates(store), self._deduped, what="completions")
+        self._ask_threshold()
+
+    @work(thread=True, group="dedup-ask", exit_on_error=False)
+    def _ask_threshold(self) -> None:
+        self.app.call_from_thread(self._push_threshold, review.dedup_threshold(self.ctx.store))
+
+    def _push_threshold(self, suggested: float) -> None:
+        from ...pipeline.curation.dedup import check_threshold
+
+        def answered(value: str | None) -> None:
+            if value is None:
+                return
+            try:
+                threshold = check_threshold(value.strip())
+            except ValueError as exc:
+                self.show_error(str(exc), title="Near-duplicates")
+                return
+            self.notify(f"looking for near-duplicates at similarity {threshold:g}…", title="Near-duplicates")
+            store = self.ctx.store
+            self.submit(lambda: review.find_duplicates(store, threshold), self._deduped, what="completions")
+
+        question = ("Find near-duplicates at what similarity (0-1 share of 3-word phrases; higher finds "
+                    "fewer, closer pairs)?")
+        self.app.push_screen(AskModal(question, f"{suggested:g}", title="Near-duplicates", placeholder="0.8"),
+                             answered)
 
     def _deduped(self, result: Any) -> None:
         self.notify(result.summary(), title="Near-duplicates", timeout=8)
