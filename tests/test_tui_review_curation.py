@@ -334,3 +334,24 @@ async def test_the_new_keys_are_in_the_palette_and_the_sections_stay_on_screen(p
         footer = app.screen.query_one(Footer)
         shown = " ".join(str(w.render()) for w in footer.query("FooterKey"))
         assert "f1" in shown and "reject" in shown
+
+
+async def test_a_worker_that_fails_is_said_in_one_line_by_the_sections_handler(project: Path):
+    """Workers do not catch every error themselves: SectionScreen.on_worker_state_changed
+    says what reaches it in one line, and the app goes on."""
+    from gridtune.core.errors import GridtuneError
+
+    app = _app(project)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await settle(pilot)
+        screen = review_screen(app)
+
+        def fail() -> None:
+            raise GridtuneError("a run is already active on this project\nwith a second line")
+
+        screen.run_worker(fail, thread=True, exit_on_error=False, group="review-run")
+        await wait_until(pilot, lambda: any("already active" in n.message for n in app._notifications),
+                         what="the error notice")
+        said = [n for n in app._notifications if "already active" in n.message]
+        assert [n.message for n in said] == ["a run is already active on this project"]
+        assert said[0].severity == "error" and app.is_running

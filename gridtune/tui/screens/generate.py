@@ -599,7 +599,7 @@ class GenerateScreen(SectionScreen):
 
         try:
             run = runs.request_stop(self.ctx.path, wait_s=30.0)
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:  # noqa: BLE001 - the pause/cancel controls must come back, with the reason
             self.app.call_from_thread(self._control_done, one_line(exc))
             return
         if run is not None and run.active:

@@ -588,9 +588,7 @@ class ReviewScreen(SectionScreen):
             run_id = runs.start_detached(self.ctx.path, options)
         except NothingToDo as exc:  # not an error: a notice, and no run
             self.app.call_from_thread(self.notify, str(exc), title=title)
-        except Exception as exc:  # noqa: BLE001 - GenerateError, RunConflict: one line on screen
-            self.app.call_from_thread(self.show_error, one_line(exc), title)
-        else:
+        else:  # GenerateError, RunConflict...: the section's worker-error handler says them in one line
             self.app.call_from_thread(self._run_started, title, run_id, ids)
 
     def _run_started(self, title: str, run_id: int, ids: list[int] | None = None) -> None:
