@@ -236,6 +236,12 @@ def test_a_hub_id_or_path_is_what_an_auto_started_server_serves(tmp_path: Path, 
     assert local_service.loadable_model(str(tmp_path))
     assert not local_service.loadable_model("ft:Qwen/Qwen2.5-0.5B-Instruct:local:agi:ftjob-1")
     assert not local_service.loadable_model("SmolLM2-135M-Instruct") and not local_service.loadable_model(None)
+    # A model tuned from a Hub id or path (ask, eval): the server for it loads the base.
+    smf = local_service.server_model_for
+    assert smf("ft:Qwen/Qwen2.5-0.5B-Instruct:local:agi:ftjob-1") == "Qwen/Qwen2.5-0.5B-Instruct"
+    assert smf(f"ft:{tmp_path}:local::ftjob-2") == str(tmp_path)
+    assert smf("ft:SmolLM2-135M-Instruct:local::ftjob-3") is None  # the default's: the default server
+    assert smf("ft:gpt-4o-mini-2024-07-18:org::abc") is None and smf("Qwen/Qwen2.5-0.5B-Instruct") is not None
     cmd = local_service._serve_command(tmp_path, "Qwen/Qwen2.5-0.5B-Instruct")
     assert cmd[-2:] == ["--model", "Qwen/Qwen2.5-0.5B-Instruct"]
     assert "--model" not in local_service._serve_command(tmp_path)

@@ -139,6 +139,16 @@ def loadable_model(name: str | None) -> bool:
     return Path(name).expanduser().exists() or bool(re.fullmatch(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*", name))
 
 
+def server_model_for(name: str | None) -> str | None:
+    """What a server started for ``name`` loads: the name itself when a server can load
+    it, the base of a locally tuned ``ft:BASE:local:...`` model when that is loadable
+    (the server serves the tuned models of its base), else None (the default)."""
+    if name and name.startswith("ft:"):
+        base = name[3:].split(":local:", 1)[0] if ":local:" in name else ""
+        return base if loadable_model(base) else None
+    return name if loadable_model(name) else None
+
+
 def _serve_command(data_dir: Path, model: str | None = None) -> list[str]:
     cmd = [sys.executable, "-m", "gridtune", "serve",
            "--host", "127.0.0.1", "--port", "0", "--data-dir", str(data_dir),
@@ -201,7 +211,8 @@ def start_server(data_dir: Path, *, timeout: float = START_TIMEOUT_S, model: str
 
 def ensure_backend(*, start: bool = True, model: str | None = None) -> Backend:
     """The user's local server as a Backend, started on demand when ``start`` (serving
-    ``model``, a Hub id or local path, when one is given and none runs yet)."""
+    ``model`` when one is given and none runs yet: a Hub id or local path, or the base
+    of a model tuned from one; see server_model_for)."""
     data_dir = locations.server_dir()
     found = running_backend(data_dir)
     if found is not None:
@@ -223,4 +234,4 @@ def ensure_backend(*, start: bool = True, model: str | None = None) -> Backend:
                 if probe(state["base_url"], _api_key(state)) is not None:
                     return _backend(state)
                 time.sleep(0.5)
-        return start_server(data_dir, model=model if loadable_model(model) else None)
+        return start_server(data_dir, model=server_model_for(model))

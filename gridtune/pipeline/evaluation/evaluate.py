@@ -271,7 +271,8 @@ async def run_eval(store_path: str | Path, options: EvalOptions, *, backend: Bac
             have = ev.answers(store, model, setup.digest)
             todo += [(model, case, k) for case in cases for k in range(first, first + options.samples)
                      if not (have.get((case.id, k)) and have[(case.id, k)].ok)]
-        backend = backend or (resolve_backend() if todo else None)
+        # A local server started now loads the tuned model's base (a Hub id or a path).
+        backend = backend or (resolve_backend(model=options.model) if todo else None)
         answered = 0
 
         async def record(item: tuple[str, ev.EvalCase, int], reply: Reply | None, error: str | None,
