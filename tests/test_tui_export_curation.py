@@ -96,7 +96,7 @@ def test_bad_promotions_write_nothing(project):
             parse_values(spec, "place=Bergen")
         with pytest.raises(PromoteError, match="empty"):
             promote_answer(store, spec, {"place": "Bergen", "year": 2045}, "  ", model="m")
-        with pytest.raises(PromoteError, match="grade must be 1..5"):
+        with pytest.raises(PromoteError, match="grade must be within 1..5"):
             promote_answer(store, spec, {"place": "Bergen", "year": 2045}, "text", model="m", grade=7)
         assert store.status_counts() == before
 
@@ -164,7 +164,7 @@ async def test_playground_a_promotes_the_answer_with_the_persons_grade(project, 
         grade.value = "9"
         await pilot.press("enter")
         await pilot.pause()
-        assert "1-5" in str(app.screen.query_one("#dlg-error").render())  # one line; still open
+        assert "within 1..5" in str(app.screen.query_one("#dlg-error").render())  # one line; still open
         grade.value = "4"
         await pilot.press("enter")
         await settle(pilot)

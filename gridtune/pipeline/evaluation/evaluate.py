@@ -30,14 +30,14 @@ from ..client.replies import Reply
 from ..client.request_pool import Pool, PoolOptions, Request
 from ..client.resolve import resolve_backend
 from ..spec.grid import GridSpec, cell_key, coerce_values
-from ..spec.options import GENERATION
+from ..spec.options import EVALUATION, GENERATION
 from ..spec.project import open_with_spec
 from ..training.export import answers_in
 from ..training.holdout import HoldOutError
 from .eval_metrics import Answer, Comparison, ModelScores, Reference, compare, score, tuned_is_worse
 from .playground import build_prompt
 
-DEFAULT_SAMPLES = 3
+DEFAULT_SAMPLES = EVALUATION["samples"].default
 MIN_MAX_TOKENS, MAX_MAX_TOKENS = 64, 1024
 
 
@@ -57,8 +57,7 @@ class EvalOptions:
     def check(self) -> None:
         if not self.model.strip():
             raise EvalError("--model must name the tuned model")
-        if self.samples < 1:
-            raise EvalError(f"--samples must be at least 1, not {self.samples}")
+        EVALUATION["samples"].check(self.samples, EVALUATION["samples"].flag, EvalError)
         for name in ("temperature", "max_tokens"):
             if getattr(self, name) is not None:
                 GENERATION[name].check(getattr(self, name), GENERATION[name].flag, EvalError)

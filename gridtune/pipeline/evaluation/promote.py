@@ -31,6 +31,7 @@ from typing import Any
 from ...core.errors import GridtuneError
 from ...store import Store, evaluation
 from ..spec.grid import GridSpec, cell_key, render_value
+from ..spec.options import EVALUATION
 from ..training.holdout import HoldOutError
 from .evaluate import parse_case
 
@@ -93,8 +94,7 @@ def promote_answer(store: Store, spec: GridSpec, values: dict[str, Any], text: s
     text = text.strip()  # a legacy-format answer's leading space is the format's, not the answer's
     if not text:
         raise PromoteError("the answer is empty: nothing to add")
-    if isinstance(grade, bool) or not isinstance(grade, int) or not 1 <= grade <= 5:
-        raise PromoteError(f"grade must be 1..5, not {grade!r}")
+    EVALUATION["grade"].check(grade, "grade", PromoteError)
     # The grid's own typed value where the text matches one (2040, not "2040").
     for name, grid_values in spec.variables.items():
         match = next((v for v in grid_values if render_value(v) == render_value(values[name])), None)

@@ -37,7 +37,7 @@ from ..client.backend import Backend
 from ..client.request_pool import PoolOptions
 from ..client.resolve import resolve_backend
 from ..spec.grid import GridSpec, render_value
-from ..spec.options import FINETUNE
+from ..spec.options import EVALUATION, FINETUNE
 from ..spec.project import load_project_spec
 from ..training import finetune as ft
 from .evaluate import DEFAULT_SAMPLES, EvalError, EvalOptions, EvalReport, run_eval
@@ -388,8 +388,7 @@ def prepare(store: Store, options: ScalingOptions, backend: Backend) -> tuple[Ex
     """Check everything and write the half; nothing is sent. (export, base, half path, n_half, n_all)."""
     if options.epochs is not None:
         FINETUNE["epochs"].check(options.epochs, "--epochs", ScalingError)
-    if options.samples < 1:
-        raise ScalingError(f"--samples must be at least 1, not {options.samples}")
+    EVALUATION["samples"].check(options.samples, EVALUATION["samples"].flag, ScalingError)
     try:
         spec = load_project_spec(store)
     except ValueError as exc:

@@ -197,6 +197,12 @@ FINETUNE: Mapping[str, Option] = _table(
 )
 """The fine-tuning job's settings (``finetune`` and the export screen's form)."""
 
+EVALUATION: Mapping[str, Option] = _table(
+    Option("samples", int, 3, "answers per prompt and model", lo=1),
+    Option("grade", int, 5, "the grade an answer promoted into the training data gets", lo=1, hi=5),
+)
+"""The evaluation's settings (``eval``, ``scaling``, ``promote`` and the screens that run them)."""
+
 SPEC_SETTINGS = ("model", "temperature", "max_tokens", "top_p", "samples")
 """The settings a grid spec's [generation] table holds (``seed`` besides, unbounded)."""
 

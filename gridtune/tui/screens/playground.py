@@ -43,7 +43,7 @@ from ...pipeline.evaluation import playground as pg
 from ...pipeline.evaluation.promote import DEFAULT_GRADE
 from ...pipeline.format.validate import show
 from ...pipeline.spec.grid import coerce_values, render_value
-from ...pipeline.spec.options import GENERATION, OptionError
+from ...pipeline.spec.options import EVALUATION, GENERATION, OptionError
 from ..events import OpenPlayground
 from ..section import SectionScreen
 
@@ -209,11 +209,12 @@ class AnswerDialog(ModalScreen[dict[str, Any] | None]):
         if self.kind == "watch":
             self.dismiss({"pane": self._pane(), "note": event.value.strip()})
             return
-        text = event.value.strip()
-        if not (text.isdigit() and 1 <= int(text) <= 5):
-            self.query_one("#dlg-error", Static).update(f"grade: a whole number 1-5, not {text!r}")
+        try:
+            grade = EVALUATION["grade"].parse(event.value)
+        except OptionError as exc:
+            self.query_one("#dlg-error", Static).update(str(exc))
             return
-        self.dismiss({"pane": self._pane(), "grade": int(text)})
+        self.dismiss({"pane": self._pane(), "grade": grade})
 
 
 class Added(Message):
