@@ -45,6 +45,7 @@ class _Model(ctypes.Structure):
         ("qkv", ctypes.c_void_p), ("o", ctypes.c_void_p), ("gu", ctypes.c_void_p), ("down", ctypes.c_void_p),
         ("kc", ctypes.c_void_p), ("vc", ctypes.c_void_p),
         ("norm", ctypes.c_void_p), ("head", ctypes.c_void_p),
+        ("qkv_b", ctypes.c_void_p),  # NULL: no biases
     ]
 
 
@@ -150,6 +151,9 @@ class NativeStep:
                         norm=lm.norm.data_ptr(), head=head.data_ptr())
         for name in ("ln1", "ln2", "qkv", "o", "gu", "down"):
             setattr(self.m, name, self.arrays[name].data_ptr())
+        if any(L.qkv_bias is not None for L in lm.layers):  # every layer has them, or none
+            self.arrays["qkv_b"] = ptrs([L.qkv_bias for L in lm.layers])
+            self.m.qkv_b = self.arrays["qkv_b"].data_ptr()
         self._cache_id: tuple | None = None
 
     def _refresh(self) -> None:

@@ -32,13 +32,23 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-_SUPPORTED = {"llama"}
+# Llama's layout, and the families that differ from it only in ways this decoder covers:
+# Qwen2's q/k/v biases, Mistral's sliding window where it never applies (no window, or
+# one as long as the context).
+_SUPPORTED = {"llama", "qwen2", "mistral"}
 
 
 def supports(model: Any) -> bool:
     """Whether ``model`` (a transformers causal LM) can run on this decoder."""
     cfg = getattr(model, "config", None)
     if cfg is None or getattr(cfg, "model_type", None) not in _SUPPORTED:
+        return False
+    window = getattr(cfg, "sliding_window", None)
+    if getattr(cfg, "model_type", None) == "qwen2" and not getattr(cfg, "use_sliding_window", False):
+        window = None  # Qwen2 names a window it does not use
+    if window is not None and int(window) < int(getattr(cfg, "max_position_embeddings", 0) or 0):
+        return False
+    if any(t != "full_attention" for t in (getattr(cfg, "layer_types", None) or [])):
         return False
     rope = getattr(cfg, "rope_parameters", None) or getattr(cfg, "rope_scaling", None) or {}
     if (rope.get("rope_type") or rope.get("type") or "default") != "default":
@@ -315,6 +325,7 @@ class _Layer:
     kernel holds its own copies)."""
     ln1: torch.Tensor
     qkv: Any  # _Linear [(H + 2*KVH) * D, hidden]
+    qkv_bias: torch.Tensor | None  # Qwen2's q/k/v biases, in the KV cache's dtype
     o: Any
     ln2: torch.Tensor
     gate_up: Any  # _Linear [2 * inter, hidden]
@@ -390,6 +401,11 @@ class FastLlama:
         layers = []
         for layer in base.layers:
             att, mlp = layer.self_attn, layer.mlp
+            biases = [p.bias for p in (att.q_proj, att.k_proj, att.v_proj)]
+            bias = (torch.cat([b if b is not None else torch.zeros(p.weight.shape[0]) for b, p in
+                               zip(biases, (att.q_proj, att.k_proj, att.v_proj), strict=True)])
+                    .detach().to(device=dev, dtype=self.kv_dtype).contiguous()
+                    if any(b is not None for b in biases) else None)
             if native:
                 self._raw.append({
                     "qkv": torch.cat([att.q_proj.weight, att.k_proj.weight, att.v_proj.weight]).detach(),
@@ -399,6 +415,7 @@ class FastLlama:
             layers.append(_Layer(
                 ln1=w(layer.input_layernorm.weight),
                 qkv=lin(torch.cat([att.q_proj.weight, att.k_proj.weight, att.v_proj.weight])),
+                qkv_bias=bias,
                 o=lin(att.o_proj.weight),
                 ln2=w(layer.post_attention_layernorm.weight),
                 gate_up=lin(torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight])),
@@ -487,6 +504,8 @@ class FastLlama:
         for i, L in enumerate(self.layers):
             h = F.rms_norm(x, (self.hidden,), L.ln1, self.eps)
             qkv = L.qkv(h).to(self.kv_dtype)
+            if L.qkv_bias is not None:
+                qkv = qkv + L.qkv_bias
             qk = self._rot(qkv[:, :(H + KV) * D].view(n, H + KV, D), cos, sin)
             q, k = qk[:, :H], qk[:, H:]
             v = qkv[:, (H + KV) * D:].view(n, KV, D)
@@ -518,6 +537,8 @@ class FastLlama:
         for i, L in enumerate(self.layers):
             h = F.rms_norm(x, (self.hidden,), L.ln1, self.eps)
             qkv = L.qkv(h).to(self.kv_dtype)
+            if L.qkv_bias is not None:
+                qkv = qkv + L.qkv_bias
             qk = self._rot(qkv[:, :(H + KV) * D].view(B, H + KV, D), cos, sin)
             kc, vc = self.k[i], self.v[i]
             kc[rows, :, positions] = qk[:, H:]

@@ -47,6 +47,7 @@ typedef struct {
     float *const *kc, *const *vc;       /* [slots, n_kv, cap, head_dim] each */
     const float *norm;
     const blk_q8_0 *head;               /* [vocab, hidden / 32] */
+    const float *const *qkv_b;          /* per layer [NQKV] q/k/v biases (Qwen2), or NULL: none */
 } gt_model;
 
 static inline float h2f(uint16_t h) { return _cvtsh_ss(h); }
@@ -420,6 +421,7 @@ int gt_forward(const gt_model *M, int R, const int64_t *tokens, const int64_t *p
             for (int r = 0; r < R; r++) {  /* RoPE on q and k, then k and v into the row's slot */
                 const float *c = M->cos + positions[r] * D, *s = M->sin + positions[r] * D;
                 float *v = qkv + (size_t)r * NQKV;
+                if (M->qkv_b) for (int i = 0; i < NQKV; i++) v[i] += M->qkv_b[l][i];
                 for (int hh = 0; hh < H + KV; hh++) {
                     float *u = v + hh * D, rot[512];
                     for (int i = 0; i < D; i++) rot[i] = u[i] * c[i] + u[(i + D / 2) % D] * s[i];
