@@ -78,7 +78,7 @@ def test_max_cost_is_a_runs_only_recorded_on_it_and_never_saved_as_a_default(tmp
                                     "--save-defaults"])
     assert out.exit_code == 0, out.output
     assert "saved as the grid's defaults: temperature 0.2" in out.output
-    assert "max-cost $5: within the budget" in out.output
+    assert "cost: max cost $5: up to $" in out.output and ", within it (at max_tokens" in out.output
     with Store.open(path) as store:
         spec = load_project_spec(store)
         assert spec.settings.temperature == 0.2 and not hasattr(spec.settings, "max_cost")

@@ -395,7 +395,8 @@ def test_cli_generate_max_cost_shows_the_bound_and_stops_at_the_budget(tmp_path,
     path = make_project(tmp_path, n_a=4, n_b=3)
     out = CliRunner().invoke(main, ["generate", str(path), "--concurrency", "2", "--max-cost", "0.0001"])
     assert out.exit_code == 0, out.output
-    assert "cost: at most about $0.000" in out.output and "stops cleanly before it would pass $0.0001" in out.output
+    assert "cost: max cost $0.0001: up to $0.000" in out.output and "stops short of it" in out.output
+    assert "run it again to resume" in out.output
     assert 0 < len(completions(path, "done")) < 12
     out = CliRunner().invoke(main, ["generate", str(path), "--max-cost", "-1"])
     assert out.exit_code == 2 and "--max-cost must be a positive amount in USD" in out.output

@@ -169,7 +169,7 @@ def budget_text(max_cost: float, most: float, requests: int) -> str | None:
     """A run's budget in one line (80 columns): what its work could cost at most
     (``most`` for ``requests`` requests), and whether the run stops before passing
     ``max_cost``; None with no work. The generate screen shows it as is; the command
-    line's ``generate.budget_line`` says the same with the flag's name."""
+    line's ``generate.budget_line`` adds the max_tokens it assumes."""
     if not requests:
         return None
     head = f"max cost {usd(max_cost)}: up to {usd(most)} for {requests:,} request{'s' * (requests != 1)}"

@@ -65,7 +65,7 @@ from ..client.replies import (
     retry_kind,
 )
 from ..client.resolve import resolve_backend
-from ..format.cost import usd
+from ..format.cost import budget_text
 from ..spec.grid import GridSpec
 from ..spec.options import EXPORT, GENERATION
 from ..spec.project import load_project_spec
@@ -312,15 +312,18 @@ def worst_cost(store: Store, plan: Plan, options: GenerateOptions) -> tuple[floa
 
 
 def budget_line(store: Store, plan: Plan, options: GenerateOptions) -> str | None:
-    """Before a run with --max-cost: what the work could cost at most (``worst_cost``)
-    and what the budget does; None without --max-cost."""
+    """Before a run with --max-cost: the screen's budget line (``budget_text``) with the
+    max_tokens it assumes and, when the budget is short, how to go on; None without
+    --max-cost or with nothing to do."""
     if options.max_cost is None:
         return None
     most, requests, completion = worst_cost(store, plan, options)
-    verdict = ("within the budget" if most <= options.max_cost else
-               f"the run stops cleanly before it would pass {usd(options.max_cost)} (run it again to resume)")
-    return (f"cost: at most about {usd(most)} for {requests:,} request(s) at max_tokens {completion:,} "
-            f"(--max-cost {usd(options.max_cost)}: {verdict})")
+    text = budget_text(options.max_cost, most, requests)
+    if text is None:
+        return None
+    over = most > options.max_cost
+    return (f"cost: {text} (at max_tokens {completion:,})"
+            + ("; the run stops cleanly there: run it again to resume" if over else ""))
 
 
 def preview_run(store_path: str | os.PathLike[str], options: GenerateOptions,
