@@ -46,6 +46,10 @@ class _Model(ctypes.Structure):
         ("kc", ctypes.c_void_p), ("vc", ctypes.c_void_p),
         ("norm", ctypes.c_void_p), ("head", ctypes.c_void_p),
         ("qkv_b", ctypes.c_void_p),  # NULL: no biases
+        ("qk_norm", ctypes.c_void_p), ("post_attn", ctypes.c_void_p), ("post_ffn", ctypes.c_void_p),
+        ("cos_l", ctypes.c_void_p), ("sin_l", ctypes.c_void_p), ("window", ctypes.c_void_p),
+        ("act", ctypes.c_int), ("embed_scale", ctypes.c_float), ("attn_scale", ctypes.c_float),
+        ("attn_softcap", ctypes.c_float),
     ]
 
 
@@ -136,7 +140,7 @@ class NativeStep:
 
     def __init__(self, lib: Any, lm: Any, weights: dict[str, list[torch.Tensor]], head: torch.Tensor):
         self.lib, self.lm = lib, lm
-        self.keep = weights, head  # the block tensors the pointers point into
+        self.keep: tuple = (weights, head)  # the block tensors the pointers point into
         n = len(lm.layers)
 
         def ptrs(tensors: list[torch.Tensor]) -> torch.Tensor:
@@ -151,9 +155,31 @@ class NativeStep:
                         norm=lm.norm.data_ptr(), head=head.data_ptr())
         for name in ("ln1", "ln2", "qkv", "o", "gu", "down"):
             setattr(self.m, name, self.arrays[name].data_ptr())
-        if any(L.qkv_bias is not None for L in lm.layers):  # every layer has them, or none
-            self.arrays["qkv_b"] = ptrs([L.qkv_bias for L in lm.layers])
-            self.m.qkv_b = self.arrays["qkv_b"].data_ptr()
+        # The family's differences from Llama (fastlm.Arch): each layer has a part, or none does.
+        layers = lm.layers
+        qk = [torch.cat([L.q_norm, L.k_norm]).contiguous() for L in layers if L.q_norm is not None]
+        rope = [lm.tables[L.theta] for L in layers]
+        self.keep = (weights, head, qk)
+        optional = {
+            "qkv_b": [L.qkv_bias for L in layers] if layers[0].qkv_bias is not None else None,
+            "qk_norm": qk or None,
+            "post_attn": [L.post_attn for L in layers] if layers[0].post_attn is not None else None,
+            "post_ffn": [L.post_ffn for L in layers] if layers[0].post_ffn is not None else None,
+            "cos_l": [c for c, _ in rope] if len(lm.tables) > 1 else None,
+            "sin_l": [s for _, s in rope] if len(lm.tables) > 1 else None,
+        }
+        for name, tensors in optional.items():
+            if tensors is not None:
+                self.arrays[name] = ptrs(tensors)
+                setattr(self.m, name, self.arrays[name].data_ptr())
+        if any(L.window for L in layers):
+            self.arrays["window"] = torch.tensor([L.window for L in layers], dtype=torch.int32)
+            self.m.window = self.arrays["window"].data_ptr()
+        arch = lm.arch
+        self.m.act = 1 if arch.act == "gelu_tanh" else 0
+        self.m.embed_scale = arch.embed_scale
+        self.m.attn_scale = lm.scale
+        self.m.attn_softcap = arch.attn_softcap or 0.0
         self._cache_id: tuple | None = None
 
     def _refresh(self) -> None:
@@ -180,7 +206,7 @@ class NativeStep:
                                  slot.data_ptr(), int(length), want.shape[0], want.data_ptr(), out.data_ptr())
         if rc != 0:
             raise RuntimeError(f"native decode step failed ({rc})")
-        return out
+        return self.lm.soft_cap(out)
 
     def __call__(self, tokens: torch.Tensor, positions: torch.Tensor, length: int) -> torch.Tensor:
         """One decode step: row r in slot r; logits for every row."""
@@ -191,6 +217,8 @@ class NativeStep:
         """A prompt into ``slot``: its tokens as rows at positions 0..n-1 (in chunks, so
         the scratch memory stays small); the last position's logits, [V] fp32."""
         n = len(ids)
+        if not 0 <= slot < self.lm.allocated:  # the kernel trusts its slots: a wrong one writes past the cache
+            raise ValueError(f"slot {slot} is not in the cache ({self.lm.allocated} allocated)")
         out: torch.Tensor | None = None
         for start in range(0, n, chunk):
             part = torch.tensor(ids[start:start + chunk], dtype=torch.int64)

@@ -8,7 +8,7 @@ budget, so running rows are never starved): each new prompt is prefilled into a
 free row, and rows of very different ages decode in one forward pass. A finished
 or cancelled row leaves the batch before the next step.
 
-Two decoders: the fast path (fastlm.py: Llama-family models, preallocated KV
+Two decoders: the fast path (fastlm.py: Llama and its kin, preallocated KV
 slots, fused weights, bf16 where the CPU has it) serves the base model and every
 tuned one (LoRA merged into a copy); the transformers path (a left-padded
 DynamicCache) serves other architectures and is the reference the tests hold the

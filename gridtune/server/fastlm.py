@@ -1,4 +1,4 @@
-"""A lean decoder for Llama-family models: the local server's fast path.
+"""A lean decoder for Llama and the families close to it: the local server's fast path.
 
 Why not ``model.generate`` or the model's own forward: for a 135M model on a CPU the
 arithmetic of one decode step is a few milliseconds; what HF's eager forward adds
@@ -17,8 +17,9 @@ caches) costs several times that. Here one decode step is ~16 tensor ops per lay
 
 Tuned models are served the same way: a LoRA adapter is merged into a copy of the
 weights (so a tuned model decodes exactly as fast as its base), a full fine-tune is
-read like the base. Architectures this cannot run (anything not plain Llama/RoPE)
-fall back to the HF path in engine.py, which is also the reference the tests compare
+read like the base. The families that differ from Llama in small ways (``Arch``:
+Qwen2/3, Mistral, Phi-3, Gemma 2/3) run here too; what this cannot run (RoPE scaling,
+partial rotary, other layouts) falls back to the HF path in engine.py, which is also the reference the tests compare
 this decoder's greedy tokens against.
 """
 
@@ -32,32 +33,71 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-# Llama's layout, and the families that differ from it only in ways this decoder covers:
-# Qwen2's q/k/v biases, Mistral's sliding window where it never applies (no window, or
-# one as long as the context).
-_SUPPORTED = {"llama", "qwen2", "mistral"}
+# Llama's layout, and the families that differ from it only in ways this decoder covers
+# (see ``Arch``): Qwen2's q/k/v biases, Qwen3's q/k norms, Phi-3's fused projections,
+# sliding windows (Mistral, Phi-3, Gemma), Gemma 2/3's norms, GELU, scaled embeddings,
+# soft-capping and per-layer RoPE bases.
+_SUPPORTED = {"llama", "qwen2", "qwen3", "mistral", "phi3", "gemma2", "gemma3_text"}
+_ACTS = {"silu": "silu", "gelu_pytorch_tanh": "gelu_tanh"}
+
+
+@dataclass(frozen=True)
+class Arch:
+    """What a family changes in Llama's layer, read from its config (Llama's are the defaults)."""
+
+    act: str = "silu"  # the MLP's gate: "silu", or "gelu_tanh" (Gemma)
+    norm_offset: float = 0.0  # Gemma's norms scale by (1 + w): folded into w at load
+    sandwich: bool = False  # Gemma: a norm on the attention's and on the MLP's output too
+    embed_scale: float = 1.0  # Gemma: embeddings times sqrt(hidden)
+    attn_scale: float | None = None  # None: 1/sqrt(head_dim); Gemma: query_pre_attn_scalar ** -0.5
+    attn_softcap: float | None = None  # Gemma 2: scores -> cap * tanh(scores / cap)
+    final_softcap: float | None = None  # Gemma 2: the same on the logits
+    windows: tuple[int, ...] = ()  # per layer: a query sees its last N positions; 0: all of them
+    thetas: tuple[float, ...] = ()  # per layer: the RoPE base (Gemma 3's local layers have their own)
+
+
+def arch_of(cfg: Any) -> Arch | None:
+    """The family's differences from Llama, or None where this decoder cannot run it."""
+    kind = getattr(cfg, "model_type", None)
+    if cfg is None or kind not in _SUPPORTED:
+        return None
+    n = int(cfg.num_hidden_layers)
+    types = list(getattr(cfg, "layer_types", None) or ["full_attention"] * n)
+    if len(types) != n or any(t not in ("full_attention", "sliding_attention") for t in types):
+        return None
+    act = _ACTS.get(getattr(cfg, "hidden_activation", None) or getattr(cfg, "hidden_act", "silu"))
+    if act is None or getattr(cfg, "attention_bias", False) or getattr(cfg, "mlp_bias", False):
+        return None
+    if float(getattr(cfg, "partial_rotary_factor", 1.0) or 1.0) != 1.0:
+        return None
+    rope = getattr(cfg, "rope_parameters", None) or getattr(cfg, "rope_scaling", None) or {}
+    thetas = []
+    for t in types:
+        params = rope.get(t, rope) if isinstance(rope.get(t), dict) else rope
+        if (params.get("rope_type") or params.get("type") or "default") != "default":
+            return None
+        thetas.append(float(params.get("rope_theta", getattr(cfg, "rope_theta", 10000.0))))
+    window = getattr(cfg, "sliding_window", None)
+    if kind in ("qwen2", "qwen3") and not getattr(cfg, "use_sliding_window", False):
+        window = None  # Qwen names a window it does not use
+    if not window or int(window) >= int(cfg.max_position_embeddings):
+        window = 0  # a window as long as the context never applies
+    # Mistral and Phi-3 apply their window to every layer; the others to their sliding layers.
+    every = kind in ("mistral", "phi3")
+    windows = tuple(int(window) if every or t == "sliding_attention" else 0 for t in types)
+    gemma = kind in ("gemma2", "gemma3_text")
+    scalar = getattr(cfg, "query_pre_attn_scalar", None) if gemma else None
+    return Arch(act=act, norm_offset=1.0 if gemma else 0.0, sandwich=gemma,
+                embed_scale=float(cfg.hidden_size) ** 0.5 if gemma else 1.0,
+                attn_scale=float(scalar) ** -0.5 if scalar else None,
+                attn_softcap=getattr(cfg, "attn_logit_softcapping", None) or None,
+                final_softcap=getattr(cfg, "final_logit_softcapping", None) or None,
+                windows=windows, thetas=tuple(thetas))
 
 
 def supports(model: Any) -> bool:
     """Whether ``model`` (a transformers causal LM) can run on this decoder."""
-    cfg = getattr(model, "config", None)
-    if cfg is None or getattr(cfg, "model_type", None) not in _SUPPORTED:
-        return False
-    window = getattr(cfg, "sliding_window", None)
-    if getattr(cfg, "model_type", None) == "qwen2" and not getattr(cfg, "use_sliding_window", False):
-        window = None  # Qwen2 names a window it does not use
-    if window is not None and int(window) < int(getattr(cfg, "max_position_embeddings", 0) or 0):
-        return False
-    if any(t != "full_attention" for t in (getattr(cfg, "layer_types", None) or [])):
-        return False
-    rope = getattr(cfg, "rope_parameters", None) or getattr(cfg, "rope_scaling", None) or {}
-    if (rope.get("rope_type") or rope.get("type") or "default") != "default":
-        return False
-    if getattr(cfg, "attention_bias", False) or getattr(cfg, "mlp_bias", False):
-        return False
-    if getattr(cfg, "hidden_act", "silu") != "silu":
-        return False
-    return True
+    return arch_of(getattr(model, "config", None)) is not None
 
 
 def cpu_has_bf16() -> bool:
@@ -327,9 +367,15 @@ class _Layer:
     qkv: Any  # _Linear [(H + 2*KVH) * D, hidden]
     qkv_bias: torch.Tensor | None  # Qwen2's q/k/v biases, in the KV cache's dtype
     o: Any
-    ln2: torch.Tensor
+    ln2: torch.Tensor  # the norm before the MLP
     gate_up: Any  # _Linear [2 * inter, hidden]
     down: Any
+    q_norm: torch.Tensor | None = None  # Qwen3/Gemma 3: per-head norms of q and k before RoPE
+    k_norm: torch.Tensor | None = None
+    post_attn: torch.Tensor | None = None  # Gemma: norms of the attention's and the MLP's outputs
+    post_ffn: torch.Tensor | None = None
+    window: int = 0  # a query sees its last ``window`` positions; 0: all of them
+    theta: float = 10000.0  # RoPE base
 
 
 class FastLlama:
@@ -353,6 +399,11 @@ class FastLlama:
         self.inter = cfg.intermediate_size
         self.eps = float(cfg.rms_norm_eps)
         self.max_pos = int(cfg.max_position_embeddings)
+        arch = arch_of(cfg)
+        if arch is None:
+            raise ValueError(f"the fast decoder does not run {getattr(cfg, 'model_type', '?')} models")
+        self.arch = arch
+        self.scale = arch.attn_scale or 1.0 / math.sqrt(self.head_dim)
         self.slots = slots
         self.group = self.n_heads // self.n_kv
         self.native: Any = None  # cpukernel.NativeStep: every step and prompt in one native call each
@@ -365,9 +416,8 @@ class FastLlama:
         self._raw: list[dict[str, torch.Tensor]] = []  # fp32 weights for the native step, dropped once built
         self._raw_head: torch.Tensor | None = None
         self.layers, self.norm, self.embed, self.lm_head = self._weights(model)
-        rope = getattr(cfg, "rope_parameters", None) or {}
-        theta = float(rope.get("rope_theta", getattr(cfg, "rope_theta", 10000.0)))
-        self._rope(theta)
+        self.tables = {theta: self._rope(theta) for theta in set(arch.thetas)}  # (cos, sin) per RoPE base
+        self.cos, self.sin = self.tables[arch.thetas[0]]
         if self.plan.small == NATIVE:
             from . import cpukernel
 
@@ -398,28 +448,44 @@ class FastLlama:
         def lin(t: torch.Tensor) -> _Linear | None:  # the native kernel holds its own copies
             return None if native else _Linear(w(t), self.small, gemm)
 
+        arch = self.arch
+
+        def norm(t: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+            return (t.detach().float() + arch.norm_offset).to(device=dev, dtype=dtype or dt).contiguous()
+
         layers = []
-        for layer in base.layers:
+        for i, layer in enumerate(base.layers):
             att, mlp = layer.self_attn, layer.mlp
-            biases = [p.bias for p in (att.q_proj, att.k_proj, att.v_proj)]
-            bias = (torch.cat([b if b is not None else torch.zeros(p.weight.shape[0]) for b, p in
-                               zip(biases, (att.q_proj, att.k_proj, att.v_proj), strict=True)])
-                    .detach().to(device=dev, dtype=self.kv_dtype).contiguous()
-                    if any(b is not None for b in biases) else None)
+            if hasattr(att, "qkv_proj"):  # Phi-3: q, k and v in one matrix already
+                qkv_w, bias = att.qkv_proj.weight, att.qkv_proj.bias
+            else:
+                projs = (att.q_proj, att.k_proj, att.v_proj)
+                qkv_w = torch.cat([p.weight for p in projs])
+                bias = (torch.cat([p.bias if p.bias is not None else torch.zeros(p.weight.shape[0]) for p in projs])
+                        if any(p.bias is not None for p in projs) else None)
+            if bias is not None:
+                bias = bias.detach().to(device=dev, dtype=self.kv_dtype).contiguous()
+            gu_w = (mlp.gate_up_proj.weight if hasattr(mlp, "gate_up_proj")  # Phi-3: gate then up, fused
+                    else torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]))
             if native:
-                self._raw.append({
-                    "qkv": torch.cat([att.q_proj.weight, att.k_proj.weight, att.v_proj.weight]).detach(),
-                    "o": att.o_proj.weight.detach(),
-                    "gu": torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]).detach(),
-                    "down": mlp.down_proj.weight.detach()})
+                self._raw.append({"qkv": qkv_w.detach(), "o": att.o_proj.weight.detach(), "gu": gu_w.detach(),
+                                  "down": mlp.down_proj.weight.detach()})
+            q_norm, k_norm = getattr(att, "q_norm", None), getattr(att, "k_norm", None)
             layers.append(_Layer(
-                ln1=w(layer.input_layernorm.weight),
-                qkv=lin(torch.cat([att.q_proj.weight, att.k_proj.weight, att.v_proj.weight])),
+                ln1=norm(layer.input_layernorm.weight),
+                qkv=lin(qkv_w),
                 qkv_bias=bias,
                 o=lin(att.o_proj.weight),
-                ln2=w(layer.post_attention_layernorm.weight),
-                gate_up=lin(torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight])),
+                ln2=norm(layer.pre_feedforward_layernorm.weight if arch.sandwich
+                         else layer.post_attention_layernorm.weight),
+                gate_up=lin(gu_w),
                 down=lin(mlp.down_proj.weight),
+                q_norm=norm(q_norm.weight, self.kv_dtype) if q_norm is not None else None,
+                k_norm=norm(k_norm.weight, self.kv_dtype) if k_norm is not None else None,
+                post_attn=norm(layer.post_attention_layernorm.weight) if arch.sandwich else None,
+                post_ffn=norm(layer.post_feedforward_layernorm.weight) if arch.sandwich else None,
+                window=arch.windows[i],
+                theta=arch.thetas[i],
             ))
         embed = w(base.embed_tokens.weight)
         head = model.get_output_embeddings().weight
@@ -427,9 +493,9 @@ class FastLlama:
         small_head = self.plan.head if self.plan.head in ("int4", "int8") else None
         lm_head = None if native else _Linear(
             embed if head.data_ptr() == base.embed_tokens.weight.data_ptr() else w(head), small_head, gemm)
-        return layers, w(base.norm.weight), embed, lm_head
+        return layers, norm(base.norm.weight), embed, lm_head
 
-    def _rope(self, theta: float) -> None:
+    def _rope(self, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
         d = self.head_dim
         inv = 1.0 / (theta ** (torch.arange(0, d, 2, dtype=torch.float64) / d))
         pos = torch.arange(self.max_pos, dtype=torch.float64)
@@ -437,8 +503,7 @@ class FastLlama:
         emb = torch.cat([freqs, freqs], dim=-1)
         # rotate_half(x) = cat(-x2, x1) = roll(x, d/2) * sign: fold the sign into sin.
         sign = torch.cat([-torch.ones(d // 2), torch.ones(d // 2)]).double()
-        self.cos = emb.cos().to(self.device, self.kv_dtype)
-        self.sin = (emb.sin() * sign).to(self.device, self.kv_dtype)
+        return emb.cos().to(self.device, self.kv_dtype), (emb.sin() * sign).to(self.device, self.kv_dtype)
 
     # -- the cache -----------------------------------------------------------------------
     @property
@@ -488,9 +553,52 @@ class FastLlama:
     def _rot(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         return torch.addcmul(x * cos, torch.roll(x, self.head_dim // 2, dims=-1), sin)
 
+    def _qkv(self, L: _Layer, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        """q [n, H, D], k and v [n, KV, D] of ``h`` [n, hidden]: biases, q/k norms, RoPE."""
+        n, H, KV, D = h.shape[0], self.n_heads, self.n_kv, self.head_dim
+        qkv = L.qkv(h).to(self.kv_dtype)
+        if L.qkv_bias is not None:
+            qkv = qkv + L.qkv_bias
+        qk = qkv[:, :(H + KV) * D].view(n, H + KV, D)
+        if L.q_norm is not None:
+            qk = torch.cat([F.rms_norm(qk[:, :H], (D,), L.q_norm, self.eps),
+                            F.rms_norm(qk[:, H:], (D,), L.k_norm, self.eps)], dim=1)
+        qk = self._rot(qk, cos, sin)
+        return qk[:, :H], qk[:, H:], qkv[:, (H + KV) * D:].view(n, KV, D)
+
+    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+        """Attention of ``q`` over ``k``/``v`` where ``allowed`` (broadcast to the scores) says."""
+        cap = self.arch.attn_softcap
+        if cap is None:
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=self.scale)
+        scores = torch.tanh(torch.matmul(q, k.transpose(-1, -2)) * (self.scale / cap)) * cap
+        return torch.matmul(torch.softmax(scores.masked_fill(~allowed, float("-inf")), dim=-1), v)
+
+    def _residual(self, x: torch.Tensor, L: _Layer, attn: torch.Tensor) -> torch.Tensor:
+        """``x`` plus the attention's output ``attn`` [n, H*D], then plus the MLP's."""
+        a = L.o(attn.to(self.dtype))
+        if L.post_attn is not None:
+            a = F.rms_norm(a, (self.hidden,), L.post_attn, self.eps)
+        x = x + a
+        gu = L.gate_up(F.rms_norm(x, (self.hidden,), L.ln2, self.eps))
+        gate = gu[:, :self.inter]
+        gate = F.silu(gate) if self.arch.act == "silu" else F.gelu(gate, approximate="tanh")
+        m = L.down(gate * gu[:, self.inter:])
+        if L.post_ffn is not None:
+            m = F.rms_norm(m, (self.hidden,), L.post_ffn, self.eps)
+        return x + m
+
+    def _embed(self, ids: torch.Tensor) -> torch.Tensor:
+        x = F.embedding(ids, self.embed)
+        return x * self.arch.embed_scale if self.arch.embed_scale != 1.0 else x
+
     def _logits(self, x: torch.Tensor) -> torch.Tensor:
         x = F.rms_norm(x, (self.hidden,), self.norm, self.eps)
-        return self.lm_head(x).float()
+        return self.soft_cap(self.lm_head(x).float())
+
+    def soft_cap(self, logits: torch.Tensor) -> torch.Tensor:
+        cap = self.arch.final_softcap
+        return logits if cap is None else torch.tanh(logits / cap) * cap
 
     def prefill(self, slot: int, ids: list[int]) -> torch.Tensor:
         """Run a prompt into ``slot``'s cache; the logits of its last position, [V] fp32."""
@@ -498,27 +606,25 @@ class FastLlama:
         self.ensure(slot + 1, n + 1)
         if self.native is not None:
             return self.native.prefill(slot, ids)
-        H, KV, D = self.n_heads, self.n_kv, self.head_dim
-        x = F.embedding(torch.tensor(ids, device=self.device), self.embed)  # [n, hidden]
-        cos, sin = self.cos[:n].unsqueeze(1), self.sin[:n].unsqueeze(1)  # [n, 1, D]
+        x = self._embed(torch.tensor(ids, device=self.device))  # [n, hidden]
+        tables = {t: (c[:n].unsqueeze(1), s[:n].unsqueeze(1)) for t, (c, s) in self.tables.items()}  # [n, 1, D]
+        at = torch.arange(n, device=self.device)
         for i, L in enumerate(self.layers):
-            h = F.rms_norm(x, (self.hidden,), L.ln1, self.eps)
-            qkv = L.qkv(h).to(self.kv_dtype)
-            if L.qkv_bias is not None:
-                qkv = qkv + L.qkv_bias
-            qk = self._rot(qkv[:, :(H + KV) * D].view(n, H + KV, D), cos, sin)
-            q, k = qk[:, :H], qk[:, H:]
-            v = qkv[:, (H + KV) * D:].view(n, KV, D)
+            q, k, v = self._qkv(L, F.rms_norm(x, (self.hidden,), L.ln1, self.eps), *tables[L.theta])
             self.k[i][slot, :, :n] = k.transpose(0, 1)
             self.v[i][slot, :, :n] = v.transpose(0, 1)
             # [1, KV, group*n, D] would break causality across the group: repeat K/V once here.
             kk = k.transpose(0, 1).repeat_interleave(self.group, dim=0).unsqueeze(0)
             vv = v.transpose(0, 1).repeat_interleave(self.group, dim=0).unsqueeze(0)
-            o = F.scaled_dot_product_attention(q.transpose(0, 1).unsqueeze(0), kk, vv, is_causal=True)
-            x = x + L.o(o[0].transpose(0, 1).reshape(n, H * D).to(self.dtype))
-            h = F.rms_norm(x, (self.hidden,), L.ln2, self.eps)
-            gu = L.gate_up(h)
-            x = x + L.down(F.silu(gu[:, :self.inter]) * gu[:, self.inter:])
+            qq = q.transpose(0, 1).unsqueeze(0)
+            if L.window == 0 and self.arch.attn_softcap is None:
+                o = F.scaled_dot_product_attention(qq, kk, vv, is_causal=True, scale=self.scale)
+            else:
+                allowed = at.unsqueeze(0) <= at.unsqueeze(1)
+                if L.window:
+                    allowed &= at.unsqueeze(0) > at.unsqueeze(1) - L.window
+                o = self._attend(qq, kk, vv, allowed)
+            x = self._residual(x, L, o[0].transpose(0, 1).reshape(n, -1))
         return self._logits(x[-1:])[0]
 
     def decode(self, tokens: torch.Tensor, positions: torch.Tensor, length: int) -> torch.Tensor:
@@ -528,27 +634,22 @@ class FastLlama:
         if self.native is not None:
             return self.native(tokens, positions, length)
         H, KV, D, G = self.n_heads, self.n_kv, self.head_dim, self.group
-        x = F.embedding(tokens, self.embed)  # [B, hidden]
-        cos, sin = self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1)  # [B, 1, D]
-        # Each row sees its own positions 0..pos; slots hold stale data past that.
-        mask = (torch.arange(length, device=self.device).unsqueeze(0) <= positions.unsqueeze(1))
-        mask = mask.view(B, 1, 1, length)
+        x = self._embed(tokens)  # [B, hidden]
+        tables = {t: (c[positions].unsqueeze(1), s[positions].unsqueeze(1)) for t, (c, s) in self.tables.items()}
+        # Each row sees its own positions 0..pos (the last ``window`` of them in a sliding
+        # layer); slots hold stale data past that.
+        at = torch.arange(length, device=self.device).unsqueeze(0)
+        masks = {w: ((at <= positions.unsqueeze(1)) & (at > positions.unsqueeze(1) - w if w else True))
+                 .view(B, 1, 1, length) for w in {L.window for L in self.layers}}
         rows = torch.arange(B, device=self.device)
         for i, L in enumerate(self.layers):
-            h = F.rms_norm(x, (self.hidden,), L.ln1, self.eps)
-            qkv = L.qkv(h).to(self.kv_dtype)
-            if L.qkv_bias is not None:
-                qkv = qkv + L.qkv_bias
-            qk = self._rot(qkv[:, :(H + KV) * D].view(B, H + KV, D), cos, sin)
+            q, k, v = self._qkv(L, F.rms_norm(x, (self.hidden,), L.ln1, self.eps), *tables[L.theta])
             kc, vc = self.k[i], self.v[i]
-            kc[rows, :, positions] = qk[:, H:]
-            vc[rows, :, positions] = qkv[:, (H + KV) * D:].view(B, KV, D)
-            q = qk[:, :H].reshape(B, KV, G, D)  # the G heads of a KV head as G query rows
-            o = F.scaled_dot_product_attention(q, kc[:B, :, :length], vc[:B, :, :length], attn_mask=mask)
-            x = x + L.o(o.reshape(B, H * D).to(self.dtype))
-            h = F.rms_norm(x, (self.hidden,), L.ln2, self.eps)
-            gu = L.gate_up(h)
-            x = x + L.down(F.silu(gu[:, :self.inter]) * gu[:, self.inter:])
+            kc[rows, :, positions] = k
+            vc[rows, :, positions] = v
+            q = q.reshape(B, KV, G, D)  # the G heads of a KV head as G query rows
+            o = self._attend(q, kc[:B, :, :length], vc[:B, :, :length], masks[L.window])
+            x = self._residual(x, L, o.reshape(B, H * D))
         return self._logits(x)
 
 

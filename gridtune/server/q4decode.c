@@ -1,4 +1,5 @@
-/* Decode steps and prompts of a Llama-family model on x86 with AVX2/FMA/F16C.
+/* Decode steps and prompts of a Llama-family model (Qwen, Mistral, Phi-3 and Gemma too: see
+ * gt_model) on x86 with AVX2/FMA/F16C.
  *
  * Why C: a 135M model's step is ~120 small matmuls and ~1000 small ops; through torch
  * each op costs more in dispatch than in arithmetic, and torch's int4 kernel reads
@@ -48,6 +49,12 @@ typedef struct {
     const float *norm;
     const blk_q8_0 *head;               /* [vocab, hidden / 32] */
     const float *const *qkv_b;          /* per layer [NQKV] q/k/v biases (Qwen2), or NULL: none */
+    const float *const *qk_norm;        /* per layer [2 * D]: q's then k's per-head norm (Qwen3, Gemma 3), or NULL */
+    const float *const *post_attn, *const *post_ffn; /* Gemma: norms of attention's and the MLP's output, or NULL */
+    const float *const *cos_l, *const *sin_l;        /* per layer RoPE tables (Gemma 3's local base), or NULL */
+    const int32_t *window;              /* per layer: a query sees its last window positions; 0 (or NULL): all */
+    int act;                            /* the MLP's gate: 0 SiLU, 1 GELU (tanh) */
+    float embed_scale, attn_scale, attn_softcap;     /* 0: 1, 1/sqrt(D), none */
 } gt_model;
 
 static inline float h2f(uint16_t h) { return _cvtsh_ss(h); }
@@ -283,8 +290,8 @@ static inline __m256 exp256(__m256 x) {
 /* One query head against one slot's K/V for positions 0..n-1 (D a multiple of 8):
  * scores eight positions at a time (their eight sums leave in one vector), a
  * vectorised softmax, then the weighted V summed in registers, 64 lanes at a time. */
-static void attend(const float *q, const float *K, const float *V, int n, int D, float scale, float *sc,
-                   float *out) {
+static void attend(const float *q, const float *K, const float *V, int n, int D, float scale, float cap,
+                   float *sc, float *out) {
     __m256 vmax = _mm256_set1_ps(-INFINITY);
     float mx = -INFINITY;
     int p = 0;
@@ -313,6 +320,10 @@ static void attend(const float *q, const float *K, const float *V, int n, int D,
     float m8[8];
     _mm256_storeu_ps(m8, vmax);
     for (int i = 0; i < 8; i++) mx = fmaxf(mx, m8[i]);
+    if (cap > 0.f) { /* Gemma 2's soft-capping: cap * tanh(score / cap) */
+        mx = -INFINITY;
+        for (p = 0; p < n; p++) { sc[p] = cap * tanhf(sc[p] / cap); mx = fmaxf(mx, sc[p]); }
+    }
     const __m256 vm = _mm256_set1_ps(mx);
     __m256 vsum = _mm256_setzero_ps();
     float sum = 0.f;
@@ -403,8 +414,10 @@ int gt_forward(const gt_model *M, int R, const int64_t *tokens, const int64_t *p
         free(hx); free(bufs);
         return -2;
     }
-    for (int r = 0; r < R; r++) memcpy(x + (size_t)r * E, M->embed + (size_t)tokens[r] * E, sizeof(float) * E);
-    const float scale = 1.f / sqrtf((float)D);
+    const float es = M->embed_scale > 0.f ? M->embed_scale : 1.f;
+    for (int r = 0; r < R; r++)
+        for (int i = 0; i < E; i++) x[(size_t)r * E + i] = M->embed[(size_t)tokens[r] * E + i] * es;
+    const float scale = M->attn_scale > 0.f ? M->attn_scale : 1.f / sqrtf((float)D);
 
 #pragma omp parallel
     {
@@ -419,11 +432,13 @@ int gt_forward(const gt_model *M, int R, const int64_t *tokens, const int64_t *p
 #pragma omp barrier
 #pragma omp for schedule(static)
             for (int r = 0; r < R; r++) {  /* RoPE on q and k, then k and v into the row's slot */
-                const float *c = M->cos + positions[r] * D, *s = M->sin + positions[r] * D;
+                const float *c = (M->cos_l ? M->cos_l[l] : M->cos) + positions[r] * D;
+                const float *s = (M->sin_l ? M->sin_l[l] : M->sin) + positions[r] * D;
                 float *v = qkv + (size_t)r * NQKV;
                 if (M->qkv_b) for (int i = 0; i < NQKV; i++) v[i] += M->qkv_b[l][i];
                 for (int hh = 0; hh < H + KV; hh++) {
                     float *u = v + hh * D, rot[512];
+                    if (M->qk_norm) rmsnorm(u, M->qk_norm[l] + (hh < H ? 0 : D), D, M->eps, u);
                     for (int i = 0; i < D; i++) rot[i] = u[i] * c[i] + u[(i + D / 2) % D] * s[i];
                     memcpy(u, rot, sizeof(float) * D);
                 }
@@ -436,10 +451,11 @@ int gt_forward(const gt_model *M, int R, const int64_t *tokens, const int64_t *p
 #pragma omp for schedule(dynamic, 4)
             for (int job = 0; job < R * H; job++) {  /* attention: one query head of one row */
                 int r = job / H, hh = job % H, kh = hh / G, n = (int)positions[r] + 1;
-                const float *K = M->kc[l] + ((size_t)slots[r] * KV + kh) * M->cap * D;
-                const float *V = M->vc[l] + ((size_t)slots[r] * KV + kh) * M->cap * D;
-                attend(qkv + (size_t)r * NQKV + hh * D, K, V, n, D, scale, scores + (size_t)job * length,
-                       att + (size_t)r * H * D + hh * D);
+                const int w = M->window ? M->window[l] : 0, first = (w > 0 && n > w) ? n - w : 0;
+                const float *K = M->kc[l] + (((size_t)slots[r] * KV + kh) * M->cap + first) * D;
+                const float *V = M->vc[l] + (((size_t)slots[r] * KV + kh) * M->cap + first) * D;
+                attend(qkv + (size_t)r * NQKV + hh * D, K, V, n - first, D, scale, M->attn_softcap,
+                       scores + (size_t)job * length, att + (size_t)r * H * D + hh * D);
             }
 #pragma omp for schedule(static)
             for (int r = 0; r < R; r++)
@@ -449,6 +465,7 @@ int gt_forward(const gt_model *M, int R, const int64_t *tokens, const int64_t *p
 #pragma omp barrier
 #pragma omp for schedule(static)
             for (int r = 0; r < R; r++) {
+                if (M->post_attn) rmsnorm(tmp + (size_t)r * E, M->post_attn[l], E, M->eps, tmp + (size_t)r * E);
                 for (int i = 0; i < E; i++) x[(size_t)r * E + i] += tmp[(size_t)r * E + i];
                 rmsnorm(x + (size_t)r * E, M->ln2[l], E, M->eps, h + (size_t)r * E);
                 quantize_row(h + (size_t)r * E, E, xq + (size_t)r * E, xd + r * (E / QK), xs + r * (E / QK));
@@ -458,14 +475,21 @@ int gt_forward(const gt_model *M, int R, const int64_t *tokens, const int64_t *p
 #pragma omp for schedule(static)
             for (int r = 0; r < R; r++) {
                 float *g = gu + (size_t)r * 2 * I, *hr = h + (size_t)r * I;
-                for (int i = 0; i < I; i++) hr[i] = g[i] / (1.f + expf(-g[i])) * g[I + i];
+                if (M->act == 1)
+                    for (int i = 0; i < I; i++)
+                        hr[i] = 0.5f * g[i] * (1.f + tanhf(0.7978845608f * (g[i] + 0.044715f * g[i] * g[i] * g[i])))
+                                * g[I + i];
+                else
+                    for (int i = 0; i < I; i++) hr[i] = g[i] / (1.f + expf(-g[i])) * g[I + i];
                 quantize_row(hr, I, xq + (size_t)r * I, xd + r * (I / QK), xs + r * (I / QK));
             }
             matmul_q4_1(M->down[l], I, E, R, xq, xd, xs, tmp, buf);
 #pragma omp barrier
 #pragma omp for schedule(static)
-            for (int r = 0; r < R; r++)
+            for (int r = 0; r < R; r++) {
+                if (M->post_ffn) rmsnorm(tmp + (size_t)r * E, M->post_ffn[l], E, M->eps, tmp + (size_t)r * E);
                 for (int i = 0; i < E; i++) x[(size_t)r * E + i] += tmp[(size_t)r * E + i];
+            }
         }
         if (nh > 0) {
 #pragma omp for schedule(static)
