@@ -108,7 +108,8 @@ def _hf_eager(loaded, prompt_ids: list[int], max_tokens: int, rounds: int) -> fl
     return best
 
 
-def _llama_cpp(gguf: Path | None, messages: list[dict[str, str]], max_tokens: int, rounds: int) -> dict | str:
+def _llama_cpp(gguf: Path | None, messages: list[dict[str, str]], max_tokens: int, rounds: int,
+               bar: list[int] | None = None, ids: list[int] | None = None) -> dict | str:
     """llama.cpp on the same GGUF, one stream, in-process, with the server's decode threads
     (the physical cores) and with one: the faster is the baseline. On a shared machine an
     OpenMP-style team whose threads get preempted waits at every barrier (the server's
@@ -127,11 +128,14 @@ def _llama_cpp(gguf: Path | None, messages: list[dict[str, str]], max_tokens: in
     for n in sorted({threads, 1}, reverse=True):
         llm = Llama(model_path=str(gguf), n_ctx=2048, n_threads=n, n_threads_batch=n, verbose=False, seed=1)
         llm.create_chat_completion(messages=messages, max_tokens=16)  # one-time costs
+        sampling = dict(max_tokens=max_tokens, temperature=1.0, top_p=1.0, top_k=0, min_p=0.0, repeat_penalty=1.0)
         best = 0.0
         for _r in range(rounds):
             t = time.perf_counter()
-            out = llm.create_chat_completion(messages=messages, max_tokens=max_tokens, temperature=1.0, top_p=1.0,
-                                             top_k=0, min_p=0.0, repeat_penalty=1.0)
+            if bar:  # --full-length: the server's prompt tokens, its end tokens barred as the server's are
+                out = llm.create_completion(prompt=ids, logit_bias={t: -100.0 for t in bar}, **sampling)
+            else:
+                out = llm.create_chat_completion(messages=messages, **sampling)
             best = max(best, _tok_s(out["usage"]["completion_tokens"], time.perf_counter() - t))
         per_count[str(n)] = best
         del llm
@@ -140,7 +144,7 @@ def _llama_cpp(gguf: Path | None, messages: list[dict[str, str]], max_tokens: in
 
 
 async def _server_rates(base_url: str, key: str, model: str, max_tokens: int, streams: list[int],
-                        rounds: int) -> dict[int, dict]:
+                        rounds: int, bar: list[int] | None = None) -> dict[int, dict]:
     """Total completion tokens/s for ``n`` concurrent streamed chats, best of ``rounds``."""
     import openai
 
@@ -149,7 +153,7 @@ async def _server_rates(base_url: str, key: str, model: str, max_tokens: int, st
         async def one(i: int) -> int:
             stream = await client.chat.completions.create(
                 model=model, messages=prompts[i], max_tokens=max_tokens, temperature=1.0, seed=i, stream=True,
-                stream_options={"include_usage": True})
+                stream_options={"include_usage": True}, logit_bias={str(t): -100 for t in bar or []})
             tokens = 0
             async for chunk in stream:
                 if chunk.usage:
@@ -184,17 +188,18 @@ def _hf_child(model: str | None, ids: list[int], max_tokens: int, rounds: int) -
     return _hf_eager(load_model(model), ids, max_tokens, rounds)
 
 
-def _llama_child(gguf: str | None, messages: list, max_tokens: int, rounds: int) -> dict | str:
-    return _llama_cpp(Path(gguf) if gguf else None, messages, max_tokens, rounds)
+def _llama_child(gguf: str | None, messages: list, max_tokens: int, rounds: int, bar: list[int] | None = None,
+                 ids: list[int] | None = None) -> dict | str:
+    return _llama_cpp(Path(gguf) if gguf else None, messages, max_tokens, rounds, bar, ids)
 
 
 def _client_rates(base_url: str, key: str, model: str, max_tokens: int, streams: list[int],
-                  rounds: int) -> dict[int, dict]:
+                  rounds: int, bar: list[int] | None = None) -> dict[int, dict]:
     """``_server_rates`` in a process of its own, as the runner is: the client's parsing
     must not share the server's interpreter lock."""
     import subprocess
 
-    cmd = [sys.executable, __file__, "--client", json.dumps([base_url, key, model, max_tokens, streams, rounds])]
+    cmd = [sys.executable, __file__, "--client", json.dumps([base_url, key, model, max_tokens, streams, rounds, bar])]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
     return {int(n): r for n, r in json.loads(out.strip().splitlines()[-1]).items()}
 
@@ -206,9 +211,11 @@ def _lora_adapter(loaded, path: Path) -> Path:
     import torch
     from peft import LoraConfig, get_peft_model
 
+    from gridtune.server.train import lora_targets
+
     torch.manual_seed(0)
     cfg = LoraConfig(r=8, lora_alpha=16, init_lora_weights=False,
-                     target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+                     target_modules=lora_targets(loaded.model))  # the family's own linears, as training picks
     peft_model = get_peft_model(copy.deepcopy(loaded.model), cfg)
     for name, param in peft_model.named_parameters():
         if "lora_B" in name:
@@ -218,25 +225,29 @@ def _lora_adapter(loaded, path: Path) -> Path:
 
 
 def _generation(srv: _Server, gguf: Path | None, max_tokens: int, streams: list[int], rounds: int,
-                tmp: Path) -> dict:
+                tmp: Path, full_length: bool = False) -> dict:
     loaded = srv.loaded
     messages = _prompts(1)[0]
     ids = srv.state.engine.chat_prompt(loaded.name, messages)
-    figures: dict = {"max_tokens": max_tokens, "rounds": rounds, "engine": srv.state.engine.stats()}
+    # --full-length: the model's end tokens barred on every side (logit_bias -100), so each
+    # stream decodes max_tokens; a base model (Gemma 3 270M) otherwise ends a chat at once.
+    bar = sorted(srv.state.engine._served[loaded.name].eos) if full_length else None
+    figures: dict = {"max_tokens": max_tokens, "rounds": rounds, "engine": srv.state.engine.stats(),
+                     "full_length": full_length}
     # Each baseline runs in a process of its own: torch's and llama.cpp's thread pools
     # must not linger beside the server's engine thread while it is measured.
     figures["hf_eager_tokens_per_s"] = _child("hf", [srv.model_arg, ids, max_tokens, rounds])
-    cpp = _child("llama", [str(gguf) if gguf else None, messages, max_tokens, rounds])
+    cpp = _child("llama", [str(gguf) if gguf else None, messages, max_tokens, rounds, bar, ids])
     if isinstance(cpp, str):
         figures["llama_cpp_skipped"] = cpp
     else:
         figures["llama_cpp_tokens_per_s"], figures["llama_cpp_threads"] = cpp["tokens_per_s"], cpp["threads"]
         figures["llama_cpp_by_threads"] = cpp["by_threads"]
-    rates = _client_rates(srv.base_url, srv.key, loaded.name, max_tokens, [1, *streams], rounds)
+    rates = _client_rates(srv.base_url, srv.key, loaded.name, max_tokens, [1, *streams], rounds, bar)
     figures["server"] = {str(n): r for n, r in rates.items()}
     figures["threads_after"] = (srv.state.engine.kernels() or {}).get("threads_now")
     srv.state.engine.register_tuned("ft:bench-lora", _lora_adapter(loaded, tmp / "lora"))
-    tuned = _client_rates(srv.base_url, srv.key, "ft:bench-lora", max_tokens, [1, streams[0]], rounds)
+    tuned = _client_rates(srv.base_url, srv.key, "ft:bench-lora", max_tokens, [1, streams[0]], rounds, bar)
     figures["tuned"] = {str(n): r for n, r in tuned.items()}
     one = rates[1]["tokens_per_s"]
     figures["ratio_one_stream_vs_hf_eager"] = round(one / figures["hf_eager_tokens_per_s"], 2)
@@ -267,6 +278,8 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=200)
     parser.add_argument("--rounds", type=int, default=2, help="best of this many runs of each measurement")
     parser.add_argument("--no-train", action="store_true", help="skip the fine-tuning comparison")
+    parser.add_argument("--full-length", action="store_true",
+                        help="bar the model's end tokens on every side, so each stream decodes --max-tokens")
     parser.add_argument("--train-steps", type=int, default=4)
     parser.add_argument("--train-examples", type=int, default=32)
     parser.add_argument("--train-rounds", type=int, default=1)
@@ -290,7 +303,7 @@ def main() -> None:
         elif model.endswith(".gguf"):
             gguf = Path(model)
         with _Server(model, Path(tmp) / "data", max_batch=max(streams)) as srv:
-            gen = _generation(srv, gguf, args.max_tokens, streams, args.rounds, Path(tmp))
+            gen = _generation(srv, gguf, args.max_tokens, streams, args.rounds, Path(tmp), args.full_length)
             name = srv.loaded.name
     from gridtune.server.fastlm import cpu_kind
 
@@ -311,7 +324,8 @@ def main() -> None:
     g = figures["generation"]
     e = g["engine"]
     print(f"model: {name}  device: {figures['device']}  CPU: {figures['cpu_kind']}  cpus: {figures['cpus']}  "
-          f"decoder: {e['decoder']}  {g['max_tokens']} tokens at temperature 1, best of {g['rounds']}")
+          f"decoder: {e['decoder']}  {g['max_tokens']} tokens at temperature 1, best of {g['rounds']}"
+          f"{', end tokens barred (--full-length)' if g.get('full_length') else ''}")
     k = e.get("kernels") or {}
     if k:
         print(f"  kernels: {k['dtype']} activations, {k['gemm']} GEMM for batches, {k['small_rows'] or 'no'} kernel "
@@ -327,7 +341,8 @@ def main() -> None:
     cpp = g.get("llama_cpp_tokens_per_s")
     for n, r in g["server"].items():
         streams = f"{n:>2} stream{'s' if n != '1' else ' '}"
-        line = f"  gridtune server over HTTP, {streams}      : {r['tokens_per_s']:>7.1f} tok/s"
+        line = (f"  gridtune server over HTTP, {streams}      : {r['tokens_per_s']:>7.1f} tok/s"
+                f" ({r.get('tokens', 0) / int(n):.0f} tokens a stream)")
         if n == "1":
             line += f"  {g['ratio_one_stream_vs_hf_eager']:.2f}x eager"
             if cpp:

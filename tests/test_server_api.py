@@ -259,3 +259,23 @@ def test_export_model_is_refused_to_a_client_on_another_machine(server, tmp_path
     r = remote.post("/v1/gridtune/export_model", json={"model": "anything", "output_dir": str(out)})
     assert r.status_code == 403 and r.json()["error"]["code"] == "forbidden_path"
     assert not out.exists()
+
+
+def test_logit_bias_bans_and_forces_tokens(client, server):
+    """-100 bans a token (the greedy answer's first token never comes), +100 makes one
+    come every step, as OpenAI's logit_bias does; a bad map is one 400 naming it."""
+    ids = server.state.engine.chat_prompt(server.model, MSG)
+    tok = server.state.engine.tokenizer_for(server.model)
+    first = greedy(client, server, max_tokens=6)
+    first_id = tok(first.choices[0].message.content, add_special_tokens=False)["input_ids"][0]
+    banned = greedy(client, server, max_tokens=6, logit_bias={str(first_id): -100})
+    assert banned.choices[0].message.content != first.choices[0].message.content
+    again = tok(banned.choices[0].message.content, add_special_tokens=False)["input_ids"]
+    assert first_id not in again
+    forced_id = next(t for t in range(100, 200) if t not in ids and tok.decode([t]).strip())
+    forced = greedy(client, server, max_tokens=5, logit_bias={str(forced_id): 100})
+    assert forced.choices[0].message.content == tok.decode([forced_id] * 5)
+    for bad in ({"x": 1}, {"5": 101}, [5], {"5": "a"}):
+        with pytest.raises(openai.BadRequestError) as err:
+            greedy(client, server, max_tokens=3, logit_bias=bad)
+        assert err.value.body["param"] == "logit_bias"

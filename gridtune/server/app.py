@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import hmac
 import json
 import logging
@@ -39,6 +40,7 @@ log = logging.getLogger("gridtune.server")
 
 MAX_N = 16
 MAX_STOPS = 4
+MAX_LOGIT_BIAS = 300  # as OpenAI
 MAX_STOP_CHARS = 256
 DEFAULT_MAX_BODY_BYTES = 4 * 1024 * 1024  # a JSON request body; uploads have their own limit
 # A prompt longer than this many characters per token of context cannot fit (tokenizers
@@ -303,15 +305,36 @@ def _sampling(body: dict[str, Any]) -> tuple[SamplingParams, int, bool, bool]:
         raise invalid("stream_options is only allowed when stream is true", param="stream_options")
     include_usage = bool(opts.get("include_usage"))
     params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed,
-                            stop=[s for s in stops if s])
+                            stop=[s for s in stops if s], logit_bias=_logit_bias(body))
     return params, n, stream, include_usage
+
+
+def _logit_bias(body: dict[str, Any]) -> dict[int, float]:
+    """OpenAI's logit_bias: token ids (as strings) to a bias from -100 (bans it) to 100."""
+    raw = body.get("logit_bias")
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise invalid("logit_bias must be an object of token ids to numbers", param="logit_bias",
+                      code="invalid_type")
+    if len(raw) > MAX_LOGIT_BIAS:
+        raise invalid(f"logit_bias may hold at most {MAX_LOGIT_BIAS} tokens", param="logit_bias")
+    bias: dict[int, float] = {}
+    for key, value in raw.items():
+        if not (isinstance(key, str) and key.isdigit()):
+            raise invalid(f"Invalid key in 'logit_bias': {key!r} is not a token id", param="logit_bias")
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not -100 <= value <= 100:
+            raise invalid(f"Invalid value for token {key} in 'logit_bias': it must be a number from -100 to 100",
+                          param="logit_bias", code="invalid_value")
+        bias[int(key)] = float(value)
+    return bias
 
 
 def _params_for(params: SamplingParams, index: int) -> SamplingParams:
     """Choice ``index`` of n: with a seed, seed+index, so choices differ yet replay."""
     if params.seed is None or index == 0:
         return params
-    return SamplingParams(params.max_tokens, params.temperature, params.top_p, params.seed + index, params.stop)
+    return dataclasses.replace(params, seed=params.seed + index)
 
 
 def _messages(body: dict[str, Any]) -> list[dict[str, str]]:

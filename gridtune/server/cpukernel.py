@@ -4,8 +4,9 @@ Why: on a CPU without native bf16, torch's own low-bit kernels and per-op dispat
 one stream of the default model at a third of llama.cpp's speed (torch's int4 matmul
 alone took ~21 ms a step on one EPYC core; llama.cpp's whole step ~15 ms). q4decode.c
 runs a whole step (any number of rows) or a whole prompt in one call with llama.cpp's
-arithmetic: Q4_1 weights (the GGUF's own blocks, so nothing is lost), activations
-quantised per 32 to int8, a Q8_0 head. Batches went through torch's fp16 GEMM before:
+arithmetic: Q4_1 weights (the GGUF's own blocks, so nothing is lost; Q8_0 for a matrix
+whose source had more than 4 bits, see Q4_KEEPS), activations quantised per 32 to int8,
+a Q8_0 head. Batches went through torch's fp16 GEMM before:
 32 rows took ~170 ms a step there on one EPYC core (see bench/serve.py for now).
 
 The library is compiled once per source version with the system C compiler into the
@@ -49,7 +50,7 @@ class _Model(ctypes.Structure):
         ("qk_norm", ctypes.c_void_p), ("post_attn", ctypes.c_void_p), ("post_ffn", ctypes.c_void_p),
         ("cos_l", ctypes.c_void_p), ("sin_l", ctypes.c_void_p), ("window", ctypes.c_void_p),
         ("act", ctypes.c_int), ("embed_scale", ctypes.c_float), ("attn_scale", ctypes.c_float),
-        ("attn_softcap", ctypes.c_float),
+        ("attn_softcap", ctypes.c_float), ("q8", ctypes.c_void_p),
     ]
 
 
@@ -131,6 +132,36 @@ def q8_0_blocks(w: torch.Tensor) -> torch.Tensor:
     return torch.cat([d.view(torch.uint8).view(n, k // QK, 2), q.view(torch.uint8)], dim=-1).contiguous()
 
 
+def q4_1_values(blocks: torch.Tensor) -> torch.Tensor:
+    """The weights [N, K] that Q4_1 ``blocks`` [N, K/32, 20] hold (``q4_1_blocks``' inverse)."""
+    d = blocks[..., 0:2].contiguous().view(torch.float16).float()
+    m = blocks[..., 2:4].contiguous().view(torch.float16).float()
+    q = torch.cat([blocks[..., 4:] & 15, blocks[..., 4:] >> 4], dim=-1).float()
+    return (q * d + m).flatten(-2)
+
+
+def q8_0_values(blocks: torch.Tensor) -> torch.Tensor:
+    """The weights [N, K] that Q8_0 ``blocks`` [N, K/32, 34] hold."""
+    d = blocks[..., 0:2].contiguous().view(torch.float16).float()
+    return (blocks[..., 2:].contiguous().view(torch.int8).float() * d).flatten(-2)
+
+
+# A matrix that came from 4-bit blocks (a Q4_0/Q4_1 GGUF, or such a base with a LoRA merged
+# in) re-blocks into Q4_1 within ~1% of its norm; one from 5-8-bit or 16-bit weights loses
+# ~8% (Gemma 3 270M's Q5_0/Q6_K GGUF in Q4_1: perplexity +20%), so it keeps 8 bits.
+Q4_KEEPS = 0.02
+
+
+def weight_blocks(w: torch.Tensor) -> tuple[torch.Tensor, bool]:
+    """``w`` [N, K] as the native kernel's blocks: Q4_1 when that keeps it (see Q4_KEEPS),
+    else Q8_0. Returns (blocks, is_q8)."""
+    four = q4_1_blocks(w)
+    full = w.detach().float()
+    if float((q4_1_values(four) - full).norm()) <= Q4_KEEPS * float(full.norm()):
+        return four, False
+    return q8_0_blocks(w), True
+
+
 def fits(cfg_hidden: int, inter: int, heads: int, head_dim: int) -> bool:
     return all(v % QK == 0 for v in (cfg_hidden, inter, heads * head_dim)) and head_dim % 8 == 0 and head_dim <= 512
 
@@ -181,6 +212,7 @@ class NativeStep:
         self.m.attn_scale = lm.scale
         self.m.attn_softcap = arch.attn_softcap or 0.0
         self._cache_id: tuple | None = None
+        self.q8_share = 0.0  # the share of the layers' matrices in Q8_0 blocks (the rest Q4_1)
 
     def _refresh(self) -> None:
         lm = self.lm
@@ -242,7 +274,17 @@ def native_step(lm: Any, model_layers: list[dict[str, torch.Tensor]], head: torc
     if lib is None:
         return None
     weights: dict[str, list[torch.Tensor]] = {"qkv": [], "o": [], "gu": [], "down": []}
+    q8 = []
     for layer in model_layers:
-        for name in weights:
-            weights[name].append(q4_1_blocks(layer[name]))
-    return NativeStep(lib, lm, weights, q8_0_blocks(head))
+        bits = 0
+        for i, name in enumerate(weights):
+            blocks, is_q8 = weight_blocks(layer[name])
+            weights[name].append(blocks)
+            bits |= int(is_q8) << i
+        q8.append(bits)
+    step = NativeStep(lib, lm, weights, q8_0_blocks(head))
+    if any(q8):
+        step.arrays["q8"] = torch.tensor(q8, dtype=torch.int32)
+        step.m.q8 = step.arrays["q8"].data_ptr()
+    step.q8_share = sum(bin(b).count("1") for b in q8) / (4 * len(q8))
+    return step

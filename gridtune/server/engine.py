@@ -53,6 +53,7 @@ class SamplingParams:
     top_p: float = 1.0
     seed: int | None = None
     stop: Sequence[str] = ()
+    logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> added to its logit (-100 bans)
 
 
 @dataclass
@@ -795,6 +796,11 @@ class Engine:
         32-row decode step."""
         import torch
 
+        for i, row in enumerate(rows):
+            bias = row.req.params.logit_bias
+            if bias:  # ids past this model's vocabulary name no token here: nothing to move
+                ids = [t for t in bias if t < logits.shape[-1]]
+                logits[i, ids] += torch.tensor([bias[t] for t in ids], dtype=logits.dtype, device=logits.device)
         greedy = logits.argmax(-1)
         temps = [row.req.params.temperature for row in rows]
         if all(t <= 0 for t in temps):

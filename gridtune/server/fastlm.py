@@ -196,8 +196,9 @@ class Plan:
         """One line: CPU kind, dtype, kernels, threads."""
         where = self.device if self.device != "cpu" else f"CPU {self.cpu}"
         if self.small == NATIVE:
-            return (f"decoder: {where}, fast: native AVX2 kernels for every step and prompt (Q4_1 weights x int8 "
-                    f"activations, Q8_0 head, fp32 attention), {self.threads} thread(s)")
+            return (f"decoder: {where}, fast: native AVX2 kernels for every step and prompt (Q4_1 weights where "
+                    f"the model's are 4-bit, else Q8_0, x int8 activations, Q8_0 head, fp32 attention), "
+                    f"{self.threads} thread(s)")
         if self.small:
             small = f"{self.small} weight-only for 1-2 rows (head {self.head or self.gemm})"
         else:

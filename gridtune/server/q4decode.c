@@ -44,7 +44,7 @@ typedef struct {
     const float *embed;                 /* [vocab, hidden] */
     const float *cos, *sin;             /* [max_pos, head_dim], sign folded into sin */
     const float *const *ln1, *const *ln2;
-    const blk_q4_1 *const *qkv, *const *o, *const *gu, *const *down;
+    const void *const *qkv, *const *o, *const *gu, *const *down; /* Q4_1 blocks, or Q8_0 where q8 says */
     float *const *kc, *const *vc;       /* [slots, n_kv, cap, head_dim] each */
     const float *norm;
     const blk_q8_0 *head;               /* [vocab, hidden / 32] */
@@ -55,6 +55,7 @@ typedef struct {
     const int32_t *window;              /* per layer: a query sees its last window positions; 0 (or NULL): all */
     int act;                            /* the MLP's gate: 0 SiLU, 1 GELU (tanh) */
     float embed_scale, attn_scale, attn_softcap;     /* 0: 1, 1/sqrt(D), none */
+    const int32_t *q8;                  /* per layer: bits 0-3 (qkv, o, gu, down) in Q8_0 blocks; NULL: all Q4_1 */
 } gt_model;
 
 static inline float h2f(uint16_t h) { return _cvtsh_ss(h); }
@@ -379,11 +380,16 @@ static void split(int n, int *n0, int *n1) {
     *n1 = (t + 1) * per * 8 < n ? (t + 1) * per * 8 : n;
 }
 
-static void matmul_q4_1(const blk_q4_1 *w, int K, int N, int R, const int8_t *xq, const float *xd,
-                        const float *xs, float *y, uint8_t *buf) {
+static void matmul(const void *w, int q8, int K, int N, int R, const int8_t *xq, const float *xd,
+                   const float *xs, float *y, uint8_t *buf) {
     int n0, n1;
     split(N, &n0, &n1);
-    if (R <= 2)
+    if (q8) {
+        if (R <= 2)
+            gemv_q8_0(w, K, n0, n1, R, xq, xd, y, N);
+        else
+            gemm_q8_0(w, K, n0, n1, R, xq, xd, y, N, buf);
+    } else if (R <= 2)
         gemv_q4_1(w, K, n0, n1, R, xq, xd, xs, y, N);
     else
         gemm_q4_1(w, K, n0, n1, R, xq, xd, xs, y, N, buf);
@@ -419,6 +425,7 @@ int gt_forward(const gt_model *M, int R, const int64_t *tokens, const int64_t *p
         for (int i = 0; i < E; i++) x[(size_t)r * E + i] = M->embed[(size_t)tokens[r] * E + i] * es;
     const float scale = M->attn_scale > 0.f ? M->attn_scale : 1.f / sqrtf((float)D);
 
+#define Q8(bit) (M->q8 && (M->q8[l] >> (bit) & 1))
 #pragma omp parallel
     {
         uint8_t *buf = bufs + per_thread * omp_get_thread_num();
@@ -428,7 +435,7 @@ int gt_forward(const gt_model *M, int R, const int64_t *tokens, const int64_t *p
                 rmsnorm(x + (size_t)r * E, M->ln1[l], E, M->eps, h + (size_t)r * E);
                 quantize_row(h + (size_t)r * E, E, xq + (size_t)r * E, xd + r * (E / QK), xs + r * (E / QK));
             }
-            matmul_q4_1(M->qkv[l], E, NQKV, R, xq, xd, xs, qkv, buf);
+            matmul(M->qkv[l], Q8(0), E, NQKV, R, xq, xd, xs, qkv, buf);
 #pragma omp barrier
 #pragma omp for schedule(static)
             for (int r = 0; r < R; r++) {  /* RoPE on q and k, then k and v into the row's slot */
@@ -461,7 +468,7 @@ int gt_forward(const gt_model *M, int R, const int64_t *tokens, const int64_t *p
             for (int r = 0; r < R; r++)
                 quantize_row(att + (size_t)r * H * D, H * D, xq + (size_t)r * H * D, xd + r * (H * D / QK),
                              xs + r * (H * D / QK));
-            matmul_q4_1(M->o[l], H * D, E, R, xq, xd, xs, tmp, buf);
+            matmul(M->o[l], Q8(1), H * D, E, R, xq, xd, xs, tmp, buf);
 #pragma omp barrier
 #pragma omp for schedule(static)
             for (int r = 0; r < R; r++) {
@@ -470,7 +477,7 @@ int gt_forward(const gt_model *M, int R, const int64_t *tokens, const int64_t *p
                 rmsnorm(x + (size_t)r * E, M->ln2[l], E, M->eps, h + (size_t)r * E);
                 quantize_row(h + (size_t)r * E, E, xq + (size_t)r * E, xd + r * (E / QK), xs + r * (E / QK));
             }
-            matmul_q4_1(M->gu[l], E, 2 * I, R, xq, xd, xs, gu, buf);
+            matmul(M->gu[l], Q8(2), E, 2 * I, R, xq, xd, xs, gu, buf);
 #pragma omp barrier
 #pragma omp for schedule(static)
             for (int r = 0; r < R; r++) {
@@ -483,7 +490,7 @@ int gt_forward(const gt_model *M, int R, const int64_t *tokens, const int64_t *p
                     for (int i = 0; i < I; i++) hr[i] = g[i] / (1.f + expf(-g[i])) * g[I + i];
                 quantize_row(hr, I, xq + (size_t)r * I, xd + r * (I / QK), xs + r * (I / QK));
             }
-            matmul_q4_1(M->down[l], I, E, R, xq, xd, xs, tmp, buf);
+            matmul(M->down[l], Q8(3), I, E, R, xq, xd, xs, tmp, buf);
 #pragma omp barrier
 #pragma omp for schedule(static)
             for (int r = 0; r < R; r++) {
