@@ -107,6 +107,42 @@ def test_native_step_stays_close_to_fp32_for_one_and_two_rows(tiny, fast_mode):
     assert worst < 0.02
 
 
+def test_a_prompt_that_shares_a_prefix_runs_only_its_rest(tiny, fast_mode):
+    """The engine copies a shared prefix's K/V from a row's slot and prefills the rest: the
+    logits and the steps after are those of the whole prompt run from position 0."""
+    from gridtune.server.engine import PREFIX_MIN, _FastBatch, _Served
+
+    plan = _needs_fast_cpu_plan()
+    if plan.small != fastlm.NATIVE:
+        pytest.skip(f"no native step here: {cpukernel.why_not}")
+    tok = tiny.tokenizer
+    shared = "You are a careful writer. Write a detailed scenario about the city of "
+    a = tok(shared + "Oslo in 2040.", add_special_tokens=False)["input_ids"]
+    b = tok(shared + "Quito in 2075, please.", add_special_tokens=False)["input_ids"]
+    common = next(i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y)
+    assert common >= PREFIX_MIN
+    with torch.inference_mode():
+        whole = fastlm.FastLlama(tiny.model, slots=2)
+        want = whole.prefill(1, b)
+        step = (torch.tensor([b[-1]]), torch.tensor([len(b)]), len(b) + 1)
+        lm = fastlm.FastLlama(tiny.model, slots=2)
+        assert lm.extends
+        batch = _FastBatch(_Served("m", "base", fast=lm))
+
+        class Row:  # what _FastBatch reads of a row
+            def __init__(self, ids):
+                self.req = type("Req", (), {"prompt_ids": ids})()
+
+        batch.admit([Row(a)])
+        assert batch._shared_prefix(b) == (0, common)
+        got = batch.admit([Row(b)])[0]
+        assert torch.allclose(got, want, atol=1e-3, rtol=1e-3)
+        whole.move(1, 0, len(b))  # a one-row step reads slot 0: b's row goes there in both
+        lm.move(1, 0, len(b))
+        assert torch.allclose(lm.decode(*step), whole.decode(*step), atol=1e-3, rtol=1e-3)
+        assert batch._shared_prefix(a[:PREFIX_MIN - 1] + [0]) == (0, 0)  # too short to copy
+
+
 def test_batches_and_prompts_stay_close_and_agree_with_single_rows(tiny, fast_mode):
     """On the native plan a batch step (any rows, each at its own position) and a prompt
     run the many-row kernels: close to fp32, and each row as the 1-row step gives it."""

@@ -245,19 +245,22 @@ class NativeStep:
         rows = torch.arange(tokens.shape[0], dtype=torch.int64)
         return self.forward(tokens, positions, rows, length, rows)
 
-    def prefill(self, slot: int, ids: list[int], chunk: int = 256) -> torch.Tensor:
-        """A prompt into ``slot``: its tokens as rows at positions 0..n-1 (in chunks, so
-        the scratch memory stays small); the last position's logits, [V] fp32."""
+    def prefill(self, slot: int, ids: list[int], chunk: int = 256, start: int = 0) -> torch.Tensor:
+        """A prompt into ``slot``: its tokens as rows at positions start..n-1 (in chunks, so
+        the scratch memory stays small; positions before ``start`` already hold its prefix);
+        the last position's logits, [V] fp32."""
         n = len(ids)
+        if not 0 <= start < n:
+            raise ValueError(f"a prefix of {start} leaves nothing of a {n}-token prompt to run")
         if not 0 <= slot < self.lm.allocated:  # the kernel trusts its slots: a wrong one writes past the cache
             raise ValueError(f"slot {slot} is not in the cache ({self.lm.allocated} allocated)")
         out: torch.Tensor | None = None
-        for start in range(0, n, chunk):
-            part = torch.tensor(ids[start:start + chunk], dtype=torch.int64)
-            pos = torch.arange(start, start + part.shape[0], dtype=torch.int64)
-            last = part.shape[0] - 1 if start + chunk >= n else None
+        for first in range(start, n, chunk):
+            part = torch.tensor(ids[first:first + chunk], dtype=torch.int64)
+            pos = torch.arange(first, first + part.shape[0], dtype=torch.int64)
+            last = part.shape[0] - 1 if first + chunk >= n else None
             heads = torch.tensor([last] if last is not None else [], dtype=torch.int64)
-            logits = self.forward(part, pos, torch.full_like(part, slot), start + part.shape[0], heads)
+            logits = self.forward(part, pos, torch.full_like(part, slot), first + part.shape[0], heads)
             if last is not None:
                 out = logits[0]
         assert out is not None

@@ -148,6 +148,9 @@ def _held_back(text: str, stops: Sequence[str]) -> int:
     return hold
 
 
+PREFIX_MIN = 8  # shorter shared prefixes are cheaper to run than to copy
+
+
 class _FastBatch:
     """Rows of one fast-path model; row i lives in KV slot i of its FastLlama."""
 
@@ -170,9 +173,32 @@ class _FastBatch:
 
         out = []
         for row in rows:
-            out.append(self.lm.prefill(len(self.rows), row.req.prompt_ids))
+            slot, ids = len(self.rows), row.req.prompt_ids
+            src, shared = self._shared_prefix(ids)
+            if shared:  # the grid's prompts share their template: copy its K/V, run the rest
+                self.lm.ensure(slot + 1, len(ids) + 1)
+                self.lm.move(src, slot, shared)
+            out.append(self.lm.prefill(slot, ids, start=shared) if shared else self.lm.prefill(slot, ids))
             self.rows.append(row)
         return torch.stack(out)
+
+    def _shared_prefix(self, ids: list[int]) -> tuple[int, int]:
+        """(slot, length) of the longest prefix of ``ids`` that a row's slot already holds
+        (a row's prompt K/V stays put while it decodes); (0, 0) when none is worth copying."""
+        if not getattr(self.lm, "extends", False):
+            return 0, 0
+        best, where = 0, 0
+        for slot, row in enumerate(self.rows):
+            other = row.req.prompt_ids
+            n = 0
+            for a, b in zip(ids, other, strict=False):
+                if a != b:
+                    break
+                n += 1
+            if n > best:
+                best, where = n, slot
+        best = min(best, len(ids) - 1)  # the last token runs, for its logits
+        return (where, best) if best >= PREFIX_MIN else (0, 0)
 
     def step(self) -> Any:
         import torch

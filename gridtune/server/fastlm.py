@@ -601,12 +601,21 @@ class FastLlama:
         cap = self.arch.final_softcap
         return logits if cap is None else torch.tanh(logits / cap) * cap
 
-    def prefill(self, slot: int, ids: list[int]) -> torch.Tensor:
-        """Run a prompt into ``slot``'s cache; the logits of its last position, [V] fp32."""
+    @property
+    def extends(self) -> bool:
+        """Whether ``prefill`` can start past a prefix already in the slot (the native kernel's
+        prompts take any positions; torch's prefill attends over its own tokens only)."""
+        return self.native is not None
+
+    def prefill(self, slot: int, ids: list[int], start: int = 0) -> torch.Tensor:
+        """Run a prompt into ``slot``'s cache; the logits of its last position, [V] fp32.
+        ``start``: positions ``0..start-1`` already hold this prompt's prefix (see ``extends``)."""
         n = len(ids)
         self.ensure(slot + 1, n + 1)
         if self.native is not None:
-            return self.native.prefill(slot, ids)
+            return self.native.prefill(slot, ids, start=start)
+        if start:
+            raise ValueError("this decoder prefills whole prompts only")
         x = self._embed(torch.tensor(ids, device=self.device))  # [n, hidden]
         tables = {t: (c[:n].unsqueeze(1), s[:n].unsqueeze(1)) for t, (c, s) in self.tables.items()}  # [n, 1, D]
         at = torch.arange(n, device=self.device)
