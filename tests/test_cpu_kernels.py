@@ -107,14 +107,18 @@ def test_native_step_stays_close_to_fp32_for_one_and_two_rows(tiny, fast_mode):
     assert worst < 0.02
 
 
-def test_a_prompt_that_shares_a_prefix_runs_only_its_rest(tiny, fast_mode):
+@pytest.mark.parametrize("path", ["native", "torch"])
+def test_a_prompt_that_shares_a_prefix_runs_only_its_rest(tiny, fast_mode, path):
     """The engine copies a shared prefix's K/V from a row's slot and prefills the rest: the
-    logits and the steps after are those of the whole prompt run from position 0."""
+    logits and the steps after are those of the whole prompt run from position 0, on the
+    native kernels and on torch's (fp32 here; bf16 CPUs and CUDA use it too)."""
     from gridtune.server.engine import PREFIX_MIN, _FastBatch, _Served
 
-    plan = _needs_fast_cpu_plan()
-    if plan.small != fastlm.NATIVE:
-        pytest.skip(f"no native step here: {cpukernel.why_not}")
+    dtype = torch.float32 if path == "torch" else None
+    if path == "native":
+        plan = _needs_fast_cpu_plan()
+        if plan.small != fastlm.NATIVE:
+            pytest.skip(f"no native step here: {cpukernel.why_not}")
     tok = tiny.tokenizer
     shared = "You are a careful writer. Write a detailed scenario about the city of "
     a = tok(shared + "Oslo in 2040.", add_special_tokens=False)["input_ids"]
@@ -122,11 +126,11 @@ def test_a_prompt_that_shares_a_prefix_runs_only_its_rest(tiny, fast_mode):
     common = next(i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y)
     assert common >= PREFIX_MIN
     with torch.inference_mode():
-        whole = fastlm.FastLlama(tiny.model, slots=2)
+        whole = fastlm.FastLlama(tiny.model, slots=2, dtype=dtype)
         want = whole.prefill(1, b)
         step = (torch.tensor([b[-1]]), torch.tensor([len(b)]), len(b) + 1)
-        lm = fastlm.FastLlama(tiny.model, slots=2)
-        assert lm.extends
+        lm = fastlm.FastLlama(tiny.model, slots=2, dtype=dtype)
+        assert lm.extends and (lm.native is None) == (path == "torch")
         batch = _FastBatch(_Served("m", "base", fast=lm))
 
         class Row:  # what _FastBatch reads of a row

@@ -603,38 +603,42 @@ class FastLlama:
 
     @property
     def extends(self) -> bool:
-        """Whether ``prefill`` can start past a prefix already in the slot (the native kernel's
-        prompts take any positions; torch's prefill attends over its own tokens only)."""
-        return self.native is not None
+        """Whether ``prefill`` can start past a prefix already in the slot (both paths can;
+        a wrapper that cannot says False)."""
+        return True
 
     def prefill(self, slot: int, ids: list[int], start: int = 0) -> torch.Tensor:
         """Run a prompt into ``slot``'s cache; the logits of its last position, [V] fp32.
         ``start``: positions ``0..start-1`` already hold this prompt's prefix (see ``extends``)."""
         n = len(ids)
+        if not 0 <= start < n:
+            raise ValueError(f"a prefix of {start} leaves nothing of a {n}-token prompt to run")
         self.ensure(slot + 1, n + 1)
         if self.native is not None:
             return self.native.prefill(slot, ids, start=start)
-        if start:
-            raise ValueError("this decoder prefills whole prompts only")
-        x = self._embed(torch.tensor(ids, device=self.device))  # [n, hidden]
-        tables = {t: (c[:n].unsqueeze(1), s[:n].unsqueeze(1)) for t, (c, s) in self.tables.items()}  # [n, 1, D]
-        at = torch.arange(n, device=self.device)
+        m = n - start  # the tokens run here, at positions start..n-1
+        x = self._embed(torch.tensor(ids[start:], device=self.device))  # [m, hidden]
+        tables = {t: (c[start:n].unsqueeze(1), s[start:n].unsqueeze(1)) for t, (c, s) in self.tables.items()}
+        query_at = torch.arange(start, n, device=self.device).unsqueeze(1)  # [m, 1]
+        key_at = torch.arange(n, device=self.device).unsqueeze(0)  # [1, n]
         for i, L in enumerate(self.layers):
             q, k, v = self._qkv(L, F.rms_norm(x, (self.hidden,), L.ln1, self.eps), *tables[L.theta])
-            self.k[i][slot, :, :n] = k.transpose(0, 1)
-            self.v[i][slot, :, :n] = v.transpose(0, 1)
-            # [1, KV, group*n, D] would break causality across the group: repeat K/V once here.
-            kk = k.transpose(0, 1).repeat_interleave(self.group, dim=0).unsqueeze(0)
-            vv = v.transpose(0, 1).repeat_interleave(self.group, dim=0).unsqueeze(0)
+            self.k[i][slot, :, start:n] = k.transpose(0, 1)
+            self.v[i][slot, :, start:n] = v.transpose(0, 1)
+            # [1, KV, group*m, D] would break causality across the group: repeat K/V once here.
+            keys = self.k[i][slot, :, :n] if start else k.transpose(0, 1)  # [KV, n, D]
+            values = self.v[i][slot, :, :n] if start else v.transpose(0, 1)
+            kk = keys.repeat_interleave(self.group, dim=0).unsqueeze(0)
+            vv = values.repeat_interleave(self.group, dim=0).unsqueeze(0)
             qq = q.transpose(0, 1).unsqueeze(0)
-            if L.window == 0 and self.arch.attn_softcap is None:
+            if not start and L.window == 0 and self.arch.attn_softcap is None:
                 o = F.scaled_dot_product_attention(qq, kk, vv, is_causal=True, scale=self.scale)
             else:
-                allowed = at.unsqueeze(0) <= at.unsqueeze(1)
+                allowed = key_at <= query_at
                 if L.window:
-                    allowed &= at.unsqueeze(0) > at.unsqueeze(1) - L.window
+                    allowed &= key_at > query_at - L.window
                 o = self._attend(qq, kk, vv, allowed)
-            x = self._residual(x, L, o[0].transpose(0, 1).reshape(n, -1))
+            x = self._residual(x, L, o[0].transpose(0, 1).reshape(m, -1))
         return self._logits(x[-1:])[0]
 
     def decode(self, tokens: torch.Tensor, positions: torch.Tensor, length: int) -> torch.Tensor:
