@@ -59,6 +59,29 @@ async def test_r_runs_the_evaluation_and_the_table_and_answers_show(project, fak
         assert evs.latest_run(store)["model"] == "tuned"
 
 
+async def test_answers_show_while_the_run_goes_on(project, fake_openai):
+    """The answers already stored show in the panes during a run, not only once it ends:
+    Bergen's come at once while Quito's are held back by the server."""
+    from .fakeserver import Fault
+
+    fake_openai.set(replies=[("model:tuned", TUNED), ("model:base", BASE)],
+                    faults=[Fault(kind="stall", stall_s=4.0, match="Quito")])
+    app = GridtuneApp(project, start_mode="eval")
+    async with app.run_test(size=(80, 24)) as pilot:
+        await settle(pilot)
+        screen = app.screen
+        screen.query_one("#eval-model", Input).value = "tuned"
+        screen.query_one("#eval-against", Input).value = "base"
+        await pilot.press("r")
+        await wait_until(pilot, lambda: (TUNED in _text(screen, "#eval-a-text")
+                                         and "went on" in _text(screen, "#eval-b-text")) or screen.running is None,
+                         what="Bergen's answers")
+        assert screen.running is not None and screen.state.latest is None  # Quito's still wait
+        await wait_until(pilot, lambda: screen.running is None, what="the run's end", timeout=30)
+        await settle(pilot)
+        assert screen.live is None and "not worse" in _text(screen, "#eval-title")
+
+
 async def test_without_an_export_the_screen_says_what_to_do(tmp_path: Path):
     path = small_project(tmp_path / "p.gridtune", done=4)
     app = GridtuneApp(path, start_mode="eval")

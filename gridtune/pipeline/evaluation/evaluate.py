@@ -242,9 +242,12 @@ def base_of(store: Store, model: str) -> str | None:
 
 async def run_eval(store_path: str | Path, options: EvalOptions, *, backend: Backend | None = None,
                    on_progress: Callable[[int, int], Any] | None = None,
+                   on_start: Callable[[dict[str, Any]], Any] | None = None,
                    stop_event: asyncio.Event | None = None) -> EvalReport:
     """Ask both models every case ``samples`` times (only what is not stored yet) and
-    compare. ``on_progress(answered, to_ask)`` after each answer."""
+    compare. ``on_start({model, against, setup, samples})`` once it knows where the answers
+    are stored (a screen shows them as they come); ``on_progress(answered, to_ask)`` after
+    each answer."""
     options.check()
     started = time.monotonic()
     with open_with_spec(store_path, EvalError) as (store, spec):
@@ -270,6 +273,9 @@ async def run_eval(store_path: str | Path, options: EvalOptions, *, backend: Bac
             have = ev.answers(store, model, setup.digest)
             todo += [(model, case, k) for case in cases for k in range(first, first + options.samples)
                      if not (have.get((case.id, k)) and have[(case.id, k)].ok)]
+        if on_start is not None:
+            on_start({"model": options.model, "against": against, "setup": setup.digest,
+                      "samples": options.samples})
         # A local server started now loads the tuned model's base (a Hub id or a path).
         backend = backend or (resolve_backend(model=options.model) if todo else None)
         answered = 0

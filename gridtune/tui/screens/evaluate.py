@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -63,6 +64,8 @@ def load_state(store: Any) -> EvalState:
 
 
 # What to do, in this app's keys (never a command-line flag): where held-out prompts come from.
+LIVE_EVERY_S = 1.0  # a run's answers are re-read at most this often while it goes
+
 NO_EXPORT = "no export yet: in F5, e exports; its hold out and combos are what this asks"
 NOTHING_HELD_OUT = "nothing held out: in F5, o, set hold out or combos, then e; or w in F6"
 
@@ -102,6 +105,8 @@ class EvalScreen(SectionScreen):
         self._lock = threading.Lock()
         self._scaling_stop = threading.Event()
         self._scaling_on = False
+        self.live: dict[str, Any] | None = None  # the run under way: model, against, setup, samples
+        self.live_answers: dict[str, dict[tuple[int, int], evs.EvalAnswer]] = {}
 
     def compose_body(self) -> ComposeResult:
         yield Static("", id="eval-title")
@@ -221,17 +226,22 @@ class EvalScreen(SectionScreen):
         cases = self.query_one("#eval-cases", OptionList)
         a, b = self.query_one("#eval-a-text", Static), self.query_one("#eval-b-text", Static)
         index = cases.highlighted
-        if index is None or index >= len(s.cases) or not s.latest:
+        if index is None or index >= len(s.cases) or not (s.latest or self.live):
             a.update("")
             b.update("")
             return
         case = s.cases[index]
-        samples = s.latest["result"]["samples"]
+        # A run under way shows its answers as they are stored; else the latest run's.
+        live = self.live
+        run = live or {"model": s.latest["model"], "against": s.latest["against"],
+                       "samples": s.latest["result"]["samples"]}
+        stored = self.live_answers if live else s.answers
+        samples = run["samples"]
         k = self.sample % max(1, samples)
-        for pane, widget, model, first in (("a", a, s.latest["model"], 0),
-                                           ("b", b, s.latest["against"],
-                                            samples if s.latest["against"] == s.latest["model"] else 0)):
-            answer = s.answers.get(model, {}).get((case.id, first + k))
+        for pane, widget, model, first in (("a", a, run["model"], 0),
+                                           ("b", b, run["against"],
+                                            samples if run["against"] == run["model"] else 0)):
+            answer = stored.get(model, {}).get((case.id, first + k))
             self.query_one(f"#eval-{pane}").border_title = f"{'tuned' if pane == 'a' else 'base'} · {k + 1}/{samples}"
             if answer is None:
                 widget.update(Text("not asked yet", "dim"))
@@ -317,13 +327,22 @@ class EvalScreen(SectionScreen):
 
     @work(thread=True, exclusive=True, group="eval-run", exit_on_error=False)
     def _run(self, options: ev.EvalOptions) -> None:
+        shown = [0.0]
+
         def progress(done: int, total: int) -> None:
             self.app.call_from_thread(setattr, self, "running", f"{done}/{total} answers")
+            if time.monotonic() - shown[0] > LIVE_EVERY_S or done == total:
+                shown[0] = time.monotonic()
+                self.app.call_from_thread(self.load_live)
+
+        def started(info: dict[str, Any]) -> None:
+            self.app.call_from_thread(self._live_started, info)
 
         async def go() -> ev.EvalReport:
             with self._lock:
                 self._stop, self._loop = asyncio.Event(), asyncio.get_running_loop()
-            return await ev.run_eval(self.ctx.path, options, on_progress=progress, stop_event=self._stop)
+            return await ev.run_eval(self.ctx.path, options, on_progress=progress, on_start=started,
+                                     stop_event=self._stop)
 
         error: str | None = None
         try:
@@ -349,8 +368,27 @@ class EvalScreen(SectionScreen):
             error = one_line(exc)
         self.app.call_from_thread(self._ran, error)
 
+    def _live_started(self, info: dict[str, Any]) -> None:
+        self.live, self.live_answers = info, {}
+        self.load_live()
+
+    @work(thread=True, exclusive=True, group="eval-live", exit_on_error=False)
+    def load_live(self) -> None:
+        live = self.live
+        if live is None:
+            return
+        answers = {model: evs.answers(self.ctx.store, model, live["setup"])
+                   for model in {live["model"], live["against"]}}
+        self.app.call_from_thread(self._live_loaded, live, answers)
+
+    def _live_loaded(self, live: dict[str, Any], answers: dict[str, Any]) -> None:
+        if self.live is live:  # not a run that has ended since
+            self.live_answers = answers
+            self._show_answers()
+
     def _ran(self, error: str | None) -> None:
         self._scaling_on = False
+        self.live = None
         self.running = None
         if error:
             self.show_error(error, title="Eval")
